@@ -1,0 +1,3 @@
+"""hsplitlora: heterogeneous split federated LoRA fine-tuning of large language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""Run configuration: one flat dataclass; YAML keys and CLI flags share the same names."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hsplitlora.errors import UsageError
+
+DEFAULT_TARGETS = ("q", "k", "v", "o")
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Per-client values (`split_point`, `rank`) take one int for every
+    client or a list with one entry per client."""
+
+    model: str = "smollm2-135m"
+    data_dir: str | None = None  # default: $HSPLITLORA_DATA_DIR or ../shared/data/e2e
+    clients: int = 5
+    split_point: int | list[int] | None = None  # None: spread evenly over the model's depth
+    rank: int | list[int] = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    steps: int = 10
+    batch_size: int = 8
+    max_seq_len: int = 128
+    lr: float = 5e-4
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+    def per_client(self, name: str) -> list[int]:
+        """The value of a per-client setting expanded to one int per client."""
+        value = getattr(self, name)
+        values = list(value) if isinstance(value, list | tuple) else [value] * self.clients
+        if len(values) != self.clients:
+            raise UsageError(
+                f"{name} lists {len(values)} values but there are {self.clients} clients; "
+                f"give one value or exactly {self.clients}."
+            )
+        return [int(v) for v in values]
+
+    def split_points(self, num_blocks: int) -> list[int]:
+        """Per-client split points; by default spread evenly: s_i = round(L (i+1) / (K+1))."""
+        if self.split_point is None:
+            return [
+                min(max(1, round(num_blocks * (i + 1) / (self.clients + 1))), num_blocks - 1)
+                for i in range(self.clients)
+            ]
+        return self.per_client("split_point")
+
+    def validate(self) -> RunConfig:
+        """Check every value that does not need the model; raise UsageError on the first bad one."""
+        _positive("clients", self.clients)
+        _positive("steps", self.steps)
+        _positive("batch_size", self.batch_size)
+        _positive("max_seq_len", self.max_seq_len)
+        if not self.lr > 0:
+            raise UsageError(f"lr must be a positive number, got {self.lr}.")
+        if not self.alpha > 0:
+            raise UsageError(f"alpha must be a positive number, got {self.alpha}.")
+        for rank in self.per_client("rank"):
+            if rank < 0:
+                raise UsageError(f"rank must be 0 (no adapter) or a positive integer, got {rank}.")
+        if self.split_point is not None:
+            self.per_client("split_point")
+        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        if bad or not self.targets:
+            raise UsageError(
+                f"targets {self.targets} are not valid; choose a non-empty subset of {', '.join(ALL_TARGETS)}."
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file's keys, then explicit overrides (CLI flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"config file {path} does not exist.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"config file {path} is not valid YAML ({exc.__class__.__name__}).") from exc
+        if not isinstance(loaded, dict):
+            raise UsageError(f"config file {path} must hold a mapping of setting names to values.")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(config_fields()))
+    if unknown:
+        raise UsageError(f"unknown setting {unknown[0]!r}; valid settings are {', '.join(sorted(config_fields()))}.")
+    try:
+        config = RunConfig(**values)
+    except TypeError as exc:  # pragma: no cover - guarded by the unknown-key check
+        raise UsageError(str(exc)) from exc
+    return config.validate()

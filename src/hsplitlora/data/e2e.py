@@ -1,0 +1,145 @@
+"""E2E NLG data: `prompt = MR + separator`, `target = " " + reference + end-of-text`; the loss
+covers the target tokens only. devset.csv is the training set (split across clients) and
+testset_w_refs.csv the evaluation set (the full 42k training set is not on these machines)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hsplitlora.errors import UsageError
+
+SEPARATOR = " ||"
+IGNORE_INDEX = -100
+FILES = {"train": "devset.csv", "test": "testset_w_refs.csv"}
+
+
+@dataclass(frozen=True)
+class Example:
+    mr: str
+    ref: str
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T), right-padded
+    attention_mask: torch.Tensor  # (B, T), 1 on real tokens
+    labels: torch.Tensor  # (B, T), IGNORE_INDEX on prompt and padding
+
+    @property
+    def num_target_tokens(self) -> int:
+        # Each label predicts the next token, so the first position never counts.
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def default_data_dir() -> Path:
+    """$HSPLITLORA_DATA_DIR, else the shared E2E folder beside the project checkout."""
+    env = os.environ.get("HSPLITLORA_DATA_DIR")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[3]
+    for candidate in (repo.parent / "shared" / "data" / "e2e", Path.cwd().parent / "shared" / "data" / "e2e"):
+        if candidate.is_dir():
+            return candidate
+    return repo.parent / "shared" / "data" / "e2e"
+
+
+def data_file(data_dir: str | Path | None, split: str) -> Path:
+    return Path(data_dir or default_data_dir()) / FILES[split]
+
+
+def read_e2e(path: str | Path) -> list[Example]:
+    """Rows of an E2E CSV with `mr` and `ref` columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"data file {path} does not exist; set data_dir to a folder holding {FILES['train']}.")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"mr", "ref"} <= set(reader.fieldnames):
+            raise UsageError(f"data file {path} needs the columns 'mr' and 'ref', found {reader.fieldnames}.")
+        examples = [Example(row["mr"].strip(), row["ref"].strip()) for row in reader if row["mr"].strip()]
+    if not examples:
+        raise UsageError(f"data file {path} holds no examples.")
+    return examples
+
+
+def prompt_text(mr: str) -> str:
+    return mr + SEPARATOR
+
+
+def encode(example: Example, tokenizer, max_len: int) -> Encoded:
+    """Prompt and target are tokenized apart so the loss mask falls exactly on the target."""
+    prompt = tokenizer(prompt_text(example.mr), add_special_tokens=False).input_ids
+    target = tokenizer(" " + example.ref, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = (prompt + target)[:max_len]
+    labels = ([IGNORE_INDEX] * len(prompt) + target)[:max_len]
+    return Encoded(ids, labels)
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
+    """Right-pad to the longest item of the batch."""
+    width = max(len(item.input_ids) for item in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        input_ids[row, :n] = torch.tensor(item.input_ids)
+        labels[row, :n] = torch.tensor(item.labels)
+        mask[row, :n] = 1
+    return Batch(input_ids, mask, labels)
+
+
+def partition_iid(num_examples: int, clients: int, seed: int) -> list[list[int]]:
+    """Shuffle the example indices with `seed` and deal them into `clients` near-equal shards."""
+    if clients > num_examples:
+        raise UsageError(f"{clients} clients cannot share {num_examples} examples; use at most {num_examples}.")
+    order = list(range(num_examples))
+    random.Random(seed).shuffle(order)
+    return [sorted(order[i::clients]) for i in range(clients)]
+
+
+class Batcher:
+    """Endless padding-aware batches over one client's examples: each epoch is shuffled, then
+    cut into pools of `pool` batches whose items are sorted by length (similar lengths share a
+    batch, so little padding), and the batches of a pool are served in shuffled order."""
+
+    def __init__(self, items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int, pool: int = 16):
+        if not items:
+            raise UsageError("a client has no training examples; use fewer clients or more data.")
+        self.items = list(items)
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.rng = random.Random(seed)
+        self.pool = pool
+        self._queue: list[list[int]] = []
+
+    def _refill(self) -> None:
+        order = list(range(len(self.items)))
+        self.rng.shuffle(order)
+        size = self.batch_size * self.pool
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start : start + size], key=lambda i: len(self.items[i].input_ids))
+            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            self.rng.shuffle(batches)
+            self._queue.extend(batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if not self._queue:
+            self._refill()
+        return collate([self.items[i] for i in self._queue.pop(0)], self.pad_id)

@@ -1,0 +1,58 @@
+"""Attach multi-tenant LoRA layers to a transformers model, per architecture, by module name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from hsplitlora.lora.layer import MAIN_SLOT, MultiLoRALayer
+from hsplitlora.models.architectures import architecture_of
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate matrix W (d_out x d_in) of one block: where it lives and its shape."""
+
+    name: str  # e.g. "model.layers.3.self_attn.q_proj" or "transformer.h.3.attn.c_attn.q"
+    block: int
+    kind: str  # q, k, v, o, gate, up, down
+    module: str  # path of the MultiLoRALayer in the model
+    slot: str
+    d_in: int
+    d_out: int
+
+
+def attach_lora(model: nn.Module, targets: Iterable[str]) -> dict[str, Candidate]:
+    """Wrap every target module of every block in a MultiLoRALayer (idempotent) and return the
+    candidate matrices, ordered by block then target, keyed by name."""
+    arch = architecture_of(model)
+    targets = list(targets)
+    unknown = [t for t in targets if t not in arch.targets]
+    if unknown:
+        raise ValueError(f"{arch.name} models have no target {unknown[0]!r}; valid: {list(arch.targets)}")
+    candidates: dict[str, Candidate] = {}
+    for block_index, block in enumerate(arch.blocks(model)):
+        for kind in targets:
+            target = arch.targets[kind]
+            layer = block.get_submodule(target.module)
+            if not isinstance(layer, MultiLoRALayer):
+                layer = MultiLoRALayer(layer, arch.slot_sizes(target.module, layer))
+                block.set_submodule(target.module, layer)
+            module_path = f"{arch.blocks_path}.{block_index}.{target.module}"
+            slot = target.slot or MAIN_SLOT
+            name = module_path if target.slot is None else f"{module_path}.{target.slot}"
+            lo, hi = layer.slot_bounds[slot]
+            candidates[name] = Candidate(name, block_index, kind, module_path, slot, layer.in_features, hi - lo)
+    return candidates
+
+
+def lora_layers(module: nn.Module) -> list[MultiLoRALayer]:
+    return [m for m in module.modules() if isinstance(m, MultiLoRALayer)]
+
+
+def set_active_adapter(module: nn.Module, name: str | None) -> None:
+    """Make adapter `name` the one used by every LoRA layer inside `module` (None: base only)."""
+    for layer in lora_layers(module):
+        layer.active_adapter = name

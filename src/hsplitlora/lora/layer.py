@@ -1,0 +1,141 @@
+"""A frozen linear map with several named LoRA adapters of their own ranks.
+
+    y = W x + b + (alpha / r_a) * B_a A_a x          for the one active adapter a
+
+A fused module (GPT-2's `c_attn`, [q | k | v] along the output) is split into *slots*: each slot
+is its own candidate matrix with its own adapter, so q, k and v can get different ranks.
+The layer knows nothing about clients or servers: adapters are just names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+MAIN_SLOT = "main"
+
+
+class MultiLoRALayer(nn.Module):
+    def __init__(self, base: nn.Module, slot_sizes: dict[str, int] | None = None):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.transposed = False
+            d_out, d_in = base.weight.shape
+        elif isinstance(base, Conv1D):
+            self.transposed = True  # Conv1D stores W as (d_in, d_out): y = x @ W + b
+            d_in, d_out = base.weight.shape
+        else:
+            raise TypeError(f"LoRA supports nn.Linear and Conv1D, not {type(base).__name__}")
+        self.base = base
+        self.in_features = d_in
+        self.out_features = d_out
+        slot_sizes = slot_sizes or {MAIN_SLOT: d_out}
+        if sum(slot_sizes.values()) != d_out:
+            raise ValueError(f"slot sizes {slot_sizes} do not add up to the output size {d_out}")
+        self.slot_bounds: dict[str, tuple[int, int]] = {}
+        start = 0
+        for slot, size in slot_sizes.items():
+            self.slot_bounds[slot] = (start, start + size)
+            start += size
+        self.lora_A = nn.ModuleDict({slot: nn.ParameterDict() for slot in self.slot_bounds})
+        self.lora_B = nn.ModuleDict({slot: nn.ParameterDict() for slot in self.slot_bounds})
+        self.scaling: dict[tuple[str, str], float] = {}
+        self.active_adapter: str | None = None
+
+    # -- adapters -------------------------------------------------------------------------------
+    def set_adapter(
+        self,
+        name: str,
+        slot: str,
+        rank: int,
+        alpha: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """(Re)create adapter `name` on `slot` fresh: A Kaiming-uniform, B = 0; rank 0 removes it."""
+        self.remove_adapter(name, slot)
+        if rank == 0:
+            return
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        lo, hi = self.slot_bounds[slot]
+        weight = self.base.weight
+        a = torch.empty(rank, self.in_features, dtype=weight.dtype, device=weight.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        b = torch.zeros(hi - lo, rank, dtype=weight.dtype, device=weight.device)
+        self.lora_A[slot][name] = nn.Parameter(a)
+        self.lora_B[slot][name] = nn.Parameter(b)
+        self.scaling[(name, slot)] = alpha / rank
+
+    def remove_adapter(self, name: str, slot: str | None = None) -> None:
+        for one in [slot] if slot is not None else list(self.slot_bounds):
+            if name in self.lora_A[one]:
+                del self.lora_A[one][name]
+                del self.lora_B[one][name]
+                del self.scaling[(name, one)]
+
+    def rank(self, name: str, slot: str) -> int:
+        return self.lora_A[slot][name].shape[0] if name in self.lora_A[slot] else 0
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = []
+        for slot in self.slot_bounds:
+            if name in self.lora_A[slot]:
+                params += [self.lora_A[slot][name], self.lora_B[slot][name]]
+        return params
+
+    def factors(self, name: str, slot: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, alpha / r) of an adapter, or None when it has none on this slot."""
+        if name not in self.lora_A[slot]:
+            return None
+        return self.lora_A[slot][name], self.lora_B[slot][name], self.scaling[(name, slot)]
+
+    def delta(self, name: str, slot: str) -> torch.Tensor:
+        """The dense update (alpha / r) B A of an adapter, shape (d_out_slot, d_in)."""
+        found = self.factors(name, slot)
+        lo, hi = self.slot_bounds[slot]
+        if found is None:
+            return self.base.weight.new_zeros(hi - lo, self.in_features)
+        a, b, scale = found
+        return scale * (b @ a)
+
+    # -- the frozen weight ----------------------------------------------------------------------
+    def weight(self, slot: str) -> torch.Tensor:
+        """The frozen weight of one slot as a (d_out_slot, d_in) view."""
+        lo, hi = self.slot_bounds[slot]
+        if self.transposed:
+            return self.base.weight[:, lo:hi].T
+        return self.base.weight[lo:hi]
+
+    @torch.no_grad()
+    def merge(self, slot: str, delta: torch.Tensor) -> None:
+        """W <- W + delta for one slot; delta has shape (d_out_slot, d_in)."""
+        self.weight(slot).add_(delta.to(self.base.weight.dtype))
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        name = self.active_adapter
+        if name is None:
+            return out
+        updates = {}
+        for slot in self.slot_bounds:
+            if name in self.lora_A[slot]:
+                a, b = self.lora_A[slot][name], self.lora_B[slot][name]
+                updates[slot] = F.linear(F.linear(x, a), b) * self.scaling[(name, slot)]
+        if not updates:
+            return out
+        if len(self.slot_bounds) == 1:
+            return out + updates[MAIN_SLOT]
+        pieces = []
+        for slot, (lo, hi) in self.slot_bounds.items():
+            piece = out[..., lo:hi]
+            pieces.append(piece + updates[slot] if slot in updates else piece)
+        return torch.cat(pieces, dim=-1)
+
+    def extra_repr(self) -> str:
+        adapters = sorted({n for slot in self.lora_A.values() for n in slot})
+        return f"in={self.in_features}, out={self.out_features}, slots={list(self.slot_bounds)}, adapters={adapters}"

