@@ -73,8 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with console.status(f"loading {config.model} and the E2E data"):
         federation = build_federation(config)
+    split_points = [client.split_point for client in federation.clients]
     console.print(
-        f"[bold]{config.model}[/]: {config.clients} clients, split points {[c.split_point for c in federation.clients]}, "
+        f"[bold]{config.model}[/]: {config.clients} clients, split points {split_points}, "
         f"ranks {config.per_client('rank')}, {sum(federation.shard_sizes)} training examples "
         f"(shards {federation.shard_sizes})"
     )

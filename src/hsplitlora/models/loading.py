@@ -25,6 +25,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from hsplitlora.errors import UsageError
 
@@ -155,6 +156,7 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def load_model(name: str = DEFAULT_MODEL, seed: int = 0) -> LoadedModel:
     """`smollm2-135m` (default), `tiny` (LLaMA), `tiny-gpt2`, or a local Hugging Face model folder."""
+    hf_logging.disable_progress_bar()  # our own progress display is the one a user should see
     if name == DEFAULT_MODEL:
         path = prepare_smollm2()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -1,0 +1,5 @@
+import sys
+
+from hsplitlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""The command line: a short tiny run works; each bad value exits 2 with one clear sentence."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hsplitlora.cli import main
+
+
+def run_cli(*args: str) -> int:
+    try:
+        return main(list(args))
+    except SystemExit as exit_:  # argparse's own errors
+        return int(exit_.code)
+
+
+def test_tiny_run_exits_zero(capsys):
+    assert run_cli("run", "--model", "tiny", "--steps", "3", "--clients", "2") == 0
+    out = capsys.readouterr()
+    assert "split LoRA training" in out.out
+
+
+def test_config_file_and_flags_share_names(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: tiny\nsteps: 2\nclients: 2\nsplit-point: [1, 3]\nrank: 4\n")
+    assert run_cli("run", "--config", str(config), "--rank", "2") == 0
+    table = capsys.readouterr().out
+    assert "│      1 │           3 │    2 │" in table  # client 1: split point from the file, rank from the flag
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "tiny", "--split-point", "9"], "split point 9 is out of range"),
+        (["--model", "tiny", "--rank", "-1"], "rank must be 0 (no adapter) or a positive integer, got -1"),
+        (["--model", "tiny", "--data-dir", "/nonexistent"], "data file /nonexistent/devset.csv does not exist"),
+        (["--model", "tiny", "--clients", "0"], "clients must be a positive integer, got 0"),
+        (["--model", "tiny", "--split-point", "1,2"], "split_point lists 2 values but there are 5 clients"),
+        (["--model", "tiny", "--targets", "q,zz"], "targets ['q', 'zz'] are not valid"),
+        (["--model", "tiny-gpt2", "--targets", "gate"], "target 'gate' does not exist in gpt2 models"),
+        (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
+    ],
+)
+def test_bad_values_exit_2_with_a_sentence(args, message, capsys):
+    assert run_cli("run", "--steps", "1", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_dataset_exits_2(tmp_path, capsys):
+    (tmp_path / "devset.csv").write_text("mr,ref\n")
+    assert run_cli("run", "--model", "tiny", "--data-dir", str(tmp_path)) == 2
+    assert "holds no examples" in capsys.readouterr().err
+
+
+def test_unparsable_flag_exits_2_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "hsplitlora", "run", "--rank", "eight"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "'eight' is not an integer" in proc.stderr and "Traceback" not in proc.stderr
