@@ -45,6 +45,9 @@ class MultiLoRALayer(nn.Module):
         self.lora_B = nn.ModuleDict({slot: nn.ParameterDict() for slot in self.slot_bounds})
         self.scaling: dict[tuple[str, str], float] = {}
         self.active_adapter: str | None = None
+        # Importance probe: one unit gate g per slot, y = g * (W x) + b. Its gradient is
+        # dL/dg = sum over tokens <dL/dy, W x> = sum_j w_j dL/dw_j, without any weight gradient.
+        self.importance_gate: torch.Tensor | None = None
 
     # -- adapters -------------------------------------------------------------------------------
     def set_adapter(
@@ -115,9 +118,38 @@ class MultiLoRALayer(nn.Module):
         """W <- W + delta for one slot; delta has shape (d_out_slot, d_in)."""
         self.weight(slot).add_(delta.to(self.base.weight.dtype))
 
+    # -- importance probe -----------------------------------------------------------------------
+    def track_importance(self, enabled: bool) -> None:
+        """Turn the unit gates on (a fresh zero gradient) or off."""
+        if enabled:
+            weight = self.base.weight
+            self.importance_gate = torch.ones(len(self.slot_bounds), dtype=weight.dtype, requires_grad=True)
+        else:
+            self.importance_gate = None
+
+    def take_importance(self) -> dict[str, float]:
+        """sum_j w_j dL/dw_j per slot, accumulated since the last call; resets the accumulator."""
+        gate = self.importance_gate
+        if gate is None or gate.grad is None:
+            return dict.fromkeys(self.slot_bounds, 0.0)
+        values = gate.grad.tolist()
+        gate.grad = None
+        return dict(zip(self.slot_bounds, values, strict=True))
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.importance_gate
+        if gate is None:
+            return self.base(x)
+        weight, bias = self.base.weight, self.base.bias
+        wx = x @ weight if self.transposed else F.linear(x, weight)
+        sizes = [hi - lo for lo, hi in self.slot_bounds.values()]
+        scale = gate[0] if len(sizes) == 1 else torch.repeat_interleave(gate, torch.tensor(sizes))
+        out = wx * scale
+        return out if bias is None else out + bias
+
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = self._base_forward(x)
         name = self.active_adapter
         if name is None:
             return out

@@ -32,6 +32,9 @@ class Architecture:
     name: str
     blocks_path: str
     targets: dict[str, Target]
+    embedding_paths: tuple[str, ...]  # modules a client part needs besides its blocks
+    head_paths: tuple[str, ...]  # modules the server part needs besides its blocks
+    context_paths: tuple[str, ...] = ()  # weight-free modules with buffers (rotary), needed by both
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -123,6 +126,9 @@ class _LlamaContext(nn.Module):
 class LlamaFamily(Architecture):
     name = "llama"
     blocks_path = "model.layers"
+    embedding_paths = ("model.embed_tokens",)
+    head_paths = ("model.norm", "lm_head")
+    context_paths = ("model.rotary_emb",)
     targets = {
         "q": Target("self_attn.q_proj"),
         "k": Target("self_attn.k_proj"),
@@ -178,6 +184,8 @@ class _GPT2Context(nn.Module):
 class GPT2Family(Architecture):
     name = "gpt2"
     blocks_path = "transformer.h"
+    embedding_paths = ("transformer.wte", "transformer.wpe")
+    head_paths = ("transformer.ln_f", "lm_head")
     targets = {
         "q": Target("attn.c_attn", "q"),
         "k": Target("attn.c_attn", "k"),

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -154,24 +156,102 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _model_folder(name: str) -> Path:
+    if name == DEFAULT_MODEL:
+        return prepare_smollm2()
+    path = Path(name)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise UsageError(
+            f"unknown model {name!r}; use {DEFAULT_MODEL}, {', '.join(TINY_MODELS)}, "
+            "or the path of a local Hugging Face model folder (with config.json)."
+        )
+    return path
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"model folder {folder} holds no .safetensors weights; save it with safe_serialization.")
+    return files
+
+
+def load_part(
+    name: str, blocks: range, embedding: bool, head: bool, seed: int = 0, with_tokenizer: bool = True
+) -> LoadedModel:
+    """A model whose only materialised weights are the given blocks and, if asked, the embeddings
+    and/or the final norm and LM head; every other module stays on the meta device (no memory).
+    This is what one device holds: a client (embeddings, blocks [0, s)) or the main server."""
+    from hsplitlora.models.architectures import architecture_of
+
+    hf_logging.disable_progress_bar()
+    if name in TINY_MODELS:
+        loaded = load_model(name, seed=seed)
+        model = loaded.model
+        arch = architecture_of(model)
+        kept = {id(p) for path in _part_paths(arch, blocks, embedding, head)
+                for p in model.get_submodule(path).parameters()}  # fmt: skip
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if own and not any(id(p) in kept for p in own):  # a tied weight stays if any holder is kept
+                module.to("meta")
+        return loaded
+    folder = _model_folder(name)
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    arch = architecture_of(model)
+    tied = dict(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else {}
+    wanted: dict[str, torch.nn.Parameter] = {}
+    for path in _part_paths(arch, blocks, embedding, head):
+        module = model.get_submodule(path)
+        module.to_empty(device="cpu")
+        for param_name, param in module.named_parameters():
+            wanted[f"{path}.{param_name}"] = param
+    found = set()
+    for file in _safetensors_files(folder):
+        with safe_open(file, framework="pt") as handle:
+            keys = set(handle.keys())
+            for key, param in wanted.items():
+                source = key if key in keys else tied.get(key)
+                if source in keys:
+                    with torch.no_grad():
+                        param.copy_(handle.get_tensor(source))
+                    found.add(key)
+    missing = sorted(set(wanted) - found)
+    if missing:
+        raise UsageError(f"model folder {folder} lacks the weight {missing[0]}; is it a complete checkpoint?")
+    for path in arch.context_paths:  # weight-free helpers (rotary frequencies) are rebuilt on the CPU
+        module = model.get_submodule(path)
+        model.set_submodule(path, type(module)(config=config))
+    tokenizer = AutoTokenizer.from_pretrained(folder) if with_tokenizer else None
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=freeze(model), tokenizer=tokenizer, name=name)
+
+
+def _part_paths(arch, blocks: range, embedding: bool, head: bool) -> list[str]:
+    paths = [f"{arch.blocks_path}.{i}" for i in blocks]
+    if embedding:
+        paths = list(arch.embedding_paths) + paths
+    if head:
+        paths += list(arch.head_paths)
+    return paths
+
+
+def held_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that hold memory (not on the meta device)."""
+    return [name for name, param in model.named_parameters(remove_duplicate=False) if not param.is_meta]
+
+
 def load_model(name: str = DEFAULT_MODEL, seed: int = 0) -> LoadedModel:
     """`smollm2-135m` (default), `tiny` (LLaMA), `tiny-gpt2`, or a local Hugging Face model folder."""
     hf_logging.disable_progress_bar()  # our own progress display is the one a user should see
-    if name == DEFAULT_MODEL:
-        path = prepare_smollm2()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    elif name in TINY_MODELS:
+    if name in TINY_MODELS:
         tokenizer = byte_tokenizer()
         build = tiny_llama if name == "tiny" else tiny_gpt2
         model = build(vocab_size=len(tokenizer), seed=seed)
     else:
-        path = Path(name)
-        if not (path.is_dir() and (path / "config.json").is_file()):
-            raise UsageError(
-                f"unknown model {name!r}; use {DEFAULT_MODEL}, {', '.join(TINY_MODELS)}, "
-                "or the path of a local Hugging Face model folder (with config.json)."
-            )
+        path = _model_folder(name)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

@@ -1,0 +1,174 @@
+"""The memory model of method.md section 5 (bytes, dtype-aware):
+
+    Mem_client(s, r) = P_emb + s * P_block + s * A_block(b, T) + sum_W C(W, r_W)
+    Mem_server(s, r) = (L - s) * A_block(b, T) + A_head(b, T) + sum_W C(W, r_W)     (per client)
+    C(W, r) = bytes * [ r (d_in + d_out) * (1 param + 1 grad + 2 AdamW states) + b T (d_in + r) ]
+
+The last term of C is what an adapter keeps for backward: its input x (b T d_in) and A x (b T r).
+A_block and A_head are measured once per model, dtype and batch shape: the bytes of the distinct
+tensors autograd saves for backward in one block (its input requiring grad) or in the head and
+loss, plus the largest temporary of backward (the logits' gradient for the head). The main
+server's frozen weights (blocks from the shallowest split on, and the head) are shared by all
+clients and reported apart from the per-client memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from hsplitlora.lora.attach import Candidate
+from hsplitlora.losses import target_token_loss
+from hsplitlora.models.architectures import architecture_of
+
+ADAMW_STATES = 2
+
+
+@dataclass(frozen=True)
+class CandidateShape:
+    block: int
+    d_in: int
+    d_out: int
+
+
+@dataclass
+class MemoryModel:
+    num_blocks: int
+    dtype_bytes: int
+    embedding_bytes: int  # P_emb
+    block_bytes: int  # P_block
+    head_bytes: int  # final norm + LM head (a server holds its own copy even when tied)
+    block_activation_bytes: int  # A_block(b, T)
+    head_activation_bytes: int  # A_head(b, T)
+    batch_size: int
+    seq_len: int
+    candidates: dict[str, CandidateShape] = field(default_factory=dict)
+
+    def adapter_bytes(self, name: str, rank: int) -> int:
+        """C(W, r): parameters, gradients, AdamW states and saved activations of one adapter."""
+        if rank == 0:
+            return 0
+        shape = self.candidates[name]
+        weights = rank * (shape.d_in + shape.d_out) * (2 + ADAMW_STATES)
+        activations = self.batch_size * self.seq_len * (shape.d_in + rank)
+        return self.dtype_bytes * (weights + activations)
+
+    def client_side(self, split_point: int) -> list[str]:
+        return [name for name, shape in self.candidates.items() if shape.block < split_point]
+
+    def server_side(self, split_point: int) -> list[str]:
+        return [name for name, shape in self.candidates.items() if shape.block >= split_point]
+
+    def client_bytes(self, split_point: int, ranks: Mapping[str, int] | None = None) -> int:
+        """Peak memory of a client fine-tuning blocks [0, split_point) with these ranks."""
+        ranks = ranks or {}
+        frozen = self.embedding_bytes + split_point * self.block_bytes
+        adapters = sum(self.adapter_bytes(n, ranks.get(n, 0)) for n in self.client_side(split_point))
+        return frozen + split_point * self.block_activation_bytes + adapters
+
+    def server_bytes(self, split_point: int, ranks: Mapping[str, int] | None = None) -> int:
+        """The main server's memory for one client (its activations and adapters)."""
+        ranks = ranks or {}
+        adapters = sum(self.adapter_bytes(n, ranks.get(n, 0)) for n in self.server_side(split_point))
+        blocks = self.num_blocks - split_point
+        return blocks * self.block_activation_bytes + self.head_activation_bytes + adapters
+
+    def server_frozen_bytes(self, shallowest_split: int) -> int:
+        """Weights the main server holds once for everyone: blocks [s_min_used, L) and the head."""
+        return (self.num_blocks - shallowest_split) * self.block_bytes + self.head_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MemoryModel:
+        data = dict(data)
+        data["candidates"] = {k: CandidateShape(**v) for k, v in data.get("candidates", {}).items()}
+        return cls(**data)
+
+
+def _unique_bytes(tensors: list[torch.Tensor], exclude: set[int]) -> int:
+    seen, total = set(), 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in exclude or key in seen or tensor.device.type == "meta":
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def _saved_bytes(run, exclude: set[int]) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `run()` executes."""
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return _unique_bytes(saved, exclude)
+
+
+def measure_memory_model(
+    model: nn.Module, candidates: Mapping[str, Candidate], batch_size: int, seq_len: int
+) -> MemoryModel:
+    """Weights counted from the modules, A_block and A_head measured on one block and the head
+    at the given batch shape (random inputs: activation sizes do not depend on values)."""
+    arch = architecture_of(model)
+    blocks = arch.blocks(model)
+    param = next(p for p in blocks[0].parameters() if p.device.type != "meta")
+    dtype_bytes = param.element_size()
+
+    def weight_bytes(module: nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if "lora_" not in n)
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
+    hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    block_index = 1 if len(blocks) > 1 else 0
+    from hsplitlora.lora.attach import lora_layers
+    from hsplitlora.models.split import ServerPart
+
+    part = ServerPart(arch, model, block_index)
+    active = {id(layer): layer.active_adapter for layer in lora_layers(part)}
+    for layer in lora_layers(part):
+        layer.active_adapter = None  # measure the frozen block alone; adapters are C(W, r)
+    try:
+        hidden = torch.randn(batch_size, seq_len, hidden_size, generator=generator, dtype=param.dtype)
+        hidden.requires_grad_(True)
+        context = part.context(hidden, mask, torch.arange(seq_len).unsqueeze(0))
+        block_activation = _saved_bytes(lambda: part.context.call_block(part.blocks[0], hidden, context), weights)
+
+        labels = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
+
+        def head_and_loss() -> None:
+            target_token_loss(part.head(hidden), labels)
+
+        logits_bytes = batch_size * seq_len * model.config.vocab_size * 4
+        head_activation = _saved_bytes(head_and_loss, weights) + logits_bytes
+    finally:
+        for layer in lora_layers(part):
+            layer.active_adapter = active[id(layer)]
+    embedding = sum(weight_bytes(model.get_submodule(p)) for p in arch.embedding_paths)
+    head = sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths)
+    if getattr(model.config, "tie_word_embeddings", False):
+        head = max(head, sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths[:-1]) + embedding)
+    return MemoryModel(
+        num_blocks=len(blocks),
+        dtype_bytes=dtype_bytes,
+        embedding_bytes=embedding,
+        block_bytes=weight_bytes(blocks[block_index]),
+        head_bytes=head,
+        block_activation_bytes=block_activation,
+        head_activation_bytes=head_activation,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        candidates={n: CandidateShape(c.block, c.d_in, c.d_out) for n, c in candidates.items()},
+    )
