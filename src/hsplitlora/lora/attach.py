@@ -19,6 +19,7 @@ class Candidate:
     block: int
     kind: str  # q, k, v, o, gate, up, down
     module: str  # path of the MultiLoRALayer in the model
+    local_module: str  # its path inside the block
     slot: str
     d_in: int
     d_out: int
@@ -44,7 +45,9 @@ def attach_lora(model: nn.Module, targets: Iterable[str]) -> dict[str, Candidate
             slot = target.slot or MAIN_SLOT
             name = module_path if target.slot is None else f"{module_path}.{target.slot}"
             lo, hi = layer.slot_bounds[slot]
-            candidates[name] = Candidate(name, block_index, kind, module_path, slot, layer.in_features, hi - lo)
+            candidates[name] = Candidate(
+                name, block_index, kind, module_path, target.module, slot, layer.in_features, hi - lo
+            )
     return candidates
 
 

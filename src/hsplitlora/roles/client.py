@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
 from hsplitlora.data.e2e import Batch
-from hsplitlora.lora.attach import lora_layers, set_active_adapter
+from hsplitlora.lora.attach import Candidate, lora_layers, set_active_adapter
+from hsplitlora.method.importance import ImportanceProbe
 from hsplitlora.models.split import ClientPart
 from hsplitlora.roles.messages import ActivationGradient, Activations
 
@@ -28,6 +29,15 @@ class Client:
         self.step = 0
         self._pending: tuple[int, torch.Tensor] | None = None
         self.optimizer = self._new_optimizer()
+        self.probe: ImportanceProbe | None = None
+
+    def measure_importance(self, candidates: Mapping[str, Candidate] | None) -> None:
+        """Measure sum_j w_j dL/dw_j of the candidates in this client's blocks during its steps
+        (None: stop measuring)."""
+        self.probe = None if candidates is None else ImportanceProbe.for_part(self.part, candidates)
+
+    def importance_report(self) -> tuple[dict[str, float], int]:
+        return self.probe.report() if self.probe is not None else ({}, 0)
 
     @property
     def split_point(self) -> int:
@@ -49,6 +59,8 @@ class Client:
         """Run the client part on the next private batch; keep the graph for `backward`."""
         batch = next(self.batches)
         set_active_adapter(self.part, self.adapter)
+        if self.probe is not None:
+            self.probe.start()
         hidden = self.part(batch.input_ids, batch.attention_mask)
         self._pending = (self.step, hidden)
         return Activations(self.client_id, self.step, hidden.detach(), batch.attention_mask, batch.labels)
@@ -59,8 +71,11 @@ class Client:
             raise RuntimeError(f"client {self.client_id} got a gradient for step {message.step} it did not send")
         _, hidden = self._pending
         self._pending = None
-        if self.optimizer is not None:
+        if hidden.requires_grad:  # nothing to back-propagate without adapters or a probe
             hidden.backward(message.grad)
+        if self.probe is not None:
+            self.probe.collect()
+        if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

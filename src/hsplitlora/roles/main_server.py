@@ -3,10 +3,13 @@ optimizer per client."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from hsplitlora.lora.attach import lora_layers, set_active_adapter
+from hsplitlora.lora.attach import Candidate, lora_layers, set_active_adapter
 from hsplitlora.losses import target_token_loss
+from hsplitlora.method.importance import ImportanceProbe
 from hsplitlora.models.split import ServerPart
 from hsplitlora.roles.messages import ActivationGradient, Activations
 
@@ -16,6 +19,17 @@ class MainServer:
         self.parts = parts  # client id -> the server part for that client's split point
         self.lr = lr
         self.optimizers = {cid: self._new_optimizer(cid) for cid in parts}
+        self.probes: dict[int, ImportanceProbe] = {}
+
+    def measure_importance(self, candidates: Mapping[str, Candidate] | None) -> None:
+        """Measure the server-side candidates on each client's batches (None: stop measuring)."""
+        self.probes = {} if candidates is None else {
+            cid: ImportanceProbe.for_part(part, candidates) for cid, part in self.parts.items()
+        }  # fmt: skip
+
+    def importance_report(self, client_id: int) -> tuple[dict[str, float], int]:
+        probe = self.probes.get(client_id)
+        return probe.report() if probe is not None else ({}, 0)
 
     @staticmethod
     def adapter_name(client_id: int) -> str:
@@ -38,10 +52,15 @@ class MainServer:
         part = self.parts[message.client_id]
         set_active_adapter(part, self.adapter_name(message.client_id))
         hidden = message.hidden.detach().requires_grad_(True)
+        probe = self.probes.get(message.client_id)
+        if probe is not None:
+            probe.start()
         logits = part(hidden, message.attention_mask)
         loss_sum, count = target_token_loss(logits, message.labels)
         loss = loss_sum / max(count, 1)
         loss.backward()
+        if probe is not None:
+            probe.collect()
         optimizer = self.optimizers[message.client_id]
         if optimizer is not None:
             optimizer.step()
