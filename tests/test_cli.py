@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -64,3 +65,37 @@ def test_unparsable_flag_exits_2_without_traceback():
     )
     assert proc.returncode == 2
     assert "'eight' is not an integer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plan_json_matches_the_schema(capsys):
+    assert run_cli("plan", "--model", "tiny", "--budgets", "5MB,8MB,20MB", "--batch-size", "4", "--seq-len", "64",
+                   "--json") == 0  # fmt: skip
+    plan = json.loads(capsys.readouterr().out)
+    assert [c["client"] for c in plan["clients"]] == [0, 1, 2]
+    for client, budget in zip(plan["clients"], [5_000_000, 8_000_000, 20_000_000], strict=True):
+        assert set(client) == {"client", "budget_bytes", "split_point", "ranks", "predicted_bytes"}
+        assert client["budget_bytes"] == budget and client["predicted_bytes"] <= budget
+        assert 1 <= client["split_point"] <= 3
+        assert all(name.startswith("model.layers.") and r in (0, 2, 4, 8, 16) for name, r in client["ranks"].items())
+    assert plan["clients"][0]["split_point"] <= plan["clients"][2]["split_point"]
+    assert {"budget_bytes", "frozen_bytes", "clients"} <= set(plan["server"])
+
+
+def test_plan_table_and_warmup_importance(capsys):
+    assert run_cli("plan", "--model", "tiny", "--budgets", "5MB,20MB", "--warmup-batches", "1") == 0
+    out = capsys.readouterr().out
+    assert "ARMSC plan" in out and "warm-up pass of 1 batches" in out and "headroom" in out
+
+
+@pytest.mark.parametrize(
+    "budgets, message",
+    [
+        ("1.5XB", "budget '1.5XB' is not a memory size"),
+        ("2GB,,3GB", "has an empty entry"),
+        ("10KB,20MB", "client 0 cannot take part: its budget of 9.8 KiB lacks"),
+    ],
+)
+def test_plan_bad_budgets_exit_2(budgets, message, capsys):
+    assert run_cli("plan", "--model", "tiny", "--uniform-importance", "--budgets", budgets) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

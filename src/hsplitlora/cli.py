@@ -1,4 +1,4 @@
-"""Command line: `hsplitlora run`, `hsplitlora prepare-model`.
+"""Command line: `hsplitlora run`, `hsplitlora plan`, `hsplitlora prepare-model`.
 
 Every run flag has a config key of the same name (dashes become underscores); flags win over
 the file. Bad values stop with one sentence and exit status 2.
@@ -45,11 +45,32 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
 
+def _add_plan_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="as for run")
+    parser.add_argument("--budgets", required=True, help="client memory budgets: 800MB,1.5GB,2GiB or bytes")
+    parser.add_argument("--server-budget", default="16GB", help="main server memory for all clients (16GB)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size b of the memory model (8)")
+    parser.add_argument("--seq-len", type=int, default=128, help="sequence length T of the memory model (128)")
+    parser.add_argument("--targets", type=_names, default=["q", "k", "v", "o"], help="candidate matrices")
+    parser.add_argument("--levels", type=_ints, default=[0, 2, 4, 8, 16], help="rank levels Q (0,2,4,8,16)")
+    parser.add_argument("--rho", type=float, default=0.25, help="budget share kept for adapters (0.25)")
+    parser.add_argument("--s-min", type=int, default=1, help="shallowest allowed split point (1)")
+    parser.add_argument("--uniform-importance", action="store_true", help="skip the warm-up importance pass")
+    parser.add_argument("--warmup-batches", type=int, default=2, help="batches of the warm-up pass (2)")
+    parser.add_argument("--leave-out-infeasible", action="store_true",
+                        help="leave out, with a warning, clients whose budget holds no cut")  # fmt: skip
+    parser.add_argument("--data-dir", help="as for run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsplitlora", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="split LoRA fine-tuning across clients")
     _add_run_options(run)
+    planner = commands.add_parser("plan", help="split points and ranks from device memory budgets (ARMSC)")
+    _add_plan_options(planner)
     prepare = commands.add_parser("prepare-model", help="convert the default model's GGUF into the cache")
     prepare.add_argument("--force", action="store_true", help="convert again even if cached")
     return parser
@@ -104,6 +125,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    import warnings
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from hsplitlora.method.planner import format_bytes, parse_budgets, parse_bytes
+    from hsplitlora.models.loading import load_model
+    from hsplitlora.planning import PlanRequest, make_plan
+
+    budgets = parse_budgets(args.budgets)
+    server_budget = parse_bytes(args.server_budget)
+    for name in ("batch_size", "seq_len", "warmup_batches"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"{name} must be a positive integer, got {getattr(args, name)}.")
+    levels = args.levels if isinstance(args.levels, list) else [args.levels]
+    request = PlanRequest(
+        budgets=budgets, server_budget=server_budget, batch_size=args.batch_size, seq_len=args.seq_len,
+        targets=tuple(args.targets), levels=tuple(levels), rho=args.rho, s_min=args.s_min,
+        uniform_importance=args.uniform_importance, warmup_batches=args.warmup_batches, data_dir=args.data_dir,
+        leave_out_infeasible=args.leave_out_infeasible, seed=args.seed,
+    )  # fmt: skip
+    loaded = load_model(args.model, seed=args.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = make_plan(loaded, request)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    plan = result.plan
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    importance_source = "uniform" if args.uniform_importance else f"warm-up pass of {args.warmup_batches} batches"
+    table = Table(title=f"ARMSC plan for {args.model} (batch {args.batch_size} x {args.seq_len} tokens, "
+                        f"importance: {importance_source})")  # fmt: skip
+    for column in ("client", "budget", "split point", "adapters", "total rank", "predicted memory", "headroom"):
+        table.add_column(column, justify="right", no_wrap=True)
+    rows = {
+        client.client: (
+            format_bytes(client.budget_bytes), str(client.split_point),
+            f"{sum(1 for r in client.ranks.values() if r > 0)}/{len(client.ranks)}", str(sum(client.ranks.values())),
+            format_bytes(client.predicted_bytes), format_bytes(client.headroom_bytes),
+        )
+        for client in plan.clients
+    }  # fmt: skip
+    rows.update({cid: (format_bytes(budgets[cid]), "left out", "-", "-", "-", "-") for cid in plan.left_out})
+    for client_id in sorted(rows):
+        table.add_row(str(client_id), *rows[client_id])
+    console = Console(width=max(Console().width, 100))
+    console.print(table)
+    server_rows = ", ".join(
+        f"client {c.client}: {sum(1 for r in c.server_ranks.values() if r)} adapters, "
+        f"{format_bytes(c.server_predicted_bytes)}"
+        for c in plan.clients
+    )
+    console.print(
+        f"main server: budget {format_bytes(server_budget)} ({format_bytes(server_budget // len(budgets))} per "
+        f"client), shared frozen weights {format_bytes(plan.server_frozen_bytes)}; {server_rows}"
+    )
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     from hsplitlora.models.loading import prepare_smollm2
 
@@ -112,7 +196,7 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "prepare-model": cmd_prepare_model}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "prepare-model": cmd_prepare_model}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

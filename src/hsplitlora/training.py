@@ -10,10 +10,9 @@ import torch
 from hsplitlora.config import RunConfig
 from hsplitlora.data.e2e import Batcher, data_file, encode, partition_iid, read_e2e
 from hsplitlora.engines.inprocess import InProcessEngine
-from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.lora.layer import MultiLoRALayer
-from hsplitlora.models.architectures import Architecture, architecture_of
+from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import ClientPart, ServerPart, check_split_point
 from hsplitlora.roles.client import Client
@@ -45,14 +44,6 @@ def create_adapters(
         layer.set_adapter(adapter, candidate.slot, ranks.get(name, 0), alpha, generator)
 
 
-def check_targets(arch: Architecture, targets: list[str]) -> None:
-    missing = [t for t in targets if t not in arch.targets]
-    if missing:
-        raise UsageError(
-            f"target {missing[0]!r} does not exist in {arch.name} models; valid targets are {', '.join(arch.targets)}."
-        )
-
-
 def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Federation:
     """Load the model and data, cut the model per client and give each client and the main
     server their adapters (one uniform rank per client, as configured)."""
@@ -63,7 +54,6 @@ def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Fe
     loaded = loaded or load_model(config.model, seed=config.seed)
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = architecture_of(model)
-    check_targets(arch, config.targets)
     candidates = attach_lora(model, config.targets)
     num_blocks = arch.num_blocks(model)
     split_points = config.split_points(num_blocks)

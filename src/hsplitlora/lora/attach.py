@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from hsplitlora.errors import UsageError
 from hsplitlora.lora.layer import MAIN_SLOT, MultiLoRALayer
 from hsplitlora.models.architectures import architecture_of
 
@@ -32,7 +33,9 @@ def attach_lora(model: nn.Module, targets: Iterable[str]) -> dict[str, Candidate
     targets = list(targets)
     unknown = [t for t in targets if t not in arch.targets]
     if unknown:
-        raise ValueError(f"{arch.name} models have no target {unknown[0]!r}; valid: {list(arch.targets)}")
+        raise UsageError(
+            f"target {unknown[0]!r} does not exist in {arch.name} models; valid targets are {', '.join(arch.targets)}."
+        )
     candidates: dict[str, Candidate] = {}
     for block_index, block in enumerate(arch.blocks(model)):
         for kind in targets:

@@ -221,5 +221,5 @@ def parse_budgets(text: str) -> list[int]:
 def format_bytes(value: float) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
+            return f"{value / size:.1f} {unit}"
     return f"{int(value)} B"

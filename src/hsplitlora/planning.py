@@ -1,0 +1,70 @@
+"""From a model and device budgets to a plan: the memory model at the batch shape, importance
+(a warm-up pass over a few training batches, or uniform), then ARMSC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hsplitlora.data.e2e import Batcher, data_file, encode, read_e2e
+from hsplitlora.lora.attach import Candidate, attach_lora
+from hsplitlora.method.importance import R_REF, importance, warmup_sums
+from hsplitlora.method.memory import MemoryModel, measure_memory_model
+from hsplitlora.method.planner import DEFAULT_LEVELS, Plan, plan
+from hsplitlora.models.loading import LoadedModel
+
+
+@dataclass
+class PlanRequest:
+    budgets: list[int]
+    server_budget: int
+    batch_size: int = 8
+    seq_len: int = 128
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+    levels: tuple[int, ...] = DEFAULT_LEVELS
+    rho: float = 0.25
+    s_min: int = 1
+    r_ref: int = R_REF
+    uniform_importance: bool = False
+    warmup_batches: int = 2
+    data_dir: str | None = None
+    leave_out_infeasible: bool = False
+    seed: int = 0
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    memory: MemoryModel
+    importance: dict[str, float]
+    candidates: dict[str, Candidate]
+
+
+def warmup_importance(
+    loaded: LoadedModel, candidates: dict[str, Candidate], memory: MemoryModel, request: PlanRequest
+) -> dict[str, float]:
+    """Theta from `warmup_batches` training batches of the default data on the frozen model."""
+    examples = read_e2e(data_file(request.data_dir, "train"))
+    items = [encode(e, loaded.tokenizer, request.seq_len) for e in examples[: 64 * request.warmup_batches]]
+    batcher = Batcher(items, request.batch_size, loaded.tokenizer.pad_token_id, seed=request.seed)
+    sums, batches = warmup_sums(loaded.model, candidates, [next(batcher) for _ in range(request.warmup_batches)])
+    return importance(sums, batches, memory, request.r_ref)
+
+
+def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
+    candidates = attach_lora(loaded.model, request.targets)
+    memory = measure_memory_model(loaded.model, candidates, request.batch_size, request.seq_len)
+    if request.uniform_importance:
+        scores = dict.fromkeys(candidates, 1.0)
+    else:
+        scores = warmup_importance(loaded, candidates, memory, request)
+    result = plan(
+        scores,
+        request.budgets,
+        memory,
+        request.server_budget,
+        levels=request.levels,
+        rho=request.rho,
+        s_min=request.s_min,
+        leave_out_infeasible=request.leave_out_infeasible,
+    )
+    return PlanResult(result, memory, scores, candidates)
