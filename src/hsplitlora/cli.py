@@ -1,4 +1,4 @@
-"""Command line: `hsplitlora run`, `hsplitlora plan`, `hsplitlora prepare-model`.
+"""Command line: `hsplitlora run`, `plan`, `score`, `prepare-model`.
 
 Every run flag has a config key of the same name (dashes become underscores); flags win over
 the file. Bad values stop with one sentence and exit status 2.
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     planner = commands.add_parser("plan", help="split points and ranks from device memory budgets (ARMSC)")
     _add_plan_options(planner)
+    score = commands.add_parser("score", help="the five E2E metrics, as the official E2E scorer computes them")
+    score.add_argument("refs", help="references: E2E plain text (instances separated by an empty line) or CSV")
+    score.add_argument("hyp", help="system outputs, one line per instance")
+    score.add_argument("--json", action="store_true", help="print the metrics as JSON")
     prepare = commands.add_parser("prepare-model", help="convert the default model's GGUF into the cache")
     prepare.add_argument("--force", action="store_true", help="convert again even if cached")
     return parser
@@ -188,6 +192,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from hsplitlora.evaluation.e2e_metrics import check_counts, read_outputs, read_references, score_e2e
+
+    references = read_references(args.refs)
+    outputs = read_outputs(args.hyp)
+    check_counts(references, outputs)
+    scores = score_e2e(references, outputs)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print(format_scores(scores))
+    return 0
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    """The official scorer's layout: a header line, then `NAME: value` to four decimals."""
+    lines = ["SCORES:", "=============="]
+    lines += [f"{name}: {scores[name]:.4f}" for name in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")]
+    return "\n".join(lines)
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     from hsplitlora.models.loading import prepare_smollm2
 
@@ -196,7 +223,7 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "prepare-model": cmd_prepare_model}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "score": cmd_score, "prepare-model": cmd_prepare_model}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

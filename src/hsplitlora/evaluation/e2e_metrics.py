@@ -1,0 +1,180 @@
+"""The five metrics of the E2E NLG Challenge, computed as its official scorer computes them.
+
+- BLEU: NIST mteval-v13a (lowercased, its 13a tokenisation, multi-reference). sacrebleu's `13a`
+  tokeniser on lowercased text reproduces it.
+- NIST: mteval-v13a's NIST, written here because no package reproduces it (nltk's information
+  weights and length penalty differ): information weights from all references of the corpus,
+  `info(w1..wn) = -log2(count(w1..wn) / count(w1..wn-1))`, score `sum_n matched info / system
+  n-grams` (n <= 5) times `exp(beta log^2 min(1, L_sys / L_ref))`, `beta = -ln 0.5 / ln^2 1.5`,
+  with `L_ref` the corpus's reference words divided by the number of reference sets (instances
+  with fewer references are padded with empty ones, as the official scorer does).
+- METEOR 1.5 (the jar with its paraphrase tables), ROUGE-L and CIDEr through `pycocoevalcap`, after
+  that package's PTB tokenizer, as the MS-COCO caption evaluation code computes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from hsplitlora.errors import UsageError
+
+NIST_ORDER = 5
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+# -- reading --------------------------------------------------------------------------------------
+def read_references(path: str | Path) -> list[list[str]]:
+    """References per instance: an E2E CSV (`mr`, `ref`; rows of one MR grouped in order of first
+    appearance) or plain text (one reference per line, instances separated by an empty line)."""
+    path = Path(path)
+    text = _read_text(path, "references")
+    if path.suffix.lower() == ".csv":
+        grouped: dict[str, list[str]] = {}
+        rows = csv.DictReader(text.splitlines())
+        if rows.fieldnames is None or not {"mr", "ref"} <= set(rows.fieldnames):
+            raise UsageError(f"references file {path} is a CSV without the columns 'mr' and 'ref'.")
+        for row in rows:
+            grouped.setdefault(row["mr"], []).append(row["ref"].strip())
+        instances = list(grouped.values())
+    else:
+        instances, current = [], []
+        for line in text.splitlines():
+            if line.strip():
+                current.append(line.strip())
+            elif current:
+                instances.append(current)
+                current = []
+        if current:
+            instances.append(current)
+    if not instances:
+        raise UsageError(f"references file {path} holds no references.")
+    return instances
+
+
+def read_outputs(path: str | Path) -> list[str]:
+    """System outputs, one per line."""
+    path = Path(path)
+    lines = _read_text(path, "outputs").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise UsageError(f"outputs file {path} is empty.")
+    return [line.strip() for line in lines]
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{what} file {path} cannot be read as UTF-8 text ({error.__class__.__name__}).") from None
+
+
+def check_counts(references: Sequence[Sequence[str]], outputs: Sequence[str]) -> None:
+    if len(references) != len(outputs):
+        raise UsageError(
+            f"there are {len(references)} reference instances but {len(outputs)} outputs; "
+            "give exactly one output line per instance, in the same order."
+        )
+
+
+# -- BLEU and NIST (mteval-v13a) ------------------------------------------------------------------
+def _mteval_tokens(text: str) -> list[str]:
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    return Tokenizer13a()(text.translate(_ASCII_LOWER)).split()
+
+
+def _pad(references: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Pad every instance to the largest number of references with empty ones (the official
+    scorer's reference sets), so the number of sets is the same for every instance."""
+    width = max(len(refs) for refs in references)
+    return [list(refs) + [""] * (width - len(refs)) for refs in references]
+
+
+def bleu(references: Sequence[Sequence[str]], outputs: Sequence[str]) -> float:
+    """Corpus BLEU as mteval-v13a prints it (0..1)."""
+    import sacrebleu
+
+    padded = _pad(references)
+    streams = [[refs[i] for refs in padded] for i in range(len(padded[0]))]
+    lowered = [o.translate(_ASCII_LOWER) for o in outputs]
+    streams = [[r.translate(_ASCII_LOWER) for r in stream] for stream in streams]
+    return sacrebleu.corpus_bleu(lowered, streams, tokenize="13a").score / 100.0
+
+
+def _ngrams(tokens: Sequence[str], order: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for n in range(1, order + 1) for i in range(len(tokens) - n + 1))
+
+
+def nist(references: Sequence[Sequence[str]], outputs: Sequence[str], order: int = NIST_ORDER) -> float:
+    """Corpus NIST as mteval-v13a computes it."""
+    padded = _pad(references)
+    ref_sets = len(padded[0])
+    ref_tokens = [[_mteval_tokens(r) for r in refs] for refs in padded]
+    counts: Counter = Counter()
+    total_words = 0
+    for refs in ref_tokens:
+        for tokens in refs:
+            total_words += len(tokens)
+            counts.update(_ngrams(tokens, order))
+    info = {
+        gram: -math.log(count / (counts[gram[:-1]] if len(gram) > 1 else total_words)) / math.log(2)
+        for gram, count in counts.items()
+    }
+    matched_info = [0.0] * (order + 1)
+    system_ngrams = [0] * (order + 1)
+    ref_words = 0
+    for refs, output in zip(ref_tokens, outputs, strict=True):
+        tokens = _mteval_tokens(output)
+        for n in range(1, order + 1):
+            system_ngrams[n] += max(len(tokens) - n + 1, 0)
+        ref_words += sum(len(r) for r in refs)
+        best: Counter = Counter()
+        for r in refs:
+            best |= _ngrams(r, order)  # the most occurrences of each n-gram in any one reference
+        for gram, count in _ngrams(tokens, order).items():
+            if gram in best:
+                matched_info[len(gram)] += info[gram] * min(count, best[gram])
+    score = sum(matched_info[n] / max(system_ngrams[n], 1) for n in range(1, order + 1))
+    return score * _nist_length_penalty(system_ngrams[1] / (ref_words / ref_sets))
+
+
+def _nist_length_penalty(ratio: float) -> float:
+    if ratio >= 1:
+        return 1.0
+    if ratio <= 0:
+        return 0.0
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    return math.exp(-beta * math.log(ratio) ** 2)
+
+
+# -- METEOR, ROUGE-L, CIDEr (MS-COCO caption evaluation) ------------------------------------------
+def coco_metrics(references: Sequence[Sequence[str]], outputs: Sequence[str]) -> dict[str, float]:
+    """METEOR, ROUGE_L and CIDEr after pycocoevalcap's PTB tokenizer (needs Java)."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
+    res = tokenizer.tokenize({i: [{"caption": o}] for i, o in enumerate(outputs)})
+    scores = {}
+    for name, scorer in (("METEOR", Meteor), ("ROUGE_L", Rouge), ("CIDEr", Cider)):
+        instance = scorer()
+        scores[name] = float(instance.compute_score(gts, res)[0])
+        if hasattr(instance, "close"):
+            instance.close()
+    return scores
+
+
+def score_e2e(references: Sequence[Sequence[str]], outputs: Sequence[str]) -> dict[str, float]:
+    """{"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"} for one output per reference instance."""
+    check_counts(references, outputs)
+    return {"BLEU": bleu(references, outputs), "NIST": nist(references, outputs), **coco_metrics(references, outputs)}
