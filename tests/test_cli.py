@@ -18,18 +18,28 @@ def run_cli(*args: str) -> int:
         return int(exit_.code)
 
 
-def test_tiny_run_exits_zero(capsys):
-    assert run_cli("run", "--model", "tiny", "--steps", "3", "--clients", "2") == 0
-    out = capsys.readouterr()
-    assert "split LoRA training" in out.out
+def read_metrics(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_config_file_and_flags_share_names(tmp_path, capsys):
+def test_tiny_run_exits_zero(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    assert run_cli("run", "--model", "tiny", "--steps", "3", "--clients", "2", "--val-size", "16",
+                   "--output-dir", str(out_dir)) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "hsplitlora on tiny: 2 rounds x 3 steps" in out and str(out_dir) in out
+    assert [m["round"] for m in read_metrics(out_dir)] == [1, 2]
+
+
+def test_config_file_and_flags_share_names(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("model: tiny\nsteps: 2\nclients: 2\nsplit-point: [1, 3]\nrank: 4\n")
+    config.write_text(f"model: tiny\nsteps: 2\nrounds: 1\nclients: 2\nsplit-point: [1, 3]\nrank: 4\n"
+                      f"val_size: 8\noutput_dir: {tmp_path / 'run'}\n")  # fmt: skip
     assert run_cli("run", "--config", str(config), "--rank", "2") == 0
-    table = capsys.readouterr().out
-    assert "│      1 │           3 │    2 │" in table  # client 1: split point from the file, rank from the flag
+    (line,) = read_metrics(tmp_path / "run")
+    # client 1: split point 3 from the file, rank 2 from the flag on its 3 blocks x 4 matrices
+    assert [c["split_point"] for c in line["clients"]] == [1, 3]
+    assert [c["client_rank_total"] for c in line["clients"]] == [1 * 4 * 2, 3 * 4 * 2]
 
 
 @pytest.mark.parametrize(
@@ -44,10 +54,16 @@ def test_config_file_and_flags_share_names(tmp_path, capsys):
         (["--model", "tiny", "--targets", "q,zz"], "targets ['q', 'zz'] are not valid"),
         (["--model", "tiny-gpt2", "--targets", "gate"], "target 'gate' does not exist in gpt2 models"),
         (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
+        (["--model", "tiny", "--strategy", "nope"], "strategy 'nope' is unknown"),
+        (["--model", "tiny", "--partition", "weird"], "partition 'weird' is unknown"),
+        (["--model", "tiny", "--device-preset", "mars"], "device preset 'mars' is unknown"),
+        (["--model", "tiny", "--budgets", "1KB"], "client 0 cannot take part"),
+        (["--model", "tiny", "--budgets", "2MB,8MB"], "budgets lists 2 sizes but there are 5 clients"),
     ],
 )
-def test_bad_values_exit_2_with_a_sentence(args, message, capsys):
-    assert run_cli("run", "--steps", "1", *args) == 2
+def test_bad_values_exit_2_with_a_sentence(args, message, capsys, tmp_path):
+    assert run_cli("run", "--steps", "1", "--output-dir", str(tmp_path / "run"), *args) == 2
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before training
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 
 from hsplitlora.config import ALL_TARGETS, load_config
@@ -29,18 +28,32 @@ def _names(text: str) -> list[str]:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    from hsplitlora.devices import PRESETS
+    from hsplitlora.strategies import STRATEGIES
+
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override its keys")
     parser.add_argument("--model", help="smollm2-135m (default), tiny, tiny-gpt2, or a local HF model folder")
     parser.add_argument("--data-dir", help="folder holding devset.csv and testset_w_refs.csv")
+    parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default hsplitlora)")
     parser.add_argument("--clients", type=int, help="number of clients K (default 5)")
-    parser.add_argument("--split-point", type=_ints, help="split point(s): one for all clients or one per client")
-    parser.add_argument("--rank", type=_ints, help="LoRA rank(s): one for all clients or one per client")
+    parser.add_argument("--rounds", type=int, help="aggregation rounds (default 2)")
+    parser.add_argument("--local-steps", "--steps", dest="local_steps", type=int,
+                        help="local steps E per client per round (default 10)")  # fmt: skip
+    parser.add_argument("--budgets", help="client memory budgets, e.g. 300MB,600MB,1.2GB (else the preset)")
+    parser.add_argument("--device-preset", help=f"named devices: {', '.join(PRESETS)} (default hetero5)")
+    parser.add_argument("--server-budget", help="main server memory for all clients (default 16GB)")
+    parser.add_argument("--split-point", type=_ints, help="fixed split point(s), overriding the planner")
+    parser.add_argument("--rank", type=_ints, help="fixed LoRA rank(s), overriding the planner")
     parser.add_argument("--alpha", type=float, help="LoRA alpha (default 16)")
     parser.add_argument("--targets", type=_names, help=f"candidate matrices, from {','.join(ALL_TARGETS)}")
-    parser.add_argument("--steps", type=int, help="local steps per client (default 10)")
+    parser.add_argument("--partition", help="iid (default) or dirichlet (non-IID over eatType/food)")
+    parser.add_argument("--dirichlet-alpha", type=float, help="Dirichlet concentration (default 0.5)")
     parser.add_argument("--batch-size", type=int, help="examples per step (default 8)")
     parser.add_argument("--max-seq-len", type=int, help="tokens per example at most (default 128)")
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-4)")
+    parser.add_argument("--eval-every", type=int, help="validate every N rounds (default 1)")
+    parser.add_argument("--val-size", type=int, help="test-set rows for validation loss (default 128)")
+    parser.add_argument("--output-dir", help="run folder (default runs/<time>-<strategy>)")
     parser.add_argument("--seed", type=int, help="seed: the same seed gives the same numbers")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
@@ -81,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 RUN_KEYS = (
-    "model", "data_dir", "clients", "split_point", "rank", "alpha", "targets", "steps",
-    "batch_size", "max_seq_len", "lr", "seed", "threads",
+    "model", "data_dir", "strategy", "clients", "rounds", "local_steps", "budgets", "device_preset",
+    "server_budget", "split_point", "rank", "alpha", "targets", "partition", "dirichlet_alpha", "batch_size",
+    "max_seq_len", "lr", "eval_every", "val_size", "output_dir", "seed", "threads",
 )  # fmt: skip
 
 
@@ -91,41 +105,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from hsplitlora.training import build_federation, train_steps
+    from hsplitlora.rounds import Reporter, run
 
     config = load_config(args.config, {key: getattr(args, key) for key in RUN_KEYS})
     console = Console(stderr=True)
-    started = time.perf_counter()
-    with console.status(f"loading {config.model} and the E2E data"):
-        federation = build_federation(config)
-    split_points = [client.split_point for client in federation.clients]
-    console.print(
-        f"[bold]{config.model}[/]: {config.clients} clients, split points {split_points}, "
-        f"ranks {config.per_client('rank')}, {sum(federation.shard_sizes)} training examples "
-        f"(shards {federation.shard_sizes})"
-    )
     columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]  # fmt: skip
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("split steps", total=config.steps, loss="-")
 
-        def on_step(step: int, losses: list[float]) -> None:
-            progress.update(task, advance=1, loss=f"{sum(losses) / len(losses):.4f}")
+    class ProgressReporter(Reporter):
+        """Progress appears once training starts, so that setup errors print alone."""
 
-        history = train_steps(federation, config.steps, on_step)
-    table = Table(title=f"split LoRA training, {config.steps} steps per client")
-    for column in ("client", "split point", "rank", "first loss", "last loss", "MB up", "MB down"):
+        def __init__(self):
+            self.progress: Progress | None = None
+
+        def round_started(self, round_, rounds, plan, replanned):
+            if self.progress is None:
+                self.progress = Progress(*columns, console=console)
+                self.progress.start()
+                self.task = self.progress.add_task("", total=rounds * config.local_steps, loss="-")
+            cuts = [c.split_point for c in plan.clients]
+            ranks = [sum(c.ranks.values()) for c in plan.clients]
+            state = "new plan" if replanned else "same plan"
+            self.progress.update(self.task, description=f"round {round_}/{rounds}")
+            self.progress.console.print(f"round {round_}: {state}, split points {cuts}, client ranks {ranks}")
+
+        def step(self, round_, step, losses):
+            self.progress.update(self.task, advance=1, loss=f"{sum(losses) / len(losses):.4f}")
+
+        def round_finished(self, line):
+            ppl = f"{line['val_ppl']:.3f}" if line["val_ppl"] is not None else "-"
+            self.progress.console.print(
+                f"round {line['round']}: train loss {line['train_loss']:.4f}, val ppl {ppl}, "
+                f"simulated {line['sim_time_s']:.1f} s, wall {line['wall_time_s']:.1f} s"
+            )
+
+    reporter = ProgressReporter()
+    try:
+        result = run(config, reporter=reporter, log=console.print)
+    finally:
+        if reporter.progress is not None:
+            reporter.progress.stop()
+    table = Table(title=f"{config.strategy} on {config.model}: {config.rounds} rounds x {config.local_steps} steps")
+    for column in ("round", "train loss", "val loss", "val ppl", "sim. time (s)", "wall (s)", "MB up", "MB down"):
         table.add_column(column, justify="right")
-    engine = federation.engine
-    for client in federation.clients:
-        cid = client.client_id
+    for m in result.metrics:
         table.add_row(
-            str(cid), str(client.split_point), str(config.per_client("rank")[cid]),
-            f"{history[0][cid]:.4f}", f"{history[-1][cid]:.4f}",
-            f"{engine.bytes_up[cid] / 1e6:.1f}", f"{engine.bytes_down[cid] / 1e6:.1f}",
+            str(m["round"]), f"{m['train_loss']:.4f}",
+            "-" if m["val_loss"] is None else f"{m['val_loss']:.4f}",
+            "-" if m["val_ppl"] is None else f"{m['val_ppl']:.3f}",
+            f"{m['sim_time_s']:.1f}", f"{m['wall_time_s']:.1f}",
+            f"{m['bytes_up'] / 1e6:.1f}", f"{m['bytes_down'] / 1e6:.1f}",
         )  # fmt: skip
     Console().print(table)
-    console.print(f"done in {time.perf_counter() - started:.1f} s")
+    print(f"results: {result.run_dir} (metrics.jsonl, summary.json, model.safetensors, checkpoint/)")
+    print(f"plots:   {', '.join(str(p) for p in result.plots)}")
     return 0
 
 

@@ -22,15 +22,37 @@ class RunConfig:
 
     model: str = "smollm2-135m"
     data_dir: str | None = None  # default: $HSPLITLORA_DATA_DIR or ../shared/data/e2e
+    strategy: str = "hsplitlora"
     clients: int = 5
-    split_point: int | list[int] | None = None  # None: spread evenly over the model's depth
-    rank: int | list[int] = 8
+    rounds: int = 2
+    local_steps: int = 10  # E: local steps per client per round (flag alias: --steps)
+    # Devices: explicit budgets ("800MB,1.5GB,..."), else a named preset; per-client overrides
+    # {client: {budget, flops, bandwidth}} in the config file.
+    budgets: str | None = None
+    device_preset: str = "hetero5"
+    devices: dict | None = None
+    server_budget: str = "16GB"
+    # Fixed split points / ranks (one value or one per client) override the planner.
+    split_point: int | list[int] | None = None
+    rank: int | list[int] | None = None
     alpha: float = 16.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    steps: int = 10
+    rank_levels: list[int] = field(default_factory=lambda: [0, 2, 4, 8, 16])
+    rho: float = 0.25
+    s_min: int = 1
+    r_ref: int = 8
+    gamma_max: float = 0.9
+    tau: float = 5.0
+    replan_delta: float = 0.1
+    warmup_batches: int = 1
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
     batch_size: int = 8
     max_seq_len: int = 128
     lr: float = 5e-4
+    eval_every: int = 1
+    val_size: int = 128  # evaluation rows of testset_w_refs.csv used for validation loss
+    output_dir: str | None = None
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
@@ -57,18 +79,35 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check every value that does not need the model; raise UsageError on the first bad one."""
         _positive("clients", self.clients)
-        _positive("steps", self.steps)
+        _positive("rounds", self.rounds)
+        _positive("local_steps", self.local_steps)
+        _positive("eval_every", self.eval_every)
+        _positive("val_size", self.val_size)
         _positive("batch_size", self.batch_size)
         _positive("max_seq_len", self.max_seq_len)
         if not self.lr > 0:
             raise UsageError(f"lr must be a positive number, got {self.lr}.")
         if not self.alpha > 0:
             raise UsageError(f"alpha must be a positive number, got {self.alpha}.")
-        for rank in self.per_client("rank"):
+        for rank in self.per_client("rank") if self.rank is not None else []:
             if rank < 0:
                 raise UsageError(f"rank must be 0 (no adapter) or a positive integer, got {rank}.")
         if self.split_point is not None:
             self.per_client("split_point")
+        from hsplitlora.strategies import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
+        if self.partition not in ("iid", "dirichlet"):
+            raise UsageError(f"partition {self.partition!r} is unknown; choose iid or dirichlet.")
+        if not self.dirichlet_alpha > 0:
+            raise UsageError(f"dirichlet_alpha must be a positive number, got {self.dirichlet_alpha}.")
+        if (
+            sorted(set(self.rank_levels)) != sorted(self.rank_levels)
+            or 0 not in self.rank_levels
+            or min(self.rank_levels) < 0
+        ):
+            raise UsageError(f"rank_levels {self.rank_levels} must be distinct non-negative integers including 0.")
         bad = [t for t in self.targets if t not in ALL_TARGETS]
         if bad or not self.targets:
             raise UsageError(
@@ -104,6 +143,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise UsageError(f"config file {path} must hold a mapping of setting names to values.")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if "steps" in values:  # the foundation's name for local_steps
+        values["local_steps"] = values.pop("steps")
     unknown = sorted(set(values) - set(config_fields()))
     if unknown:
         raise UsageError(f"unknown setting {unknown[0]!r}; valid settings are {', '.join(sorted(config_fields()))}.")

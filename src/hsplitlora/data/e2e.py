@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,3 +144,35 @@ class Batcher:
         if not self._queue:
             self._refill()
         return collate([self.items[i] for i in self._queue.pop(0)], self.pad_id)
+
+
+def mr_attributes(mr: str) -> dict[str, str]:
+    """`name[The Eagle], food[Italian]` -> {"name": "The Eagle", "food": "Italian"}."""
+    return dict(re.findall(r"(\w+)\[([^\]]*)\]", mr))
+
+
+def partition_dirichlet(examples: Sequence[Example], clients: int, alpha: float, seed: int) -> list[list[int]]:
+    """Non-IID shards: examples are grouped by their (eatType, food) attributes and each group is
+    dealt to the clients in proportions drawn from Dirichlet(alpha) (small alpha: skewed)."""
+    import numpy as np
+
+    if clients > len(examples):
+        raise UsageError(f"{clients} clients cannot share {len(examples)} examples; use at most {len(examples)}.")
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, example in enumerate(examples):
+        attributes = mr_attributes(example.mr)
+        groups.setdefault((attributes.get("eatType", ""), attributes.get("food", "")), []).append(index)
+    shards: list[list[int]] = [[] for _ in range(clients)]
+    for key in sorted(groups):
+        members = groups[key]
+        rng.shuffle(members)
+        shares = rng.dirichlet([alpha] * clients)
+        cuts = (np.cumsum(shares)[:-1] * len(members)).round().astype(int)
+        for client, part in enumerate(np.split(np.array(members), cuts)):
+            shards[client].extend(int(i) for i in part)
+    for shard in shards:  # every client keeps at least one example
+        if not shard:
+            donor = max(range(clients), key=lambda c: len(shards[c]))
+            shard.append(shards[donor].pop())
+    return [sorted(shard) for shard in shards]

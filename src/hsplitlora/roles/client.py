@@ -7,54 +7,152 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from hsplitlora.data.e2e import Batch
-from hsplitlora.lora.attach import Candidate, lora_layers, set_active_adapter
-from hsplitlora.method.importance import ImportanceProbe
+from hsplitlora.lora.attach import Candidate, set_active_adapter
+from hsplitlora.method.aggregation import AdapterFactors
+from hsplitlora.method.importance import ImportanceProbe, candidate_layers
 from hsplitlora.models.split import ClientPart
-from hsplitlora.roles.messages import ActivationGradient, Activations
+from hsplitlora.roles.messages import (
+    ActivationGradient,
+    Activations,
+    AdapterBroadcast,
+    AdapterUpload,
+    ModelUpdate,
+    RoundPlan,
+)
+
+
+def adapter_name(client_id: int) -> str:
+    return f"client{client_id}"
+
+
+class AdapterHolder:
+    """What a client and the main server share: adapters on the candidates of the blocks they
+    run for one client, re-created, uploaded, merged or overwritten by aggregation results."""
+
+    def __init__(self, candidates: Mapping[str, Candidate], alpha: float, lr: float, generator: torch.Generator):
+        self.candidates = dict(candidates)
+        self.alpha = alpha
+        self.lr = lr
+        self.generator = generator
+
+    def _layers(self, part: torch.nn.Module) -> dict:
+        return candidate_layers(part, self.candidates)
+
+    def create_adapters(self, part: torch.nn.Module, name: str, ranks: Mapping[str, int]) -> None:
+        for candidate, layer in self._layers(part).items():
+            layer.set_adapter(
+                name, self.candidates[candidate].slot, ranks.get(candidate, 0), self.alpha, self.generator
+            )
+
+    def parameters(self, part: torch.nn.Module | None, name: str) -> list[torch.nn.Parameter]:
+        if part is None:
+            return []
+        unique = {id(layer): layer for layer in self._layers(part).values()}  # q, k, v share GPT-2's c_attn
+        return [p for layer in unique.values() for p in layer.adapter_parameters(name)]
+
+    def new_optimizer(self, part: torch.nn.Module | None, name: str) -> torch.optim.Optimizer | None:
+        params = self.parameters(part, name)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0) if params else None
+
+    def factors(self, part: torch.nn.Module, name: str, client_id: int, samples: int) -> dict[str, AdapterFactors]:
+        out = {}
+        for candidate, layer in self._layers(part).items():
+            found = layer.factors(name, self.candidates[candidate].slot)
+            if found is not None:
+                a, b, scale = found
+                out[candidate] = AdapterFactors(client_id, samples, a.detach().clone(), b.detach().clone(), scale)
+        return out
+
+    @torch.no_grad()
+    def merge(self, part: torch.nn.Module, update: ModelUpdate) -> None:
+        for candidate, layer in self._layers(part).items():
+            delta = update.deltas.get(candidate)
+            if delta is not None:
+                layer.merge(
+                    self.candidates[candidate].slot, delta if isinstance(delta, torch.Tensor) else delta.dense()
+                )
+
+    @torch.no_grad()
+    def overwrite(self, part: torch.nn.Module, name: str, broadcast: AdapterBroadcast) -> None:
+        """Take the aggregated adapters, truncated to this holder's own rank of each."""
+        for candidate, layer in self._layers(part).items():
+            slot = self.candidates[candidate].slot
+            found = layer.factors(name, slot)
+            if found is None or candidate not in broadcast.factors:
+                continue
+            a, b, scale = found
+            avg_a, avg_scaled_b = broadcast.factors[candidate]
+            rank = a.shape[0]
+            a.copy_(avg_a[:rank])
+            b.copy_(avg_scaled_b[:, :rank] / scale)
 
 
 class Client:
     def __init__(
         self,
         client_id: int,
-        part: ClientPart,
         batches: Iterator[Batch],
+        candidates: Mapping[str, Candidate],
         lr: float,
+        alpha: float = 16.0,
+        seed: int = 0,
     ):
         self.client_id = client_id
-        self.adapter = f"client{client_id}"
-        self.part = part
+        self.adapter = adapter_name(client_id)
         self.batches = batches
         self.lr = lr
+        self.generator = torch.Generator().manual_seed(seed * 100_003 + client_id)
+        self.holder = AdapterHolder(candidates, alpha, lr, self.generator)
+        self.part: ClientPart | None = None
         self.step = 0
+        self.samples = 0  # trained this round
+        self.tokens = 0  # processed this round
         self._pending: tuple[int, torch.Tensor] | None = None
-        self.optimizer = self._new_optimizer()
+        self.optimizer: torch.optim.Optimizer | None = None
         self.probe: ImportanceProbe | None = None
-
-    def measure_importance(self, candidates: Mapping[str, Candidate] | None) -> None:
-        """Measure sum_j w_j dL/dw_j of the candidates in this client's blocks during its steps
-        (None: stop measuring)."""
-        self.probe = None if candidates is None else ImportanceProbe.for_part(self.part, candidates)
-
-    def importance_report(self) -> tuple[dict[str, float], int]:
-        return self.probe.report() if self.probe is not None else ({}, 0)
+        self._measuring = False
 
     @property
     def split_point(self) -> int:
         return self.part.split_point
 
+    # -- round life cycle -----------------------------------------------------------------------
+    def configure(self, plan: RoundPlan, part: ClientPart, fresh: bool = True) -> None:
+        """Take the round's cut and ranks: (re)create this client's adapters fresh (or keep the
+        persisting ones), a fresh optimizer, and zero the round's counters."""
+        self.part = part
+        if fresh:
+            self.holder.create_adapters(part, self.adapter, plan.ranks)
+        self.optimizer = self.holder.new_optimizer(part, self.adapter)
+        self.samples = self.tokens = 0
+        self.probe = ImportanceProbe.for_part(part, self.holder.candidates) if self._measuring else None
+
+    def measure_importance(self, enabled: bool) -> None:
+        """Measure sum_j w_j dL/dw_j of the candidates in this client's blocks during its steps."""
+        self._measuring = enabled
+        self.probe = ImportanceProbe.for_part(self.part, self.holder.candidates) if enabled and self.part else None
+
+    def importance_report(self) -> tuple[dict[str, float], int]:
+        return self.probe.report() if self.probe is not None else ({}, 0)
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """This client's trainable parameters: its adapters on the blocks it runs."""
-        return [p for layer in lora_layers(self.part) for p in layer.adapter_parameters(self.adapter)]
-
-    def _new_optimizer(self) -> torch.optim.Optimizer | None:
-        params = self.parameters()
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0) if params else None
+        return self.holder.parameters(self.part, self.adapter)
 
     def reset_optimizer(self) -> None:
-        """Fresh optimizer state, e.g. after adapters are re-created."""
-        self.optimizer = self._new_optimizer()
+        self.optimizer = self.holder.new_optimizer(self.part, self.adapter)
 
+    def upload(self) -> AdapterUpload:
+        return AdapterUpload(self.client_id, self.samples,
+                             self.holder.factors(self.part, self.adapter, self.client_id, self.samples))  # fmt: skip
+
+    def apply_update(self, update: ModelUpdate) -> None:
+        self.holder.merge(self.part, update)
+
+    def apply_adapters(self, broadcast: AdapterBroadcast) -> None:
+        self.holder.overwrite(self.part, self.adapter, broadcast)
+
+    # -- one split step -------------------------------------------------------------------------
     def forward(self) -> Activations:
         """Run the client part on the next private batch; keep the graph for `backward`."""
         batch = next(self.batches)
@@ -63,6 +161,8 @@ class Client:
             self.probe.start()
         hidden = self.part(batch.input_ids, batch.attention_mask)
         self._pending = (self.step, hidden)
+        self.samples += batch.input_ids.shape[0]
+        self.tokens += int(batch.attention_mask.sum())
         return Activations(self.client_id, self.step, hidden.detach(), batch.attention_mask, batch.labels)
 
     def backward(self, message: ActivationGradient) -> None:

@@ -7,52 +7,83 @@ from collections.abc import Mapping
 
 import torch
 
-from hsplitlora.lora.attach import Candidate, lora_layers, set_active_adapter
+from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
 from hsplitlora.models.split import ServerPart
-from hsplitlora.roles.messages import ActivationGradient, Activations
+from hsplitlora.roles.client import AdapterHolder, adapter_name
+from hsplitlora.roles.messages import (
+    ActivationGradient,
+    Activations,
+    AdapterBroadcast,
+    AdapterUpload,
+    ModelUpdate,
+    RoundPlan,
+)
 
 
 class MainServer:
-    def __init__(self, parts: dict[int, ServerPart], lr: float):
-        self.parts = parts  # client id -> the server part for that client's split point
+    def __init__(self, candidates: Mapping[str, Candidate], lr: float, alpha: float = 16.0, seed: int = 0):
         self.lr = lr
-        self.optimizers = {cid: self._new_optimizer(cid) for cid in parts}
+        self.generator = torch.Generator().manual_seed(seed * 100_003 + 99_991)
+        self.holder = AdapterHolder(candidates, alpha, lr, self.generator)
+        self.parts: dict[int, ServerPart] = {}
+        self.optimizers: dict[int, torch.optim.Optimizer | None] = {}
+        self.samples: dict[int, int] = {}
+        self.tokens: dict[int, int] = {}
         self.probes: dict[int, ImportanceProbe] = {}
+        self._measuring = False
 
-    def measure_importance(self, candidates: Mapping[str, Candidate] | None) -> None:
-        """Measure the server-side candidates on each client's batches (None: stop measuring)."""
-        self.probes = {} if candidates is None else {
-            cid: ImportanceProbe.for_part(part, candidates) for cid, part in self.parts.items()
-        }  # fmt: skip
+    adapter_name = staticmethod(adapter_name)
+
+    def configure(self, plan: RoundPlan, part: ServerPart, fresh: bool = True) -> None:
+        cid = plan.client_id
+        self.parts[cid] = part
+        if fresh:
+            self.holder.create_adapters(part, adapter_name(cid), plan.ranks)
+        self.optimizers[cid] = self.holder.new_optimizer(part, adapter_name(cid))
+        self.samples[cid] = self.tokens[cid] = 0
+        if self._measuring:
+            self.probes[cid] = ImportanceProbe.for_part(part, self.holder.candidates)
+
+    def measure_importance(self, enabled: bool) -> None:
+        """Measure the server-side candidates on each client's batches."""
+        self._measuring = enabled
+        self.probes = {cid: ImportanceProbe.for_part(part, self.holder.candidates)
+                       for cid, part in self.parts.items()} if enabled else {}  # fmt: skip
 
     def importance_report(self, client_id: int) -> tuple[dict[str, float], int]:
         probe = self.probes.get(client_id)
         return probe.report() if probe is not None else ({}, 0)
 
-    @staticmethod
-    def adapter_name(client_id: int) -> str:
-        return f"client{client_id}"
-
     def parameters(self, client_id: int) -> list[torch.nn.Parameter]:
-        name = self.adapter_name(client_id)
-        return [p for layer in lora_layers(self.parts[client_id]) for p in layer.adapter_parameters(name)]
-
-    def _new_optimizer(self, client_id: int) -> torch.optim.Optimizer | None:
-        params = self.parameters(client_id)
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0) if params else None
+        return self.holder.parameters(self.parts.get(client_id), adapter_name(client_id))
 
     def reset_optimizer(self, client_id: int) -> None:
-        self.optimizers[client_id] = self._new_optimizer(client_id)
+        self.optimizers[client_id] = self.holder.new_optimizer(self.parts[client_id], adapter_name(client_id))
+
+    def upload(self, client_id: int) -> AdapterUpload:
+        samples = self.samples.get(client_id, 0)
+        factors = self.holder.factors(self.parts[client_id], adapter_name(client_id), client_id, samples)
+        return AdapterUpload(client_id, samples, factors)
+
+    def apply_update(self, update: ModelUpdate) -> None:
+        """Merge into every server-side block once (the parts of different clients share blocks)."""
+        if self.parts:  # the part of the shallowest cut holds every server-side block
+            self.holder.merge(min(self.parts.values(), key=lambda part: part.split_point), update)
+
+    def apply_adapters(self, broadcast: AdapterBroadcast) -> None:
+        for cid, part in self.parts.items():
+            self.holder.overwrite(part, adapter_name(cid), broadcast)
 
     def step(self, message: Activations) -> ActivationGradient:
         """Finish the forward pass for one client, compute the loss, back-propagate, update that
         client's server-side adapters and return dL/dh."""
-        part = self.parts[message.client_id]
-        set_active_adapter(part, self.adapter_name(message.client_id))
+        cid = message.client_id
+        part = self.parts[cid]
+        set_active_adapter(part, adapter_name(cid))
         hidden = message.hidden.detach().requires_grad_(True)
-        probe = self.probes.get(message.client_id)
+        probe = self.probes.get(cid)
         if probe is not None:
             probe.start()
         logits = part(hidden, message.attention_mask)
@@ -61,8 +92,10 @@ class MainServer:
         loss.backward()
         if probe is not None:
             probe.collect()
-        optimizer = self.optimizers[message.client_id]
+        optimizer = self.optimizers.get(cid)
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return ActivationGradient(message.client_id, message.step, hidden.grad, float(loss.detach()), count)
+        self.samples[cid] = self.samples.get(cid, 0) + message.hidden.shape[0]
+        self.tokens[cid] = self.tokens.get(cid, 0) + int(message.attention_mask.sum())
+        return ActivationGradient(cid, message.step, hidden.grad, float(loss.detach()), count)

@@ -1,0 +1,127 @@
+"""The run folder: resolved config, metrics.jsonl, summary.json, checkpoints (safetensors + JSON,
+written atomically) and the plots a person looks at."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        json.dump(data, handle, indent=2)
+        temporary = handle.name
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
+
+
+def write_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, temporary,
+              metadata={k: str(v) for k, v in (metadata or {}).items()})  # fmt: skip
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, config: dict) -> None:
+        write_json_atomic(self.path / "config.json", config)
+
+    def append_metrics(self, line: dict) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def save_checkpoint(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """checkpoint/ = weights.safetensors + state.json, replaced as a whole: a crash leaves the
+        previous complete checkpoint."""
+        staging = Path(tempfile.mkdtemp(dir=self.path, prefix=".checkpoint-"))
+        os.chmod(staging, 0o755)
+        write_tensors_atomic(staging / "weights.safetensors", tensors)
+        write_json_atomic(staging / "state.json", state)
+        final = self.path / "checkpoint"
+        previous = self.path / ".checkpoint-old"
+        if final.exists():
+            os.replace(final, previous)
+        os.replace(staging, final)
+        if previous.exists():
+            shutil.rmtree(previous)
+
+    def load_checkpoint(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        folder = self.path / "checkpoint"
+        if not folder.exists() and (self.path / ".checkpoint-old").exists():
+            folder = self.path / ".checkpoint-old"  # a crash between the two renames
+        state = json.loads((folder / "state.json").read_text())
+        return state, load_file(folder / "weights.safetensors")
+
+    def plot(self, metrics: list[dict]) -> list[Path]:
+        """val_ppl vs round and vs simulated time; each client's split point and total rank."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        paths = []
+        evaluated = [m for m in metrics if m.get("val_ppl") is not None]
+        strategy = metrics[0]["strategy"] if metrics else ""
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key, label in ((axes[0], "round", "round"), (axes[1], "sim_time_s", "simulated time (s)")):
+            ax.plot([m[key] for m in evaluated], [m["val_ppl"] for m in evaluated], marker="o", label=strategy)
+            ax.set_xlabel(label)
+            if key == "round":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("validation perplexity")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        figure.suptitle("Validation perplexity (E2E test references)")
+        figure.tight_layout()
+        paths.append(self.path / "val_ppl.png")
+        figure.savefig(paths[-1], dpi=120)
+        plt.close(figure)
+
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+        clients = sorted({c["client"] for m in metrics for c in m["clients"]})
+        styles = ["-", "--", ":", "-."]
+        for cid in clients:
+            rows = [(m["round"], c) for m in metrics for c in m["clients"] if c["client"] == cid]
+            # Clients with equal values overlap: shrinking markers and varied line styles keep all visible.
+            style = {"marker": "o", "markersize": 9 - 1.2 * (cid % 6), "linestyle": styles[cid % 4],
+                     "label": f"client {cid}"}  # fmt: skip
+            axes[0].plot([r for r, _ in rows], [c["split_point"] for _, c in rows], **style)
+            axes[1].plot([r for r, _ in rows], [c["client_rank_total"] for _, c in rows], **style)
+        axes[0].set_ylabel("split point (blocks on the client)")
+        axes[1].set_ylabel("total LoRA rank on the client")
+        for ax in axes:
+            ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        figure.suptitle(f"{strategy}: each client's cut and ranks")
+        figure.tight_layout()
+        paths.append(self.path / "plan.png")
+        figure.savefig(paths[-1], dpi=120)
+        plt.close(figure)
+        return paths

@@ -1,0 +1,302 @@
+"""The round loop, one direction per round: (re)plan -> E local split steps per client ->
+importance -> aggregation at the fed server -> merge -> evaluation -> log and checkpoint.
+
+    from hsplitlora.config import RunConfig
+    from hsplitlora.rounds import run
+    result = run(RunConfig(model="tiny", rounds=2, local_steps=3))
+    result.metrics[-1]["val_ppl"], result.run_dir
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hsplitlora.config import RunConfig
+from hsplitlora.data.e2e import (
+    Batcher,
+    collate,
+    data_file,
+    encode,
+    partition_dirichlet,
+    partition_iid,
+    read_e2e,
+)
+from hsplitlora.devices import SERVER, resolve_devices
+from hsplitlora.engines.inprocess import InProcessEngine
+from hsplitlora.evaluation.perplexity import evaluate_loss, perplexity
+from hsplitlora.lora.attach import Candidate, attach_lora
+from hsplitlora.method.importance import (
+    SmoothedImportance,
+    average_importance,
+    importance,
+    kendall_tau_distance,
+    warmup_sums,
+)
+from hsplitlora.method.memory import measure_memory_model
+from hsplitlora.method.planner import Plan, parse_bytes
+from hsplitlora.models.architectures import architecture_of
+from hsplitlora.models.loading import LoadedModel, load_model
+from hsplitlora.models.split import check_split_point
+from hsplitlora.reporting import RunFolder, write_tensors_atomic
+from hsplitlora.roles.client import Client
+from hsplitlora.roles.fed_server import FedServer
+from hsplitlora.roles.main_server import MainServer
+from hsplitlora.roles.messages import RoundPlan
+from hsplitlora.strategies import STRATEGIES, StrategyContext
+from hsplitlora.time_model import ClientRoundWork, round_time
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: list[dict]
+    summary: dict
+    plots: list[Path] = field(default_factory=list)
+
+
+def default_output_dir(strategy: str) -> Path:
+    return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{strategy}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def candidate_weights(model: torch.nn.Module, candidates: dict[str, Candidate]) -> dict[str, torch.Tensor]:
+    """The current (merged) weight of every candidate: what a checkpoint must keep."""
+    return {
+        name: model.get_submodule(c.module).weight(c.slot).detach().clone().contiguous()
+        for name, c in candidates.items()
+    }
+
+
+class Reporter:
+    """What the loop tells a person: plain-callable hooks (the CLI draws progress with rich)."""
+
+    def round_started(self, round_: int, rounds: int, plan: Plan, replanned: bool) -> None: ...
+    def step(self, round_: int, step: int, losses: list[float]) -> None: ...
+    def round_finished(self, line: dict) -> None: ...
+
+
+def run(
+    config: RunConfig,
+    loaded: LoadedModel | None = None,
+    reporter: Reporter | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run `config.rounds` rounds of `config.strategy`; returns the metrics and the run folder."""
+    config.validate()
+    reporter = reporter or Reporter()
+    log = log or (lambda message: None)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    started = time.perf_counter()
+
+    loaded = loaded or load_model(config.model, seed=config.seed)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    arch = architecture_of(model)
+    candidates = attach_lora(model, config.targets)
+    num_blocks = arch.num_blocks(model)
+    memory = measure_memory_model(model, candidates, config.batch_size, config.max_seq_len)
+    devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
+    server_budget = parse_bytes(config.server_budget)
+
+    examples = read_e2e(data_file(config.data_dir, "train"))
+    encoded = [encode(e, tokenizer, config.max_seq_len) for e in examples]
+    if config.partition == "dirichlet":
+        shards = partition_dirichlet(examples, config.clients, config.dirichlet_alpha, config.seed)
+    else:
+        shards = partition_iid(len(encoded), config.clients, config.seed)
+    validation = [encode(e, tokenizer, config.max_seq_len) for e in read_e2e(data_file(config.data_dir, "test"))]
+    validation = validation[: config.val_size]
+    val_batches = [collate(validation[i : i + config.batch_size], tokenizer.pad_token_id)
+                   for i in range(0, len(validation), config.batch_size)]  # fmt: skip
+
+    clients = [
+        Client(cid, Batcher([encoded[i] for i in shard], config.batch_size, tokenizer.pad_token_id, config.seed + cid),
+               candidates, config.lr, config.alpha, config.seed)
+        for cid, shard in enumerate(shards)
+    ]  # fmt: skip
+    server = MainServer(candidates, config.lr, config.alpha, config.seed)
+    strategy_class = STRATEGIES[config.strategy]
+    engine = InProcessEngine(model, arch, candidates, clients, server, FedServer(strategy_class.aggregator))
+
+    fixed_splits = config.split_points(num_blocks) if config.split_point is not None else None
+    for split_point in fixed_splits or []:
+        check_split_point(split_point, num_blocks)
+    fixed_ranks = config.per_client("rank") if config.rank is not None else None
+    if fixed_splits is not None and fixed_ranks is None:
+        fixed_ranks = [8] * config.clients  # a fixed cut alone keeps the foundation's default rank
+    context = StrategyContext(
+        memory, devices, server_budget, tuple(config.rank_levels), config.rho, config.s_min, config.replan_delta,
+        fixed_splits, fixed_ranks,
+    )  # fmt: skip
+    strategy = strategy_class(context)
+    smoothed = SmoothedImportance(config.gamma_max, config.tau)
+
+    # Round 1's importance: a warm-up pass of one batch per client on the frozen model.
+    current: dict[str, float] | None = None
+    if strategy.uses_importance and fixed_ranks is None:
+        per_client = []
+        for client in clients:
+            sums, batches = warmup_sums(model, candidates, [next(client.batches)])
+            per_client.append(importance(sums, batches, memory, config.r_ref))
+        current = smoothed.update(average_importance(per_client, [len(s) for s in shards]))
+
+    # The first plan comes before anything is written: an impossible budget stops the run here.
+    plan: Plan = strategy.make_plan(current)
+    first_plan = True
+
+    folder = RunFolder(config.output_dir or default_output_dir(config.strategy))
+    folder.write_config({**config.to_dict(), "resolved": {
+        "devices": [d.to_dict() for d in devices], "server_budget_bytes": server_budget,
+        "shard_sizes": [len(s) for s in shards], "num_blocks": num_blocks, "memory_model": memory.to_dict(),
+        "candidates": len(candidates),
+    }})  # fmt: skip
+    if folder.metrics_path.exists():
+        folder.metrics_path.unlink()
+    log(f"run folder: {folder.path}")
+
+    metrics: list[dict] = []
+    sim_time = 0.0
+    for round_ in range(1, config.rounds + 1):
+        round_started = time.perf_counter()
+        distance = kendall_tau_distance(current, strategy.importance_at_last_plan) if (
+            current and strategy.importance_at_last_plan) else None  # fmt: skip
+        replanned = first_plan or strategy.wants_replan(round_, current)
+        if replanned and not first_plan:
+            plan = strategy.make_plan(current)
+        first_plan = False
+        messages = [RoundPlan(c.client, round_, c.split_point, c.all_ranks()) for c in plan.clients]
+        engine.reset_traffic()
+        engine.configure(messages, fresh=not strategy.persistent_adapters or round_ == 1)
+        engine.measure_importance(strategy.uses_importance)
+        reporter.round_started(round_, config.rounds, plan, replanned)
+        history = engine.local_steps(
+            config.local_steps, lambda step, losses, round_=round_: reporter.step(round_, step, losses)
+        )
+
+        if strategy.uses_importance:
+            reports = engine.importance_reports()
+            theta = average_importance(
+                [importance(sums, batches, memory, config.r_ref) for sums, batches, _ in reports],
+                [samples for _, _, samples in reports],
+            )
+            current = smoothed.update(theta)
+        tokens = [client.tokens for client in clients]
+        step_traffic = {cid: t["activations"] + t["gradients"] for cid, t in engine.traffic.items()}
+        engine.aggregate(round_)
+
+        val_loss = val_ppl = None
+        if round_ % config.eval_every == 0 or round_ == config.rounds:
+            adapter = clients[0].adapter if strategy.persistent_adapters else None
+            val_loss, _ = evaluate_loss(engine.forward_with(adapter), val_batches)
+            val_ppl = perplexity(val_loss)
+        work = [
+            ClientRoundWork(tokens[c.client_id], step_traffic[c.client_id],
+                            engine.traffic[c.client_id]["adapters_up"] + engine.traffic[c.client_id]["adapters_down"])
+            for c in clients
+        ]  # fmt: skip
+        timing = round_time(memory, plan.clients, devices, work, SERVER["flops"], model.config.vocab_size,
+                            _hidden_size(model))  # fmt: skip
+        sim_time += timing["round_s"]
+        train_loss = float(np.mean([np.mean(losses) for losses in history]))
+        line = {
+            "round": round_,
+            "strategy": config.strategy,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_ppl": val_ppl,
+            "sim_time_s": sim_time,
+            "round_sim_time_s": timing["round_s"],
+            "server_busy_s": timing["server_busy_s"],
+            "wall_time_s": time.perf_counter() - started,
+            "round_wall_time_s": time.perf_counter() - round_started,
+            "bytes_up": sum(engine.bytes_up.values()),
+            "bytes_down": sum(engine.bytes_down.values()),
+            "replanned": replanned,
+            "kendall_distance": distance,
+            "smoothing_gamma": smoothed.gamma if strategy.uses_importance else None,
+            "clients": [
+                {
+                    "client": c.client,
+                    "split_point": c.split_point,
+                    "client_rank_total": sum(c.ranks.values()),
+                    "client_adapters": sum(1 for r in c.ranks.values() if r),
+                    "server_rank_total": sum(c.server_ranks.values()),
+                    "predicted_bytes": c.predicted_bytes,
+                    "budget_bytes": c.budget_bytes,
+                    "samples": clients[c.client].samples,
+                    "train_loss": float(np.mean([losses[c.client] for losses in history])),
+                    "sim_time_s": timing["client_s"][c.client],
+                    **{f"bytes_{k}": v for k, v in engine.traffic[c.client].items()},
+                }
+                for c in plan.clients
+            ],
+        }
+        metrics.append(line)
+        folder.append_metrics(line)
+        folder.save_checkpoint(
+            {"round": round_, "plan": plan.to_dict(), "importance": current, "smoothing_round": smoothed.round,
+             "smoothing_gamma": smoothed.gamma, "sim_time_s": sim_time, "strategy": config.strategy},
+            _state_tensors(model, candidates, clients, strategy.persistent_adapters),
+        )  # fmt: skip
+        reporter.round_finished(line)
+
+    final = candidate_weights(model, candidates)
+    if strategy.persistent_adapters:  # fold the shared adapters into the exported weights
+        for name, c in candidates.items():
+            layer = model.get_submodule(c.module)
+            if layer.factors(clients[0].adapter, c.slot) is not None:
+                final[name] = final[name] + layer.delta(clients[0].adapter, c.slot).detach()
+    write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": "candidates"})
+    evaluated = [m for m in metrics if m["val_ppl"] is not None]
+    summary = {
+        "strategy": config.strategy,
+        "model": config.model,
+        "rounds": config.rounds,
+        "final_val_loss": evaluated[-1]["val_loss"] if evaluated else None,
+        "final_val_ppl": evaluated[-1]["val_ppl"] if evaluated else None,
+        "best_val_ppl": min((m["val_ppl"] for m in evaluated), default=None),
+        "sim_time_s": sim_time,
+        "wall_time_s": time.perf_counter() - started,
+        "bytes_up": sum(m["bytes_up"] for m in metrics),
+        "bytes_down": sum(m["bytes_down"] for m in metrics),
+        "peak_client_predicted_bytes": max(c["predicted_bytes"] for m in metrics for c in m["clients"]),
+        "data": "E2E devset.csv for training (split across clients), testset_w_refs.csv for validation",
+    }
+    from hsplitlora.reporting import write_json_atomic
+
+    write_json_atomic(folder.path / "summary.json", summary)
+    plots = folder.plot(metrics)
+    return RunResult(folder.path, metrics, summary, plots)
+
+
+def _hidden_size(model: torch.nn.Module) -> int:
+    return getattr(model.config, "hidden_size", None) or model.config.n_embd
+
+
+def _state_tensors(model, candidates, clients, persistent: bool) -> dict[str, torch.Tensor]:
+    tensors = {f"weight/{n}": w for n, w in candidate_weights(model, candidates).items()}
+    if persistent:
+        for client in clients:
+            for name, factors in client.holder.factors(client.part, client.adapter, client.client_id, 0).items():
+                tensors[f"adapter/{client.adapter}/{name}/A"] = factors.a
+                tensors[f"adapter/{client.adapter}/{name}/B"] = factors.b
+    return tensors
+
+
+def is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

@@ -1,0 +1,9 @@
+"""Strategies: HSplitLoRA, its ablations and the baselines behind one interface."""
+
+from hsplitlora.strategies.base import Strategy, StrategyContext
+from hsplitlora.strategies.hsplitlora import HSplitLoRA, NoARMSC, NoIWI, NoNAA
+from hsplitlora.strategies.splitlora import SplitLoRA
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (HSplitLoRA, SplitLoRA, NoIWI, NoARMSC, NoNAA)}
+
+__all__ = ["STRATEGIES", "Strategy", "StrategyContext"]

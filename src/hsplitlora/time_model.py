@@ -1,0 +1,60 @@
+"""The simulated wall-clock of a round (method.md section 5):
+
+    client i: E steps of FLOPs_client / F_i + (bytes of h + bytes of dL/dh) / beta_i,
+              plus the adapter upload and the update download / beta_i
+    main server: sum over clients of FLOPs_server / F_S (it is shared)
+    round = max(slowest client's path, server busy time)
+
+FLOPs per token: 4 P for a frozen matrix of P weights (forward, and backward to its input only),
+6 P for a trained adapter (forward, input and weight gradients); the head 4 d V.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hsplitlora.devices import DeviceProfile
+from hsplitlora.method.memory import MemoryModel
+from hsplitlora.method.planner import ClientPlan
+
+
+@dataclass
+class ClientRoundWork:
+    tokens: int  # tokens processed this round
+    step_bytes: int  # activations + gradients over the round
+    adapter_bytes: int  # adapter upload + update download
+
+
+def adapter_params(memory: MemoryModel, ranks: dict[str, int]) -> int:
+    return sum(r * (memory.candidates[n].d_in + memory.candidates[n].d_out) for n, r in ranks.items())
+
+
+def client_flops_per_token(memory: MemoryModel, plan: ClientPlan) -> float:
+    block_params = memory.block_bytes / memory.dtype_bytes
+    return 4 * plan.split_point * block_params + 6 * adapter_params(memory, plan.ranks)
+
+
+def server_flops_per_token(memory: MemoryModel, plan: ClientPlan, vocab_size: int, hidden_size: int) -> float:
+    block_params = memory.block_bytes / memory.dtype_bytes
+    blocks = memory.num_blocks - plan.split_point
+    return 4 * blocks * block_params + 4 * hidden_size * vocab_size + 6 * adapter_params(memory, plan.server_ranks)
+
+
+def round_time(
+    memory: MemoryModel,
+    plans: Sequence[ClientPlan],
+    devices: Sequence[DeviceProfile],
+    work: Sequence[ClientRoundWork],
+    server_flops: float,
+    vocab_size: int,
+    hidden_size: int,
+) -> dict:
+    """{"round_s", "client_s": [...], "server_busy_s"} for one round."""
+    client_seconds, server_busy = [], 0.0
+    for plan, device, done in zip(plans, devices, work, strict=True):
+        compute = done.tokens * client_flops_per_token(memory, plan) / device.flops
+        transfer = (done.step_bytes + done.adapter_bytes) / device.bandwidth
+        client_seconds.append(compute + transfer)
+        server_busy += done.tokens * server_flops_per_token(memory, plan, vocab_size, hidden_size) / server_flops
+    return {"round_s": max([*client_seconds, server_busy]), "client_s": client_seconds, "server_busy_s": server_busy}
