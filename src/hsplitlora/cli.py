@@ -1,4 +1,4 @@
-"""Command line: `hsplitlora run`, `plan`, `score`, `prepare-model`.
+"""Command line: `hsplitlora run`, `plan`, `score`, `eval`, `prepare-model`.
 
 Every run flag has a config key of the same name (dashes become underscores); flags win over
 the file. Bad values stop with one sentence and exit status 2.
@@ -54,6 +54,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, help="validate every N rounds (default 1)")
     parser.add_argument("--val-size", type=int, help="test-set rows for validation loss (default 128)")
     parser.add_argument("--output-dir", help="run folder (default runs/<time>-<strategy>)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue a run from its last checkpoint (only --rounds may change)")  # fmt: skip
     parser.add_argument("--seed", type=int, help="seed: the same seed gives the same numbers")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
@@ -88,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("refs", help="references: E2E plain text (instances separated by an empty line) or CSV")
     score.add_argument("hyp", help="system outputs, one line per instance")
     score.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate = commands.add_parser("eval", help="perplexity, generation and E2E metrics of a finished run")
+    evaluate.add_argument("run_dir", help="a run folder written by hsplitlora run")
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N test MRs only")
+    evaluate.add_argument("--beams", type=int, default=10, help="beam size (10)")
+    evaluate.add_argument("--length-penalty", type=float, default=0.8, help="length penalty (0.8)")
+    evaluate.add_argument("--no-repeat-ngram", type=int, default=4, help="no-repeat n-gram size (4)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most (64)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="MRs generated together (8)")
     prepare = commands.add_parser("prepare-model", help="convert the default model's GGUF into the cache")
     prepare.add_argument("--force", action="store_true", help="convert again even if cached")
     return parser
@@ -105,9 +115,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from hsplitlora.rounds import Reporter, run
+    from hsplitlora.rounds import Reporter, resume_config, run
 
-    config = load_config(args.config, {key: getattr(args, key) for key in RUN_KEYS})
+    if args.resume:
+        changed = [key for key in RUN_KEYS if key != "rounds" and getattr(args, key) is not None]
+        if changed or args.config:
+            flag = (changed or ["config"])[0].replace("_", "-")
+            raise UsageError(
+                f"--resume continues a run with its own settings; drop --{flag} "
+                "(only --rounds may be given, to extend the run)."
+            )
+        config = resume_config(args.resume, args.rounds)
+    else:
+        config = load_config(args.config, {key: getattr(args, key) for key in RUN_KEYS})
     console = Console(stderr=True)
     columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]  # fmt: skip
@@ -141,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     reporter = ProgressReporter()
     try:
-        result = run(config, reporter=reporter, log=console.print)
+        result = run(config, reporter=reporter, log=console.print, resume=bool(args.resume))
     finally:
         if reporter.progress is not None:
             reporter.progress.stop()
@@ -248,6 +268,31 @@ def format_scores(scores: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hsplitlora.evaluation.generation import GenerationSettings
+    from hsplitlora.evaluation.run_eval import evaluate_run
+
+    for name in ("beams", "max_new_tokens", "batch_size", "no_repeat_ngram"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"limit must be a positive integer, got {args.limit}.")
+    settings = GenerationSettings(args.beams, args.length_penalty, args.no_repeat_ngram, args.max_new_tokens,
+                                  args.batch_size)  # fmt: skip
+    columns = [TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("generating", total=None)
+        result = evaluate_run(args.run_dir, args.limit, settings,
+                              lambda done, total: progress.update(task, completed=done, total=total))  # fmt: skip
+    print(f"perplexity {result['perplexity']:.4f} over {result['target_tokens']} target tokens "
+          f"({result['references']} references of {result['mrs']} MRs)")  # fmt: skip
+    print(format_scores(result["metrics"]))
+    print(f"wrote {args.run_dir}/predictions.txt and {args.run_dir}/eval.json")
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     from hsplitlora.models.loading import prepare_smollm2
 
@@ -256,7 +301,13 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "score": cmd_score, "prepare-model": cmd_prepare_model}
+COMMANDS = {
+    "run": cmd_run,
+    "plan": cmd_plan,
+    "score": cmd_score,
+    "eval": cmd_eval,
+    "prepare-model": cmd_prepare_model,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,8 +34,7 @@ def write_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata:
 
 class RunFolder:
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)  # created by the first write, not before
 
     @property
     def metrics_path(self) -> Path:
@@ -43,6 +42,12 @@ class RunFolder:
 
     def write_config(self, config: dict) -> None:
         write_json_atomic(self.path / "config.json", config)
+
+    def rewrite_metrics(self, lines: list[dict]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        temporary = self.metrics_path.with_name(".metrics.jsonl.tmp")
+        temporary.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        os.replace(temporary, self.metrics_path)
 
     def append_metrics(self, line: dict) -> None:
         with self.metrics_path.open("a") as handle:
@@ -56,6 +61,7 @@ class RunFolder:
     def save_checkpoint(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         """checkpoint/ = weights.safetensors + state.json, replaced as a whole: a crash leaves the
         previous complete checkpoint."""
+        self.path.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.path, prefix=".checkpoint-"))
         os.chmod(staging, 0o755)
         write_tensors_atomic(staging / "weights.safetensors", tensors)

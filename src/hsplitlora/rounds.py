@@ -9,6 +9,7 @@ importance -> aggregation at the fed server -> merge -> evaluation -> log and ch
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -32,11 +33,13 @@ from hsplitlora.data.e2e import (
 )
 from hsplitlora.devices import SERVER, resolve_devices
 from hsplitlora.engines.inprocess import InProcessEngine
+from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.perplexity import evaluate_loss, perplexity
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.method.importance import (
     SmoothedImportance,
     average_importance,
+    candidate_layers,
     importance,
     kendall_tau_distance,
     warmup_sums,
@@ -89,13 +92,32 @@ class Reporter:
     def round_finished(self, line: dict) -> None: ...
 
 
+def resume_config(run_dir: str | Path, rounds: int | None = None) -> RunConfig:
+    """The config a run folder was started with (optionally with more rounds)."""
+    path = Path(run_dir) / "config.json"
+    if (
+        not path.is_file()
+        or not (Path(run_dir) / "checkpoint").exists()
+        and not (Path(run_dir) / ".checkpoint-old").exists()
+    ):
+        raise UsageError(f"cannot resume {run_dir}: it holds no config.json and checkpoint of a started run.")
+    values = json.loads(path.read_text())
+    values.pop("resolved", None)
+    values["output_dir"] = str(run_dir)
+    if rounds is not None:
+        values["rounds"] = rounds
+    return RunConfig(**values).validate()
+
+
 def run(
     config: RunConfig,
     loaded: LoadedModel | None = None,
     reporter: Reporter | None = None,
     log: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> RunResult:
-    """Run `config.rounds` rounds of `config.strategy`; returns the metrics and the run folder."""
+    """Run `config.rounds` rounds of `config.strategy`; returns the metrics and the run folder.
+    With `resume`, continue the run in `config.output_dir` from its last checkpoint."""
     config.validate()
     reporter = reporter or Reporter()
     log = log or (lambda message: None)
@@ -146,32 +168,44 @@ def run(
     strategy = strategy_class(context)
     smoothed = SmoothedImportance(config.gamma_max, config.tau)
 
-    # Round 1's importance: a warm-up pass of one batch per client on the frozen model.
-    current: dict[str, float] | None = None
-    if strategy.uses_importance and fixed_ranks is None:
-        per_client = []
-        for client in clients:
-            sums, batches = warmup_sums(model, candidates, [next(client.batches)])
-            per_client.append(importance(sums, batches, memory, config.r_ref))
-        current = smoothed.update(average_importance(per_client, [len(s) for s in shards]))
-
-    # The first plan comes before anything is written: an impossible budget stops the run here.
-    plan: Plan = strategy.make_plan(current)
-    first_plan = True
-
     folder = RunFolder(config.output_dir or default_output_dir(config.strategy))
-    folder.write_config({**config.to_dict(), "resolved": {
-        "devices": [d.to_dict() for d in devices], "server_budget_bytes": server_budget,
-        "shard_sizes": [len(s) for s in shards], "num_blocks": num_blocks, "memory_model": memory.to_dict(),
-        "candidates": len(candidates),
-    }})  # fmt: skip
-    if folder.metrics_path.exists():
-        folder.metrics_path.unlink()
-    log(f"run folder: {folder.path}")
-
+    current: dict[str, float] | None = None
     metrics: list[dict] = []
-    sim_time = 0.0
-    for round_ in range(1, config.rounds + 1):
+    sim_time, wall_offset, start_round = 0.0, 0.0, 1
+    if resume:
+        state, tensors = folder.load_checkpoint()
+        if strategy.persistent_adapters:  # the kept adapters need their parts and shapes first
+            saved = Plan.from_state(state["plan"]).clients
+            engine.configure([RoundPlan(c.client, state["round"], c.split_point, c.all_ranks()) for c in saved])
+            load_adapters(tensors, clients, server)
+        restore_state(state, tensors, model, candidates, clients, server, strategy, smoothed)
+        plan = Plan.from_state(state["plan"])
+        current = state["importance"]
+        start_round, sim_time, wall_offset = state["round"] + 1, state["sim_time_s"], state["wall_time_s"]
+        metrics = [m for m in folder.read_metrics() if m["round"] <= state["round"]]
+        folder.rewrite_metrics(metrics)  # drop a line written after the checkpoint by a crashed run
+        first_plan = False
+        log(f"resuming {folder.path} after round {state['round']}")
+    else:
+        # Round 1's importance: a warm-up pass of one batch per client on the frozen model.
+        if strategy.uses_importance and fixed_ranks is None:
+            per_client = []
+            for client in clients:
+                sums, batches = warmup_sums(model, candidates, [next(client.batches)])
+                per_client.append(importance(sums, batches, memory, config.r_ref))
+            current = smoothed.update(average_importance(per_client, [len(s) for s in shards]))
+        # The first plan comes before anything is written: an impossible budget stops the run here.
+        plan = strategy.make_plan(current)
+        first_plan = True
+        folder.write_config({**config.to_dict(), "resolved": {
+            "devices": [d.to_dict() for d in devices], "server_budget_bytes": server_budget,
+            "shard_sizes": [len(s) for s in shards], "num_blocks": num_blocks, "memory_model": memory.to_dict(),
+            "candidates": len(candidates),
+        }})  # fmt: skip
+        folder.rewrite_metrics([])
+        log(f"run folder: {folder.path}")
+
+    for round_ in range(start_round, config.rounds + 1):
         round_started = time.perf_counter()
         distance = kendall_tau_distance(current, strategy.importance_at_last_plan) if (
             current and strategy.importance_at_last_plan) else None  # fmt: skip
@@ -222,7 +256,7 @@ def run(
             "sim_time_s": sim_time,
             "round_sim_time_s": timing["round_s"],
             "server_busy_s": timing["server_busy_s"],
-            "wall_time_s": time.perf_counter() - started,
+            "wall_time_s": wall_offset + time.perf_counter() - started,
             "round_wall_time_s": time.perf_counter() - round_started,
             "bytes_up": sum(engine.bytes_up.values()),
             "bytes_down": sum(engine.bytes_down.values()),
@@ -249,10 +283,9 @@ def run(
         metrics.append(line)
         folder.append_metrics(line)
         folder.save_checkpoint(
-            {"round": round_, "plan": plan.to_dict(), "importance": current, "smoothing_round": smoothed.round,
-             "smoothing_gamma": smoothed.gamma, "sim_time_s": sim_time, "strategy": config.strategy},
-            _state_tensors(model, candidates, clients, strategy.persistent_adapters),
-        )  # fmt: skip
+            checkpoint_state(round_, plan, current, smoothed, strategy, clients, sim_time, line["wall_time_s"]),
+            checkpoint_tensors(model, candidates, clients, server, strategy.persistent_adapters),
+        )
         reporter.round_finished(line)
 
     final = candidate_weights(model, candidates)
@@ -271,7 +304,7 @@ def run(
         "final_val_ppl": evaluated[-1]["val_ppl"] if evaluated else None,
         "best_val_ppl": min((m["val_ppl"] for m in evaluated), default=None),
         "sim_time_s": sim_time,
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": metrics[-1]["wall_time_s"] if metrics else 0.0,
         "bytes_up": sum(m["bytes_up"] for m in metrics),
         "bytes_down": sum(m["bytes_down"] for m in metrics),
         "peak_client_predicted_bytes": max(c["predicted_bytes"] for m in metrics for c in m["clients"]),
@@ -288,14 +321,62 @@ def _hidden_size(model: torch.nn.Module) -> int:
     return getattr(model.config, "hidden_size", None) or model.config.n_embd
 
 
-def _state_tensors(model, candidates, clients, persistent: bool) -> dict[str, torch.Tensor]:
+def checkpoint_state(round_, plan, current, smoothed, strategy, clients, sim_time, wall_time) -> dict:
+    """Everything but tensors that the next round depends on, as JSON."""
+    return {
+        "round": round_,
+        "strategy": strategy.name,
+        "plan": plan.to_state(),
+        "importance": current,
+        "importance_at_last_plan": strategy.importance_at_last_plan,
+        "smoothing": {"round": smoothed.round, "value": smoothed.value, "gamma": smoothed.gamma},
+        "batchers": [client.batches.state() for client in clients],
+        "client_steps": [client.step for client in clients],
+        "sim_time_s": sim_time,
+        "wall_time_s": wall_time,
+    }
+
+
+def checkpoint_tensors(model, candidates, clients, server, persistent: bool) -> dict[str, torch.Tensor]:
+    """The merged weight of every candidate, the roles' random generators and, for strategies
+    whose adapters persist, every adapter (optimizer state is reset every round anyway)."""
     tensors = {f"weight/{n}": w for n, w in candidate_weights(model, candidates).items()}
+    for client in clients:
+        tensors[f"rng/{client.adapter}"] = client.generator.get_state()
+    tensors["rng/server"] = server.generator.get_state()
     if persistent:
         for client in clients:
-            for name, factors in client.holder.factors(client.part, client.adapter, client.client_id, 0).items():
-                tensors[f"adapter/{client.adapter}/{name}/A"] = factors.a
-                tensors[f"adapter/{client.adapter}/{name}/B"] = factors.b
+            for role, part in (("client", client.part), ("server", server.parts[client.client_id])):
+                for name, factors in client.holder.factors(part, client.adapter, client.client_id, 0).items():
+                    tensors[f"adapter/{role}/{client.adapter}/{name}/A"] = factors.a
+                    tensors[f"adapter/{role}/{client.adapter}/{name}/B"] = factors.b
     return tensors
+
+
+@torch.no_grad()
+def restore_state(state, tensors, model, candidates, clients, server, strategy, smoothed) -> None:
+    for name, candidate in candidates.items():
+        model.get_submodule(candidate.module).weight(candidate.slot).copy_(tensors[f"weight/{name}"])
+    for client, batcher_state, step in zip(clients, state["batchers"], state["client_steps"], strict=True):
+        client.batches.load_state(batcher_state)
+        client.generator.set_state(tensors[f"rng/{client.adapter}"])
+        client.step = step
+    server.generator.set_state(tensors["rng/server"])
+    strategy.importance_at_last_plan = state["importance_at_last_plan"]
+    smoothed.round = state["smoothing"]["round"]
+    smoothed.value = state["smoothing"]["value"]
+    smoothed.gamma = state["smoothing"]["gamma"]
+
+
+@torch.no_grad()
+def load_adapters(tensors, clients, server) -> None:
+    for client in clients:
+        for role, part in (("client", client.part), ("server", server.parts[client.client_id])):
+            for name, layer in candidate_layers(part, client.holder.candidates).items():
+                found = layer.factors(client.adapter, client.holder.candidates[name].slot)
+                if found is not None:
+                    found[0].copy_(tensors[f"adapter/{role}/{client.adapter}/{name}/A"])
+                    found[1].copy_(tensors[f"adapter/{role}/{client.adapter}/{name}/B"])
 
 
 def is_finite(value: float | None) -> bool:

@@ -145,6 +145,16 @@ class Batcher:
             self._refill()
         return collate([self.items[i] for i in self._queue.pop(0)], self.pad_id)
 
+    def state(self) -> dict:
+        """Plain JSON data that resumes the same batch order."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "queue": [list(b) for b in self._queue]}
+
+    def load_state(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self._queue = [list(b) for b in state["queue"]]
+
 
 def mr_attributes(mr: str) -> dict[str, str]:
     """`name[The Eagle], food[Italian]` -> {"name": "The Eagle", "food": "Italian"}."""

@@ -52,6 +52,17 @@ class Plan:
     levels: tuple[int, ...]
     left_out: list[int] = field(default_factory=list)  # clients whose budget holds no cut
 
+    def to_state(self) -> dict:
+        """Everything, losslessly (checkpoints); `to_dict` is the user-facing schema."""
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> Plan:
+        state = dict(state)
+        state["clients"] = [ClientPlan(**c) for c in state["clients"]]
+        state["levels"] = tuple(state["levels"])
+        return cls(**state)
+
     def client(self, client_id: int) -> ClientPlan:
         return next(c for c in self.clients if c.client == client_id)
 

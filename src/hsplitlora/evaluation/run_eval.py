@@ -1,0 +1,92 @@
+"""`hsplitlora eval RUN_DIR`: perplexity, generation and the five E2E metrics of a run's final
+merged model on testset_w_refs.csv; writes predictions.txt and eval.json into the run folder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from hsplitlora.data.e2e import collate, data_file, encode, read_e2e
+from hsplitlora.errors import UsageError
+from hsplitlora.evaluation.e2e_metrics import score_e2e
+from hsplitlora.evaluation.generation import GenerationSettings, generate
+from hsplitlora.evaluation.perplexity import evaluate_loss, model_forward, perplexity
+from hsplitlora.lora.attach import attach_lora, set_active_adapter
+from hsplitlora.models.loading import LoadedModel, load_model
+from hsplitlora.reporting import write_json_atomic
+
+
+def load_run_model(run_dir: str | Path) -> tuple[LoadedModel, dict]:
+    """The base model with the run's final merged candidate weights in place."""
+    run_dir = Path(run_dir)
+    config_path, weights_path = run_dir / "config.json", run_dir / "model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise UsageError(
+            f"{run_dir} is not a finished run folder; it needs config.json and model.safetensors "
+            "(written by hsplitlora run when its last round ends)."
+        )
+    config = json.loads(config_path.read_text())
+    loaded = load_model(config["model"], seed=config.get("seed", 0))
+    candidates = attach_lora(loaded.model, config["targets"])
+    with torch.no_grad():
+        for name, weight in load_file(weights_path).items():
+            if name not in candidates:
+                raise UsageError(f"{weights_path} holds {name!r}, which this model does not have.")
+            candidate = candidates[name]
+            loaded.model.get_submodule(candidate.module).weight(candidate.slot).copy_(weight)
+    set_active_adapter(loaded.model, None)
+    return loaded, config
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    limit: int | None = None,
+    settings: GenerationSettings | None = None,
+    on_generated: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Perplexity on the test references of the first `limit` MRs (all by default), beam-search
+    outputs for those MRs and their five E2E metrics."""
+    run_dir = Path(run_dir)
+    loaded, config = load_run_model(run_dir)
+    settings = settings or GenerationSettings()
+    rows = read_e2e(data_file(config.get("data_dir"), "test"))
+    grouped: dict[str, list[str]] = {}
+    for row in rows:
+        grouped.setdefault(row.mr, []).append(row.ref)
+    mrs = list(grouped)[:limit] if limit else list(grouped)
+    kept = set(mrs)
+    items = [encode(row, loaded.tokenizer, config.get("max_seq_len", 128)) for row in rows if row.mr in kept]
+    batch_size = config.get("batch_size", 8)
+    batches = [
+        collate(items[i : i + batch_size], loaded.tokenizer.pad_token_id) for i in range(0, len(items), batch_size)
+    ]
+    loss, tokens = evaluate_loss(model_forward(loaded.model), batches)
+
+    done = 0
+
+    def progress(count: int) -> None:
+        nonlocal done
+        done += count
+        if on_generated is not None:
+            on_generated(done, len(mrs))
+
+    predictions = generate(loaded.model, loaded.tokenizer, mrs, settings, progress)
+    references = [grouped[mr] for mr in mrs]
+    scores = score_e2e(references, predictions)
+    (run_dir / "predictions.txt").write_text("\n".join(predictions) + "\n")
+    result = {
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "target_tokens": tokens,
+        "references": len(items),
+        "mrs": len(mrs),
+        "metrics": scores,
+        "generation": vars(settings),
+        "data": "testset_w_refs.csv (the model was trained on devset.csv)",
+    }
+    write_json_atomic(run_dir / "eval.json", result)
+    return result

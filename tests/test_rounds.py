@@ -1,0 +1,147 @@
+"""Rounds: NAA merged into the model, every strategy end to end, reproducibility, checkpoints,
+partitions and device profiles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hsplitlora.config import RunConfig
+from hsplitlora.data.e2e import Example, mr_attributes, partition_dirichlet, partition_iid
+from hsplitlora.devices import PRESETS, resolve_devices
+from hsplitlora.errors import UsageError
+from hsplitlora.method.aggregation import dense_average
+from hsplitlora.reporting import RunFolder
+from hsplitlora.roles.fed_server import FedServer
+from hsplitlora.rounds import candidate_weights, run
+from hsplitlora.strategies import STRATEGIES
+from hsplitlora.training import build_federation
+
+TINY_BUDGETS = "5MB,6MB,8MB,12MB,20MB"
+FIELDS = {"round", "strategy", "train_loss", "val_loss", "val_ppl", "sim_time_s", "wall_time_s", "bytes_up",
+          "bytes_down", "clients"}  # fmt: skip
+
+
+def tiny_config(tmp_path, **changes) -> RunConfig:
+    values = dict(model="tiny", rounds=2, local_steps=2, budgets=TINY_BUDGETS, val_size=16, batch_size=4,
+                  output_dir=str(tmp_path / "run"))  # fmt: skip
+    values.update(changes)
+    return RunConfig(**values)
+
+
+def test_naa_merges_exactly_the_weighted_sum_of_every_clients_update():
+    config = RunConfig(model="tiny", clients=3, split_point=[1, 2, 3], rank=[2, 4, 8], batch_size=4)
+    federation = build_federation(config)
+    engine = federation.engine
+    model = federation.loaded.model
+    engine.local_steps(2)
+    before = candidate_weights(model, federation.candidates)
+    uploads = [u for c in federation.clients for u in (c.upload(), federation.server.upload(c.client_id))]
+    expected = {name: dense_average(f) for name, f in FedServer.by_candidate(uploads).items()}
+    assert len(expected) == len(federation.candidates)  # every candidate was trained by someone
+    engine.aggregate(1)
+    after = candidate_weights(model, federation.candidates)
+    for name, delta in expected.items():
+        torch.testing.assert_close(after[name] - before[name], delta, atol=1e-6, rtol=1e-5)
+    # Samples weight the clients: three clients, equal batches, so p_i = 1/3 each.
+    assert {u.samples for u in uploads} == {8}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_runs_two_rounds_and_writes_the_run_folder(strategy, tmp_path):
+    result = run(tiny_config(tmp_path, strategy=strategy))
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [1, 2]
+    for line in lines:
+        assert set(line) >= FIELDS and line["strategy"] == strategy
+        assert line["val_ppl"] > 1 and line["bytes_up"] > 0 and line["sim_time_s"] > 0
+    for name in ("config.json", "summary.json", "model.safetensors", "val_ppl.png", "plan.png",
+                 "checkpoint/state.json", "checkpoint/weights.safetensors"):  # fmt: skip
+        assert (result.run_dir / name).is_file(), name
+    if strategy in ("splitlora", "no-armsc"):  # one cut and one rank for everyone
+        assert len({c["split_point"] for c in lines[0]["clients"]}) == 1
+    if strategy in ("hsplitlora", "no-iwi", "no-naa"):  # heterogeneous budgets, heterogeneous cuts
+        assert len({c["split_point"] for c in lines[0]["clients"]}) > 1
+
+
+def test_the_same_seed_gives_the_same_numbers(tmp_path):
+    first = run(tiny_config(tmp_path / "a", seed=3)).metrics
+    second = run(tiny_config(tmp_path / "b", seed=3)).metrics
+    other = run(tiny_config(tmp_path / "c", seed=4)).metrics
+    for a, b in zip(first, second, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
+    assert first[-1]["val_loss"] != other[-1]["val_loss"]
+
+
+def test_weakest_budget_below_any_cut_stops_before_training(tmp_path):
+    with pytest.raises(UsageError, match="client 0 cannot take part"):
+        run(tiny_config(tmp_path, budgets="1MB,20MB,20MB,20MB,20MB"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_interrupted_checkpoint_leaves_the_last_one_loadable(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.save_checkpoint({"round": 1}, {"w": torch.ones(2)})
+    folder.save_checkpoint({"round": 2}, {"w": torch.full((2,), 2.0)})
+    # A crash in the middle of the next save: a half-written staging folder and temporary file.
+    (tmp_path / ".checkpoint-abc").mkdir()
+    (tmp_path / ".checkpoint-abc" / ".weights.safetensors.x").write_bytes(b"\x00" * 10)
+    state, tensors = folder.load_checkpoint()
+    assert state == {"round": 2} and torch.equal(tensors["w"], torch.full((2,), 2.0))
+    # A crash between the two renames: only the previous checkpoint is there, under its old name.
+    (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint-old")
+    state, _ = folder.load_checkpoint()
+    assert state == {"round": 2}
+
+
+def test_dirichlet_partition_is_skewed_and_covers_every_example_once(train_examples):
+    shards = partition_dirichlet(train_examples, 5, alpha=0.3, seed=0)
+    assert sorted(i for s in shards for i in s) == list(range(len(train_examples)))
+
+    def food_share(shard):
+        foods = [mr_attributes(train_examples[i].mr).get("food", "") for i in shard]
+        return max(foods.count(f) for f in set(foods)) / len(foods)
+
+    iid = partition_iid(len(train_examples), 5, seed=0)
+    assert sum(map(food_share, shards)) > sum(map(food_share, iid))
+    assert partition_dirichlet(train_examples, 5, alpha=0.3, seed=0) == shards
+
+
+def test_mr_attributes():
+    assert mr_attributes(Example("name[The Eagle], food[Italian]", "").mr) == {"name": "The Eagle", "food": "Italian"}
+
+
+def test_devices_from_presets_budgets_and_overrides():
+    assert resolve_devices(5, preset="hetero5") == PRESETS["hetero5"]
+    devices = resolve_devices(3, budgets="1GB", overrides={1: {"budget": "2GB", "flops": 1e12}})
+    assert [d.budget_bytes for d in devices] == [10**9, 2 * 10**9, 10**9] and devices[1].flops == 1e12
+    with pytest.raises(UsageError, match="override for client 7"):
+        resolve_devices(3, budgets="1GB", overrides={7: {"budget": "1GB"}})
+
+
+RESUME_KEYS = ("round", "train_loss", "val_loss", "val_ppl", "sim_time_s", "bytes_up", "bytes_down", "replanned")
+
+
+@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])
+def test_resume_continues_exactly_where_the_run_stopped(strategy, tmp_path):
+    straight = run(tiny_config(tmp_path / "straight", strategy=strategy, rounds=4)).metrics
+    first = tiny_config(tmp_path / "split", strategy=strategy, rounds=2)
+    run(first)
+    from hsplitlora.rounds import resume_config
+
+    resumed = run(resume_config(first.output_dir, rounds=4), resume=True).metrics
+    assert [m["round"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        for key in RESUME_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["round"], key)
+        for ca, cb in zip(a["clients"], b["clients"], strict=True):
+            assert ca["split_point"] == cb["split_point"] and ca["client_rank_total"] == cb["client_rank_total"]
+
+
+def test_resume_of_a_folder_without_checkpoint_is_refused(tmp_path):
+    from hsplitlora.rounds import resume_config
+
+    with pytest.raises(UsageError, match="cannot resume"):
+        resume_config(tmp_path)
