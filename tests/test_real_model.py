@@ -43,7 +43,7 @@ def test_smollm2_loads_from_package_then_from_cache(smollm2, tokenizer):
 
 def test_five_split_steps_lower_the_loss(smollm2):
     _, loaded, _ = smollm2
-    config = RunConfig(model="smollm2-135m", clients=1, split_point=8, rank=8, steps=5, batch_size=8, lr=2e-3)
+    config = RunConfig(model="smollm2-135m", clients=1, split_point=8, rank=8, local_steps=5, batch_size=8, lr=2e-3)
     federation = build_federation(config, loaded=loaded)
     client = federation.clients[0]
     probe = next(client.batches)  # a fixed E2E batch of this client's shard
