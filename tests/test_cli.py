@@ -115,3 +115,29 @@ def test_plan_bad_budgets_exit_2(budgets, message, capsys):
     assert run_cli("plan", "--model", "tiny", "--uniform-importance", "--budgets", budgets) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_runs_each_strategy_on_the_same_setup(tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    assert run_cli("compare", "--strategies", "hsplitlora,splitlora", "--model", "tiny", "--budgets",
+                   "5MB,6MB,8MB,12MB,20MB", "--rounds", "1", "--steps", "1", "--val-size", "8",
+                   "--output-dir", str(out_dir)) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "hsplitlora" in out and "splitlora" in out and "target perplexity" in out
+    comparison = json.loads((out_dir / "comparison.json").read_text())
+    assert [row["strategy"] for row in comparison["rows"]] == ["hsplitlora", "splitlora"]
+    assert (out_dir / "comparison.png").is_file() and (out_dir / "splitlora" / "metrics.jsonl").is_file()
+    # the worst final perplexity is the default target, so every strategy reaches it
+    assert all(row["sim_time_to_target_s"] is not None for row in comparison["rows"])
+
+
+def test_eval_of_a_run_folder(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run_cli("run", "--model", "tiny", "--budgets", "5MB", "--clients", "2", "--rounds", "1", "--steps", "1",
+                   "--val-size", "8", "--output-dir", str(run_dir)) == 0  # fmt: skip
+    assert run_cli("eval", str(run_dir), "--limit", "3", "--beams", "2", "--max-new-tokens", "6") == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["mrs"] == 3 and set(result["metrics"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    assert len((run_dir / "predictions.txt").read_text().splitlines()) == 3
+    assert run_cli("eval", str(tmp_path / "nothing")) == 2
+    assert "is not a finished run folder" in capsys.readouterr().err

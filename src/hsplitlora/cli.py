@@ -1,4 +1,4 @@
-"""Command line: `hsplitlora run`, `plan`, `score`, `eval`, `prepare-model`.
+"""Command line: `hsplitlora run`, `compare`, `plan`, `score`, `eval`, `prepare-model`.
 
 Every run flag has a config key of the same name (dashes become underscores); flags win over
 the file. Bad values stop with one sentence and exit status 2.
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="split LoRA fine-tuning across clients")
     _add_run_options(run)
+    comparison = commands.add_parser("compare", help="several strategies on identical data, budgets and seed")
+    comparison.add_argument("--strategies", type=_names, required=True, help="e.g. hsplitlora,splitlora,hetlora")
+    comparison.add_argument("--target-ppl", type=float, help="perplexity for time-to-target (default: the worst final)")
+    _add_run_options(comparison)
     planner = commands.add_parser("plan", help="split points and ranks from device memory budgets (ARMSC)")
     _add_plan_options(planner)
     score = commands.add_parser("score", help="the five E2E metrics, as the official E2E scorer computes them")
@@ -179,6 +183,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     Console().print(table)
     print(f"results: {result.run_dir} (metrics.jsonl, summary.json, model.safetensors, checkpoint/)")
     print(f"plots:   {', '.join(str(p) for p in result.plots)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from hsplitlora.compare import compare
+    from hsplitlora.method.planner import format_bytes
+    from hsplitlora.rounds import default_output_dir
+
+    if args.resume or args.strategy:
+        raise UsageError("compare takes --strategies (a list) and no --resume or --strategy.")
+    config = load_config(args.config, {key: getattr(args, key) for key in RUN_KEYS})
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir("compare")
+    console = Console(stderr=True)
+    result = compare(config, args.strategies, output_dir, args.target_ppl, log=console.print)
+    table = Table(title=f"{config.model}: {config.rounds} rounds x {config.local_steps} steps, seed {config.seed}; "
+                        f"target perplexity {result['target_ppl']:.3f}")  # fmt: skip
+    for column in ("strategy", "final val ppl", "sim. time to target (s)", "wall to target (s)", "MB sent",
+                   "peak client memory"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+
+        def seconds(value):
+            return "not reached" if value is None else f"{value:.1f}"
+
+        memory = format_bytes(row["peak_client_bytes"]) + (" *" if row["whole_model_on_clients"] else "")
+        table.add_row(row["strategy"], f"{row['final_val_ppl']:.3f}", seconds(row["sim_time_to_target_s"]),
+                      seconds(row["wall_time_to_target_s"]), f"{row['bytes'] / 1e6:.1f}", memory)  # fmt: skip
+    Console().print(table)
+    print("* the whole model on every client: memory reported beside the budgets, not limited by them")
+    print(f"comparison: {output_dir}/comparison.json, plot: {result['plot']}")
     return 0
 
 
@@ -306,6 +345,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "score": cmd_score,
     "eval": cmd_eval,
+    "compare": cmd_compare,
     "prepare-model": cmd_prepare_model,
 }
 

@@ -50,6 +50,7 @@ class RunConfig:
     batch_size: int = 8
     max_seq_len: int = 128
     lr: float = 5e-4
+    ft_lr: float = 5e-5  # learning rate of the full fine-tuning baseline (every weight)
     eval_every: int = 1
     val_size: int = 128  # evaluation rows of testset_w_refs.csv used for validation loss
     output_dir: str | None = None

@@ -124,7 +124,7 @@ class RunFolder:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         figure.suptitle(f"{strategy}: each client's cut and ranks")
         figure.tight_layout()
         paths.append(self.path / "plan.png")

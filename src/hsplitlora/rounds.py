@@ -31,7 +31,7 @@ from hsplitlora.data.e2e import (
     partition_iid,
     read_e2e,
 )
-from hsplitlora.devices import SERVER, resolve_devices
+from hsplitlora.devices import SERVER, DeviceProfile, resolve_devices
 from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.perplexity import evaluate_loss, perplexity
@@ -56,6 +56,8 @@ from hsplitlora.roles.main_server import MainServer
 from hsplitlora.roles.messages import RoundPlan
 from hsplitlora.strategies import STRATEGIES, StrategyContext
 from hsplitlora.time_model import ClientRoundWork, round_time
+
+CENTRAL_BANDWIDTH = 1e12  # the centralised references move no data between machines
 
 
 @dataclass
@@ -141,6 +143,12 @@ def run(
         shards = partition_dirichlet(examples, config.clients, config.dirichlet_alpha, config.seed)
     else:
         shards = partition_iid(len(encoded), config.clients, config.seed)
+    strategy_class = STRATEGIES[config.strategy]
+    steps_per_round = config.local_steps
+    if strategy_class.centralised:  # one trainer on the pooled data, as many samples per round
+        shards = [sorted(i for shard in shards for i in shard)]
+        devices = [DeviceProfile(server_budget, SERVER["flops"], CENTRAL_BANDWIDTH)]
+        steps_per_round = config.local_steps * config.clients
     validation = [encode(e, tokenizer, config.max_seq_len) for e in read_e2e(data_file(config.data_dir, "test"))]
     validation = validation[: config.val_size]
     val_batches = [collate(validation[i : i + config.batch_size], tokenizer.pad_token_id)
@@ -152,7 +160,6 @@ def run(
         for cid, shard in enumerate(shards)
     ]  # fmt: skip
     server = MainServer(candidates, config.lr, config.alpha, config.seed)
-    strategy_class = STRATEGIES[config.strategy]
     engine = InProcessEngine(model, arch, candidates, clients, server, FedServer(strategy_class.aggregator))
 
     fixed_splits = config.split_points(num_blocks) if config.split_point is not None else None
@@ -160,12 +167,13 @@ def run(
         check_split_point(split_point, num_blocks)
     fixed_ranks = config.per_client("rank") if config.rank is not None else None
     if fixed_splits is not None and fixed_ranks is None:
-        fixed_ranks = [8] * config.clients  # a fixed cut alone keeps the foundation's default rank
+        fixed_ranks = [8] * len(shards)  # a fixed cut alone keeps the foundation's default rank
     context = StrategyContext(
         memory, devices, server_budget, tuple(config.rank_levels), config.rho, config.s_min, config.replan_delta,
         fixed_splits, fixed_ranks,
     )  # fmt: skip
     strategy = strategy_class(context)
+    ft_lr = config.ft_lr if strategy.full_finetune else None
     smoothed = SmoothedImportance(config.gamma_max, config.tau)
 
     folder = RunFolder(config.output_dir or default_output_dir(config.strategy))
@@ -176,7 +184,10 @@ def run(
         state, tensors = folder.load_checkpoint()
         if strategy.persistent_adapters:  # the kept adapters need their parts and shapes first
             saved = Plan.from_state(state["plan"]).clients
-            engine.configure([RoundPlan(c.client, state["round"], c.split_point, c.all_ranks()) for c in saved])
+            engine.configure(
+                [RoundPlan(c.client, state["round"], c.split_point, c.all_ranks()) for c in saved],
+                full_finetune_lr=ft_lr,
+            )
             load_adapters(tensors, clients, server)
         restore_state(state, tensors, model, candidates, clients, server, strategy, smoothed)
         plan = Plan.from_state(state["plan"])
@@ -215,11 +226,11 @@ def run(
         first_plan = False
         messages = [RoundPlan(c.client, round_, c.split_point, c.all_ranks()) for c in plan.clients]
         engine.reset_traffic()
-        engine.configure(messages, fresh=not strategy.persistent_adapters or round_ == 1)
+        engine.configure(messages, fresh=not strategy.persistent_adapters or round_ == 1, full_finetune_lr=ft_lr)
         engine.measure_importance(strategy.uses_importance)
         reporter.round_started(round_, config.rounds, plan, replanned)
         history = engine.local_steps(
-            config.local_steps, lambda step, losses, round_=round_: reporter.step(round_, step, losses)
+            steps_per_round, lambda step, losses, round_=round_: reporter.step(round_, step, losses)
         )
 
         if strategy.uses_importance:
@@ -231,7 +242,8 @@ def run(
             current = smoothed.update(theta)
         tokens = [client.tokens for client in clients]
         step_traffic = {cid: t["activations"] + t["gradients"] for cid, t in engine.traffic.items()}
-        engine.aggregate(round_)
+        if not strategy.centralised:  # one trainer on pooled data has nothing to aggregate
+            engine.aggregate(round_)
 
         val_loss = val_ppl = None
         if round_ % config.eval_every == 0 or round_ == config.rounds:
@@ -284,17 +296,20 @@ def run(
         folder.append_metrics(line)
         folder.save_checkpoint(
             checkpoint_state(round_, plan, current, smoothed, strategy, clients, sim_time, line["wall_time_s"]),
-            checkpoint_tensors(model, candidates, clients, server, strategy.persistent_adapters),
+            checkpoint_tensors(model, candidates, clients, server, strategy),
         )
         reporter.round_finished(line)
 
-    final = candidate_weights(model, candidates)
-    if strategy.persistent_adapters:  # fold the shared adapters into the exported weights
+    final = trained_weights(model, candidates, strategy.full_finetune)
+    if (
+        strategy.persistent_adapters and not strategy.full_finetune
+    ):  # fold the shared adapters into the exported weights
         for name, c in candidates.items():
             layer = model.get_submodule(c.module)
             if layer.factors(clients[0].adapter, c.slot) is not None:
                 final[name] = final[name] + layer.delta(clients[0].adapter, c.slot).detach()
-    write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": "candidates"})
+    export_format = "full" if strategy.full_finetune else "candidates"
+    write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": export_format})
     evaluated = [m for m in metrics if m["val_ppl"] is not None]
     summary = {
         "strategy": config.strategy,
@@ -337,26 +352,47 @@ def checkpoint_state(round_, plan, current, smoothed, strategy, clients, sim_tim
     }
 
 
-def checkpoint_tensors(model, candidates, clients, server, persistent: bool) -> dict[str, torch.Tensor]:
-    """The merged weight of every candidate, the roles' random generators and, for strategies
-    whose adapters persist, every adapter (optimizer state is reset every round anyway)."""
-    tensors = {f"weight/{n}": w for n, w in candidate_weights(model, candidates).items()}
+def trained_weights(model, candidates, full_finetune: bool) -> dict[str, torch.Tensor]:
+    """What training changed: every candidate's merged weight, or every weight under full FT."""
+    if full_finetune:
+        return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" not in name}
+    return candidate_weights(model, candidates)
+
+
+def checkpoint_tensors(model, candidates, clients, server, strategy) -> dict[str, torch.Tensor]:
+    """The merged weight of every candidate (every weight under full FT), the roles' random
+    generators and, for strategies whose adapters persist, every adapter (optimizer state is
+    reset every round anyway)."""
+    tensors = {f"weight/{n}": w for n, w in trained_weights(model, candidates, strategy.full_finetune).items()}
+    persistent = strategy.persistent_adapters and not strategy.full_finetune
     for client in clients:
         tensors[f"rng/{client.adapter}"] = client.generator.get_state()
     tensors["rng/server"] = server.generator.get_state()
     if persistent:
         for client in clients:
-            for role, part in (("client", client.part), ("server", server.parts[client.client_id])):
+            for role, part in _adapter_parts(client, server):
                 for name, factors in client.holder.factors(part, client.adapter, client.client_id, 0).items():
                     tensors[f"adapter/{role}/{client.adapter}/{name}/A"] = factors.a
                     tensors[f"adapter/{role}/{client.adapter}/{name}/B"] = factors.b
     return tensors
 
 
+def _adapter_parts(client, server) -> list[tuple[str, torch.nn.Module]]:
+    parts = [("client", client.part)]
+    if client.client_id in server.parts:
+        parts.append(("server", server.parts[client.client_id]))
+    return parts
+
+
 @torch.no_grad()
 def restore_state(state, tensors, model, candidates, clients, server, strategy, smoothed) -> None:
-    for name, candidate in candidates.items():
-        model.get_submodule(candidate.module).weight(candidate.slot).copy_(tensors[f"weight/{name}"])
+    if strategy.full_finetune:
+        for name, param in model.named_parameters():
+            if f"weight/{name}" in tensors:
+                param.copy_(tensors[f"weight/{name}"])
+    else:
+        for name, candidate in candidates.items():
+            model.get_submodule(candidate.module).weight(candidate.slot).copy_(tensors[f"weight/{name}"])
     for client, batcher_state, step in zip(clients, state["batchers"], state["client_steps"], strict=True):
         client.batches.load_state(batcher_state)
         client.generator.set_state(tensors[f"rng/{client.adapter}"])
@@ -371,7 +407,7 @@ def restore_state(state, tensors, model, candidates, clients, server, strategy, 
 @torch.no_grad()
 def load_adapters(tensors, clients, server) -> None:
     for client in clients:
-        for role, part in (("client", client.part), ("server", server.parts[client.client_id])):
+        for role, part in _adapter_parts(client, server):
             for name, layer in candidate_layers(part, client.holder.candidates).items():
                 found = layer.factors(client.adapter, client.holder.candidates[name].slot)
                 if found is not None:

@@ -53,8 +53,12 @@ def round_time(
     """{"round_s", "client_s": [...], "server_busy_s"} for one round."""
     client_seconds, server_busy = [], 0.0
     for plan, device, done in zip(plans, devices, work, strict=True):
-        compute = done.tokens * client_flops_per_token(memory, plan) / device.flops
+        per_token = client_flops_per_token(memory, plan)
+        if plan.split_point >= memory.num_blocks:  # no split: the client also runs the head
+            per_token += 4 * hidden_size * vocab_size
+        else:
+            server_busy += done.tokens * server_flops_per_token(memory, plan, vocab_size, hidden_size) / server_flops
+        compute = done.tokens * per_token / device.flops
         transfer = (done.step_bytes + done.adapter_bytes) / device.bandwidth
         client_seconds.append(compute + transfer)
-        server_busy += done.tokens * server_flops_per_token(memory, plan, vocab_size, hidden_size) / server_flops
     return {"round_s": max([*client_seconds, server_busy]), "client_s": client_seconds, "server_busy_s": server_busy}

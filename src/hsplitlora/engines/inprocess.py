@@ -48,11 +48,18 @@ class InProcessEngine:
     def reset_traffic(self) -> None:
         self.traffic = {c.client_id: dict.fromkeys(TRAFFIC, 0) for c in self.clients}
 
-    def configure(self, plans: Sequence[RoundPlan], fresh: bool = True) -> None:
-        """Give each client and the main server their parts for the round's cuts, and adapters."""
+    def configure(self, plans: Sequence[RoundPlan], fresh: bool = True, full_finetune_lr: float | None = None) -> None:
+        """Give each client and the main server their parts for the round's cuts, and adapters.
+        A split point of L (every block) means no split: the client also holds the head."""
+        num_blocks = self.arch.num_blocks(self.model)
         for plan, client in zip(plans, self.clients, strict=True):
-            client.configure(plan, ClientPart(self.arch, self.model, plan.split_point), fresh)
-            self.server.configure(plan, ServerPart(self.arch, self.model, plan.split_point), fresh)
+            part = ClientPart(self.arch, self.model, plan.split_point)
+            if plan.split_point >= num_blocks:
+                head = ServerPart(self.arch, self.model, num_blocks)
+                client.configure(plan, part, fresh, head=head, full_finetune_lr=full_finetune_lr)
+            else:
+                client.configure(plan, part, fresh)
+                self.server.configure(plan, ServerPart(self.arch, self.model, plan.split_point), fresh)
 
     def measure_importance(self, enabled: bool) -> None:
         for client in self.clients:
@@ -69,14 +76,14 @@ class InProcessEngine:
         client.backward(gradient)
         return gradient
 
-    def step_all(self) -> list[ActivationGradient]:
-        """One local step of every client, interleaved on the main server."""
-        return [self.split_step(client) for client in self.clients]
+    def step_all(self) -> list[float]:
+        """One local step of every client (split ones interleaved on the main server); losses."""
+        return [client.local_step() if client.local else self.split_step(client).loss for client in self.clients]
 
     def local_steps(self, steps: int, on_step: Callable[[int, list[float]], None] | None = None) -> list[list[float]]:
         history = []
         for step in range(steps):
-            losses = [gradient.loss for gradient in self.step_all()]
+            losses = self.step_all()
             history.append(losses)
             if on_step is not None:
                 on_step(step, losses)
@@ -87,7 +94,7 @@ class InProcessEngine:
         reports = []
         for client in self.clients:
             client_sums, batches = client.importance_report()
-            server_sums, _ = self.server.importance_report(client.client_id)
+            server_sums, _ = ({}, 0) if client.local else self.server.importance_report(client.client_id)
             reports.append(({**client_sums, **server_sums}, batches, client.samples))
         return reports
 
@@ -97,7 +104,9 @@ class InProcessEngine:
         for client in self.clients:
             upload = client.upload()
             self.traffic[client.client_id]["adapters_up"] += upload.nbytes()
-            uploads += [upload, self.server.upload(client.client_id)]
+            uploads.append(upload)
+            if not client.local:
+                uploads.append(self.server.upload(client.client_id))
         result = self.fed_server.aggregate(round_, uploads)
         for client in self.clients:
             names = {n for n, c in self.candidates.items() if c.block < client.split_point}

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hsplitlora.data.e2e import collate, data_file, encode, read_e2e
@@ -32,12 +33,20 @@ def load_run_model(run_dir: str | Path) -> tuple[LoadedModel, dict]:
     config = json.loads(config_path.read_text())
     loaded = load_model(config["model"], seed=config.get("seed", 0))
     candidates = attach_lora(loaded.model, config["targets"])
+    with safe_open(weights_path, framework="pt") as handle:
+        export_format = (handle.metadata() or {}).get("format", "candidates")
+    tensors = load_file(weights_path)
     with torch.no_grad():
-        for name, weight in load_file(weights_path).items():
-            if name not in candidates:
-                raise UsageError(f"{weights_path} holds {name!r}, which this model does not have.")
-            candidate = candidates[name]
-            loaded.model.get_submodule(candidate.module).weight(candidate.slot).copy_(weight)
+        if export_format == "full":  # full fine-tuning changed every weight
+            unexpected = loaded.model.load_state_dict(tensors, strict=False).unexpected_keys
+            if unexpected:
+                raise UsageError(f"{weights_path} holds {unexpected[0]!r}, which this model does not have.")
+        else:
+            for name, weight in tensors.items():
+                if name not in candidates:
+                    raise UsageError(f"{weights_path} holds {name!r}, which this model does not have.")
+                candidate = candidates[name]
+                loaded.model.get_submodule(candidate.module).weight(candidate.slot).copy_(weight)
     set_active_adapter(loaded.model, None)
     return loaded, config
 

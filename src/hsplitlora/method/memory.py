@@ -76,6 +76,13 @@ class MemoryModel:
         blocks = self.num_blocks - split_point
         return blocks * self.block_activation_bytes + self.head_activation_bytes + adapters
 
+    def unsplit_bytes(self, ranks: Mapping[str, int] | None = None, full_finetune: bool = False) -> int:
+        """One device running the whole model and its loss (the baselines without split). Full
+        fine-tuning adds a gradient and two AdamW states for every weight."""
+        weights = self.embedding_bytes + self.num_blocks * self.block_bytes
+        total = self.client_bytes(self.num_blocks, ranks) + self.head_activation_bytes
+        return total + (3 * weights if full_finetune else 0)
+
     def server_frozen_bytes(self, shallowest_split: int) -> int:
         """Weights the main server holds once for everyone: blocks [s_min_used, L) and the head."""
         return (self.num_blocks - shallowest_split) * self.block_bytes + self.head_bytes

@@ -8,6 +8,7 @@ import torch
 
 from hsplitlora.data.e2e import Batch
 from hsplitlora.lora.attach import Candidate, set_active_adapter
+from hsplitlora.losses import target_token_loss
 from hsplitlora.method.aggregation import AdapterFactors
 from hsplitlora.method.importance import ImportanceProbe, candidate_layers
 from hsplitlora.models.split import ClientPart
@@ -104,6 +105,7 @@ class Client:
         self.generator = torch.Generator().manual_seed(seed * 100_003 + client_id)
         self.holder = AdapterHolder(candidates, alpha, lr, self.generator)
         self.part: ClientPart | None = None
+        self.head: torch.nn.Module | None = None
         self.step = 0
         self.samples = 0  # trained this round
         self.tokens = 0  # processed this round
@@ -117,13 +119,29 @@ class Client:
         return self.part.split_point
 
     # -- round life cycle -----------------------------------------------------------------------
-    def configure(self, plan: RoundPlan, part: ClientPart, fresh: bool = True) -> None:
+    def configure(
+        self,
+        plan: RoundPlan,
+        part: ClientPart,
+        fresh: bool = True,
+        head: torch.nn.Module | None = None,
+        full_finetune_lr: float | None = None,
+    ) -> None:
         """Take the round's cut and ranks: (re)create this client's adapters fresh (or keep the
-        persisting ones), a fresh optimizer, and zero the round's counters."""
+        persisting ones), a fresh optimizer, and zero the round's counters. With a `head` the
+        client runs the whole model and computes its loss itself (the baselines without split);
+        with `full_finetune_lr` it trains every weight instead of adapters (centralised FT)."""
         self.part = part
+        self.head = head
         if fresh:
             self.holder.create_adapters(part, self.adapter, plan.ranks)
-        self.optimizer = self.holder.new_optimizer(part, self.adapter)
+        if full_finetune_lr is not None:
+            weights = list({id(p): p for m in (part, head) for p in m.parameters()}.values())
+            for weight in weights:
+                weight.requires_grad_(True)
+            self.optimizer = torch.optim.AdamW(weights, lr=full_finetune_lr, weight_decay=0.0)
+        else:
+            self.optimizer = self.holder.new_optimizer(part, self.adapter)
         self.samples = self.tokens = 0
         self.probe = ImportanceProbe.for_part(part, self.holder.candidates) if self._measuring else None
 
@@ -151,6 +169,28 @@ class Client:
 
     def apply_adapters(self, broadcast: AdapterBroadcast) -> None:
         self.holder.overwrite(self.part, self.adapter, broadcast)
+
+    @property
+    def local(self) -> bool:
+        """Whether this client runs the whole model and its loss (no split)."""
+        return self.head is not None
+
+    def local_step(self) -> float:
+        """A whole-model step on the client: forward, loss, backward, update. Nothing is sent."""
+        batch = next(self.batches)
+        set_active_adapter(self.part, self.adapter)
+        set_active_adapter(self.head, self.adapter)
+        logits = self.head(self.part(batch.input_ids, batch.attention_mask), batch.attention_mask)
+        total, count = target_token_loss(logits, batch.labels)
+        loss = total / max(count, 1)
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.samples += batch.input_ids.shape[0]
+        self.tokens += int(batch.attention_mask.sum())
+        self.step += 1
+        return float(loss.detach())
 
     # -- one split step -------------------------------------------------------------------------
     def forward(self) -> Activations:

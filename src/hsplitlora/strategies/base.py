@@ -31,6 +31,8 @@ class Strategy:
     aggregator: str = "naa"  # see FedServer: naa | zero-pad | fedavg | zero-pad-truncate
     persistent_adapters: bool = False  # adapters kept across rounds instead of merged
     uses_importance: bool = True
+    centralised: bool = False  # one trainer on the pooled data (upper references)
+    full_finetune: bool = False  # every weight trained, no adapters
 
     def __init__(self, context: StrategyContext):
         self.context = context
@@ -70,6 +72,19 @@ class Strategy:
             ))  # fmt: skip
         shallowest = min(split_points)
         return Plan(clients, self.context.server_budget, memory.server_frozen_bytes(shallowest), self.context.levels)
+
+    def unsplit_plan(self, ranks: list[int]) -> Plan:
+        """Every client runs the whole model (split point L) with one rank on every candidate;
+        its memory is reported, not limited by its budget (method.md section 7)."""
+        memory = self.context.memory
+        clients = []
+        for cid, rank in enumerate(ranks):
+            client_ranks = dict.fromkeys(memory.candidates, rank)
+            clients.append(ClientPlan(
+                cid, self.budgets[cid] if cid < len(self.budgets) else 0, memory.num_blocks, client_ranks,
+                memory.unsplit_bytes(client_ranks, self.full_finetune), {}, 0,
+            ))  # fmt: skip
+        return Plan(clients, self.context.server_budget, 0, self.context.levels)
 
     def largest_uniform_rank(self, split_point: int, budget: int, server_side: bool = False) -> int:
         memory = self.context.memory

@@ -1,0 +1,64 @@
+"""The baselines without split: every client runs the whole model, which weak devices could not
+hold; their memory is reported beside the budgets, not limited by them (method.md section 7)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hsplitlora.method.planner import Plan
+from hsplitlora.strategies.base import Strategy
+
+
+class FedLoRA(Strategy):
+    """Federated LoRA, one rank for all (the largest level of Q); FedAvg of A and B; persistent."""
+
+    name = "fedlora"
+    aggregator = "fedavg"
+    persistent_adapters = True
+    uses_importance = False
+
+    def plan(self, importance: Mapping[str, float] | None) -> Plan:
+        return self.unsplit_plan([max(self.context.levels)] * len(self.context.devices))
+
+
+class HetLoRA(Strategy):
+    """Federated LoRA with a rank per client proportional to its budget, the largest level of Q
+    not above r_max M_i / max_j M_j; zero-padded weighted averaging, truncated back per client."""
+
+    name = "hetlora"
+    aggregator = "zero-pad-truncate"
+    persistent_adapters = True
+    uses_importance = False
+
+    def plan(self, importance: Mapping[str, float] | None) -> Plan:
+        levels = sorted(self.context.levels)
+        r_max, strongest = levels[-1], max(self.budgets)
+        ranks = [max([r for r in levels if r <= r_max * budget / strongest] + [levels[1]]) for budget in self.budgets]
+        return self.unsplit_plan(ranks)
+
+
+class CenLoRA(Strategy):
+    """Centralised LoRA on the pooled data (upper reference): one trainer, rank r_max everywhere."""
+
+    name = "cenlora"
+    aggregator = "fedavg"
+    persistent_adapters = True
+    uses_importance = False
+    centralised = True
+
+    def plan(self, importance: Mapping[str, float] | None) -> Plan:
+        return self.unsplit_plan([max(self.context.levels)])
+
+
+class FullFineTuning(Strategy):
+    """Centralised full fine-tuning on the pooled data: every weight trained, no adapters."""
+
+    name = "ft"
+    aggregator = "fedavg"
+    persistent_adapters = True
+    uses_importance = False
+    centralised = True
+    full_finetune = True
+
+    def plan(self, importance: Mapping[str, float] | None) -> Plan:
+        return self.unsplit_plan([0])
