@@ -45,6 +45,17 @@ def test_naa_merges_exactly_the_weighted_sum_of_every_clients_update():
     after = candidate_weights(model, federation.candidates)
     for name, delta in expected.items():
         torch.testing.assert_close(after[name] - before[name], delta, atol=1e-6, rtol=1e-5)
+    # Every holder of a block (each client whose cut is past it, the main server for the others)
+    # sees the same merged weight.
+    from hsplitlora.method.importance import candidate_layers
+
+    for name, candidate in federation.candidates.items():
+        holders = [candidate_layers(c.part, federation.candidates).get(name) for c in federation.clients]
+        holders += [candidate_layers(p, federation.candidates).get(name) for p in federation.server.parts.values()]
+        weights = [h.weight(candidate.slot) for h in holders if h is not None]
+        assert len(weights) == 3  # three clients: on the client side for some, on the server for the rest
+        for weight in weights:
+            torch.testing.assert_close(weight, after[name], atol=0, rtol=0)
     # Samples weight the clients: three clients, equal batches, so p_i = 1/3 each.
     assert {u.samples for u in uploads} == {8}
 

@@ -178,6 +178,7 @@ def run(
 
     folder = RunFolder(config.output_dir or default_output_dir(config.strategy))
     current: dict[str, float] | None = None
+    importance_history: list[dict] = []  # per round: measured Theta_t and smoothed I_t
     metrics: list[dict] = []
     sim_time, wall_offset, start_round = 0.0, 0.0, 1
     if resume:
@@ -192,6 +193,7 @@ def run(
         restore_state(state, tensors, model, candidates, clients, server, strategy, smoothed)
         plan = Plan.from_state(state["plan"])
         current = state["importance"]
+        importance_history = state["importance_history"]
         start_round, sim_time, wall_offset = state["round"] + 1, state["sim_time_s"], state["wall_time_s"]
         metrics = [m for m in folder.read_metrics() if m["round"] <= state["round"]]
         folder.rewrite_metrics(metrics)  # drop a line written after the checkpoint by a crashed run
@@ -205,6 +207,7 @@ def run(
                 sums, batches = warmup_sums(model, candidates, [next(client.batches)])
                 per_client.append(importance(sums, batches, memory, config.r_ref))
             current = smoothed.update(average_importance(per_client, [len(s) for s in shards]))
+            importance_history.append({"round": 0, "smoothed": current})
         # The first plan comes before anything is written: an impossible budget stops the run here.
         plan = strategy.make_plan(current)
         first_plan = True
@@ -215,6 +218,7 @@ def run(
         }})  # fmt: skip
         folder.rewrite_metrics([])
         log(f"run folder: {folder.path}")
+        log(f"{config.partition} partition, samples per client: {[len(s) for s in shards]}")
 
     for round_ in range(start_round, config.rounds + 1):
         round_started = time.perf_counter()
@@ -240,6 +244,7 @@ def run(
                 [samples for _, _, samples in reports],
             )
             current = smoothed.update(theta)
+            importance_history.append({"round": round_, "measured": theta, "smoothed": current})
         tokens = [client.tokens for client in clients]
         step_traffic = {cid: t["activations"] + t["gradients"] for cid, t in engine.traffic.items()}
         if not strategy.centralised:  # one trainer on pooled data has nothing to aggregate
@@ -295,7 +300,9 @@ def run(
         metrics.append(line)
         folder.append_metrics(line)
         folder.save_checkpoint(
-            checkpoint_state(round_, plan, current, smoothed, strategy, clients, sim_time, line["wall_time_s"]),
+            checkpoint_state(
+                round_, plan, current, importance_history, smoothed, strategy, clients, sim_time, line["wall_time_s"]
+            ),  # fmt: skip
             checkpoint_tensors(model, candidates, clients, server, strategy),
         )
         reporter.round_finished(line)
@@ -336,13 +343,14 @@ def _hidden_size(model: torch.nn.Module) -> int:
     return getattr(model.config, "hidden_size", None) or model.config.n_embd
 
 
-def checkpoint_state(round_, plan, current, smoothed, strategy, clients, sim_time, wall_time) -> dict:
+def checkpoint_state(round_, plan, current, history, smoothed, strategy, clients, sim_time, wall_time) -> dict:
     """Everything but tensors that the next round depends on, as JSON."""
     return {
         "round": round_,
         "strategy": strategy.name,
         "plan": plan.to_state(),
         "importance": current,
+        "importance_history": history,
         "importance_at_last_plan": strategy.importance_at_last_plan,
         "smoothing": {"round": smoothed.round, "value": smoothed.value, "gamma": smoothed.gamma},
         "batchers": [client.batches.state() for client in clients],
