@@ -80,6 +80,7 @@ def prepare_smollm2(force: bool = False) -> Path:
     if (target / "model.safetensors").is_file() and not force:
         return target
     source = gguf_file()
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     # The GGUF loader dequantises to float32 but leaves a quantisation marker that blocks saving.
