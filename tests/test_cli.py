@@ -141,3 +141,29 @@ def test_eval_of_a_run_folder(tmp_path, capsys):
     assert len((run_dir / "predictions.txt").read_text().splitlines()) == 3
     assert run_cli("eval", str(tmp_path / "nothing")) == 2
     assert "is not a finished run folder" in capsys.readouterr().err
+
+
+def test_merged_export_reloads_with_transformers_and_gives_the_same_logits(tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hsplitlora.evaluation.run_eval import load_run_model
+
+    run_dir = tmp_path / "run"
+    assert run_cli("run", "--model", "tiny-gpt2", "--budgets", "12MB", "--clients", "2", "--rounds", "1",
+                   "--steps", "2", "--val-size", "8", "--output-dir", str(run_dir)) == 0  # fmt: skip
+    assert run_cli("export", str(run_dir), "--merged", str(tmp_path / "hf")) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    trained, _ = load_run_model(run_dir)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        expected = trained.model(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    from hsplitlora.models.loading import load_model
+
+    base = load_model("tiny-gpt2", seed=0).model  # the run's starting point: training changed q, k, v
+    assert not torch.allclose(reloaded.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+    torch.testing.assert_close(reloaded.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
+    assert run_cli("export", str(run_dir), "--merged", str(tmp_path / "hf")) == 2
+    assert "is not empty" in capsys.readouterr().err

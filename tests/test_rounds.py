@@ -165,3 +165,23 @@ def test_resume_of_a_folder_without_checkpoint_is_refused(tmp_path):
 
     with pytest.raises(UsageError, match="cannot resume"):
         resume_config(tmp_path)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from hsplitlora.engines.inprocess import InProcessEngine
+    from hsplitlora.rounds import TrainingDiverged
+
+    calls = {"n": 0}
+    original = InProcessEngine.step_all
+
+    def diverging(self):
+        calls["n"] += 1
+        losses = original(self)
+        return losses if calls["n"] <= 2 else [losses[0], float("nan"), *losses[2:]]  # round 2, step 1
+
+    monkeypatch.setattr(InProcessEngine, "step_all", diverging)
+    config = tiny_config(tmp_path, rounds=3)
+    with pytest.raises(TrainingDiverged, match=r"client 1's loss became nan at round 2, step 1"):
+        run(config)
+    state, _ = RunFolder(config.output_dir).load_checkpoint()
+    assert state["round"] == 1

@@ -1,4 +1,4 @@
-"""Command line: `hsplitlora run`, `compare`, `plan`, `score`, `eval`, `prepare-model`.
+"""Command line: `hsplitlora run`, `compare`, `plan`, `score`, `eval`, `export`, `prepare-model`.
 
 Every run flag has a config key of the same name (dashes become underscores); flags win over
 the file. Bad values stop with one sentence and exit status 2.
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-repeat-ngram", type=int, default=4, help="no-repeat n-gram size (4)")
     evaluate.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most (64)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="MRs generated together (8)")
+    export = commands.add_parser("export", help="a finished run's merged model as a Hugging Face folder")
+    export.add_argument("run_dir", help="a run folder written by hsplitlora run")
+    export.add_argument("--merged", required=True, metavar="OUT", help="folder to write (new or empty)")
     prepare = commands.add_parser("prepare-model", help="convert the default model's GGUF into the cache")
     prepare.add_argument("--force", action="store_true", help="convert again even if cached")
     return parser
@@ -332,6 +335,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hsplitlora.evaluation.export import export_merged
+
+    path = export_merged(args.run_dir, args.merged)
+    print(f"merged model written to {path} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     from hsplitlora.models.loading import prepare_smollm2
 
@@ -346,6 +357,7 @@ COMMANDS = {
     "score": cmd_score,
     "eval": cmd_eval,
     "compare": cmd_compare,
+    "export": cmd_export,
     "prepare-model": cmd_prepare_model,
 }
 

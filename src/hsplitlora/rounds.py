@@ -23,7 +23,6 @@ import torch
 
 from hsplitlora.config import RunConfig
 from hsplitlora.data.e2e import (
-    Batcher,
     collate,
     data_file,
     encode,
@@ -50,12 +49,11 @@ from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point
 from hsplitlora.reporting import RunFolder, write_tensors_atomic
-from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
-from hsplitlora.roles.main_server import MainServer
 from hsplitlora.roles.messages import RoundPlan
 from hsplitlora.strategies import STRATEGIES, StrategyContext
 from hsplitlora.time_model import ClientRoundWork, round_time
+from hsplitlora.training import make_roles
 
 CENTRAL_BANDWIDTH = 1e12  # the centralised references move no data between machines
 
@@ -154,12 +152,7 @@ def run(
     val_batches = [collate(validation[i : i + config.batch_size], tokenizer.pad_token_id)
                    for i in range(0, len(validation), config.batch_size)]  # fmt: skip
 
-    clients = [
-        Client(cid, Batcher([encoded[i] for i in shard], config.batch_size, tokenizer.pad_token_id, config.seed + cid),
-               candidates, config.lr, config.alpha, config.seed)
-        for cid, shard in enumerate(shards)
-    ]  # fmt: skip
-    server = MainServer(candidates, config.lr, config.alpha, config.seed)
+    clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id)
     engine = InProcessEngine(model, arch, candidates, clients, server, FedServer(strategy_class.aggregator))
 
     fixed_splits = config.split_points(num_blocks) if config.split_point is not None else None
@@ -233,9 +226,12 @@ def run(
         engine.configure(messages, fresh=not strategy.persistent_adapters or round_ == 1, full_finetune_lr=ft_lr)
         engine.measure_importance(strategy.uses_importance)
         reporter.round_started(round_, config.rounds, plan, replanned)
-        history = engine.local_steps(
-            steps_per_round, lambda step, losses, round_=round_: reporter.step(round_, step, losses)
-        )
+
+        def on_step(step: int, losses: list[float], round_: int = round_, plan: Plan = plan) -> None:
+            _check_finite(round_, step, losses, plan, folder)
+            reporter.step(round_, step, losses)
+
+        history = engine.local_steps(steps_per_round, on_step)
 
         if strategy.uses_importance:
             reports = engine.importance_reports()
@@ -423,5 +419,18 @@ def load_adapters(tensors, clients, server) -> None:
                     found[1].copy_(tensors[f"adapter/{role}/{client.adapter}/{name}/B"])
 
 
-def is_finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
+class TrainingDiverged(UsageError):
+    """A non-finite loss: the run stops; the previous round's checkpoint stays as it was."""
+
+
+def _check_finite(round_: int, step: int, losses: list[float], plan: Plan, folder: RunFolder) -> None:
+    for position, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            client = plan.clients[position].client
+            raise TrainingDiverged(
+                f"client {client}'s loss became {loss} at round {round_}, step {step + 1}; the run stopped and "
+                f"the checkpoint of round {round_ - 1} in {folder.path} is intact (try a smaller lr, then --resume)."
+                if round_ > 1 else
+                f"client {client}'s loss became {loss} at round 1, step {step + 1}; the run stopped before any "
+                "checkpoint (try a smaller lr)."
+            )  # fmt: skip

@@ -30,6 +30,18 @@ class Federation:
     shard_sizes: list[int] = field(default_factory=list)
 
 
+def make_roles(
+    config: RunConfig, candidates: dict[str, Candidate], encoded: list, shards: list[list[int]], pad_id: int
+) -> tuple[list[Client], MainServer]:
+    """One client per shard (its examples, its seeded batch order) and the main server."""
+    clients = [
+        Client(cid, Batcher([encoded[i] for i in shard], config.batch_size, pad_id, config.seed + cid),
+               candidates, config.lr, config.alpha, config.seed)
+        for cid, shard in enumerate(shards)
+    ]  # fmt: skip
+    return clients, MainServer(candidates, config.lr, config.alpha, config.seed)
+
+
 def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Federation:
     """Load the model and data, cut the model at each client's fixed split point and give every
     candidate of every client (client and server side) the client's fixed rank (default 8)."""
@@ -49,12 +61,7 @@ def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Fe
     examples = read_e2e(data_file(config.data_dir, "train"))
     encoded = [encode(example, tokenizer, config.max_seq_len) for example in examples]
     shards = partition_iid(len(encoded), config.clients, config.seed)
-    clients = [
-        Client(cid, Batcher([encoded[i] for i in shard], config.batch_size, tokenizer.pad_token_id, config.seed + cid),
-               candidates, config.lr, config.alpha, config.seed)
-        for cid, shard in enumerate(shards)
-    ]  # fmt: skip
-    server = MainServer(candidates, config.lr, config.alpha, config.seed)
+    clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id)
     engine = InProcessEngine(model, arch, candidates, clients, server)
     plans = zip(split_points, ranks, strict=True)
     engine.configure([RoundPlan(cid, 1, s, dict.fromkeys(candidates, r)) for cid, (s, r) in enumerate(plans)])

@@ -62,3 +62,11 @@ def set_active_adapter(module: nn.Module, name: str | None) -> None:
     """Make adapter `name` the one used by every LoRA layer inside `module` (None: base only)."""
     for layer in lora_layers(module):
         layer.active_adapter = name
+
+
+def detach_lora(model: nn.Module) -> nn.Module:
+    """Put every wrapped module's base back in place (adapters dropped; merge them first)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MultiLoRALayer):
+            model.set_submodule(name, module.base)
+    return model
