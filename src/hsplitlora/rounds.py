@@ -33,15 +33,13 @@ from hsplitlora.data.e2e import (
 from hsplitlora.devices import SERVER, DeviceProfile, resolve_devices
 from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.errors import UsageError
-from hsplitlora.evaluation.perplexity import evaluate_loss, perplexity
+from hsplitlora.evaluation.perplexity import perplexity
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.method.importance import (
     SmoothedImportance,
     average_importance,
-    candidate_layers,
     importance,
     kendall_tau_distance,
-    warmup_sums,
 )
 from hsplitlora.method.memory import measure_memory_model
 from hsplitlora.method.planner import Plan, parse_bytes
@@ -77,7 +75,7 @@ def seed_everything(seed: int) -> None:
 
 
 def candidate_weights(model: torch.nn.Module, candidates: dict[str, Candidate]) -> dict[str, torch.Tensor]:
-    """The current (merged) weight of every candidate: what a checkpoint must keep."""
+    """The current (merged) weight of every candidate."""
     return {
         name: model.get_submodule(c.module).weight(c.slot).detach().clone().contiguous()
         for name, c in candidates.items()
@@ -176,14 +174,13 @@ def run(
     sim_time, wall_offset, start_round = 0.0, 0.0, 1
     if resume:
         state, tensors = folder.load_checkpoint()
-        if strategy.persistent_adapters:  # the kept adapters need their parts and shapes first
-            saved = Plan.from_state(state["plan"]).clients
-            engine.configure(
-                [RoundPlan(c.client, state["round"], c.split_point, c.all_ranks()) for c in saved],
-                full_finetune_lr=ft_lr,
-            )
-            load_adapters(tensors, clients, server)
-        restore_state(state, tensors, model, candidates, clients, server, strategy, smoothed)
+        saved = Plan.from_state(state["plan"]).clients
+        engine.load_state(
+            state, tensors, [RoundPlan(c.client, state["round"], c.split_point, c.all_ranks()) for c in saved],
+            strategy.persistent_adapters, ft_lr,
+        )  # fmt: skip
+        strategy.importance_at_last_plan = state["importance_at_last_plan"]
+        smoothed.round, smoothed.value, smoothed.gamma = (state["smoothing"][k] for k in ("round", "value", "gamma"))
         plan = Plan.from_state(state["plan"])
         current = state["importance"]
         importance_history = state["importance_history"]
@@ -195,10 +192,9 @@ def run(
     else:
         # Round 1's importance: a warm-up pass of one batch per client on the frozen model.
         if strategy.uses_importance and fixed_ranks is None:
-            per_client = []
-            for client in clients:
-                sums, batches = warmup_sums(model, candidates, [next(client.batches)])
-                per_client.append(importance(sums, batches, memory, config.r_ref))
+            per_client = [
+                importance(sums, batches, memory, config.r_ref) for sums, batches in engine.warmup_importance()
+            ]
             current = smoothed.update(average_importance(per_client, [len(s) for s in shards]))
             importance_history.append({"round": 0, "smoothed": current})
         # The first plan comes before anything is written: an impossible budget stops the run here.
@@ -241,25 +237,25 @@ def run(
             )
             current = smoothed.update(theta)
             importance_history.append({"round": round_, "measured": theta, "smoothed": current})
-        tokens = [client.tokens for client in clients]
+        tokens = [counters["tokens"] for counters in engine.round_counters()]
         step_traffic = {cid: t["activations"] + t["gradients"] for cid, t in engine.traffic.items()}
         if not strategy.centralised:  # one trainer on pooled data has nothing to aggregate
             engine.aggregate(round_)
 
         val_loss = val_ppl = None
         if round_ % config.eval_every == 0 or round_ == config.rounds:
-            adapter = clients[0].adapter if strategy.persistent_adapters else None
-            val_loss, _ = evaluate_loss(engine.forward_with(adapter), val_batches)
+            val_loss = engine.validation_loss(val_batches, strategy.persistent_adapters)
             val_ppl = perplexity(val_loss)
         work = [
-            ClientRoundWork(tokens[c.client_id], step_traffic[c.client_id],
-                            engine.traffic[c.client_id]["adapters_up"] + engine.traffic[c.client_id]["adapters_down"])
-            for c in clients
+            ClientRoundWork(tokens[c.client], step_traffic[c.client],
+                            engine.traffic[c.client]["adapters_up"] + engine.traffic[c.client]["adapters_down"])
+            for c in plan.clients
         ]  # fmt: skip
         timing = round_time(memory, plan.clients, devices, work, SERVER["flops"], model.config.vocab_size,
                             _hidden_size(model))  # fmt: skip
         sim_time += timing["round_s"]
         train_loss = float(np.mean([np.mean(losses) for losses in history]))
+        counters = engine.round_counters()
         line = {
             "round": round_,
             "strategy": config.strategy,
@@ -285,7 +281,7 @@ def run(
                     "server_rank_total": sum(c.server_ranks.values()),
                     "predicted_bytes": c.predicted_bytes,
                     "budget_bytes": c.budget_bytes,
-                    "samples": clients[c.client].samples,
+                    "samples": counters[c.client]["samples"],
                     "train_loss": float(np.mean([losses[c.client] for losses in history])),
                     "sim_time_s": timing["client_s"][c.client],
                     **{f"bytes_{k}": v for k, v in engine.traffic[c.client].items()},
@@ -295,22 +291,17 @@ def run(
         }
         metrics.append(line)
         folder.append_metrics(line)
+        role_state, tensors = engine.state(strategy.persistent_adapters, strategy.full_finetune)
         folder.save_checkpoint(
-            checkpoint_state(
-                round_, plan, current, importance_history, smoothed, strategy, clients, sim_time, line["wall_time_s"]
-            ),  # fmt: skip
-            checkpoint_tensors(model, candidates, clients, server, strategy),
-        )
+            {"round": round_, "strategy": strategy.name, "plan": plan.to_state(), "importance": current,
+             "importance_history": importance_history, "importance_at_last_plan": strategy.importance_at_last_plan,
+             "smoothing": {"round": smoothed.round, "value": smoothed.value, "gamma": smoothed.gamma},
+             "sim_time_s": sim_time, "wall_time_s": line["wall_time_s"], **role_state},
+            tensors,
+        )  # fmt: skip
         reporter.round_finished(line)
 
-    final = trained_weights(model, candidates, strategy.full_finetune)
-    if (
-        strategy.persistent_adapters and not strategy.full_finetune
-    ):  # fold the shared adapters into the exported weights
-        for name, c in candidates.items():
-            layer = model.get_submodule(c.module)
-            if layer.factors(clients[0].adapter, c.slot) is not None:
-                final[name] = final[name] + layer.delta(clients[0].adapter, c.slot).detach()
+    final = engine.export_weights(strategy.persistent_adapters, strategy.full_finetune)
     export_format = "full" if strategy.full_finetune else "candidates"
     write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": export_format})
     evaluated = [m for m in metrics if m["val_ppl"] is not None]
@@ -337,86 +328,6 @@ def run(
 
 def _hidden_size(model: torch.nn.Module) -> int:
     return getattr(model.config, "hidden_size", None) or model.config.n_embd
-
-
-def checkpoint_state(round_, plan, current, history, smoothed, strategy, clients, sim_time, wall_time) -> dict:
-    """Everything but tensors that the next round depends on, as JSON."""
-    return {
-        "round": round_,
-        "strategy": strategy.name,
-        "plan": plan.to_state(),
-        "importance": current,
-        "importance_history": history,
-        "importance_at_last_plan": strategy.importance_at_last_plan,
-        "smoothing": {"round": smoothed.round, "value": smoothed.value, "gamma": smoothed.gamma},
-        "batchers": [client.batches.state() for client in clients],
-        "client_steps": [client.step for client in clients],
-        "sim_time_s": sim_time,
-        "wall_time_s": wall_time,
-    }
-
-
-def trained_weights(model, candidates, full_finetune: bool) -> dict[str, torch.Tensor]:
-    """What training changed: every candidate's merged weight, or every weight under full FT."""
-    if full_finetune:
-        return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" not in name}
-    return candidate_weights(model, candidates)
-
-
-def checkpoint_tensors(model, candidates, clients, server, strategy) -> dict[str, torch.Tensor]:
-    """The merged weight of every candidate (every weight under full FT), the roles' random
-    generators and, for strategies whose adapters persist, every adapter (optimizer state is
-    reset every round anyway)."""
-    tensors = {f"weight/{n}": w for n, w in trained_weights(model, candidates, strategy.full_finetune).items()}
-    persistent = strategy.persistent_adapters and not strategy.full_finetune
-    for client in clients:
-        tensors[f"rng/{client.adapter}"] = client.generator.get_state()
-    tensors["rng/server"] = server.generator.get_state()
-    if persistent:
-        for client in clients:
-            for role, part in _adapter_parts(client, server):
-                for name, factors in client.holder.factors(part, client.adapter, client.client_id, 0).items():
-                    tensors[f"adapter/{role}/{client.adapter}/{name}/A"] = factors.a
-                    tensors[f"adapter/{role}/{client.adapter}/{name}/B"] = factors.b
-    return tensors
-
-
-def _adapter_parts(client, server) -> list[tuple[str, torch.nn.Module]]:
-    parts = [("client", client.part)]
-    if client.client_id in server.parts:
-        parts.append(("server", server.parts[client.client_id]))
-    return parts
-
-
-@torch.no_grad()
-def restore_state(state, tensors, model, candidates, clients, server, strategy, smoothed) -> None:
-    if strategy.full_finetune:
-        for name, param in model.named_parameters():
-            if f"weight/{name}" in tensors:
-                param.copy_(tensors[f"weight/{name}"])
-    else:
-        for name, candidate in candidates.items():
-            model.get_submodule(candidate.module).weight(candidate.slot).copy_(tensors[f"weight/{name}"])
-    for client, batcher_state, step in zip(clients, state["batchers"], state["client_steps"], strict=True):
-        client.batches.load_state(batcher_state)
-        client.generator.set_state(tensors[f"rng/{client.adapter}"])
-        client.step = step
-    server.generator.set_state(tensors["rng/server"])
-    strategy.importance_at_last_plan = state["importance_at_last_plan"]
-    smoothed.round = state["smoothing"]["round"]
-    smoothed.value = state["smoothing"]["value"]
-    smoothed.gamma = state["smoothing"]["gamma"]
-
-
-@torch.no_grad()
-def load_adapters(tensors, clients, server) -> None:
-    for client in clients:
-        for role, part in _adapter_parts(client, server):
-            for name, layer in candidate_layers(part, client.holder.candidates).items():
-                found = layer.factors(client.adapter, client.holder.candidates[name].slot)
-                if found is not None:
-                    found[0].copy_(tensors[f"adapter/{role}/{client.adapter}/{name}/A"])
-                    found[1].copy_(tensors[f"adapter/{role}/{client.adapter}/{name}/B"])
 
 
 class TrainingDiverged(UsageError):

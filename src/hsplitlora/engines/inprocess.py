@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from hsplitlora.evaluation.perplexity import evaluate_loss
 from hsplitlora.lora.attach import Candidate, set_active_adapter
+from hsplitlora.method.importance import candidate_layers, warmup_sums
 from hsplitlora.models.architectures import Architecture
 from hsplitlora.models.split import ClientPart, ServerPart
 from hsplitlora.roles.client import Client
@@ -126,6 +128,93 @@ class InProcessEngine:
             candidate = self.candidates[name]
             layer = self.model.get_submodule(candidate.module)
             layer.merge(candidate.slot, delta if isinstance(delta, torch.Tensor) else delta.dense())
+
+    # -- what the round loop needs from the roles, without reaching into them ------------------------
+    def warmup_importance(self) -> list[tuple[dict[str, float], int]]:
+        """Per client: sum_j w_j dL/dw_j over one of its batches on the frozen model (round 1's
+        importance, before any training; equal to what client and main server would measure)."""
+        return [warmup_sums(self.model, self.candidates, [next(client.batches)]) for client in self.clients]
+
+    def round_counters(self) -> list[dict[str, int]]:
+        return [{"samples": client.samples, "tokens": client.tokens} for client in self.clients]
+
+    def validation_loss(self, batches: Sequence, persistent_adapters: bool) -> float:
+        """Mean target-token loss of the current model: merged weights, plus the shared adapters
+        for strategies whose adapters persist (all clients hold the same ones after a round)."""
+        adapter = self.clients[0].adapter if persistent_adapters else None
+        loss, _ = evaluate_loss(self.forward_with(adapter), batches)
+        return loss
+
+    def trained_weights(self, full_finetune: bool) -> dict[str, torch.Tensor]:
+        """What training changed: every candidate's merged weight, or every weight under full FT."""
+        if full_finetune:
+            return {n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_" not in n}
+        return {
+            name: self.model.get_submodule(c.module).weight(c.slot).detach().clone().contiguous()
+            for name, c in self.candidates.items()
+        }
+
+    def export_weights(self, persistent_adapters: bool, full_finetune: bool) -> dict[str, torch.Tensor]:
+        """The final model's trained weights, persisting adapters folded in."""
+        final = self.trained_weights(full_finetune)
+        if persistent_adapters and not full_finetune:
+            adapter = self.clients[0].adapter
+            for name, c in self.candidates.items():
+                layer = self.model.get_submodule(c.module)
+                if layer.factors(adapter, c.slot) is not None:
+                    final[name] = final[name] + layer.delta(adapter, c.slot).detach()
+        return final
+
+    def _adapter_parts(self, client: Client) -> list[tuple[str, torch.nn.Module]]:
+        parts = [("client", client.part)]
+        if client.client_id in self.server.parts:
+            parts.append(("server", self.server.parts[client.client_id]))
+        return parts
+
+    def state(self, persistent_adapters: bool, full_finetune: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The roles' state at a round boundary: weights, random generators, batch order and, for
+        strategies whose adapters persist, every adapter (optimizer state is reset every round)."""
+        tensors = {f"weight/{n}": w for n, w in self.trained_weights(full_finetune).items()}
+        for client in self.clients:
+            tensors[f"rng/{client.adapter}"] = client.generator.get_state()
+        tensors["rng/server"] = self.server.generator.get_state()
+        if persistent_adapters and not full_finetune:
+            for client in self.clients:
+                for role, part in self._adapter_parts(client):
+                    for name, factors in client.holder.factors(part, client.adapter, client.client_id, 0).items():
+                        tensors[f"adapter/{role}/{client.adapter}/{name}/A"] = factors.a
+                        tensors[f"adapter/{role}/{client.adapter}/{name}/B"] = factors.b
+        state = {"batchers": [c.batches.state() for c in self.clients], "client_steps": [c.step for c in self.clients]}
+        return state, tensors
+
+    @torch.no_grad()
+    def load_state(
+        self, state: dict, tensors: dict[str, torch.Tensor], plans: Sequence[RoundPlan], persistent_adapters: bool,
+        full_finetune_lr: float | None,
+    ) -> None:  # fmt: skip
+        """Undo `state`: the inverse, given the plan the checkpointed round ran with."""
+        if persistent_adapters:  # kept adapters need their parts and shapes first
+            self.configure(plans, full_finetune_lr=full_finetune_lr)
+            if full_finetune_lr is None:
+                for client in self.clients:
+                    for role, part in self._adapter_parts(client):
+                        for name, layer in candidate_layers(part, self.candidates).items():
+                            found = layer.factors(client.adapter, self.candidates[name].slot)
+                            if found is not None:
+                                found[0].copy_(tensors[f"adapter/{role}/{client.adapter}/{name}/A"])
+                                found[1].copy_(tensors[f"adapter/{role}/{client.adapter}/{name}/B"])
+        if full_finetune_lr is not None:
+            for name, param in self.model.named_parameters():
+                if f"weight/{name}" in tensors:
+                    param.copy_(tensors[f"weight/{name}"])
+        else:
+            for name, c in self.candidates.items():
+                self.model.get_submodule(c.module).weight(c.slot).copy_(tensors[f"weight/{name}"])
+        for client, batcher_state, step in zip(self.clients, state["batchers"], state["client_steps"], strict=True):
+            client.batches.load_state(batcher_state)
+            client.generator.set_state(tensors[f"rng/{client.adapter}"])
+            client.step = step
+        self.server.generator.set_state(tensors["rng/server"])
 
     def forward_with(self, adapter: str | None) -> Callable:
         """The whole model's logits with one client's adapters active (None: merged weights only)."""
