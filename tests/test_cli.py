@@ -167,3 +167,37 @@ def test_merged_export_reloads_with_transformers_and_gives_the_same_logits(tmp_p
     torch.testing.assert_close(reloaded.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
     assert run_cli("export", str(run_dir), "--merged", str(tmp_path / "hf")) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_adapter_export_loads_with_peft_and_reports_the_svd_error(tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from hsplitlora.evaluation.run_eval import load_run_model
+    from hsplitlora.models.loading import load_model
+
+    run_dir = tmp_path / "run"
+    assert run_cli("run", "--model", "tiny", "--budgets", "8MB", "--clients", "2", "--rounds", "1", "--steps", "2",
+                   "--val-size", "8", "--lr", "0.01", "--output-dir", str(run_dir)) == 0  # fmt: skip
+    trained, _ = load_run_model(run_dir)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        expected = trained.model(input_ids=ids).logits
+
+    # Full rank: the adapter reproduces the fine-tuned model.
+    assert run_cli("export", str(run_dir), "--adapter", str(tmp_path / "full"), "--rank", "64") == 0
+    model = PeftModel.from_pretrained(load_model("tiny").model, tmp_path / "full").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+
+    # Rank 2: the reported error is ||dW - B A|| / ||dW|| computed directly from the saved factors.
+    assert run_cli("export", str(run_dir), "--adapter", str(tmp_path / "low"), "--rank", "2") == 0
+    reported = json.loads((tmp_path / "low" / "approximation_error.json").read_text())["relative_frobenius_error"]
+    model = PeftModel.from_pretrained(load_model("tiny").model, tmp_path / "low")
+    base = load_model("tiny").model
+    name = "model.layers.0.self_attn.q_proj"
+    layer = model.base_model.model.get_submodule(name)
+    delta = trained.model.get_submodule(name).base.weight - base.get_submodule(name).weight
+    approx = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    direct = float(torch.linalg.norm(delta - approx) / torch.linalg.norm(delta))
+    assert 0 < reported[name] < 1 and reported[name] == pytest.approx(direct, rel=1e-4)

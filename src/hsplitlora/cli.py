@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8, help="MRs generated together (8)")
     export = commands.add_parser("export", help="a finished run's merged model as a Hugging Face folder")
     export.add_argument("run_dir", help="a run folder written by hsplitlora run")
-    export.add_argument("--merged", required=True, metavar="OUT", help="folder to write (new or empty)")
+    target = export.add_mutually_exclusive_group(required=True)
+    target.add_argument("--merged", metavar="OUT", help="write a Hugging Face model folder (new or empty)")
+    target.add_argument("--adapter", metavar="OUT", help="write a peft LoRA adapter of the whole update")
+    export.add_argument("--rank", type=int, default=16, help="rank of the --adapter export (truncated SVD, 16)")
     prepare = commands.add_parser("prepare-model", help="convert the default model's GGUF into the cache")
     prepare.add_argument("--force", action="store_true", help="convert again even if cached")
     return parser
@@ -336,10 +339,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hsplitlora.evaluation.export import export_merged
+    from hsplitlora.evaluation.export import export_adapter, export_merged
 
-    path = export_merged(args.run_dir, args.merged)
-    print(f"merged model written to {path} (load it with AutoModelForCausalLM.from_pretrained)")
+    if args.merged:
+        path = export_merged(args.run_dir, args.merged)
+        print(f"merged model written to {path} (load it with AutoModelForCausalLM.from_pretrained)")
+        return 0
+    errors = export_adapter(args.run_dir, args.adapter, args.rank)
+    worst = max(errors, key=errors.get)
+    print(f"peft adapter (rank {args.rank}) written to {args.adapter}; relative error of the truncated update: "
+          f"mean {sum(errors.values()) / len(errors):.4f}, worst {errors[worst]:.4f} ({worst}); "
+          f"per matrix in {args.adapter}/approximation_error.json")  # fmt: skip
     return 0
 
 

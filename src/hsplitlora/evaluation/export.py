@@ -34,3 +34,55 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
         if staging.exists():
             shutil.rmtree(staging)
     return out_dir
+
+
+def export_adapter(run_dir: str | Path, out_dir: str | Path, rank: int) -> dict[str, float]:
+    """The whole fine-tuning update as a standard peft LoRA adapter: per wrapped module, the
+    accumulated dW = W_trained - W_base compressed by truncated SVD to `rank` (B = U_r S_r,
+    A = V_r^T, alpha = r so the scale is 1). Returns each module's relative Frobenius error
+    ||dW - B A|| / ||dW|| (0 for an unchanged module)."""
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from hsplitlora.lora.layer import MultiLoRALayer
+    from hsplitlora.models.loading import load_model
+    from hsplitlora.reporting import write_json_atomic
+
+    if rank < 1:
+        raise UsageError(f"rank must be a positive integer, got {rank}.")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UsageError(f"export folder {out_dir} exists and is not empty; choose a new folder.")
+    trained, config = load_run_model(run_dir)
+    if config.get("strategy") == "ft":
+        raise UsageError("a fully fine-tuned run changed every weight, not only LoRA targets; export it with --merged.")
+    modules = {name: m for name, m in trained.model.named_modules() if isinstance(m, MultiLoRALayer)}
+    if any(m.transposed for m in modules.values()) and not all(m.transposed for m in modules.values()):
+        raise UsageError("the run mixes Linear and Conv1D targets; export them as a merged model instead.")
+    base = load_model(config["model"], seed=config.get("seed", 0)).model
+    peft_config = LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=sorted(modules),
+        fan_in_fan_out=all(m.transposed for m in modules.values()),
+    )  # fmt: skip
+    peft_model = get_peft_model(base, peft_config)
+    errors: dict[str, float] = {}
+    with torch.no_grad():
+        for name, layer in modules.items():
+            delta = layer.base.weight - base.get_submodule(name).base_layer.weight
+            if layer.transposed:  # Conv1D stores (d_in, d_out)
+                delta = delta.T
+            u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+            r = min(rank, s.numel())
+            b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
+            a = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
+            b[:, :r], a[:r] = u[:, :r] * s[:r], vh[:r]
+            target = base.get_submodule(name)
+            target.lora_A["default"].weight.copy_(a)
+            target.lora_B["default"].weight.copy_(b)
+            norm = torch.linalg.norm(delta.double())
+            errors[name] = float(torch.linalg.norm(delta.double() - b @ a) / norm) if norm > 0 else 0.0
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out_dir)
+    write_json_atomic(out_dir / "approximation_error.json", {"rank": rank, "relative_frobenius_error": errors})
+    return errors
