@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ class RunConfig:
     local_steps: int = 10  # E: local steps per client per round (flag alias: --steps)
     # Devices: explicit budgets ("800MB,1.5GB,..."), else a named preset; per-client overrides
     # {client: {budget, flops, bandwidth}} in the config file.
-    budgets: str | None = None
+    budgets: str | list[str] | None = None
     device_preset: str = "hetero5"
     devices: dict | None = None
     server_budget: str = "16GB"
@@ -79,6 +82,9 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every value that does not need the model; raise UsageError on the first bad one."""
+        hints = typing.get_type_hints(RunConfig)
+        for item in dataclasses.fields(self):
+            _check_type(item.name, getattr(self, item.name), hints[item.name])
         _positive("clients", self.clients)
         _positive("rounds", self.rounds)
         _positive("local_steps", self.local_steps)
@@ -90,6 +96,26 @@ class RunConfig:
             raise UsageError(f"lr must be a positive number, got {self.lr}.")
         if not self.alpha > 0:
             raise UsageError(f"alpha must be a positive number, got {self.alpha}.")
+        for name in ("rho", "gamma_max"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UsageError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        for name in ("tau", "ft_lr"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"{name} must be a positive number, got {getattr(self, name)}.")
+        if not 0 <= self.replan_delta <= 1:
+            raise UsageError(f"replan_delta must be in [0, 1], got {self.replan_delta}.")
+        _positive("s_min", self.s_min)
+        _positive("r_ref", self.r_ref)
+        _positive("warmup_batches", self.warmup_batches)
+        if self.threads is not None:
+            _positive("threads", self.threads)
+        from hsplitlora.devices import PRESETS, resolve_devices
+        from hsplitlora.method.planner import parse_bytes
+
+        parse_bytes(self.server_budget)
+        if self.budgets is None and self.device_preset not in PRESETS:
+            raise UsageError(f"device preset {self.device_preset!r} is unknown; choose one of {', '.join(PRESETS)}.")
+        resolve_devices(self.clients, self.budgets, self.device_preset, self.devices)
         for rank in self.per_client("rank") if self.rank is not None else []:
             if rank < 0:
                 raise UsageError(f"rank must be 0 (no adapter) or a positive integer, got {rank}.")
@@ -118,6 +144,38 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).replace('an ', '').replace('a ', '')}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+            type(None): "left out"}.get(hint, str(hint))  # fmt: skip
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _check_type(name: str, value, hint) -> None:
+    if not _matches(value, hint):
+        raise UsageError(f"{name} must be {_describe(hint)}, got {value!r}.")
 
 
 def _positive(name: str, value: int) -> None:

@@ -3,6 +3,7 @@ client, from named presets, explicit budgets, or per-client overrides (method.md
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from hsplitlora.errors import UsageError
@@ -42,6 +43,16 @@ DEFAULT_FLOPS = 200e9
 DEFAULT_BANDWIDTH = 100e6 / 8
 
 
+def _positive_number(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise UsageError(f"{name} must be a positive number, got {value!r}.")
+    return number
+
+
 def resolve_devices(
     clients: int,
     budgets: str | list | None = None,
@@ -66,16 +77,20 @@ def resolve_devices(
             raise UsageError(f"device preset {name!r} is unknown; choose one of {', '.join(PRESETS)}.")
         devices = [PRESETS[name][i % len(PRESETS[name])] for i in range(clients)]
     for key, change in (overrides or {}).items():
-        client = int(key)
-        if not 0 <= client < clients:
-            raise UsageError(f"device override for client {client} names no client; clients are 0..{clients - 1}.")
+        client = int(key) if str(key).lstrip("-").isdigit() else None
+        if client is None or not 0 <= client < clients:
+            raise UsageError(f"device override for client {key!r} names no client; clients are 0..{clients - 1}.")
+        if not isinstance(change, dict):
+            raise UsageError(f"device override for client {client} must map budget/flops/bandwidth to values.")
         unknown = set(change) - {"budget", "flops", "bandwidth"}
         if unknown:
-            raise UsageError(f"device override key {sorted(unknown)[0]!r} is unknown; use budget, flops, bandwidth.")
+            raise UsageError(
+                f"device override key {sorted(map(str, unknown))[0]!r} is unknown; use budget, flops, bandwidth."
+            )
         old = devices[client]
         devices[client] = DeviceProfile(
             parse_bytes(change["budget"]) if "budget" in change else old.budget_bytes,
-            float(change.get("flops", old.flops)),
-            float(change.get("bandwidth", old.bandwidth)),
+            _positive_number(f"flops of client {client}", change.get("flops", old.flops)),
+            _positive_number(f"bandwidth of client {client}", change.get("bandwidth", old.bandwidth)),
         )
     return devices

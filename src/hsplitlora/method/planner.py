@@ -204,7 +204,7 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2*
 
 def parse_bytes(text: str | int) -> int:
     """`800MB`, `1.5GB`, `2GiB`, `123456` -> bytes."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
         return text
     raw = str(text).strip()
     lowered = raw.lower().replace(" ", "")
