@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from hsplitlora.data.e2e import collate, data_file, encode, read_e2e
 from hsplitlora.models.loading import byte_tokenizer, freeze, tiny_gpt2, tiny_llama
 
-BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+def _tiny_from(config_class, model_class, **extra):
+    def build(vocab_size: int, num_layers: int = 4, seed: int = 0):
+        config = config_class(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=512, **extra)  # fmt: skip
+        torch.manual_seed(seed)
+        return model_class(config)
+
+    return build
+
+
+BUILDERS = {
+    "llama": tiny_llama,
+    "gpt2": tiny_gpt2,
+    # Qwen2: biases on q, k, v; Mistral: a sliding window shorter than the batch's sequences.
+    "qwen2": _tiny_from(Qwen2Config, Qwen2ForCausalLM),
+    "mistral": _tiny_from(MistralConfig, MistralForCausalLM, sliding_window=16),
+    # Qwen2 with sliding-window attention on its upper layers only: masks differ per block.
+    "qwen2-sliding": _tiny_from(
+        Qwen2Config, Qwen2ForCausalLM, use_sliding_window=True, sliding_window=16, max_window_layers=2
+    ),  # fmt: skip
+}
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def adapter_grads(model, name: str) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "mistral", "qwen2-sliding"])
 def test_split_step_equals_unsplit_model(family, tokenizer, batch):
     model = build_tiny(family, tokenizer, num_layers=4)
     attach_lora(model, ["q", "k", "v", "o", "up", "down"])

@@ -77,42 +77,42 @@ class _NormHead(nn.Module):
 
 
 class _LlamaContext(nn.Module):
-    """Rotary position embeddings and the causal mask (full or sliding window per block); holds
-    no trainable or frozen weights, only the rotary frequency buffer."""
+    """Rotary position embeddings and the causal masks; holds no weights, only the rotary
+    frequency buffer. Each block gets the mask its attention type asks for: Qwen2 names a type
+    per layer (`layer_types`), Mistral slides a window on every layer when it has one."""
 
     def __init__(self, config: Any, rotary_emb: nn.Module):
         super().__init__()
         self.config = config
         self.rotary_emb = rotary_emb
 
+    def attention_type(self, block: nn.Module) -> str:
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types:
+            return layer_types[block.self_attn.layer_idx]
+        if self.config.model_type == "mistral" and getattr(self.config, "sliding_window", None):
+            return "sliding_attention"
+        return "full_attention"
+
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> dict:
-        masks = {
-            "full_attention": create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                past_key_values=None,
-                position_ids=position_ids,
-            )
-        }
-        if getattr(self.config, "sliding_window", None):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                past_key_values=None,
-                position_ids=position_ids,
-            )
+        arguments = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
+                     "past_key_values": None, "position_ids": position_ids}  # fmt: skip
         return {
-            "masks": masks,
+            # Both kinds are cheap to build, and a part does not know which of its blocks need which.
+            "masks": {
+                "full_attention": create_causal_mask(**arguments),
+                "sliding_attention": create_sliding_window_causal_mask(**arguments)
+                if getattr(self.config, "sliding_window", None)
+                else None,
+            },
             "position_embeddings": self.rotary_emb(hidden, position_ids=position_ids),
             "position_ids": position_ids,
+            "attention_type": self.attention_type,
         }
 
     @staticmethod
     def call_block(block: nn.Module, hidden: torch.Tensor, context: dict) -> torch.Tensor:
-        kind = getattr(block, "attention_type", "full_attention")
-        mask = context["masks"].get(kind, context["masks"]["full_attention"])
+        mask = context["masks"][context["attention_type"](block)]
         out = block(
             hidden,
             attention_mask=mask,
