@@ -57,6 +57,9 @@ class RunConfig:
     eval_every: int = 1
     val_size: int = 128  # evaluation rows of testset_w_refs.csv used for validation loss
     output_dir: str | None = None
+    engine: str = "inprocess"  # inprocess | ray
+    ray_address: str | None = None  # join this Ray cluster; default: a local instance on localhost
+    ray_client_resources: dict | None = None  # Ray actor options per client: num_cpus, memory, resources
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
@@ -125,6 +128,8 @@ class RunConfig:
 
         if self.strategy not in STRATEGIES:
             raise UsageError(f"strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
+        if self.engine not in ("inprocess", "ray"):
+            raise UsageError(f"engine {self.engine!r} is unknown; choose inprocess or ray.")
         if self.partition not in ("iid", "dirichlet"):
             raise UsageError(f"partition {self.partition!r} is unknown; choose iid or dirichlet.")
         if not self.dirichlet_alpha > 0:

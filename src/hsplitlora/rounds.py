@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -85,6 +86,7 @@ def candidate_weights(model: torch.nn.Module, candidates: dict[str, Candidate]) 
 class Reporter:
     """What the loop tells a person: plain-callable hooks (the CLI draws progress with rich)."""
 
+    def engine_ready(self, engine) -> None: ...
     def round_started(self, round_: int, rounds: int, plan: Plan, replanned: bool) -> None: ...
     def step(self, round_: int, step: int, losses: list[float]) -> None: ...
     def round_finished(self, line: dict) -> None: ...
@@ -150,9 +152,6 @@ def run(
     val_batches = [collate(validation[i : i + config.batch_size], tokenizer.pad_token_id)
                    for i in range(0, len(validation), config.batch_size)]  # fmt: skip
 
-    clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id)
-    engine = InProcessEngine(model, arch, candidates, clients, server, FedServer(strategy_class.aggregator))
-
     fixed_splits = config.split_points(num_blocks) if config.split_point is not None else None
     for split_point in fixed_splits or []:
         check_split_point(split_point, num_blocks)
@@ -164,6 +163,61 @@ def run(
         fixed_splits, fixed_ranks,
     )  # fmt: skip
     strategy = strategy_class(context)
+    if config.engine == "ray":
+        from hsplitlora.engines.ray_engine import RayEngine
+
+        # Cuts follow the budgets, not importance: a uniform plan tells each actor which blocks to load.
+        cuts = [c.split_point for c in strategy.plan(dict.fromkeys(candidates, 1.0)).clients]
+        spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
+                "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
+                # Steps are sequential (client, server, client), so each actor may use every core.
+                "threads": config.threads or os.cpu_count()}  # fmt: skip
+        shard_items = [[encoded[i] for i in shard] for shard in shards]
+        fed_server = FedServer(strategy_class.aggregator)
+        engine = RayEngine(spec, shard_items, cuts, candidates, fed_server, config.ray_address,
+                           config.ray_client_resources)  # fmt: skip
+    else:
+        clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id)
+        engine = InProcessEngine(model, arch, candidates, clients, server, FedServer(strategy_class.aggregator))
+    reporter.engine_ready(engine)
+    setup = _Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
+                   val_batches, fixed_ranks, steps_per_round, started)  # fmt: skip
+    try:
+        return _run_rounds(setup, reporter, log, resume)
+    finally:
+        engine.shutdown()
+
+
+@dataclass
+class _Setup:
+    """Everything the rounds need, built once by `run`."""
+
+    config: RunConfig
+    engine: object
+    strategy: object
+    memory: object
+    devices: list
+    server_budget: int
+    shards: list
+    num_blocks: int
+    candidates: dict
+    model: torch.nn.Module
+    val_batches: list
+    fixed_ranks: list | None
+    steps_per_round: int
+    started: float
+
+
+def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], resume: bool) -> RunResult:
+    config, engine, strategy, memory, devices = setup.config, setup.engine, setup.strategy, setup.memory, setup.devices
+    server_budget, shards, num_blocks, candidates = (
+        setup.server_budget,
+        setup.shards,
+        setup.num_blocks,
+        setup.candidates,
+    )
+    model, val_batches, fixed_ranks, started = setup.model, setup.val_batches, setup.fixed_ranks, setup.started
+    steps_per_round = setup.steps_per_round
     ft_lr = config.ft_lr if strategy.full_finetune else None
     smoothed = SmoothedImportance(config.gamma_max, config.tau)
 
@@ -254,7 +308,7 @@ def run(
         timing = round_time(memory, plan.clients, devices, work, SERVER["flops"], model.config.vocab_size,
                             _hidden_size(model))  # fmt: skip
         sim_time += timing["round_s"]
-        train_loss = float(np.mean([np.mean(losses) for losses in history]))
+        train_loss = _mean([loss for losses in history for loss in losses])
         counters = engine.round_counters()
         line = {
             "round": round_,
@@ -270,6 +324,7 @@ def run(
             "bytes_up": sum(engine.bytes_up.values()),
             "bytes_down": sum(engine.bytes_down.values()),
             "replanned": replanned,
+            "events": [dict(e, round=round_) for e in engine.events],
             "kendall_distance": distance,
             "smoothing_gamma": smoothed.gamma if strategy.uses_importance else None,
             "clients": [
@@ -282,7 +337,7 @@ def run(
                     "predicted_bytes": c.predicted_bytes,
                     "budget_bytes": c.budget_bytes,
                     "samples": counters[c.client]["samples"],
-                    "train_loss": float(np.mean([losses[c.client] for losses in history])),
+                    "train_loss": _mean([losses[c.client] for losses in history]),
                     "sim_time_s": timing["client_s"][c.client],
                     **{f"bytes_{k}": v for k, v in engine.traffic[c.client].items()},
                 }
@@ -334,9 +389,15 @@ class TrainingDiverged(UsageError):
     """A non-finite loss: the run stops; the previous round's checkpoint stays as it was."""
 
 
-def _check_finite(round_: int, step: int, losses: list[float], plan: Plan, folder: RunFolder) -> None:
+def _mean(values: list[float | None]) -> float | None:
+    """Mean over the losses that exist (a client lost during a round has none)."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _check_finite(round_: int, step: int, losses: list[float | None], plan: Plan, folder: RunFolder) -> None:
     for position, loss in enumerate(losses):
-        if not math.isfinite(loss):
+        if loss is not None and not math.isfinite(loss):
             client = plan.clients[position].client
             raise TrainingDiverged(
                 f"client {client}'s loss became {loss} at round {round_}, step {step + 1}; the run stopped and "

@@ -38,6 +38,10 @@ class InProcessEngine:
         self.server = server
         self.fed_server = fed_server or FedServer()
         self.traffic = {c.client_id: dict.fromkeys(TRAFFIC, 0) for c in self.clients}
+        self.events: list[dict] = []  # nothing fails in one process; the Ray engine logs lost clients
+
+    def shutdown(self) -> None:
+        """Nothing to release in one process."""
 
     @property
     def bytes_up(self) -> dict[int, int]:

@@ -1,0 +1,471 @@
+"""The Ray engine: every client is a Ray actor holding only its data shard and its blocks (loaded
+alone from the weights file), the main server an actor holding the blocks from the shallowest cut
+on and the head; the fed server aggregates in the driver. The roles' code is the in-process one;
+only the moving of messages differs. Activations, gradients, adapters and updates cross through
+Ray's object store; nothing else is shared.
+
+A client actor that dies during a round does not stop the run: the round completes with the
+others (aggregation weights renormalise over them since only their uploads arrive), the event is
+logged, and the client is restarted for the next round from the last aggregated weights of its
+blocks (taken from the holders that kept them) and its batch order at the start of the round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hsplitlora.data.e2e import Batcher, Encoded
+from hsplitlora.errors import UsageError
+from hsplitlora.lora.attach import attach_lora, set_active_adapter
+from hsplitlora.losses import target_token_loss
+from hsplitlora.models.architectures import architecture_of
+from hsplitlora.models.loading import held_parameter_names, load_part
+from hsplitlora.models.split import ClientPart, ServerPart
+from hsplitlora.roles.client import Client
+from hsplitlora.roles.fed_server import FedServer
+from hsplitlora.roles.main_server import MainServer
+from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
+
+TRAFFIC = ("activations", "gradients", "adapters_up", "adapters_down")
+
+
+class _Holder:
+    """What both actor kinds share: a partial model with LoRA layers on its candidates."""
+
+    def _load(self, spec: dict, blocks: range, embedding: bool, head: bool) -> None:
+        torch.set_num_threads(spec.get("threads") or 1)
+        loaded = load_part(spec["model"], blocks, embedding=embedding, head=head, seed=spec["seed"],
+                           with_tokenizer=False)  # fmt: skip
+        self.model = loaded.model
+        self.arch = architecture_of(self.model)
+        self.num_blocks = self.arch.num_blocks(self.model)
+        self.blocks = blocks
+        candidates = attach_lora(self.model, spec["targets"])
+        self.candidates = {n: c for n, c in candidates.items() if c.block in blocks}
+
+    def held_parameter_names(self) -> list[str]:
+        return held_parameter_names(self.model)
+
+    def weights(self, names: Sequence[str], full: bool = False) -> dict[str, torch.Tensor]:
+        if full:
+            return {n: p.detach().clone() for n, p in self.model.named_parameters()
+                    if "lora_" not in n and not p.is_meta and any(n.startswith(k) for k in names)}  # fmt: skip
+        return {n: self.model.get_submodule(self.candidates[n].module).weight(self.candidates[n].slot).detach().clone()
+                for n in names if n in self.candidates}  # fmt: skip
+
+    @torch.no_grad()
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, weight in weights.items():
+            if name in self.candidates:
+                c = self.candidates[name]
+                self.model.get_submodule(c.module).weight(c.slot).copy_(weight)
+            elif name in params and not params[name].is_meta:
+                params[name].copy_(weight)
+
+
+class ClientActor(_Holder):
+    def __init__(self, spec: dict, client_id: int, items: list[Encoded], split_point: int, local: bool):
+        self._load(spec, range(split_point if not local else 10**9), embedding=True, head=local)
+        if local:
+            self.blocks = range(self.num_blocks)
+        batches = Batcher(items, spec["batch_size"], spec["pad_id"], spec["seed"] + client_id)
+        self.client = Client(client_id, batches, self.candidates, spec["lr"], spec["alpha"], spec["seed"])
+
+    def configure(self, plan: RoundPlan, fresh: bool, ft_lr: float | None) -> None:
+        part = ClientPart(self.arch, self.model, plan.split_point)
+        head = ServerPart(self.arch, self.model, self.num_blocks) if plan.split_point >= self.num_blocks else None
+        if head is not None:
+            self.client.configure(plan, part, fresh, head=head, full_finetune_lr=ft_lr)
+        else:
+            self.client.configure(plan, part, fresh)
+
+    def forward(self):
+        return self.client.forward()
+
+    def backward(self, gradient) -> None:
+        self.client.backward(gradient)
+
+    def local_step(self) -> float:
+        return self.client.local_step()
+
+    def measure_importance(self, enabled: bool) -> None:
+        self.client.measure_importance(enabled)
+
+    def importance_report(self):
+        return self.client.importance_report()
+
+    def counters(self) -> dict:
+        return {"samples": self.client.samples, "tokens": self.client.tokens}
+
+    def upload(self):
+        return self.client.upload()
+
+    def apply_update(self, update: ModelUpdate) -> None:
+        self.client.apply_update(update)
+
+    def apply_adapters(self, broadcast: AdapterBroadcast) -> None:
+        self.client.apply_adapters(broadcast)
+
+    @torch.no_grad()
+    def eval_forward(self, input_ids, attention_mask, adapter: str | None):
+        set_active_adapter(self.client.part, adapter)
+        return self.client.part(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def eval_head_loss(self, hidden, attention_mask, labels, adapter: str | None):
+        set_active_adapter(self.client.head, adapter)
+        total, count = target_token_loss(self.client.head(hidden, attention_mask), labels)
+        return float(total), count
+
+    def adapter_factors(self) -> dict:
+        return self.client.holder.factors(self.client.part, self.client.adapter, self.client.client_id, 0)
+
+    def load_adapter_factors(self, factors: dict) -> None:
+        layers = {n: self.model.get_submodule(c.module) for n, c in self.candidates.items()}
+        with torch.no_grad():
+            for name, (a, b) in factors.items():
+                found = layers[name].factors(self.client.adapter, self.candidates[name].slot)
+                found[0].copy_(a)
+                found[1].copy_(b)
+
+    def state(self) -> dict:
+        return {"batcher": self.client.batches.state(), "step": self.client.step,
+                "generator": self.client.generator.get_state()}  # fmt: skip
+
+    def load_state(self, state: dict) -> None:
+        self.client.batches.load_state(state["batcher"])
+        self.client.step = state["step"]
+        self.client.generator.set_state(state["generator"])
+
+
+class ServerActor(_Holder):
+    def __init__(self, spec: dict, shallowest_split: int):
+        num_blocks = spec["num_blocks"]
+        self._load(spec, range(shallowest_split, num_blocks), embedding=False, head=True)
+        self.server = MainServer(self.candidates, spec["lr"], spec["alpha"], spec["seed"])
+
+    def configure(self, plan: RoundPlan, fresh: bool) -> None:
+        self.server.configure(plan, ServerPart(self.arch, self.model, plan.split_point), fresh)
+
+    def step(self, activations):
+        return self.server.step(activations)
+
+    def measure_importance(self, enabled: bool) -> None:
+        self.server.measure_importance(enabled)
+
+    def importance_report(self, client_id: int):
+        return self.server.importance_report(client_id)
+
+    def upload(self, client_id: int):
+        return self.server.upload(client_id)
+
+    def apply_update(self, update: ModelUpdate) -> None:
+        self.server.apply_update(update)
+
+    def apply_adapters(self, broadcast: AdapterBroadcast) -> None:
+        self.server.apply_adapters(broadcast)
+
+    @torch.no_grad()
+    def eval_loss(self, client_id: int, hidden, attention_mask, labels, adapter: str | None):
+        part = self.server.parts[client_id]
+        set_active_adapter(part, adapter)
+        total, count = target_token_loss(part(hidden, attention_mask), labels)
+        return float(total), count
+
+    def adapter_factors(self, client_id: int) -> dict:
+        return self.server.holder.factors(self.server.parts[client_id], f"client{client_id}", client_id, 0)
+
+    def load_adapter_factors(self, client_id: int, factors: dict) -> None:
+        part = self.server.parts[client_id]
+        from hsplitlora.method.importance import candidate_layers
+
+        layers = candidate_layers(part, self.candidates)
+        with torch.no_grad():
+            for name, (a, b) in factors.items():
+                found = layers[name].factors(f"client{client_id}", self.candidates[name].slot)
+                found[0].copy_(a)
+                found[1].copy_(b)
+
+    def generator_state(self):
+        return self.server.generator.get_state()
+
+    def set_generator_state(self, state) -> None:
+        self.server.generator.set_state(state)
+
+
+class RayEngine:
+    """The engine interface of InProcessEngine, over Ray actors."""
+
+    def __init__(
+        self,
+        spec: dict,
+        shards: list[list[Encoded]],
+        split_points: list[int],
+        candidates: dict,
+        fed_server: FedServer,
+        address: str | None = None,
+        client_resources: dict | None = None,
+    ):
+        import ray
+
+        self.ray = ray
+        self.owns_ray = not ray.is_initialized()
+        if self.owns_ray:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:  # a local instance sized to this machine, listening on localhost only
+                import os
+
+                ray.init(num_cpus=os.cpu_count(), object_store_memory=512 * 2**20, include_dashboard=False,
+                         log_to_driver=False, _node_ip_address="127.0.0.1")  # fmt: skip
+        self.spec = spec
+        self.shards = shards
+        self.split_points = list(split_points)
+        self.num_blocks = spec["num_blocks"]
+        self.candidates = candidates
+        self.fed_server = fed_server
+        self.local = [s >= self.num_blocks for s in split_points]
+        self.client_class = ray.remote(ClientActor).options(**(client_resources or {"num_cpus": 0}))
+        self.actors = [self._start_client(cid) for cid in range(len(shards))]
+        split = [s for s, local in zip(split_points, self.local, strict=True) if not local]
+        self.server = ray.remote(ServerActor).options(num_cpus=0).remote(spec, min(split)) if split else None
+        self.dead: set[int] = set()
+        self.events: list[dict] = []
+        self.snapshots: dict[int, dict] = {}
+        self.plans: list[RoundPlan] = []
+        self.last_broadcast: AdapterBroadcast | None = None
+        self.traffic = {cid: dict.fromkeys(TRAFFIC, 0) for cid in range(len(shards))}
+
+    def _start_client(self, cid: int):
+        return self.client_class.remote(self.spec, cid, self.shards[cid], self.split_points[cid], self.local[cid])
+
+    def _get(self, ref):
+        return self.ray.get(ref)
+
+    @property
+    def live(self) -> list[int]:
+        return [cid for cid in range(len(self.actors)) if cid not in self.dead]
+
+    @property
+    def bytes_up(self) -> dict[int, int]:
+        return {cid: t["activations"] + t["adapters_up"] for cid, t in self.traffic.items()}
+
+    @property
+    def bytes_down(self) -> dict[int, int]:
+        return {cid: t["gradients"] + t["adapters_down"] for cid, t in self.traffic.items()}
+
+    def reset_traffic(self) -> None:
+        self.traffic = {cid: dict.fromkeys(TRAFFIC, 0) for cid in self.traffic}
+        self.events = []
+
+    def shutdown(self) -> None:
+        if self.owns_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+
+    # -- a lost client comes back with the last aggregated weights of its blocks -------------------
+    def _restart(self, cid: int) -> None:
+        self.actors[cid] = self._start_client(cid)
+        names = [n for n, c in self.candidates.items() if c.block < self.split_points[cid]]
+        weights = self._gather(names, exclude=cid)
+        self._get(self.actors[cid].set_weights.remote(weights))
+        if cid in self.snapshots:
+            self._get(self.actors[cid].load_state.remote(self.snapshots[cid]))
+        self.dead.discard(cid)
+        self.events.append({"event": "client_restarted", "client": cid})
+
+    def _gather(self, names: Sequence[str], exclude: int | None = None, full: bool = False) -> dict:
+        """Current weights by name from whoever holds them: the server, else a living client."""
+        found: dict = {}
+        if self.server is not None:
+            found.update(self._get(self.server.weights.remote(list(names), full)))
+        for cid in sorted(self.live, key=lambda c: -self.split_points[c]):
+            missing = [n for n in names if n not in found] if not full else list(names)
+            if cid == exclude or not missing:
+                continue
+            for name, weight in self._get(self.actors[cid].weights.remote(missing, full)).items():
+                found.setdefault(name, weight)
+        return found
+
+    # -- the engine interface --------------------------------------------------------------------
+    def configure(self, plans: Sequence[RoundPlan], fresh: bool = True, full_finetune_lr: float | None = None) -> None:
+        if [p.split_point for p in plans] != self.split_points:
+            raise UsageError("the ray engine keeps each client's cut for the whole run (clients load their blocks "
+                             "once); this plan moves a cut.")  # fmt: skip
+        for cid in sorted(self.dead):
+            self._restart(cid)
+        self.plans = list(plans)
+        refs = []
+        for plan, actor in zip(plans, self.actors, strict=True):
+            restarted_persistent = not fresh and self.last_broadcast is not None and any(
+                e["client"] == plan.client_id for e in self.events)  # fmt: skip
+            refs.append(actor.configure.remote(plan, fresh or restarted_persistent, full_finetune_lr))
+            if not self.local[plan.client_id]:
+                refs.append(self.server.configure.remote(plan, fresh))
+        self.ray.get(refs)
+        if self.last_broadcast is not None:
+            for event in self.events:
+                if event["event"] == "client_restarted":
+                    self._get(self.actors[event["client"]].apply_adapters.remote(self.last_broadcast))
+        self.snapshots = {cid: self._get(self.actors[cid].state.remote()) for cid in self.live}
+
+    def measure_importance(self, enabled: bool) -> None:
+        refs = [self.actors[cid].measure_importance.remote(enabled) for cid in self.live]
+        if self.server is not None:
+            refs.append(self.server.measure_importance.remote(enabled))
+        self.ray.get(refs)
+
+    def _step(self, cid: int) -> float | None:
+        actor = self.actors[cid]
+        if self.local[cid]:
+            return self._get(actor.local_step.remote())
+        activations = self._get(actor.forward.remote())
+        self.traffic[cid]["activations"] += activations.nbytes()
+        gradient = self._get(self.server.step.remote(activations))
+        self.traffic[cid]["gradients"] += gradient.nbytes()
+        self._get(actor.backward.remote(gradient))
+        return gradient.loss
+
+    def local_steps(self, steps: int, on_step: Callable | None = None) -> list[list[float | None]]:
+        history = []
+        for step in range(steps):
+            losses: list[float | None] = []
+            for cid in range(len(self.actors)):
+                loss = None
+                if cid not in self.dead:
+                    try:
+                        loss = self._step(cid)
+                    except self.ray.exceptions.RayActorError:
+                        self.dead.add(cid)
+                        self.events.append({"event": "client_lost", "client": cid, "step": step + 1})
+                losses.append(loss)
+            history.append(losses)
+            if on_step is not None:
+                on_step(step, losses)
+        return history
+
+    def importance_reports(self) -> list[tuple[dict[str, float], int, int]]:
+        reports = []
+        for cid in range(len(self.actors)):
+            if cid in self.dead:
+                reports.append(({}, 0, 0))
+                continue
+            client_sums, batches = self._get(self.actors[cid].importance_report.remote())
+            server_sums = {} if self.local[cid] else self._get(self.server.importance_report.remote(cid))[0]
+            samples = self._get(self.actors[cid].counters.remote())["samples"]
+            reports.append(({**client_sums, **server_sums}, batches, samples))
+        return reports
+
+    def round_counters(self) -> list[dict[str, int]]:
+        return [{"samples": 0, "tokens": 0} if cid in self.dead else self._get(self.actors[cid].counters.remote())
+                for cid in range(len(self.actors))]  # fmt: skip
+
+    def aggregate(self, round_: int) -> ModelUpdate | AdapterBroadcast:
+        """Uploads of the clients still alive (weights renormalise over them) -> fed server -> back."""
+        uploads = []
+        for cid in self.live:
+            upload = self._get(self.actors[cid].upload.remote())
+            self.traffic[cid]["adapters_up"] += upload.nbytes()
+            uploads.append(upload)
+            if not self.local[cid]:
+                uploads.append(self._get(self.server.upload.remote(cid)))
+        result = self.fed_server.aggregate(round_, uploads)
+        method = "apply_update" if isinstance(result, ModelUpdate) else "apply_adapters"
+        refs = []
+        for cid in self.live:
+            names = {n for n, c in self.candidates.items() if c.block < self.split_points[cid]}
+            self.traffic[cid]["adapters_down"] += result.nbytes(names)
+            refs.append(getattr(self.actors[cid], method).remote(result))
+        if self.server is not None:
+            refs.append(getattr(self.server, method).remote(result))
+        self.ray.get(refs)
+        if isinstance(result, AdapterBroadcast):
+            self.last_broadcast = result
+        return result
+
+    def validation_loss(self, batches: Sequence, persistent_adapters: bool) -> float:
+        cid = self.live[0]
+        adapter = f"client{cid}" if persistent_adapters else None
+        total, count = 0.0, 0
+        for batch in batches:
+            hidden = self._get(self.actors[cid].eval_forward.remote(batch.input_ids, batch.attention_mask, adapter))
+            if self.local[cid]:
+                loss_sum, n = self._get(self.actors[cid].eval_head_loss.remote(hidden, batch.attention_mask,
+                                                                               batch.labels, adapter))  # fmt: skip
+            else:
+                loss_sum, n = self._get(self.server.eval_loss.remote(cid, hidden, batch.attention_mask, batch.labels,
+                                                                     adapter))  # fmt: skip
+            total += loss_sum
+            count += n
+        return total / count if count else float("nan")
+
+    def warmup_importance(self) -> list[tuple[dict[str, float], int]]:
+        """One split step per client on the frozen model (no adapters yet), both sides measuring."""
+        self.configure([RoundPlan(cid, 0, s, {}) for cid, s in enumerate(self.split_points)])
+        self.measure_importance(True)
+        self.local_steps(1)
+        reports = [(sums, batches) for sums, batches, _ in self.importance_reports()]
+        self.measure_importance(False)
+        return reports
+
+    def trained_weights(self, full_finetune: bool) -> dict[str, torch.Tensor]:
+        if full_finetune:
+            return self._gather([""], full=True)
+        return self._gather(list(self.candidates))
+
+    def export_weights(self, persistent_adapters: bool, full_finetune: bool) -> dict[str, torch.Tensor]:
+        final = self.trained_weights(full_finetune)
+        if persistent_adapters and not full_finetune:
+            cid = self.live[0]
+            factors = dict(self._get(self.actors[cid].adapter_factors.remote()))
+            if not self.local[cid]:
+                factors.update(self._get(self.server.adapter_factors.remote(cid)))
+            for name, f in factors.items():
+                final[name] = final[name] + f.scale * (f.b @ f.a)
+        return final
+
+    def state(self, persistent_adapters: bool, full_finetune: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+        tensors = {f"weight/{n}": w for n, w in self.trained_weights(full_finetune).items()}
+        states = [self._get(self.actors[cid].state.remote()) if cid not in self.dead else self.snapshots[cid]
+                  for cid in range(len(self.actors))]  # fmt: skip
+        for cid, s in enumerate(states):
+            tensors[f"rng/client{cid}"] = s["generator"]
+        if self.server is not None:
+            tensors["rng/server"] = self._get(self.server.generator_state.remote())
+        if persistent_adapters and not full_finetune:
+            for cid in self.live:
+                for name, f in self._get(self.actors[cid].adapter_factors.remote()).items():
+                    tensors[f"adapter/client/client{cid}/{name}/A"], tensors[f"adapter/client/client{cid}/{name}/B"] = (
+                        f.a,
+                        f.b,
+                    )
+                if not self.local[cid]:
+                    for name, f in self._get(self.server.adapter_factors.remote(cid)).items():
+                        tensors[f"adapter/server/client{cid}/{name}/A"] = f.a
+                        tensors[f"adapter/server/client{cid}/{name}/B"] = f.b
+        return {"batchers": [s["batcher"] for s in states], "client_steps": [s["step"] for s in states]}, tensors
+
+    def load_state(self, state, tensors, plans, persistent_adapters: bool, full_finetune_lr: float | None) -> None:
+        weights = {k[len("weight/") :]: v for k, v in tensors.items() if k.startswith("weight/")}
+        refs = [actor.set_weights.remote(weights) for actor in self.actors]
+        if self.server is not None:
+            refs.append(self.server.set_weights.remote(weights))
+            refs.append(self.server.set_generator_state.remote(tensors["rng/server"]))
+        self.ray.get(refs)
+        if persistent_adapters:
+            self.configure(plans, full_finetune_lr=full_finetune_lr)
+            if full_finetune_lr is None:
+                for cid, actor in enumerate(self.actors):
+                    for role in ("client", "server"):
+                        prefix = f"adapter/{role}/client{cid}/"
+                        factors = {k[len(prefix) : -2]: None for k in tensors if k.startswith(prefix)}
+                        pairs = {n: (tensors[f"{prefix}{n}/A"], tensors[f"{prefix}{n}/B"]) for n in factors}
+                        if pairs and role == "client":
+                            self._get(actor.load_adapter_factors.remote(pairs))
+                        elif pairs:
+                            self._get(self.server.load_adapter_factors.remote(cid, pairs))
+        for cid, actor in enumerate(self.actors):
+            self._get(actor.load_state.remote({"batcher": state["batchers"][cid], "step": state["client_steps"][cid],
+                                               "generator": tensors[f"rng/client{cid}"]}))  # fmt: skip
