@@ -321,11 +321,17 @@ class RayEngine:
         actor = self.actors[cid]
         if self.local[cid]:
             return self._get(actor.local_step.remote())
-        activations = self._get(actor.forward.remote())
-        self.traffic[cid]["activations"] += activations.nbytes()
-        gradient = self._get(self.server.step.remote(activations))
+        # Object references chain the three calls inside Ray: the activations go from the client
+        # actor to the server actor and the gradient back without a stop in the driver.
+        activations = actor.forward.remote()
+        gradient_ref = self.server.step.remote(activations)
+        done = actor.backward.remote(gradient_ref)
+        gradient = self._get(gradient_ref)  # the loss, and the sizes for the byte counts
+        self._get(done)
+        batch, width = gradient.grad.shape[:2]
+        # hidden (same shape as its gradient) + attention mask + labels (int64 each)
+        self.traffic[cid]["activations"] += gradient.nbytes() + 2 * batch * width * 8
         self.traffic[cid]["gradients"] += gradient.nbytes()
-        self._get(actor.backward.remote(gradient))
         return gradient.loss
 
     def local_steps(self, steps: int, on_step: Callable | None = None) -> list[list[float | None]]:
@@ -337,7 +343,7 @@ class RayEngine:
                 if cid not in self.dead:
                     try:
                         loss = self._step(cid)
-                    except self.ray.exceptions.RayActorError:
+                    except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError):
                         self.dead.add(cid)
                         self.events.append({"event": "client_lost", "client": cid, "step": step + 1})
                 losses.append(loss)
