@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from hsplitlora.engines.traffic import TrafficLedger
 from hsplitlora.evaluation.perplexity import evaluate_loss
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.method.importance import candidate_layers, warmup_sums
@@ -18,10 +19,8 @@ from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
 from hsplitlora.roles.messages import ActivationGradient, AdapterBroadcast, ModelUpdate, RoundPlan
 
-TRAFFIC = ("activations", "gradients", "adapters_up", "adapters_down")
 
-
-class InProcessEngine:
+class InProcessEngine(TrafficLedger):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -37,22 +36,10 @@ class InProcessEngine:
         self.clients = list(clients)
         self.server = server
         self.fed_server = fed_server or FedServer()
-        self.traffic = {c.client_id: dict.fromkeys(TRAFFIC, 0) for c in self.clients}
-        self.events: list[dict] = []  # nothing fails in one process; the Ray engine logs lost clients
+        self.start_ledger([c.client_id for c in self.clients])
 
     def shutdown(self) -> None:
         """Nothing to release in one process."""
-
-    @property
-    def bytes_up(self) -> dict[int, int]:
-        return {cid: t["activations"] + t["adapters_up"] for cid, t in self.traffic.items()}
-
-    @property
-    def bytes_down(self) -> dict[int, int]:
-        return {cid: t["gradients"] + t["adapters_down"] for cid, t in self.traffic.items()}
-
-    def reset_traffic(self) -> None:
-        self.traffic = {c.client_id: dict.fromkeys(TRAFFIC, 0) for c in self.clients}
 
     def configure(self, plans: Sequence[RoundPlan], fresh: bool = True, full_finetune_lr: float | None = None) -> None:
         """Give each client and the main server their parts for the round's cuts, and adapters.

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from hsplitlora.data.e2e import Batcher, Encoded
+from hsplitlora.engines.traffic import TrafficLedger
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import attach_lora, set_active_adapter
 from hsplitlora.losses import target_token_loss
@@ -27,8 +28,6 @@ from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
 from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
-
-TRAFFIC = ("activations", "gradients", "adapters_up", "adapters_down")
 
 
 class _Holder:
@@ -196,7 +195,7 @@ class ServerActor(_Holder):
         self.server.generator.set_state(state)
 
 
-class RayEngine:
+class RayEngine(TrafficLedger):
     """The engine interface of InProcessEngine, over Ray actors."""
 
     def __init__(
@@ -233,11 +232,10 @@ class RayEngine:
         split = [s for s, local in zip(split_points, self.local, strict=True) if not local]
         self.server = ray.remote(ServerActor).options(num_cpus=0).remote(spec, min(split)) if split else None
         self.dead: set[int] = set()
-        self.events: list[dict] = []
         self.snapshots: dict[int, dict] = {}
         self.plans: list[RoundPlan] = []
         self.last_broadcast: AdapterBroadcast | None = None
-        self.traffic = {cid: dict.fromkeys(TRAFFIC, 0) for cid in range(len(shards))}
+        self.start_ledger(range(len(shards)))
 
     def _start_client(self, cid: int):
         return self.client_class.remote(self.spec, cid, self.shards[cid], self.split_points[cid], self.local[cid])
@@ -248,18 +246,6 @@ class RayEngine:
     @property
     def live(self) -> list[int]:
         return [cid for cid in range(len(self.actors)) if cid not in self.dead]
-
-    @property
-    def bytes_up(self) -> dict[int, int]:
-        return {cid: t["activations"] + t["adapters_up"] for cid, t in self.traffic.items()}
-
-    @property
-    def bytes_down(self) -> dict[int, int]:
-        return {cid: t["gradients"] + t["adapters_down"] for cid, t in self.traffic.items()}
-
-    def reset_traffic(self) -> None:
-        self.traffic = {cid: dict.fromkeys(TRAFFIC, 0) for cid in self.traffic}
-        self.events = []
 
     def shutdown(self) -> None:
         if self.owns_ray and self.ray.is_initialized():
