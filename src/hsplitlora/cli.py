@@ -54,6 +54,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, help="validate every N rounds (default 1)")
     parser.add_argument("--val-size", type=int, help="test-set rows for validation loss (default 128)")
     parser.add_argument("--output-dir", help="run folder (default runs/<time>-<strategy>)")
+    parser.add_argument("--compression", help="activations and gradients across the cut: fp32 (default), fp16, "
+                        "bf16 or int8 (per-token absmax scales)")  # fmt: skip
     parser.add_argument("--engine", help="inprocess (default) or ray: clients and main server as Ray actors")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one on localhost)")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -119,6 +121,7 @@ RUN_KEYS = (
     "model", "data_dir", "strategy", "clients", "rounds", "local_steps", "budgets", "device_preset",
     "server_budget", "split_point", "rank", "alpha", "targets", "partition", "dirichlet_alpha", "batch_size",
     "max_seq_len", "lr", "eval_every", "val_size", "output_dir", "seed", "threads", "engine", "ray_address",
+    "compression",
 )  # fmt: skip
 
 

@@ -57,6 +57,7 @@ class RunConfig:
     eval_every: int = 1
     val_size: int = 128  # evaluation rows of testset_w_refs.csv used for validation loss
     output_dir: str | None = None
+    compression: str = "fp32"  # activations and gradients across the cut: fp32 | fp16 | bf16 | int8
     engine: str = "inprocess"  # inprocess | ray
     ray_address: str | None = None  # join this Ray cluster; default: a local instance on localhost
     ray_client_resources: dict | None = None  # Ray actor options per client: num_cpus, memory, resources
@@ -128,6 +129,9 @@ class RunConfig:
 
         if self.strategy not in STRATEGIES:
             raise UsageError(f"strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
+        from hsplitlora.compression import check_mode
+
+        check_mode(self.compression)
         if self.engine not in ("inprocess", "ray"):
             raise UsageError(f"engine {self.engine!r} is unknown; choose inprocess or ray.")
         if self.partition not in ("iid", "dirichlet"):

@@ -79,7 +79,11 @@ class RunFolder:
         if not folder.exists() and (self.path / ".checkpoint-old").exists():
             folder = self.path / ".checkpoint-old"  # a crash between the two renames
         state = json.loads((folder / "state.json").read_text())
-        return state, load_file(folder / "weights.safetensors")
+        tensors = load_file(folder / "weights.safetensors")
+        for staging in self.path.glob(".checkpoint-*"):  # half-written by a killed run
+            if staging.name != ".checkpoint-old" and staging.is_dir():
+                shutil.rmtree(staging)
+        return state, tensors
 
     def plot(self, metrics: list[dict]) -> list[Path]:
         """val_ppl vs round and vs simulated time; each client's split point and total rank."""

@@ -170,6 +170,7 @@ def run(
         cuts = [c.split_point for c in strategy.plan(dict.fromkeys(candidates, 1.0)).clients]
         spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
                 "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
+                "compression": config.compression,
                 # Steps are sequential (client, server, client), so each actor may use every core.
                 "threads": config.threads or os.cpu_count()}  # fmt: skip
         shard_items = [[encoded[i] for i in shard] for shard in shards]

@@ -36,10 +36,10 @@ def make_roles(
     """One client per shard (its examples, its seeded batch order) and the main server."""
     clients = [
         Client(cid, Batcher([encoded[i] for i in shard], config.batch_size, pad_id, config.seed + cid),
-               candidates, config.lr, config.alpha, config.seed)
+               candidates, config.lr, config.alpha, config.seed, config.compression)
         for cid, shard in enumerate(shards)
     ]  # fmt: skip
-    return clients, MainServer(candidates, config.lr, config.alpha, config.seed)
+    return clients, MainServer(candidates, config.lr, config.alpha, config.seed, config.compression)
 
 
 def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Federation:

@@ -71,7 +71,8 @@ class ClientActor(_Holder):
         if local:
             self.blocks = range(self.num_blocks)
         batches = Batcher(items, spec["batch_size"], spec["pad_id"], spec["seed"] + client_id)
-        self.client = Client(client_id, batches, self.candidates, spec["lr"], spec["alpha"], spec["seed"])
+        self.client = Client(client_id, batches, self.candidates, spec["lr"], spec["alpha"], spec["seed"],
+                             spec.get("compression", "fp32"))  # fmt: skip
 
     def configure(self, plan: RoundPlan, fresh: bool, ft_lr: float | None) -> None:
         part = ClientPart(self.arch, self.model, plan.split_point)
@@ -144,7 +145,8 @@ class ServerActor(_Holder):
     def __init__(self, spec: dict, shallowest_split: int):
         num_blocks = spec["num_blocks"]
         self._load(spec, range(shallowest_split, num_blocks), embedding=False, head=True)
-        self.server = MainServer(self.candidates, spec["lr"], spec["alpha"], spec["seed"])
+        self.server = MainServer(self.candidates, spec["lr"], spec["alpha"], spec["seed"],
+                                 spec.get("compression", "fp32"))  # fmt: skip
 
     def configure(self, plan: RoundPlan, fresh: bool) -> None:
         self.server.configure(plan, ServerPart(self.arch, self.model, plan.split_point), fresh)
@@ -314,9 +316,7 @@ class RayEngine(TrafficLedger):
         done = actor.backward.remote(gradient_ref)
         gradient = self._get(gradient_ref)  # the loss, and the sizes for the byte counts
         self._get(done)
-        batch, width = gradient.grad.shape[:2]
-        # hidden (same shape as its gradient) + attention mask + labels (int64 each)
-        self.traffic[cid]["activations"] += gradient.nbytes() + 2 * batch * width * 8
+        self.traffic[cid]["activations"] += gradient.received_bytes
         self.traffic[cid]["gradients"] += gradient.nbytes()
         return gradient.loss
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from hsplitlora.compression import pack
 from hsplitlora.data.e2e import Batch
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
@@ -97,8 +98,10 @@ class Client:
         lr: float,
         alpha: float = 16.0,
         seed: int = 0,
+        compression: str = "fp32",
     ):
         self.client_id = client_id
+        self.compression = compression  # of the activations this client sends
         self.adapter = adapter_name(client_id)
         self.batches = batches
         self.lr = lr
@@ -203,7 +206,8 @@ class Client:
         self._pending = (self.step, hidden)
         self.samples += batch.input_ids.shape[0]
         self.tokens += int(batch.attention_mask.sum())
-        return Activations(self.client_id, self.step, hidden.detach(), batch.attention_mask, batch.labels)
+        return Activations(self.client_id, self.step, pack(hidden, self.compression), batch.attention_mask,
+                           batch.labels)  # fmt: skip
 
     def backward(self, message: ActivationGradient) -> None:
         """Back-propagate the server's dL/dh through the client part and update the adapters."""
@@ -212,7 +216,7 @@ class Client:
         _, hidden = self._pending
         self._pending = None
         if hidden.requires_grad:  # nothing to back-propagate without adapters or a probe
-            hidden.backward(message.grad)
+            hidden.backward(message.grad.unpack())
         if self.probe is not None:
             self.probe.collect()
         if self.optimizer is not None:

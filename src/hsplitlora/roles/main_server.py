@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
+from hsplitlora.compression import pack
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
@@ -23,8 +24,12 @@ from hsplitlora.roles.messages import (
 
 
 class MainServer:
-    def __init__(self, candidates: Mapping[str, Candidate], lr: float, alpha: float = 16.0, seed: int = 0):
+    def __init__(
+        self, candidates: Mapping[str, Candidate], lr: float, alpha: float = 16.0, seed: int = 0,
+        compression: str = "fp32",
+    ):  # fmt: skip
         self.lr = lr
+        self.compression = compression  # of the gradients sent back
         self.generator = torch.Generator().manual_seed(seed * 100_003 + 99_991)
         self.holder = AdapterHolder(candidates, alpha, lr, self.generator)
         self.parts: dict[int, ServerPart] = {}
@@ -82,7 +87,7 @@ class MainServer:
         cid = message.client_id
         part = self.parts[cid]
         set_active_adapter(part, adapter_name(cid))
-        hidden = message.hidden.detach().requires_grad_(True)
+        hidden = message.hidden.unpack().detach().requires_grad_(True)
         probe = self.probes.get(cid)
         if probe is not None:
             probe.start()
@@ -98,4 +103,5 @@ class MainServer:
             optimizer.zero_grad(set_to_none=True)
         self.samples[cid] = self.samples.get(cid, 0) + message.hidden.shape[0]
         self.tokens[cid] = self.tokens.get(cid, 0) + int(message.attention_mask.sum())
-        return ActivationGradient(cid, message.step, hidden.grad, float(loss.detach()), count)
+        return ActivationGradient(cid, message.step, pack(hidden.grad, self.compression), float(loss.detach()), count,
+                                  message.nbytes())  # fmt: skip

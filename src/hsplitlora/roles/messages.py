@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hsplitlora.compression import Packed
 from hsplitlora.method.aggregation import AdapterFactors, StackedDelta
 
 
@@ -16,12 +17,12 @@ class Activations:
 
     client_id: int
     step: int
-    hidden: torch.Tensor  # (B, T, d), detached
+    hidden: Packed  # (B, T, d), compressed as the run's `compression` says
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), -100 where no loss
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.hidden, self.attention_mask, self.labels))
+        return self.hidden.nbytes() + sum(t.numel() * t.element_size() for t in (self.attention_mask, self.labels))
 
 
 @dataclass
@@ -30,12 +31,13 @@ class ActivationGradient:
 
     client_id: int
     step: int
-    grad: torch.Tensor  # (B, T, d)
+    grad: Packed  # (B, T, d), compressed as the run's `compression` says
     loss: float  # mean over the batch's target tokens
     num_tokens: int
+    received_bytes: int = 0  # the size of the Activations message this answers (for the byte counts)
 
     def nbytes(self) -> int:
-        return self.grad.numel() * self.grad.element_size()
+        return self.grad.nbytes()
 
 
 @dataclass

@@ -100,15 +100,25 @@ class Strategy:
         return best
 
     def weakest_split_and_rank(self) -> tuple[int, int]:
-        """SplitLoRA's configuration: the deepest cut and largest rank the weakest budget admits."""
+        """SplitLoRA's configuration: the deepest cut at which the weakest budget holds adapters of
+        one positive rank on all its candidates, and the largest such rank. (The deepest cut that
+        merely fits, ARMSC's first step, can leave no room for even the smallest uniform rank:
+        every adapter also keeps its input for backward, whatever its rank.)"""
         weakest = min(self.budgets)
-        split_point = choose_split_point(self.context.memory, weakest, self.context.rho, self.context.s_min)
-        if split_point is None:
+        deepest = choose_split_point(self.context.memory, weakest, self.context.rho, self.context.s_min)
+        if deepest is None:
             raise UsageError(
                 f"the weakest client's budget of {format_bytes(weakest)} cannot hold even {self.context.s_min} "
                 "block(s); give larger budgets."
             )
-        return split_point, self.largest_uniform_rank(split_point, weakest)
+        for split_point in range(deepest, self.context.s_min - 1, -1):
+            rank = self.largest_uniform_rank(split_point, weakest)
+            if rank > 0:
+                return split_point, rank
+        raise UsageError(
+            f"the weakest client's budget of {format_bytes(weakest)} holds no adapters of a common rank at any "
+            f"cut from {self.context.s_min} to {deepest}; give larger budgets or smaller rank levels."
+        )
 
     def armsc(self, importance: Mapping[str, float]) -> Plan:
         c = self.context

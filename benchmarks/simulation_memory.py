@@ -1,0 +1,107 @@
+"""Memory of the in-process simulation as the number of clients K grows (SmolLM2-135M).
+
+Simulating K clients in one process must cost one copy of the base model plus, per client, its
+adapters and their optimizer state (the client side and the main server's side of its adapters):
+the clients share the frozen blocks, never copy them.
+
+For each K in (1, 10, 50) a fresh subprocess (glibc told to serve allocations above 64 KiB with
+mmap, so freed tensors leave the resident set at once) loads the model, builds a federation of K
+clients with split points cycling through 2, 4, 7, 11, 17 and rank 8 on q, k, v, o, runs one
+local step of every client (so that every client's AdamW state exists), collects garbage and reads
+its resident set (VmRSS). Per-client adapter state is counted exactly: adapter parameters x 4
+bytes x 4 (weights, gradients, two AdamW moments), client and server side.
+
+    extra per client = (RSS(K=50) - RSS(K=1)) / 49
+
+    .venv/bin/python benchmarks/simulation_memory.py
+
+Last line: RESULT extra_mb_per_client=<MB> (target: <= mean adapter state per client + 10 MB;
+the line before it states the target for this configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+
+KS = (1, 10, 50)
+SPLITS = (2, 4, 7, 11, 17)
+RANK = 8
+MODEL = "smollm2-135m"
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def worker(clients: int) -> None:
+    import torch
+
+    from hsplitlora.config import RunConfig
+    from hsplitlora.roles.client import adapter_name
+    from hsplitlora.training import build_federation, train_steps
+
+    torch.set_num_threads(2)
+    config = RunConfig(model=MODEL, clients=clients, split_point=[SPLITS[i % len(SPLITS)] for i in range(clients)],
+                       rank=RANK, batch_size=1, max_seq_len=48, seed=0)  # fmt: skip
+    federation = build_federation(config)
+    gc.collect()
+    after_load = rss_bytes()
+    train_steps(federation, 1)
+    gc.collect()
+    model = federation.loaded.model
+    names = {adapter_name(cid) for cid in range(clients)}
+    adapter_params = base_params = 0
+    for name, parameter in model.named_parameters():
+        if names & set(name.split(".")):
+            adapter_params += parameter.numel()
+        else:
+            base_params += parameter.numel()
+    print(json.dumps({
+        "clients": clients, "rss_bytes": rss_bytes(), "rss_after_load_bytes": after_load,
+        "peak_bytes": rss_bytes("VmHWM"), "adapter_state_bytes": adapter_params * 4 * 4,
+        "base_model_bytes": base_params * 4,
+    }))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", type=int, metavar="K", help=argparse.SUPPRESS)
+    parser.add_argument("--clients", default=",".join(map(str, KS)), help="client counts (1,10,50)")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return
+    counts = sorted({int(k) for k in args.clients.split(",")})
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")
+    print(f"{MODEL}, split points cycling {SPLITS}, rank {RANK} on q,k,v,o, one step per client (batch 1)")
+    print(f"{'K':>4} {'RSS MiB':>9} {'peak MiB':>9} {'adapter state MiB (all)':>24} {'base model MiB':>15}")
+    rows = []
+    for clients in counts:
+        command = [sys.executable, __file__, "--worker", str(clients)]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{clients:>4} {row['rss_bytes'] / 2**20:>9.1f} {row['peak_bytes'] / 2**20:>9.1f} "
+              f"{row['adapter_state_bytes'] / 2**20:>24.2f} {row['base_model_bytes'] / 2**20:>15.1f}")  # fmt: skip
+    first, last = rows[0], rows[-1]
+    span = last["clients"] - first["clients"]
+    extra = (last["rss_bytes"] - first["rss_bytes"]) / span
+    state = (last["adapter_state_bytes"] - first["adapter_state_bytes"]) / span
+    print(
+        f"extra memory per client {extra / 1e6:.2f} MB; its adapter state {state / 1e6:.2f} MB; "
+        f"target <= {state / 1e6 + 10:.2f} MB ({'met' if extra <= state + 10e6 else 'NOT met'})"
+    )
+    print(f"RESULT extra_mb_per_client={extra / 1e6:.2f}")
+
+
+if __name__ == "__main__":
+    main()
