@@ -185,3 +185,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
         run(config)
     state, _ = RunFolder(config.output_dir).load_checkpoint()
     assert state["round"] == 1
+
+
+def test_a_max_seq_len_that_cuts_off_every_reference_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="max_seq_len 16 cuts every validation example before its reference"):
+        run(tiny_config(tmp_path, max_seq_len=16))
+    assert not (tmp_path / "run").exists()

@@ -24,6 +24,7 @@ import torch
 
 from hsplitlora.config import RunConfig
 from hsplitlora.data.e2e import (
+    IGNORE_INDEX,
     collate,
     data_file,
     encode,
@@ -149,6 +150,11 @@ def run(
         steps_per_round = config.local_steps * config.clients
     validation = [encode(e, tokenizer, config.max_seq_len) for e in read_e2e(data_file(config.data_dir, "test"))]
     validation = validation[: config.val_size]
+    if not any(label != IGNORE_INDEX for item in validation for label in item.labels):
+        raise UsageError(
+            f"max_seq_len {config.max_seq_len} cuts every validation example before its reference starts, "
+            "so there is no token to measure perplexity on; use a larger max_seq_len (the default is 128)."
+        )
     val_batches = [collate(validation[i : i + config.batch_size], tokenizer.pad_token_id)
                    for i in range(0, len(validation), config.batch_size)]  # fmt: skip
 
