@@ -146,3 +146,20 @@ def test_budget_strings(text, value):
 def test_bad_budget_strings_are_refused(text):
     with pytest.raises(UsageError, match="budget"):
         parse_budgets(text) if "," in text or not text else parse_bytes(text)
+
+
+def test_splitlora_moves_its_cut_up_until_the_weakest_budget_holds_a_positive_uniform_rank():
+    from hsplitlora.devices import DeviceProfile
+    from hsplitlora.method.planner import choose_split_point
+    from hsplitlora.strategies import STRATEGIES, StrategyContext
+
+    memory = MEMORY
+    deepest = choose_split_point(memory, 2_000_000, 0.0, 1)
+    # A budget that fits the deepest cut with almost nothing left for adapters there.
+    budget = memory.client_bytes(deepest) + 1
+    context = StrategyContext(memory, [DeviceProfile(budget, 1e9, 1e6)] * 2, 16 * 10**9, (0, 2, 4, 8), 0.0, 1, 0.1)
+    plan = STRATEGIES["splitlora"](context).plan(None)
+    cut = plan.clients[0].split_point
+    rank = set(plan.clients[0].ranks.values())
+    assert cut < deepest and len(rank) == 1 and rank.pop() > 0
+    assert plan.clients[0].predicted_bytes <= budget

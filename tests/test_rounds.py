@@ -75,6 +75,8 @@ def test_every_strategy_runs_two_rounds_and_writes_the_run_folder(strategy, tmp_
     cuts = [c["split_point"] for c in lines[0]["clients"]]
     if strategy in ("splitlora", "no-armsc"):  # one cut and one rank for everyone
         assert len(set(cuts)) == 1 and cuts[0] < 4
+        ranks = {c["client_rank_total"] for c in lines[0]["clients"]}
+        assert len(ranks) == 1 and ranks.pop() > 0  # a cut that leaves room for a positive rank
     if strategy in ("hsplitlora", "no-iwi", "no-naa"):  # heterogeneous budgets, heterogeneous cuts
         assert len(set(cuts)) > 1
     if strategy in ("hetlora", "fedlora", "cenlora", "ft"):  # the whole model (4 blocks) on the trainer
