@@ -2,7 +2,7 @@
 change in validation perplexity after a fixed number of rounds, for fp32, fp16, bf16 and int8.
 
 Every mode runs the same hsplitlora federation (same seed, data, cuts and ranks): 2 clients cut
-after blocks 4 and 8, rank 8 on q, k, v, o, 3 rounds x 4 local steps at batch 4, validation on
+after blocks 4 and 8, rank 8 on q, k, v, o, 2 rounds x 3 local steps at batch 4, validation on
 the first 32 rows of testset_w_refs.csv.
 
     .venv/bin/python benchmarks/compression.py
@@ -28,7 +28,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for mode in MODES:
             config = RunConfig(
-                model="smollm2-135m", clients=2, split_point=[4, 8], rank=8, rounds=3, local_steps=4, batch_size=4,
+                model="smollm2-135m", clients=2, split_point=[4, 8], rank=8, rounds=2, local_steps=3, batch_size=4,
                 max_seq_len=96, val_size=32, compression=mode, seed=0, output_dir=str(Path(folder) / mode),
             )  # fmt: skip
             result = run(config)
