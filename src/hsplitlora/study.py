@@ -362,13 +362,14 @@ def plot_study(results: dict, results_dir: Path) -> list[Path]:
                 xs, ys = _mean_curve(runs, key)
                 style = "--" if strategy in BUDGET_FREE else (":" if strategy.startswith("no-") else "-")
                 suffix = f" (mean of {len(runs)})" if len(runs) > 1 else ""
-                ax.plot(xs, ys, style, marker="o", markersize=3, label=strategy + suffix)
+                color = f"C{ALL_STRATEGIES.index(strategy)}"  # one colour per strategy in both panels
+                ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=strategy + suffix)
             ax.axhline(results["targets"][setting], color="grey", linewidth=0.8, linestyle=":")
             ax.set_title(f"{title} devices")
             ax.set_xlabel(label)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("validation perplexity")
-        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         figure.suptitle(f"{results['spec']['model']}, E2E, 5 clients: validation perplexity per round "
                         "(grey: target perplexity)", fontsize=10)  # fmt: skip
         figure.tight_layout()
