@@ -2,8 +2,8 @@
 seeds and sample counts, under heterogeneous budgets and a homogeneous setting with the same total
 budget; several seeds for the main methods; E2E metrics on a fixed test subset; tables and plots.
 
-    python benchmarks/reproduce.py            # SmolLM2-135M, about 1.5 hours on 2 cores
-    python benchmarks/reproduce.py --quick    # the tiny model, the same code path, about a minute
+    python benchmarks/reproduce.py            # SmolLM2-135M, about 1.8 hours on 2 cores
+    python benchmarks/reproduce.py --quick    # the tiny model, the same code path, about 5 minutes
 
 Finished runs are reused when their folder holds the same configuration, so an interrupted study
 continues where it stopped."""
