@@ -56,6 +56,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="run folder (default runs/<time>-<strategy>)")
     parser.add_argument("--compression", help="activations and gradients across the cut: fp32 (default), fp16, "
                         "bf16 or int8 (per-token absmax scales)")  # fmt: skip
+    parser.add_argument("--split-mode", help="standard (default) or u: the client also keeps the last blocks, the "
+                        "head and the loss, so labels never leave it")  # fmt: skip
+    parser.add_argument("--tail-blocks", type=int, help="last blocks a client keeps with --split-mode u (default 1)")
     parser.add_argument("--engine", help="inprocess (default) or ray: clients and main server as Ray actors")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one on localhost)")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -74,6 +77,8 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--levels", type=_ints, default=[0, 2, 4, 8, 16], help="rank levels Q (0,2,4,8,16)")
     parser.add_argument("--rho", type=float, default=0.25, help="budget share kept for adapters (0.25)")
     parser.add_argument("--s-min", type=int, default=1, help="shallowest allowed split point (1)")
+    parser.add_argument("--tail-blocks", type=int, help="plan a U-shaped split: every client also keeps the last "
+                        "N blocks, the head and the loss")  # fmt: skip
     parser.add_argument("--uniform-importance", action="store_true", help="skip the warm-up importance pass")
     parser.add_argument("--warmup-batches", type=int, default=2, help="batches of the warm-up pass (2)")
     parser.add_argument("--leave-out-infeasible", action="store_true",
@@ -121,7 +126,7 @@ RUN_KEYS = (
     "model", "data_dir", "strategy", "clients", "rounds", "local_steps", "budgets", "device_preset",
     "server_budget", "split_point", "rank", "alpha", "targets", "partition", "dirichlet_alpha", "batch_size",
     "max_seq_len", "lr", "eval_every", "val_size", "output_dir", "seed", "threads", "engine", "ray_address",
-    "compression",
+    "compression", "split_mode", "tail_blocks",
 )  # fmt: skip
 
 
@@ -253,8 +258,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         budgets=budgets, server_budget=server_budget, batch_size=args.batch_size, seq_len=args.seq_len,
         targets=tuple(args.targets), levels=tuple(levels), rho=args.rho, s_min=args.s_min,
         uniform_importance=args.uniform_importance, warmup_batches=args.warmup_batches, data_dir=args.data_dir,
-        leave_out_infeasible=args.leave_out_infeasible, seed=args.seed,
+        leave_out_infeasible=args.leave_out_infeasible, seed=args.seed, tail_blocks=args.tail_blocks,
     )  # fmt: skip
+    if args.tail_blocks is not None and args.tail_blocks < 0:
+        raise UsageError(f"tail_blocks must be 0 or a positive integer, got {args.tail_blocks}.")
     loaded = load_model(args.model, seed=args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -266,8 +273,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
     importance_source = "uniform" if args.uniform_importance else f"warm-up pass of {args.warmup_batches} batches"
+    shape = "" if plan.tail_blocks is None else f", U-shaped: clients also keep the last {plan.tail_blocks} block(s)"
     table = Table(title=f"ARMSC plan for {args.model} (batch {args.batch_size} x {args.seq_len} tokens, "
-                        f"importance: {importance_source})")  # fmt: skip
+                        f"importance: {importance_source}{shape})")  # fmt: skip
     for column in ("client", "budget", "split point", "adapters", "total rank", "predicted memory", "headroom"):
         table.add_column(column, justify="right", no_wrap=True)
     rows = {

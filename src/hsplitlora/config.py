@@ -16,6 +16,7 @@ from hsplitlora.errors import UsageError
 
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+SPLIT_MODES = ("standard", "u")
 
 
 @dataclass
@@ -58,6 +59,10 @@ class RunConfig:
     val_size: int = 128  # evaluation rows of testset_w_refs.csv used for validation loss
     output_dir: str | None = None
     compression: str = "fp32"  # activations and gradients across the cut: fp32 | fp16 | bf16 | int8
+    # standard: the main server runs blocks [s, L), the head and the loss (labels cross the cut);
+    # u: the client also keeps the last `tail_blocks` blocks, the head and the loss (labels stay).
+    split_mode: str = "standard"
+    tail_blocks: int = 1
     engine: str = "inprocess"  # inprocess | ray
     ray_address: str | None = None  # join this Ray cluster; default: a local instance on localhost
     ray_client_resources: dict | None = None  # Ray actor options per client: num_cpus, memory, resources
@@ -132,6 +137,16 @@ class RunConfig:
         from hsplitlora.compression import check_mode
 
         check_mode(self.compression)
+        if self.split_mode not in SPLIT_MODES:
+            raise UsageError(f"split_mode {self.split_mode!r} is unknown; choose {' or '.join(SPLIT_MODES)}.")
+        if self.tail_blocks < 0:
+            raise UsageError(f"tail_blocks must be 0 or a positive integer, got {self.tail_blocks}.")
+        if self.split_mode == "u" and not STRATEGIES[self.strategy].splits:
+            splitting = ", ".join(name for name, cls in STRATEGIES.items() if cls.splits)
+            raise UsageError(
+                f"split_mode u needs a strategy that splits the model, and {self.strategy} runs it whole on every "
+                f"client; choose one of {splitting}."
+            )
         if self.engine not in ("inprocess", "ray"):
             raise UsageError(f"engine {self.engine!r} is unknown; choose inprocess or ray.")
         if self.partition not in ("iid", "dirichlet"):
@@ -150,6 +165,11 @@ class RunConfig:
                 f"targets {self.targets} are not valid; choose a non-empty subset of {', '.join(ALL_TARGETS)}."
             )
         return self
+
+    @property
+    def tail(self) -> int | None:
+        """The client's tail blocks in a U-shaped split; None for the standard split."""
+        return self.tail_blocks if self.split_mode == "u" else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,7 +10,9 @@ from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.method.importance import R_REF, importance, warmup_sums
 from hsplitlora.method.memory import MemoryModel, measure_memory_model
 from hsplitlora.method.planner import DEFAULT_LEVELS, Plan, plan
+from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel
+from hsplitlora.models.split import check_tail_blocks
 
 
 @dataclass
@@ -29,6 +31,7 @@ class PlanRequest:
     data_dir: str | None = None
     leave_out_infeasible: bool = False
     seed: int = 0
+    tail_blocks: int | None = None  # plan a U-shaped split keeping the last t blocks on every client
 
 
 @dataclass
@@ -52,7 +55,9 @@ def warmup_importance(
 
 def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
     candidates = attach_lora(loaded.model, request.targets)
+    check_tail_blocks(request.tail_blocks, architecture_of(loaded.model).num_blocks(loaded.model))
     memory = measure_memory_model(loaded.model, candidates, request.batch_size, request.seq_len)
+    memory = memory.with_tail(request.tail_blocks)
     if request.uniform_importance:
         scores = dict.fromkeys(candidates, 1.0)
     else:

@@ -47,7 +47,7 @@ from hsplitlora.method.memory import measure_memory_model
 from hsplitlora.method.planner import Plan, parse_bytes
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
-from hsplitlora.models.split import check_split_point
+from hsplitlora.models.split import check_split_point, check_tail_blocks
 from hsplitlora.reporting import RunFolder, write_tensors_atomic
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.messages import RoundPlan
@@ -132,7 +132,8 @@ def run(
     arch = architecture_of(model)
     candidates = attach_lora(model, config.targets)
     num_blocks = arch.num_blocks(model)
-    memory = measure_memory_model(model, candidates, config.batch_size, config.max_seq_len)
+    check_tail_blocks(config.tail, num_blocks)
+    memory = measure_memory_model(model, candidates, config.batch_size, config.max_seq_len).with_tail(config.tail)
     devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
     server_budget = parse_bytes(config.server_budget)
 
@@ -160,7 +161,7 @@ def run(
 
     fixed_splits = config.split_points(num_blocks) if config.split_point is not None else None
     for split_point in fixed_splits or []:
-        check_split_point(split_point, num_blocks)
+        check_split_point(split_point, num_blocks, config.tail)
     fixed_ranks = config.per_client("rank") if config.rank is not None else None
     if fixed_splits is not None and fixed_ranks is None:
         fixed_ranks = [8] * len(shards)  # a fixed cut alone keeps the foundation's default rank
@@ -176,7 +177,7 @@ def run(
         cuts = [c.split_point for c in strategy.plan(dict.fromkeys(candidates, 1.0)).clients]
         spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
                 "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
-                "compression": config.compression,
+                "compression": config.compression, "tail_blocks": config.tail,
                 # Steps are sequential (client, server, client), so each actor may use every core.
                 "threads": config.threads or os.cpu_count()}  # fmt: skip
         shard_items = [[encoded[i] for i in shard] for shard in shards]
@@ -237,7 +238,8 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
         state, tensors = folder.load_checkpoint()
         saved = Plan.from_state(state["plan"]).clients
         engine.load_state(
-            state, tensors, [RoundPlan(c.client, state["round"], c.split_point, c.all_ranks()) for c in saved],
+            state, tensors,
+            [RoundPlan(c.client, state["round"], c.split_point, c.all_ranks(), config.tail) for c in saved],
             strategy.persistent_adapters, ft_lr,
         )  # fmt: skip
         strategy.importance_at_last_plan = state["importance_at_last_plan"]
@@ -278,7 +280,7 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
         if replanned and not first_plan:
             plan = strategy.make_plan(current)
         first_plan = False
-        messages = [RoundPlan(c.client, round_, c.split_point, c.all_ranks()) for c in plan.clients]
+        messages = [RoundPlan(c.client, round_, c.split_point, c.all_ranks(), config.tail) for c in plan.clients]
         engine.reset_traffic()
         engine.configure(messages, fresh=not strategy.persistent_adapters or round_ == 1, full_finetune_lr=ft_lr)
         engine.measure_importance(strategy.uses_importance)
@@ -299,7 +301,7 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
             current = smoothed.update(theta)
             importance_history.append({"round": round_, "measured": theta, "smoothed": current})
         tokens = [counters["tokens"] for counters in engine.round_counters()]
-        step_traffic = {cid: t["activations"] + t["gradients"] for cid, t in engine.traffic.items()}
+        step_traffic = {cid: engine.step_bytes(cid) for cid in engine.traffic}
         if not strategy.centralised:  # one trainer on pooled data has nothing to aggregate
             engine.aggregate(round_)
 
@@ -320,6 +322,7 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
         line = {
             "round": round_,
             "strategy": config.strategy,
+            "split_mode": config.split_mode,
             "train_loss": train_loss,
             "val_loss": val_loss,
             "val_ppl": val_ppl,
@@ -338,6 +341,7 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
                 {
                     "client": c.client,
                     "split_point": c.split_point,
+                    "tail_blocks": config.tail,
                     "client_rank_total": sum(c.ranks.values()),
                     "client_adapters": sum(1 for r in c.ranks.values() if r),
                     "server_rank_total": sum(c.server_ranks.values()),

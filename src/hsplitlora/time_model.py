@@ -3,6 +3,8 @@
     client i: E steps of FLOPs_client / F_i + (bytes of h + bytes of dL/dh) / beta_i,
               plus the adapter upload and the update download / beta_i
     main server: sum over clients of FLOPs_server / F_S (it is shared)
+    U-shaped split: the client's FLOPs add its last t blocks and the head, the server's lose them,
+    and a step's bytes are the four messages (h and dL/dh at both cuts)
     round = max(slowest client's path, server busy time)
 
 FLOPs per token: 4 P for a frozen matrix of P weights (forward, and backward to its input only),
@@ -30,15 +32,18 @@ def adapter_params(memory: MemoryModel, ranks: dict[str, int]) -> int:
     return sum(r * (memory.candidates[n].d_in + memory.candidates[n].d_out) for n, r in ranks.items())
 
 
-def client_flops_per_token(memory: MemoryModel, plan: ClientPlan) -> float:
+def client_flops_per_token(memory: MemoryModel, plan: ClientPlan, vocab_size: int, hidden_size: int) -> float:
     block_params = memory.block_bytes / memory.dtype_bytes
-    return 4 * plan.split_point * block_params + 6 * adapter_params(memory, plan.ranks)
+    blocks = min(memory.client_blocks(plan.split_point), memory.num_blocks)
+    head = 4 * hidden_size * vocab_size if memory.u_shaped or plan.split_point >= memory.num_blocks else 0
+    return 4 * blocks * block_params + head + 6 * adapter_params(memory, plan.ranks)
 
 
 def server_flops_per_token(memory: MemoryModel, plan: ClientPlan, vocab_size: int, hidden_size: int) -> float:
     block_params = memory.block_bytes / memory.dtype_bytes
-    blocks = memory.num_blocks - plan.split_point
-    return 4 * blocks * block_params + 4 * hidden_size * vocab_size + 6 * adapter_params(memory, plan.server_ranks)
+    head = 0 if memory.u_shaped else 4 * hidden_size * vocab_size
+    blocks = memory.server_blocks(plan.split_point)
+    return 4 * blocks * block_params + head + 6 * adapter_params(memory, plan.server_ranks)
 
 
 def round_time(
@@ -53,10 +58,8 @@ def round_time(
     """{"round_s", "client_s": [...], "server_busy_s"} for one round."""
     client_seconds, server_busy = [], 0.0
     for plan, device, done in zip(plans, devices, work, strict=True):
-        per_token = client_flops_per_token(memory, plan)
-        if plan.split_point >= memory.num_blocks:  # no split: the client also runs the head
-            per_token += 4 * hidden_size * vocab_size
-        else:
+        per_token = client_flops_per_token(memory, plan, vocab_size, hidden_size)
+        if plan.split_point < memory.num_blocks:  # split: the main server runs the rest
             server_busy += done.tokens * server_flops_per_token(memory, plan, vocab_size, hidden_size) / server_flops
         compute = done.tokens * per_token / device.flops
         transfer = (done.step_bytes + done.adapter_bytes) / device.bandwidth

@@ -43,8 +43,9 @@ def make_roles(
 
 
 def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Federation:
-    """Load the model and data, cut the model at each client's fixed split point and give every
-    candidate of every client (client and server side) the client's fixed rank (default 8)."""
+    """Load the model and data, cut the model at each client's fixed split point (U-shaped when
+    `config.split_mode` is u) and give every candidate of every client (client and server side)
+    the client's fixed rank (default 8)."""
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -55,7 +56,7 @@ def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Fe
     candidates = attach_lora(model, config.targets)
     split_points = config.split_points(arch.num_blocks(model))
     for split_point in split_points:
-        check_split_point(split_point, arch.num_blocks(model))
+        check_split_point(split_point, arch.num_blocks(model), config.tail)
     ranks = config.per_client("rank") if config.rank is not None else [8] * config.clients
 
     examples = read_e2e(data_file(config.data_dir, "train"))
@@ -64,7 +65,8 @@ def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Fe
     clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id)
     engine = InProcessEngine(model, arch, candidates, clients, server)
     plans = zip(split_points, ranks, strict=True)
-    engine.configure([RoundPlan(cid, 1, s, dict.fromkeys(candidates, r)) for cid, (s, r) in enumerate(plans)])
+    engine.configure([RoundPlan(cid, 1, s, dict.fromkeys(candidates, r), config.tail)
+                      for cid, (s, r) in enumerate(plans)])  # fmt: skip
     return Federation(loaded, candidates, clients, server, engine, [len(s) for s in shards])
 
 

@@ -13,11 +13,11 @@ from hsplitlora.evaluation.perplexity import evaluate_loss
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.method.importance import candidate_layers, warmup_sums
 from hsplitlora.models.architectures import Architecture
-from hsplitlora.models.split import ClientPart, ServerPart
+from hsplitlora.models.split import ClientPart, ServerPart, UClientPart
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
-from hsplitlora.roles.messages import ActivationGradient, AdapterBroadcast, ModelUpdate, RoundPlan
+from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
 
 
 class InProcessEngine(TrafficLedger):
@@ -37,41 +37,60 @@ class InProcessEngine(TrafficLedger):
         self.server = server
         self.fed_server = fed_server or FedServer()
         self.start_ledger([c.client_id for c in self.clients])
+        self.message_log: list | None = None  # a list here records every message of every split step
 
     def shutdown(self) -> None:
         """Nothing to release in one process."""
 
     def configure(self, plans: Sequence[RoundPlan], fresh: bool = True, full_finetune_lr: float | None = None) -> None:
         """Give each client and the main server their parts for the round's cuts, and adapters.
-        A split point of L (every block) means no split: the client also holds the head."""
+        A split point of L (every block) means no split: the client also holds the head. With a
+        plan's `tail_blocks` t the split is U-shaped: the server runs blocks [s, L - t) only."""
         num_blocks = self.arch.num_blocks(self.model)
         for plan, client in zip(plans, self.clients, strict=True):
-            part = ClientPart(self.arch, self.model, plan.split_point)
             if plan.split_point >= num_blocks:
                 head = ServerPart(self.arch, self.model, num_blocks)
+                part = ClientPart(self.arch, self.model, plan.split_point)
                 client.configure(plan, part, fresh, head=head, full_finetune_lr=full_finetune_lr)
+                continue
+            tail = plan.tail_blocks
+            if tail is None:
+                client.configure(plan, ClientPart(self.arch, self.model, plan.split_point), fresh)
             else:
-                client.configure(plan, part, fresh)
-                self.server.configure(plan, ServerPart(self.arch, self.model, plan.split_point), fresh)
+                client.configure(plan, UClientPart(self.arch, self.model, plan.split_point, tail), fresh)
+            end = None if tail is None else num_blocks - tail
+            self.server.configure(plan, ServerPart(self.arch, self.model, plan.split_point, end), fresh)
 
     def measure_importance(self, enabled: bool) -> None:
         for client in self.clients:
             client.measure_importance(enabled)
         self.server.measure_importance(enabled)
 
-    def split_step(self, client: Client) -> ActivationGradient:
+    def _cross(self, message):
+        """A message crossing between client and main server (kept when `message_log` is a list)."""
+        if self.message_log is not None:
+            self.message_log.append(message)
+        return message
+
+    def split_step(self, client: Client) -> float | None:
         """One split step: client forward -> activations -> server forward, loss, backward and
-        update -> activation gradient -> client backward and update."""
-        activations = client.forward()
-        self.traffic[client.client_id]["activations"] += activations.nbytes()
-        gradient = self.server.step(activations)
-        self.traffic[client.client_id]["gradients"] += gradient.nbytes()
-        client.backward(gradient)
-        return gradient
+        update -> activation gradient -> client backward and update. U-shaped: client front ->
+        activations -> server middle -> its activations -> client tail, loss, backward -> their
+        gradient -> server backward -> activation gradient -> client front backward. The loss."""
+        activations = self._cross(client.forward())
+        if client.u_shaped:
+            middle = self._cross(self.server.forward_middle(activations))
+            tail_gradient = self._cross(client.tail_step(middle))
+            gradient = self._cross(self.server.backward_middle(tail_gradient))
+        else:
+            gradient = self._cross(self.server.step(activations))
+        record = client.backward(gradient)
+        self.add_traffic(client.client_id, record.traffic)
+        return record.loss
 
     def step_all(self) -> list[float]:
         """One local step of every client (split ones interleaved on the main server); losses."""
-        return [client.local_step() if client.local else self.split_step(client).loss for client in self.clients]
+        return [client.local_step() if client.local else self.split_step(client) for client in self.clients]
 
     def local_steps(self, steps: int, on_step: Callable[[int, list[float]], None] | None = None) -> list[list[float]]:
         history = []
@@ -102,7 +121,8 @@ class InProcessEngine(TrafficLedger):
                 uploads.append(self.server.upload(client.client_id))
         result = self.fed_server.aggregate(round_, uploads)
         for client in self.clients:
-            names = {n for n, c in self.candidates.items() if c.block < client.split_point}
+            held = set(client.part.block_indices)
+            names = {n for n, c in self.candidates.items() if c.block in held}
             self.traffic[client.client_id]["adapters_down"] += result.nbytes(names)
         if isinstance(result, ModelUpdate):
             self._merge_once(result)

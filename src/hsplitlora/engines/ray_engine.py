@@ -8,6 +8,10 @@ A client actor that dies during a round does not stop the run: the round complet
 others (aggregation weights renormalise over them since only their uploads arrive), the event is
 logged, and the client is restarted for the next round from the last aggregated weights of its
 blocks (taken from the holders that kept them) and its batch order at the start of the round.
+
+In a U-shaped split a client actor also loads the last t blocks, the final norm and the head, the
+server actor only the middle blocks; a step chains five calls (front, middle, tail, middle's
+backward, front's backward) through the object store.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from hsplitlora.lora.attach import attach_lora, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import held_parameter_names, load_part
-from hsplitlora.models.split import ClientPart, ServerPart
+from hsplitlora.models.split import ClientPart, ServerPart, UClientPart
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
@@ -33,7 +37,7 @@ from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
 class _Holder:
     """What both actor kinds share: a partial model with LoRA layers on its candidates."""
 
-    def _load(self, spec: dict, blocks: range, embedding: bool, head: bool) -> None:
+    def _load(self, spec: dict, blocks: Sequence[int], embedding: bool, head: bool) -> None:
         torch.set_num_threads(spec.get("threads") or 1)
         loaded = load_part(spec["model"], blocks, embedding=embedding, head=head, seed=spec["seed"],
                            with_tokenizer=False)  # fmt: skip
@@ -65,28 +69,39 @@ class _Holder:
                 params[name].copy_(weight)
 
 
+def client_blocks(split_point: int, num_blocks: int, tail_blocks: int | None) -> list[int]:
+    """The blocks a client holds: [0, s), and [L - t, L) in a U-shaped split (all when s = L)."""
+    tail = range(num_blocks - tail_blocks, num_blocks) if tail_blocks is not None else range(0)
+    return sorted({*range(min(split_point, num_blocks)), *tail})
+
+
 class ClientActor(_Holder):
     def __init__(self, spec: dict, client_id: int, items: list[Encoded], split_point: int, local: bool):
-        self._load(spec, range(split_point if not local else 10**9), embedding=True, head=local)
-        if local:
-            self.blocks = range(self.num_blocks)
+        self.tail_blocks = spec.get("tail_blocks")
+        blocks = client_blocks(split_point, spec["num_blocks"], None if local else self.tail_blocks)
+        self._load(spec, blocks, embedding=True, head=local or self.tail_blocks is not None)
         batches = Batcher(items, spec["batch_size"], spec["pad_id"], spec["seed"] + client_id)
         self.client = Client(client_id, batches, self.candidates, spec["lr"], spec["alpha"], spec["seed"],
                              spec.get("compression", "fp32"))  # fmt: skip
 
     def configure(self, plan: RoundPlan, fresh: bool, ft_lr: float | None) -> None:
-        part = ClientPart(self.arch, self.model, plan.split_point)
-        head = ServerPart(self.arch, self.model, self.num_blocks) if plan.split_point >= self.num_blocks else None
-        if head is not None:
+        if plan.split_point >= self.num_blocks:
+            head = ServerPart(self.arch, self.model, self.num_blocks)
+            part = ClientPart(self.arch, self.model, plan.split_point)
             self.client.configure(plan, part, fresh, head=head, full_finetune_lr=ft_lr)
+        elif plan.tail_blocks is not None:
+            self.client.configure(plan, UClientPart(self.arch, self.model, plan.split_point, plan.tail_blocks), fresh)
         else:
-            self.client.configure(plan, part, fresh)
+            self.client.configure(plan, ClientPart(self.arch, self.model, plan.split_point), fresh)
 
     def forward(self):
         return self.client.forward()
 
-    def backward(self, gradient) -> None:
-        self.client.backward(gradient)
+    def tail_step(self, middle):
+        return self.client.tail_step(middle)
+
+    def backward(self, gradient):
+        return self.client.backward(gradient)
 
     def local_step(self) -> float:
         return self.client.local_step()
@@ -112,7 +127,14 @@ class ClientActor(_Holder):
     @torch.no_grad()
     def eval_forward(self, input_ids, attention_mask, adapter: str | None):
         set_active_adapter(self.client.part, adapter)
-        return self.client.part(input_ids, attention_mask)
+        front = self.client.part.front if self.client.u_shaped else self.client.part
+        return front(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def eval_tail_loss(self, hidden, attention_mask, labels, adapter: str | None):
+        set_active_adapter(self.client.part, adapter)
+        total, count = target_token_loss(self.client.part.tail(hidden, attention_mask), labels)
+        return float(total), count
 
     @torch.no_grad()
     def eval_head_loss(self, hidden, attention_mask, labels, adapter: str | None):
@@ -143,16 +165,24 @@ class ClientActor(_Holder):
 
 class ServerActor(_Holder):
     def __init__(self, spec: dict, shallowest_split: int):
-        num_blocks = spec["num_blocks"]
-        self._load(spec, range(shallowest_split, num_blocks), embedding=False, head=True)
+        tail = spec.get("tail_blocks")
+        self.end = None if tail is None else spec["num_blocks"] - tail  # U-shaped: the middle only
+        blocks = range(shallowest_split, spec["num_blocks"] if self.end is None else self.end)
+        self._load(spec, blocks, embedding=False, head=self.end is None)
         self.server = MainServer(self.candidates, spec["lr"], spec["alpha"], spec["seed"],
                                  spec.get("compression", "fp32"))  # fmt: skip
 
     def configure(self, plan: RoundPlan, fresh: bool) -> None:
-        self.server.configure(plan, ServerPart(self.arch, self.model, plan.split_point), fresh)
+        self.server.configure(plan, ServerPart(self.arch, self.model, plan.split_point, self.end), fresh)
 
     def step(self, activations):
         return self.server.step(activations)
+
+    def forward_middle(self, activations):
+        return self.server.forward_middle(activations)
+
+    def backward_middle(self, tail_gradient):
+        return self.server.backward_middle(tail_gradient)
 
     def measure_importance(self, enabled: bool) -> None:
         self.server.measure_importance(enabled)
@@ -175,6 +205,12 @@ class ServerActor(_Holder):
         set_active_adapter(part, adapter)
         total, count = target_token_loss(part(hidden, attention_mask), labels)
         return float(total), count
+
+    @torch.no_grad()
+    def eval_middle(self, client_id: int, hidden, attention_mask, adapter: str | None):
+        part = self.server.parts[client_id]
+        set_active_adapter(part, adapter)
+        return part(hidden, attention_mask)
 
     def adapter_factors(self, client_id: int) -> dict:
         return self.server.holder.factors(self.server.parts[client_id], f"client{client_id}", client_id, 0)
@@ -226,6 +262,7 @@ class RayEngine(TrafficLedger):
         self.shards = shards
         self.split_points = list(split_points)
         self.num_blocks = spec["num_blocks"]
+        self.tail_blocks = spec.get("tail_blocks")
         self.candidates = candidates
         self.fed_server = fed_server
         self.local = [s >= self.num_blocks for s in split_points]
@@ -238,6 +275,12 @@ class RayEngine(TrafficLedger):
         self.plans: list[RoundPlan] = []
         self.last_broadcast: AdapterBroadcast | None = None
         self.start_ledger(range(len(shards)))
+
+    def _client_names(self, cid: int) -> set[str]:
+        """The candidates client `cid` holds."""
+        tail = None if self.local[cid] else self.tail_blocks
+        held = set(client_blocks(self.split_points[cid], self.num_blocks, tail))
+        return {n for n, c in self.candidates.items() if c.block in held}
 
     def _start_client(self, cid: int):
         return self.client_class.remote(self.spec, cid, self.shards[cid], self.split_points[cid], self.local[cid])
@@ -256,8 +299,7 @@ class RayEngine(TrafficLedger):
     # -- a lost client comes back with the last aggregated weights of its blocks -------------------
     def _restart(self, cid: int) -> None:
         self.actors[cid] = self._start_client(cid)
-        names = [n for n, c in self.candidates.items() if c.block < self.split_points[cid]]
-        weights = self._gather(names, exclude=cid)
+        weights = self._gather(sorted(self._client_names(cid)), exclude=cid)
         self._get(self.actors[cid].set_weights.remote(weights))
         if cid in self.snapshots:
             self._get(self.actors[cid].load_state.remote(self.snapshots[cid]))
@@ -309,16 +351,18 @@ class RayEngine(TrafficLedger):
         actor = self.actors[cid]
         if self.local[cid]:
             return self._get(actor.local_step.remote())
-        # Object references chain the three calls inside Ray: the activations go from the client
-        # actor to the server actor and the gradient back without a stop in the driver.
+        # Object references chain the calls inside Ray: activations and gradients go between the
+        # client actor and the server actor without a stop in the driver; the client reports the
+        # loss and the bytes of every message.
         activations = actor.forward.remote()
-        gradient_ref = self.server.step.remote(activations)
-        done = actor.backward.remote(gradient_ref)
-        gradient = self._get(gradient_ref)  # the loss, and the sizes for the byte counts
-        self._get(done)
-        self.traffic[cid]["activations"] += gradient.received_bytes
-        self.traffic[cid]["gradients"] += gradient.nbytes()
-        return gradient.loss
+        if self.tail_blocks is None:
+            gradient = self.server.step.remote(activations)
+        else:
+            middle = self.server.forward_middle.remote(activations)
+            gradient = self.server.backward_middle.remote(actor.tail_step.remote(middle))
+        record = self._get(actor.backward.remote(gradient))
+        self.add_traffic(cid, record.traffic)
+        return record.loss
 
     def local_steps(self, steps: int, on_step: Callable | None = None) -> list[list[float | None]]:
         history = []
@@ -367,8 +411,7 @@ class RayEngine(TrafficLedger):
         method = "apply_update" if isinstance(result, ModelUpdate) else "apply_adapters"
         refs = []
         for cid in self.live:
-            names = {n for n, c in self.candidates.items() if c.block < self.split_points[cid]}
-            self.traffic[cid]["adapters_down"] += result.nbytes(names)
+            self.traffic[cid]["adapters_down"] += result.nbytes(self._client_names(cid))
             refs.append(getattr(self.actors[cid], method).remote(result))
         if self.server is not None:
             refs.append(getattr(self.server, method).remote(result))
@@ -386,6 +429,10 @@ class RayEngine(TrafficLedger):
             if self.local[cid]:
                 loss_sum, n = self._get(self.actors[cid].eval_head_loss.remote(hidden, batch.attention_mask,
                                                                                batch.labels, adapter))  # fmt: skip
+            elif self.tail_blocks is not None:  # the labels stay on the client
+                middle = self.server.eval_middle.remote(cid, hidden, batch.attention_mask, adapter)
+                loss_sum, n = self._get(self.actors[cid].eval_tail_loss.remote(middle, batch.attention_mask,
+                                                                               batch.labels, adapter))  # fmt: skip
             else:
                 loss_sum, n = self._get(self.server.eval_loss.remote(cid, hidden, batch.attention_mask, batch.labels,
                                                                      adapter))  # fmt: skip
@@ -395,7 +442,7 @@ class RayEngine(TrafficLedger):
 
     def warmup_importance(self) -> list[tuple[dict[str, float], int]]:
         """One split step per client on the frozen model (no adapters yet), both sides measuring."""
-        self.configure([RoundPlan(cid, 0, s, {}) for cid, s in enumerate(self.split_points)])
+        self.configure([RoundPlan(cid, 0, s, {}, self.tail_blocks) for cid, s in enumerate(self.split_points)])
         self.measure_importance(True)
         self.local_steps(1)
         reports = [(sums, batches) for sums, batches, _ in self.importance_reports()]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-TRAFFIC = ("activations", "gradients", "adapters_up", "adapters_down")
+TRAFFIC = ("activations", "gradients", "activations_down", "gradients_up", "adapters_up", "adapters_down")
+CUT = ("activations", "gradients", "activations_down", "gradients_up")  # every split step's messages
+UP = ("activations", "gradients_up", "adapters_up")
 
 
 class TrafficLedger:
-    """Per client: activations and adapters up, gradients and updates down, for the current round."""
+    """Per client, for the current round: activations at the cut and adapters up, gradients at the
+    cut and updates down; in a U-shaped split also the middle's activations down and their
+    gradients up."""
 
     traffic: dict[int, dict[str, int]]
     events: list[dict]
@@ -17,11 +21,19 @@ class TrafficLedger:
 
     @property
     def bytes_up(self) -> dict[int, int]:
-        return {cid: t["activations"] + t["adapters_up"] for cid, t in self.traffic.items()}
+        return {cid: sum(v for k, v in t.items() if k in UP) for cid, t in self.traffic.items()}
 
     @property
     def bytes_down(self) -> dict[int, int]:
-        return {cid: t["gradients"] + t["adapters_down"] for cid, t in self.traffic.items()}
+        return {cid: sum(v for k, v in t.items() if k not in UP) for cid, t in self.traffic.items()}
+
+    def step_bytes(self, client_id: int) -> int:
+        """This round's bytes of split steps (both directions) for one client."""
+        return sum(self.traffic[client_id][k] for k in CUT)
+
+    def add_traffic(self, client_id: int, counts: dict[str, int]) -> None:
+        for category, nbytes in counts.items():
+            self.traffic[client_id][category] += nbytes
 
     def reset_traffic(self) -> None:
         self.start_ledger(list(self.traffic))

@@ -4,6 +4,13 @@
     Mem_server(s, r) = (L - s) * A_block(b, T) + A_head(b, T) + sum_W C(W, r_W)     (per client)
     C(W, r) = bytes * [ r (d_in + d_out) * (1 param + 1 grad + 2 AdamW states) + b T (d_in + r) ]
 
+In a U-shaped split (`tail_blocks` t set) the client also holds the last t blocks, the final norm
+and the head (only the norm's weights when the head is tied to the embeddings it already holds)
+and their activations; the main server's share loses them:
+
+    Mem_client(s, r) += t * (P_block + A_block(b, T)) + P_head_extra + A_head(b, T)
+    Mem_server(s, r)  = (L - t - s) * A_block(b, T) + sum_W C(W, r_W)
+
 The last term of C is what an adapter keeps for backward: its input x (b T d_in) and A x (b T r).
 A_block and A_head are measured once per model, dtype and batch shape: the bytes of the distinct
 tensors autograd saves for backward in one block (its input requiring grad) or in the head and
@@ -15,7 +22,7 @@ clients and reported apart from the per-client memory.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -46,6 +53,34 @@ class MemoryModel:
     batch_size: int
     seq_len: int
     candidates: dict[str, CandidateShape] = field(default_factory=dict)
+    norm_bytes: int = 0  # the final norm alone
+    head_tied: bool = False  # the LM head shares the embeddings' weight
+    tail_blocks: int | None = None  # U-shaped split: the client also runs the last t blocks and the head
+
+    @property
+    def u_shaped(self) -> bool:
+        return self.tail_blocks is not None
+
+    @property
+    def middle_end(self) -> int:
+        """One past the main server's last block: L, or L - t in a U-shaped split."""
+        return self.num_blocks - (self.tail_blocks or 0)
+
+    @property
+    def deepest_split_point(self) -> int:
+        """The deepest cut that leaves the main server one block."""
+        return self.middle_end - 1
+
+    def with_tail(self, tail_blocks: int | None) -> MemoryModel:
+        """This model for a U-shaped split keeping the last `tail_blocks` on the client (None: the
+        ordinary split)."""
+        return replace(self, tail_blocks=tail_blocks)
+
+    def client_blocks(self, split_point: int) -> int:
+        return split_point + (self.tail_blocks or 0)
+
+    def server_blocks(self, split_point: int) -> int:
+        return self.middle_end - split_point
 
     def adapter_bytes(self, name: str, rank: int) -> int:
         """C(W, r): parameters, gradients, AdamW states and saved activations of one adapter."""
@@ -57,35 +92,47 @@ class MemoryModel:
         return self.dtype_bytes * (weights + activations)
 
     def client_side(self, split_point: int) -> list[str]:
-        return [name for name, shape in self.candidates.items() if shape.block < split_point]
+        """Candidates the client runs: blocks [0, s), and [L - t, L) in a U-shaped split."""
+        end = self.middle_end
+        return [n for n, shape in self.candidates.items() if shape.block < split_point or shape.block >= end]
 
     def server_side(self, split_point: int) -> list[str]:
-        return [name for name, shape in self.candidates.items() if shape.block >= split_point]
+        return [n for n, shape in self.candidates.items() if split_point <= shape.block < self.middle_end]
 
     def client_bytes(self, split_point: int, ranks: Mapping[str, int] | None = None) -> int:
-        """Peak memory of a client fine-tuning blocks [0, split_point) with these ranks."""
+        """Peak memory of a client fine-tuning blocks [0, split_point) (and, U-shaped, the last t
+        blocks, the head and the loss) with these ranks."""
         ranks = ranks or {}
-        frozen = self.embedding_bytes + split_point * self.block_bytes
+        blocks = self.client_blocks(split_point)
+        frozen = self.embedding_bytes + blocks * self.block_bytes
+        activations = blocks * self.block_activation_bytes
+        if self.u_shaped:
+            frozen += self.norm_bytes if self.head_tied else self.head_bytes
+            activations += self.head_activation_bytes
         adapters = sum(self.adapter_bytes(n, ranks.get(n, 0)) for n in self.client_side(split_point))
-        return frozen + split_point * self.block_activation_bytes + adapters
+        return frozen + activations + adapters
 
     def server_bytes(self, split_point: int, ranks: Mapping[str, int] | None = None) -> int:
         """The main server's memory for one client (its activations and adapters)."""
         ranks = ranks or {}
         adapters = sum(self.adapter_bytes(n, ranks.get(n, 0)) for n in self.server_side(split_point))
-        blocks = self.num_blocks - split_point
-        return blocks * self.block_activation_bytes + self.head_activation_bytes + adapters
+        head = 0 if self.u_shaped else self.head_activation_bytes
+        return self.server_blocks(split_point) * self.block_activation_bytes + head + adapters
 
     def unsplit_bytes(self, ranks: Mapping[str, int] | None = None, full_finetune: bool = False) -> int:
         """One device running the whole model and its loss (the baselines without split). Full
         fine-tuning adds a gradient and two AdamW states for every weight."""
+        ranks = ranks or {}
         weights = self.embedding_bytes + self.num_blocks * self.block_bytes
-        total = self.client_bytes(self.num_blocks, ranks) + self.head_activation_bytes
-        return total + (3 * weights if full_finetune else 0)
+        activations = self.num_blocks * self.block_activation_bytes + self.head_activation_bytes
+        adapters = sum(self.adapter_bytes(n, ranks.get(n, 0)) for n in self.candidates)
+        return weights + activations + adapters + (3 * weights if full_finetune else 0)
 
     def server_frozen_bytes(self, shallowest_split: int) -> int:
-        """Weights the main server holds once for everyone: blocks [s_min_used, L) and the head."""
-        return (self.num_blocks - shallowest_split) * self.block_bytes + self.head_bytes
+        """Weights the main server holds once for everyone: blocks [s_min_used, L) and the head,
+        or only the middle blocks [s_min_used, L - t) in a U-shaped split."""
+        head = 0 if self.u_shaped else self.head_bytes
+        return self.server_blocks(shallowest_split) * self.block_bytes + head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,8 +212,10 @@ def measure_memory_model(
             layer.active_adapter = active[id(layer)]
     embedding = sum(weight_bytes(model.get_submodule(p)) for p in arch.embedding_paths)
     head = sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths)
-    if getattr(model.config, "tie_word_embeddings", False):
-        head = max(head, sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths[:-1]) + embedding)
+    norm = sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths[:-1])
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied:
+        head = max(head, norm + embedding)
     return MemoryModel(
         num_blocks=len(blocks),
         dtype_bytes=dtype_bytes,
@@ -178,4 +227,6 @@ def measure_memory_model(
         batch_size=batch_size,
         seq_len=seq_len,
         candidates={n: CandidateShape(c.block, c.d_in, c.d_out) for n, c in candidates.items()},
+        norm_bytes=norm,
+        head_tied=tied,
     )

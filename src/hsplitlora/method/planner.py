@@ -1,7 +1,8 @@
 """Adaptive Rank and Model Splitting Configuration (ARMSC), method.md section 4.
 
 For each client i with budget M_i:
-  1. split point s_i = the deepest s in [s_min, L-1] with Mem_client(s, no adapters) <= (1 - rho) M_i;
+  1. split point s_i = the deepest s in [s_min, L-1] (U-shaped: [s_min, L-1-t]) with
+     Mem_client(s, no adapters) <= (1 - rho) M_i;
   2. client-side ranks: from all-zero, repeatedly raise the candidate with the best
      I(W) (u(r') - u(r)) / (C(W, r') - C(W, r)),  u(r) = log2(1 + r),  r' the next level of Q,
      while the total stays within M_i (an upgrade that does not fit retires that candidate);
@@ -51,6 +52,7 @@ class Plan:
     server_frozen_bytes: int
     levels: tuple[int, ...]
     left_out: list[int] = field(default_factory=list)  # clients whose budget holds no cut
+    tail_blocks: int | None = None  # U-shaped split: every client also runs the last t blocks and the head
 
     def to_state(self) -> dict:
         """Everything, losslessly (checkpoints); `to_dict` is the user-facing schema."""
@@ -88,6 +90,8 @@ class Plan:
             },
             "levels": list(self.levels),
             "left_out": self.left_out,
+            "split_mode": "standard" if self.tail_blocks is None else "u",
+            "tail_blocks": self.tail_blocks,
         }
 
 
@@ -138,8 +142,10 @@ def allocate_ranks(
 
 
 def choose_split_point(memory: MemoryModel, budget_bytes: int, rho: float, s_min: int) -> int | None:
-    """The deepest s in [s_min, L-1] whose adapter-free client memory fits (1 - rho) of the budget."""
-    fitting = [s for s in range(s_min, memory.num_blocks) if memory.client_bytes(s) <= (1 - rho) * budget_bytes]
+    """The deepest s in [s_min, L-1] (U-shaped: [s_min, L-1-t]) whose adapter-free client memory
+    fits (1 - rho) of the budget."""
+    deepest = memory.deepest_split_point
+    fitting = [s for s in range(s_min, deepest + 1) if memory.client_bytes(s) <= (1 - rho) * budget_bytes]
     return max(fitting) if fitting else None
 
 
@@ -154,8 +160,9 @@ def plan(
     leave_out_infeasible: bool = False,
 ) -> Plan:
     """Split points and ranks for every client (and the main server's ranks per client)."""
-    if not 1 <= s_min <= memory.num_blocks - 1:
-        raise UsageError(f"s_min {s_min} must be in [1, {memory.num_blocks - 1}] for this model.")
+    if not 1 <= s_min <= memory.deepest_split_point:
+        tail = f" with a tail of {memory.tail_blocks} block(s)" if memory.u_shaped else ""
+        raise UsageError(f"s_min {s_min} must be in [1, {memory.deepest_split_point}] for this model{tail}.")
     if not 0 <= rho < 1:
         raise UsageError(f"rho {rho} must be in [0, 1).")
     if sorted(set(levels)) != sorted(levels) or min(levels) != 0 or any(r < 0 for r in levels):
@@ -194,8 +201,9 @@ def plan(
                 server_predicted_bytes=memory.server_bytes(split_point, server_ranks),
             )
         )
-    shallowest = min((c.split_point for c in clients), default=memory.num_blocks - 1)
-    return Plan(clients, int(server_budget_bytes), memory.server_frozen_bytes(shallowest), tuple(levels), left_out)
+    shallowest = min((c.split_point for c in clients), default=memory.deepest_split_point)
+    return Plan(clients, int(server_budget_bytes), memory.server_frozen_bytes(shallowest), tuple(levels), left_out,
+                memory.tail_blocks)  # fmt: skip
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,

@@ -1,5 +1,10 @@
 """The cut: a client part (embeddings, blocks [0, s)) and a server part (blocks [s, L), final norm,
-LM head). Both parts reference the model's own modules, so cutting copies no frozen weight."""
+LM head). Both parts reference the model's own modules, so cutting copies no frozen weight.
+
+The U-shaped split (`split_mode: u`) cuts twice: the client keeps the embeddings and blocks
+[0, s) (`UClientPart.front`) and also the last t blocks, the final norm and the head
+(`UClientPart.tail`); the main server runs only the middle, blocks [s, L - t). Token ids, labels
+and logits never leave the client."""
 
 from __future__ import annotations
 
@@ -38,35 +43,80 @@ class ClientPart(nn.Module):
 
 
 class ServerPart(nn.Module):
-    """Blocks [split_point, L), the final norm and the LM head; returns logits."""
+    """Blocks [split_point, L), the final norm and the LM head: returns logits. With `end`, the
+    middle of a U-shaped split: blocks [split_point, end) only, returning their activations."""
 
-    def __init__(self, arch: Architecture, model: nn.Module, split_point: int):
+    def __init__(self, arch: Architecture, model: nn.Module, split_point: int, end: int | None = None):
         super().__init__()
         self.arch = arch
         self.split_point = split_point
         self.context = arch.block_context(model)
         all_blocks = arch.blocks(model)
-        self.blocks = nn.ModuleList(all_blocks[i] for i in range(split_point, len(all_blocks)))
-        self.block_indices = list(range(split_point, len(all_blocks)))
-        self.head = arch.head(model)
+        self.end = len(all_blocks) if end is None else end
+        self.blocks = nn.ModuleList(all_blocks[i] for i in range(split_point, self.end))
+        self.block_indices = list(range(split_point, self.end))
+        self.head = arch.head(model) if end is None else None
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         context = self.context(hidden, attention_mask, positions(attention_mask))
         for block in self.blocks:
             hidden = self.context.call_block(block, hidden, context)
-        return self.head(hidden)
+        return hidden if self.head is None else self.head(hidden)
 
 
-def check_split_point(split_point: int, num_blocks: int) -> None:
-    if not isinstance(split_point, int) or not 1 <= split_point <= num_blocks - 1:
+class UClientPart(nn.Module):
+    """A U-shaped client's two ends: `front` (embeddings, blocks [0, s)) and `tail` (blocks
+    [L - t, L), final norm, head). `blocks` and `block_indices` list both ends' blocks, so adapters,
+    importance probes and merges treat the client's blocks as one set."""
+
+    def __init__(self, arch: Architecture, model: nn.Module, split_point: int, tail_blocks: int):
+        super().__init__()
+        num_blocks = arch.num_blocks(model)
+        self.arch = arch
+        self.split_point = split_point
+        self.tail_blocks = tail_blocks
+        self.front = ClientPart(arch, model, split_point)
+        self.tail = ServerPart(arch, model, num_blocks - tail_blocks)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [*self.front.blocks, *self.tail.blocks]
+
+    @property
+    def block_indices(self) -> list[int]:
+        return [*self.front.block_indices, *self.tail.block_indices]
+
+
+def check_split_point(split_point: int, num_blocks: int, tail_blocks: int | None = None) -> None:
+    """Valid cuts leave the main server at least one block: [1, L-1], or [1, L-1-t] when the client
+    also keeps the last t blocks (U-shaped split)."""
+    check_tail_blocks(tail_blocks, num_blocks)
+    deepest = num_blocks - 1 - (tail_blocks or 0)
+    if not isinstance(split_point, int) or not 1 <= split_point <= deepest:
+        reason = f" and the client keeps the last {tail_blocks} for the U-shaped split" if tail_blocks else ""
         raise UsageError(
-            f"split point {split_point} is out of range; this model has {num_blocks} blocks, "
-            f"so a split point must be in [1, {num_blocks - 1}]."
+            f"split point {split_point} is out of range; this model has {num_blocks} blocks{reason}, "
+            f"so a split point must be in [1, {deepest}]."
         )
 
 
-def split_model(model: nn.Module, split_point: int) -> tuple[ClientPart, ServerPart]:
-    """Cut `model` after block `split_point - 1`; valid split points are [1, L-1]."""
+def check_tail_blocks(tail_blocks: int | None, num_blocks: int) -> None:
+    if tail_blocks is not None and not 0 <= tail_blocks <= num_blocks - 2:
+        raise UsageError(
+            f"tail_blocks {tail_blocks} is out of range; this model has {num_blocks} blocks, and the client's "
+            f"front and the main server need one each, so tail_blocks must be in [0, {num_blocks - 2}]."
+        )
+
+
+def split_model(
+    model: nn.Module, split_point: int, tail_blocks: int | None = None
+) -> tuple[ClientPart | UClientPart, ServerPart]:
+    """Cut `model` after block `split_point - 1`; valid split points are [1, L-1]. With
+    `tail_blocks` t, cut U-shaped: the client part also holds the last t blocks and the head."""
     arch = architecture_of(model)
-    check_split_point(split_point, arch.num_blocks(model))
-    return ClientPart(arch, model, split_point), ServerPart(arch, model, split_point)
+    num_blocks = arch.num_blocks(model)
+    check_split_point(split_point, num_blocks, tail_blocks)
+    if tail_blocks is None:
+        return ClientPart(arch, model, split_point), ServerPart(arch, model, split_point)
+    middle = ServerPart(arch, model, split_point, num_blocks - tail_blocks)
+    return UClientPart(arch, model, split_point, tail_blocks), middle

@@ -12,14 +12,17 @@ from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.aggregation import AdapterFactors
 from hsplitlora.method.importance import ImportanceProbe, candidate_layers
-from hsplitlora.models.split import ClientPart
+from hsplitlora.models.split import ClientPart, UClientPart
 from hsplitlora.roles.messages import (
     ActivationGradient,
     Activations,
     AdapterBroadcast,
     AdapterUpload,
+    MiddleActivations,
     ModelUpdate,
     RoundPlan,
+    StepRecord,
+    TailGradient,
 )
 
 
@@ -89,7 +92,21 @@ class AdapterHolder:
             b.copy_(avg_scaled_b[:, :rank] / scale)
 
 
+class _PendingStep:
+    """A split step between the client's forward and its last backward."""
+
+    def __init__(self, step: int, hidden: torch.Tensor, batch: Batch, sent: int):
+        self.step = step
+        self.hidden = hidden
+        self.batch = batch
+        self.traffic = {"activations": sent}
+        self.loss: float | None = None
+
+
 class Client:
+    """The first `split_point` blocks (and, in a U-shaped split, the last blocks, head and loss)
+    of the model, this client's private batches, adapters and optimizer."""
+
     def __init__(
         self,
         client_id: int,
@@ -107,12 +124,12 @@ class Client:
         self.lr = lr
         self.generator = torch.Generator().manual_seed(seed * 100_003 + client_id)
         self.holder = AdapterHolder(candidates, alpha, lr, self.generator)
-        self.part: ClientPart | None = None
+        self.part: ClientPart | UClientPart | None = None
         self.head: torch.nn.Module | None = None
         self.step = 0
         self.samples = 0  # trained this round
         self.tokens = 0  # processed this round
-        self._pending: tuple[int, torch.Tensor] | None = None
+        self._pending: _PendingStep | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.probe: ImportanceProbe | None = None
         self._measuring = False
@@ -125,7 +142,7 @@ class Client:
     def configure(
         self,
         plan: RoundPlan,
-        part: ClientPart,
+        part: ClientPart | UClientPart,
         fresh: bool = True,
         head: torch.nn.Module | None = None,
         full_finetune_lr: float | None = None,
@@ -174,6 +191,11 @@ class Client:
         self.holder.overwrite(self.part, self.adapter, broadcast)
 
     @property
+    def u_shaped(self) -> bool:
+        """Whether this client also runs the model's last blocks, its head and the loss."""
+        return isinstance(self.part, UClientPart)
+
+    @property
     def local(self) -> bool:
         """Whether this client runs the whole model and its loss (no split)."""
         return self.head is not None
@@ -197,29 +219,57 @@ class Client:
 
     # -- one split step -------------------------------------------------------------------------
     def forward(self) -> Activations:
-        """Run the client part on the next private batch; keep the graph for `backward`."""
+        """Run the client part (the front, in a U-shaped split) on the next private batch; keep the
+        graph for `backward`. In a U-shaped split the labels stay here."""
         batch = next(self.batches)
         set_active_adapter(self.part, self.adapter)
         if self.probe is not None:
             self.probe.start()
-        hidden = self.part(batch.input_ids, batch.attention_mask)
-        self._pending = (self.step, hidden)
+        front = self.part.front if self.u_shaped else self.part
+        hidden = front(batch.input_ids, batch.attention_mask)
         self.samples += batch.input_ids.shape[0]
         self.tokens += int(batch.attention_mask.sum())
-        return Activations(self.client_id, self.step, pack(hidden, self.compression), batch.attention_mask,
-                           batch.labels)  # fmt: skip
+        labels = None if self.u_shaped else batch.labels
+        message = Activations(self.client_id, self.step, pack(hidden, self.compression), batch.attention_mask, labels)
+        self._pending = _PendingStep(self.step, hidden, batch, message.nbytes())
+        return message
 
-    def backward(self, message: ActivationGradient) -> None:
-        """Back-propagate the server's dL/dh through the client part and update the adapters."""
-        if self._pending is None or message.step != self._pending[0] or message.client_id != self.client_id:
-            raise RuntimeError(f"client {self.client_id} got a gradient for step {message.step} it did not send")
-        _, hidden = self._pending
+    def _expect(self, message) -> _PendingStep:
+        pending = self._pending
+        if pending is None or message.step != pending.step or message.client_id != self.client_id:
+            kind = type(message).__name__
+            raise RuntimeError(f"client {self.client_id} got {kind} for step {message.step}, which it is not at")
+        return pending
+
+    def tail_step(self, message: MiddleActivations) -> TailGradient:
+        """U-shaped split: run the tail (last blocks, head) on the middle's activations, compute the
+        loss here, back-propagate through the tail and return dL/dh to the main server."""
+        pending = self._expect(message)
+        pending.traffic["activations_down"] = message.nbytes()
+        hidden = message.hidden.unpack().detach().requires_grad_(True)
+        logits = self.part.tail(hidden, pending.batch.attention_mask)
+        total, count = target_token_loss(logits, pending.batch.labels)
+        loss = total / max(count, 1)
+        loss.backward()
+        pending.loss = float(loss.detach())
+        reply = TailGradient(self.client_id, pending.step, pack(hidden.grad, self.compression))
+        pending.traffic["gradients_up"] = reply.nbytes()
+        return reply
+
+    def backward(self, message: ActivationGradient) -> StepRecord:
+        """Back-propagate the server's dL/dh through the client part (the front) and update the
+        adapters; returns the step's loss and the bytes that crossed the cut."""
+        pending = self._expect(message)
+        if self.u_shaped and pending.loss is None:
+            raise RuntimeError(f"client {self.client_id} got the front's gradient before running its tail")
         self._pending = None
-        if hidden.requires_grad:  # nothing to back-propagate without adapters or a probe
-            hidden.backward(message.grad.unpack())
+        pending.traffic["gradients"] = message.nbytes()
+        if pending.hidden.requires_grad:  # nothing to back-propagate without adapters or a probe
+            pending.hidden.backward(message.grad.unpack())
         if self.probe is not None:
             self.probe.collect()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        return StepRecord(pending.loss if self.u_shaped else message.loss, pending.traffic)

@@ -1,5 +1,6 @@
 """The main server: the blocks after each client's cut, the head, and one adapter set and
-optimizer per client."""
+optimizer per client. In a U-shaped split it runs only the middle blocks and never sees labels,
+logits or the loss."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from hsplitlora.roles.messages import (
     Activations,
     AdapterBroadcast,
     AdapterUpload,
+    MiddleActivations,
     ModelUpdate,
     RoundPlan,
+    TailGradient,
 )
 
 
@@ -38,6 +41,7 @@ class MainServer:
         self.tokens: dict[int, int] = {}
         self.probes: dict[int, ImportanceProbe] = {}
         self._measuring = False
+        self._middle: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # U-shaped steps in flight
 
     adapter_name = staticmethod(adapter_name)
 
@@ -85,23 +89,56 @@ class MainServer:
         """Finish the forward pass for one client, compute the loss, back-propagate, update that
         client's server-side adapters and return dL/dh."""
         cid = message.client_id
+        if message.labels is None:
+            raise RuntimeError(f"client {cid}'s activations carry no labels; a U-shaped step goes to forward_middle")
+        hidden, output = self._forward(message)
+        loss_sum, count = target_token_loss(output, message.labels)
+        loss = loss_sum / max(count, 1)
+        loss.backward()
+        self._finish(cid)
+        return ActivationGradient(cid, message.step, pack(hidden.grad, self.compression), float(loss.detach()), count)
+
+    def forward_middle(self, message: Activations) -> MiddleActivations:
+        """U-shaped split: run the middle blocks on a client's activations and send the result back
+        to the client, which finishes the forward pass and computes the loss."""
+        cid = message.client_id
+        hidden, output = self._forward(message)
+        self._middle[cid] = (message.step, hidden, output)
+        return MiddleActivations(cid, message.step, pack(output.detach(), self.compression))
+
+    def backward_middle(self, message: TailGradient) -> ActivationGradient:
+        """U-shaped split: back-propagate the client's dL/dh through the middle, update that client's
+        server-side adapters and return dL/dh at the first cut."""
+        cid = message.client_id
+        step, hidden, output = self._middle.get(cid, (None, None, None))
+        if step != message.step:
+            raise RuntimeError(f"the main server got a tail gradient for client {cid}'s step {message.step}, "
+                               "whose middle it did not run")  # fmt: skip
+        del self._middle[cid]
+        if output.requires_grad:
+            output.backward(message.grad.unpack())
+        self._finish(cid)
+        grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+        return ActivationGradient(cid, message.step, pack(grad, self.compression), None, 0)
+
+    def _forward(self, message: Activations) -> tuple[torch.Tensor, torch.Tensor]:
+        cid = message.client_id
         part = self.parts[cid]
         set_active_adapter(part, adapter_name(cid))
         hidden = message.hidden.unpack().detach().requires_grad_(True)
         probe = self.probes.get(cid)
         if probe is not None:
             probe.start()
-        logits = part(hidden, message.attention_mask)
-        loss_sum, count = target_token_loss(logits, message.labels)
-        loss = loss_sum / max(count, 1)
-        loss.backward()
+        self.samples[cid] = self.samples.get(cid, 0) + message.hidden.shape[0]
+        self.tokens[cid] = self.tokens.get(cid, 0) + int(message.attention_mask.sum())
+        return hidden, part(hidden, message.attention_mask)
+
+    def _finish(self, cid: int) -> None:
+        """After a backward pass: read the importance gates, step this client's optimizer."""
+        probe = self.probes.get(cid)
         if probe is not None:
             probe.collect()
         optimizer = self.optimizers.get(cid)
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        self.samples[cid] = self.samples.get(cid, 0) + message.hidden.shape[0]
-        self.tokens[cid] = self.tokens.get(cid, 0) + int(message.attention_mask.sum())
-        return ActivationGradient(cid, message.step, pack(hidden.grad, self.compression), float(loss.detach()), count,
-                                  message.nbytes())  # fmt: skip

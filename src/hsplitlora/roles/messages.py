@@ -13,31 +13,67 @@ from hsplitlora.method.aggregation import AdapterFactors, StackedDelta
 @dataclass
 class Activations:
     """Client -> main server, once per step: the activations at the cut. Raw tokens stay on the
-    client; the attention mask and the labels travel with the activations."""
+    client; the attention mask travels with the activations, and so do the labels, except in a
+    U-shaped split, where the client computes the loss itself and sends none."""
 
     client_id: int
     step: int
     hidden: Packed  # (B, T, d), compressed as the run's `compression` says
     attention_mask: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T), -100 where no loss
+    labels: torch.Tensor | None  # (B, T), -100 where no loss; None in a U-shaped split
 
     def nbytes(self) -> int:
-        return self.hidden.nbytes() + sum(t.numel() * t.element_size() for t in (self.attention_mask, self.labels))
+        extra = [t for t in (self.attention_mask, self.labels) if t is not None]
+        return self.hidden.nbytes() + sum(t.numel() * t.element_size() for t in extra)
 
 
 @dataclass
 class ActivationGradient:
-    """Main server -> client, once per step: dL/dh at the cut, and the step's loss for reporting."""
+    """Main server -> client, once per step: dL/dh at the cut, and the step's loss for reporting
+    (None in a U-shaped split: the main server never sees the loss)."""
 
     client_id: int
     step: int
     grad: Packed  # (B, T, d), compressed as the run's `compression` says
-    loss: float  # mean over the batch's target tokens
+    loss: float | None  # mean over the batch's target tokens
     num_tokens: int
-    received_bytes: int = 0  # the size of the Activations message this answers (for the byte counts)
 
     def nbytes(self) -> int:
         return self.grad.nbytes()
+
+
+@dataclass
+class MiddleActivations:
+    """Main server -> client, once per step of a U-shaped split: the activations after the last
+    block of the middle, for the client's tail (its last blocks, head and loss)."""
+
+    client_id: int
+    step: int
+    hidden: Packed  # (B, T, d)
+
+    def nbytes(self) -> int:
+        return self.hidden.nbytes()
+
+
+@dataclass
+class TailGradient:
+    """Client -> main server, once per step of a U-shaped split: dL/dh at the end of the middle."""
+
+    client_id: int
+    step: int
+    grad: Packed  # (B, T, d)
+
+    def nbytes(self) -> int:
+        return self.grad.nbytes()
+
+
+@dataclass
+class StepRecord:
+    """What a client knows after a split step: its loss and the bytes of every message it sent
+    and received across the cut, by ledger category (engines add them to their traffic)."""
+
+    loss: float | None
+    traffic: dict[str, int]
 
 
 @dataclass
@@ -48,6 +84,7 @@ class RoundPlan:
     round: int
     split_point: int
     ranks: dict[str, int]  # candidate name -> rank (0: frozen), client and server side
+    tail_blocks: int | None = None  # U-shaped split: the client also runs the last t blocks and the head
 
 
 @dataclass

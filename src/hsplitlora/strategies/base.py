@@ -33,6 +33,7 @@ class Strategy:
     uses_importance: bool = True
     centralised: bool = False  # one trainer on the pooled data (upper references)
     full_finetune: bool = False  # every weight trained, no adapters
+    splits: bool = True  # cuts the model between client and main server (False: every client runs it whole)
 
     def __init__(self, context: StrategyContext):
         self.context = context
@@ -71,7 +72,8 @@ class Strategy:
                 server_ranks, memory.server_bytes(split_point, server_ranks),
             ))  # fmt: skip
         shallowest = min(split_points)
-        return Plan(clients, self.context.server_budget, memory.server_frozen_bytes(shallowest), self.context.levels)
+        return Plan(clients, self.context.server_budget, memory.server_frozen_bytes(shallowest), self.context.levels,
+                    tail_blocks=memory.tail_blocks)  # fmt: skip
 
     def unsplit_plan(self, ranks: list[int]) -> Plan:
         """Every client runs the whole model (split point L) with one rank on every candidate;

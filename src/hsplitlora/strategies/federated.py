@@ -9,7 +9,13 @@ from hsplitlora.method.planner import Plan
 from hsplitlora.strategies.base import Strategy
 
 
-class FedLoRA(Strategy):
+class _Unsplit(Strategy):
+    """Every client runs the whole model: there is no cut, so no U-shaped split either."""
+
+    splits = False
+
+
+class FedLoRA(_Unsplit):
     """Federated LoRA, one rank for all (the largest level of Q); FedAvg of A and B; persistent."""
 
     name = "fedlora"
@@ -21,7 +27,7 @@ class FedLoRA(Strategy):
         return self.unsplit_plan([max(self.context.levels)] * len(self.context.devices))
 
 
-class HetLoRA(Strategy):
+class HetLoRA(_Unsplit):
     """Federated LoRA with a rank per client proportional to its budget, the largest level of Q
     not above r_max M_i / max_j M_j; zero-padded weighted averaging, truncated back per client."""
 
@@ -37,7 +43,7 @@ class HetLoRA(Strategy):
         return self.unsplit_plan(ranks)
 
 
-class CenLoRA(Strategy):
+class CenLoRA(_Unsplit):
     """Centralised LoRA on the pooled data (upper reference): one trainer, rank r_max everywhere."""
 
     name = "cenlora"
@@ -50,7 +56,7 @@ class CenLoRA(Strategy):
         return self.unsplit_plan([max(self.context.levels)])
 
 
-class FullFineTuning(Strategy):
+class FullFineTuning(_Unsplit):
     """Centralised full fine-tuning on the pooled data: every weight trained, no adapters."""
 
     name = "ft"

@@ -41,7 +41,8 @@ class NoIWI(HSplitLoRA):
                 memory.client_bytes(client.split_point, ranks), server_ranks,
                 memory.server_bytes(client.split_point, server_ranks),
             ))  # fmt: skip
-        return Plan(clients, base.server_budget_bytes, base.server_frozen_bytes, base.levels)
+        return Plan(clients, base.server_budget_bytes, base.server_frozen_bytes, base.levels,
+                    tail_blocks=base.tail_blocks)  # fmt: skip
 
 
 class NoARMSC(HSplitLoRA):
