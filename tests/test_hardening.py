@@ -55,7 +55,8 @@ def test_a_malformed_config_file_exits_2_from_the_cli(tmp_path_factory, capsys, 
 @given(
     flag=st.sampled_from(["--clients", "--rounds", "--steps", "--rank", "--split-point", "--lr", "--alpha", "--seed",
                           "--budgets", "--server-budget", "--batch-size", "--partition", "--strategy", "--targets",
-                          "--device-preset", "--dirichlet-alpha", "--val-size", "--eval-every", "--compression"]),
+                          "--device-preset", "--dirichlet-alpha", "--val-size", "--eval-every", "--compression",
+                          "--split-mode", "--tail-blocks"]),
     text=st.text(alphabet="-0123456789.,abcxyzGBMiK e", min_size=1, max_size=10),
 )  # fmt: skip
 def test_any_flag_text_exits_2_or_passes_validation(capsys, flag, text):

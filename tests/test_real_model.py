@@ -60,3 +60,11 @@ def test_five_split_steps_lower_the_loss(smollm2):
     after = probe_loss()
     assert len(history) == 5 and all(torch.isfinite(torch.tensor(h)).all() for h in history)
     assert after < before - 0.1, (before, after, history)
+
+
+def test_a_part_with_both_ends_of_a_tied_weight_holds_one_copy(smollm2):
+    """A U-shaped client loads the embeddings and the head: SmolLM2 ties them, so one tensor."""
+    _, full, _ = smollm2
+    part = loading.load_part("smollm2-135m", [0, 29], embedding=True, head=True, with_tokenizer=False).model
+    assert part.lm_head.weight is part.model.embed_tokens.weight
+    assert torch.equal(part.lm_head.weight, full.model.lm_head.weight)

@@ -14,7 +14,8 @@ and their activations; the main server's share loses them:
 The last term of C is what an adapter keeps for backward: its input x (b T d_in) and A x (b T r).
 A_block and A_head are measured once per model, dtype and batch shape: the bytes of the distinct
 tensors autograd saves for backward in one block (its input requiring grad) or in the head and
-loss, plus the largest temporary of backward (the logits' gradient for the head). The main
+loss, plus the largest temporaries of backward (for the head: two logits-sized gradients alive at
+once, that of the log-probabilities and that of the logits). The main
 server's frozen weights (blocks from the shallowest split on, and the head) are shared by all
 clients and reported apart from the per-client memory.
 """
@@ -205,8 +206,11 @@ def measure_memory_model(
         def head_and_loss() -> None:
             target_token_loss(part.head(hidden), labels)
 
+        # The loss's backward holds two logits-sized float32 gradients at once beside the saved
+        # log-probabilities: the incoming one of the log-probabilities and the outgoing one of the
+        # logits (benchmarks/memory_model.py --tail measures this peak on a U-shaped client).
         logits_bytes = batch_size * seq_len * model.config.vocab_size * 4
-        head_activation = _saved_bytes(head_and_loss, weights) + logits_bytes
+        head_activation = _saved_bytes(head_and_loss, weights) + 2 * logits_bytes
     finally:
         for layer in lora_layers(part):
             layer.active_adapter = active[id(layer)]

@@ -221,6 +221,10 @@ def load_part(
     missing = sorted(set(wanted) - found)
     if missing:
         raise UsageError(f"model folder {folder} lacks the weight {missing[0]}; is it a complete checkpoint?")
+    for key, source in tied.items():  # a part holding both ends of a tie keeps one copy, as the model does
+        if key in wanted and source in wanted:
+            module_path, _, param_name = key.rpartition(".")
+            setattr(model.get_submodule(module_path), param_name, wanted[source])
     for path in arch.context_paths:  # weight-free helpers (rotary frequencies) are rebuilt on the CPU
         module = model.get_submodule(path)
         model.set_submodule(path, type(module)(config=config))
