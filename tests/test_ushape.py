@@ -200,3 +200,36 @@ def test_u_shape_is_refused_where_it_cannot_apply(tmp_path):
         run(RunConfig(model="tiny", split_mode="u", tail_blocks=3, output_dir=str(tmp_path / "r")))
     with pytest.raises(UsageError, match=r"split point 3 is out of range.*\[1, 2\]"):
         build_federation(RunConfig(model="tiny", clients=1, split_point=3, split_mode="u", tail_blocks=1))
+
+
+@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])
+def test_u_shaped_resume_continues_exactly(strategy, tmp_path):
+    from hsplitlora.rounds import resume_config
+
+    values = dict(model="tiny", local_steps=2, clients=2, budgets="8MB,12MB", val_size=8, batch_size=4,
+                  split_mode="u", tail_blocks=1, strategy=strategy)  # fmt: skip
+    straight = run(RunConfig(rounds=3, output_dir=str(tmp_path / "straight"), **values)).metrics
+    first = RunConfig(rounds=2, output_dir=str(tmp_path / "split"), **values)
+    run(first)
+    resumed = run(resume_config(first.output_dir, rounds=3), resume=True).metrics
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-9)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-9)
+
+
+def test_time_model_moves_the_tail_and_head_to_the_client():
+    from hsplitlora.method.planner import ClientPlan
+    from hsplitlora.time_model import client_flops_per_token, server_flops_per_token
+
+    loaded = load_model("tiny")
+    candidates = attach_lora(loaded.model, ["q", "v"])
+    memory = measure_memory_model(loaded.model, candidates, 4, 32)
+    u = memory.with_tail(1)
+    hidden, vocab = loaded.model.config.hidden_size, loaded.model.config.vocab_size
+    client = ClientPlan(0, 10**9, 2, {}, 0)
+    block = 4 * memory.block_bytes / memory.dtype_bytes
+    head = 4 * hidden * vocab
+    assert client_flops_per_token(memory, client, vocab, hidden) == pytest.approx(2 * block)
+    assert client_flops_per_token(u, client, vocab, hidden) == pytest.approx(3 * block + head)
+    assert server_flops_per_token(memory, client, vocab, hidden) == pytest.approx(2 * block + head)
+    assert server_flops_per_token(u, client, vocab, hidden) == pytest.approx(1 * block)
