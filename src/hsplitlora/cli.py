@@ -167,7 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             ranks = [sum(c.ranks.values()) for c in plan.clients]
             state = "new plan" if replanned else "same plan"
             self.progress.update(self.task, description=f"round {round_}/{rounds}")
-            self.progress.console.print(f"round {round_}: {state}, split points {cuts}, client ranks {ranks}")
+            shape = "" if plan.tail_blocks is None else f" (U-shaped, clients keep the last {plan.tail_blocks})"
+            self.progress.console.print(f"round {round_}: {state}, split points {cuts}{shape}, client ranks {ranks}")
 
         def step(self, round_, step, losses):
             self.progress.update(self.task, advance=1, loss=f"{sum(losses) / len(losses):.4f}")
