@@ -173,9 +173,10 @@ def plan(
         split_point = choose_split_point(memory, budget, rho, s_min)
         if split_point is None:
             lacking = math.ceil(memory.client_bytes(s_min) / (1 - rho) - budget)
+            tail = f" and the U-shaped tail ({memory.tail_blocks} block(s), head and loss)" if memory.u_shaped else ""
             message = (
                 f"client {client_id} cannot take part: its budget of {format_bytes(budget)} lacks "
-                f"{format_bytes(lacking)} to hold even {s_min} block(s) (needs "
+                f"{format_bytes(lacking)} to hold even {s_min} block(s){tail} (needs "
                 f"{format_bytes(memory.client_bytes(s_min))} for weights and activations, which must "
                 f"stay within {1 - rho:.0%} of the budget)."
             )
