@@ -121,7 +121,11 @@ class RunFolder:
                      "label": f"client {cid}"}  # fmt: skip
             axes[0].plot([r for r, _ in rows], [c["split_point"] for _, c in rows], **style)
             axes[1].plot([r for r, _ in rows], [c["client_rank_total"] for _, c in rows], **style)
-        axes[0].set_ylabel("split point (blocks on the client)")
+        tail = next((c.get("tail_blocks") for m in metrics for c in m["clients"]), None)
+        front = "front blocks on the client" if tail is not None else "blocks on the client"
+        axes[0].set_ylabel(f"split point ({front})")
+        if tail is not None:
+            axes[0].set_title(f"U-shaped: every client also runs the last {tail} block(s) and the head", fontsize=9)
         axes[1].set_ylabel("total LoRA rank on the client")
         for ax in axes:
             ax.set_xlabel("round")
