@@ -92,15 +92,6 @@ class InProcessEngine(TrafficLedger):
         """One local step of every client (split ones interleaved on the main server); losses."""
         return [client.local_step() if client.local else self.split_step(client) for client in self.clients]
 
-    def local_steps(self, steps: int, on_step: Callable[[int, list[float]], None] | None = None) -> list[list[float]]:
-        history = []
-        for step in range(steps):
-            losses = self.step_all()
-            history.append(losses)
-            if on_step is not None:
-                on_step(step, losses)
-        return history
-
     def importance_reports(self) -> list[tuple[dict[str, float], int, int]]:
         """Per client: (sum_j w_j dL/dw_j per candidate over its batches, batches, samples)."""
         reports = []

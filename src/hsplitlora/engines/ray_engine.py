@@ -16,7 +16,7 @@ backward, front's backward) through the object store.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -364,23 +364,19 @@ class RayEngine(TrafficLedger):
         self.add_traffic(cid, record.traffic)
         return record.loss
 
-    def local_steps(self, steps: int, on_step: Callable | None = None) -> list[list[float | None]]:
-        history = []
-        for step in range(steps):
-            losses: list[float | None] = []
-            for cid in range(len(self.actors)):
-                loss = None
-                if cid not in self.dead:
-                    try:
-                        loss = self._step(cid)
-                    except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError):
-                        self.dead.add(cid)
-                        self.events.append({"event": "client_lost", "client": cid, "step": step + 1})
-                losses.append(loss)
-            history.append(losses)
-            if on_step is not None:
-                on_step(step, losses)
-        return history
+    def step_all(self) -> list[float | None]:
+        """One step of every living client; a client whose actor fails is marked lost (None)."""
+        losses: list[float | None] = []
+        for cid in range(len(self.actors)):
+            loss = None
+            if cid not in self.dead:
+                try:
+                    loss = self._step(cid)
+                except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError):
+                    self.dead.add(cid)
+                    self.events.append({"event": "client_lost", "client": cid, "step": self.round_steps})
+            losses.append(loss)
+        return losses
 
     def importance_reports(self) -> list[tuple[dict[str, float], int, int]]:
         reports = []

@@ -1,6 +1,9 @@
-"""Bytes that cross between roles, per client: what every engine counts the same way."""
+"""What every engine does the same way: count the bytes that cross between roles per client, and
+run local steps."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 TRAFFIC = ("activations", "gradients", "activations_down", "gradients_up", "adapters_up", "adapters_down")
 CUT = ("activations", "gradients", "activations_down", "gradients_up")  # every split step's messages
@@ -18,6 +21,7 @@ class TrafficLedger:
     def start_ledger(self, client_ids) -> None:
         self.traffic = {cid: dict.fromkeys(TRAFFIC, 0) for cid in client_ids}
         self.events = []  # what went wrong this round (the Ray engine logs lost clients)
+        self.round_steps = 0  # local steps run this round
 
     @property
     def bytes_up(self) -> dict[int, int]:
@@ -37,3 +41,20 @@ class TrafficLedger:
 
     def reset_traffic(self) -> None:
         self.start_ledger(list(self.traffic))
+
+    def step_all(self) -> list[float | None]:
+        """One local step of every client; its loss (None for a client lost during the step)."""
+        raise NotImplementedError
+
+    def local_steps(
+        self, steps: int, on_step: Callable[[int, list[float | None]], None] | None = None
+    ) -> list[list[float | None]]:
+        """`steps` local steps of every client; the losses, one list per step."""
+        history = []
+        for step in range(steps):
+            self.round_steps += 1
+            losses = self.step_all()
+            history.append(losses)
+            if on_step is not None:
+                on_step(step, losses)
+        return history
