@@ -31,18 +31,24 @@ def adapter_grads(model, name: str) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "mistral", "qwen2-sliding"])
-def test_split_step_equals_unsplit_model(family, tokenizer, batch):
-    model = build_tiny(family, tokenizer, num_layers=4)
+def unsplit_reference(family: str, tokenizer, batch, num_layers: int):
+    """A tiny model with random adapters "a" on six targets, active; the unsplit model's loss on
+    `batch` and the adapters' gradients (cleared from the model afterwards)."""
+    model = build_tiny(family, tokenizer, num_layers=num_layers)
     attach_lora(model, ["q", "k", "v", "o", "up", "down"])
     random_adapters(model, "a", rank=4, seed=1)
-
     set_active_adapter(model, "a")
     reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
     reference.loss.backward()
     expected = adapter_grads(model, "a")
-    assert len(expected) == 4 * 6 * 2  # 4 blocks x 6 candidates x (A, B)
     model.zero_grad(set_to_none=True)
+    return model, reference.loss, expected
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "mistral", "qwen2-sliding"])
+def test_split_step_equals_unsplit_model(family, tokenizer, batch):
+    model, reference_loss, expected = unsplit_reference(family, tokenizer, batch, num_layers=4)
+    assert len(expected) == 4 * 6 * 2  # 4 blocks x 6 candidates x (A, B)
 
     for split_point in (1, 2, 3):
         client, server = split_model(model, split_point)
@@ -56,7 +62,7 @@ def test_split_step_equals_unsplit_model(family, tokenizer, batch):
         got = adapter_grads(model, "a")
         model.zero_grad(set_to_none=True)
 
-        torch.testing.assert_close(loss, reference.loss, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loss, reference_loss, atol=1e-5, rtol=0)
         assert got.keys() == expected.keys()
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=0, msg=f"{key} at s={split_point}")

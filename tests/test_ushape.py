@@ -24,20 +24,12 @@ from hsplitlora.roles.messages import ActivationGradient, Activations, MiddleAct
 from hsplitlora.rounds import run
 from hsplitlora.training import build_federation
 
-from .conftest import build_tiny
-from .test_split import adapter_grads, random_adapters
+from .test_split import adapter_grads, unsplit_reference
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2-sliding"])
 def test_u_split_step_equals_unsplit_model(family, tokenizer, batch):
-    model = build_tiny(family, tokenizer, num_layers=5)
-    attach_lora(model, ["q", "k", "v", "o", "up", "down"])
-    random_adapters(model, "a", rank=4, seed=1)
-    set_active_adapter(model, "a")
-    reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-    reference.loss.backward()
-    expected = adapter_grads(model, "a")
-    model.zero_grad(set_to_none=True)
+    model, reference_loss, expected = unsplit_reference(family, tokenizer, batch, num_layers=5)
 
     for split_point, tail in ((1, 0), (1, 3), (2, 2), (3, 1)):
         client, server = split_model(model, split_point, tail)
@@ -53,7 +45,7 @@ def test_u_split_step_equals_unsplit_model(family, tokenizer, batch):
         h1.backward(h1_received.grad)
         got = adapter_grads(model, "a")
         model.zero_grad(set_to_none=True)
-        torch.testing.assert_close(total / count, reference.loss, atol=1e-5, rtol=0)
+        torch.testing.assert_close(total / count, reference_loss, atol=1e-5, rtol=0)
         assert got.keys() == expected.keys()
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=0, msg=f"{key} at s={split_point}")

@@ -261,8 +261,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         uniform_importance=args.uniform_importance, warmup_batches=args.warmup_batches, data_dir=args.data_dir,
         leave_out_infeasible=args.leave_out_infeasible, seed=args.seed, tail_blocks=args.tail_blocks,
     )  # fmt: skip
-    if args.tail_blocks is not None and args.tail_blocks < 0:
-        raise UsageError(f"tail_blocks must be 0 or a positive integer, got {args.tail_blocks}.")
     loaded = load_model(args.model, seed=args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

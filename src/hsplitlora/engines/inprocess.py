@@ -13,7 +13,7 @@ from hsplitlora.evaluation.perplexity import evaluate_loss
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.method.importance import candidate_layers, warmup_sums
 from hsplitlora.models.architectures import Architecture
-from hsplitlora.models.split import ClientPart, ServerPart, UClientPart
+from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
@@ -53,13 +53,9 @@ class InProcessEngine(TrafficLedger):
                 part = ClientPart(self.arch, self.model, plan.split_point)
                 client.configure(plan, part, fresh, head=head, full_finetune_lr=full_finetune_lr)
                 continue
-            tail = plan.tail_blocks
-            if tail is None:
-                client.configure(plan, ClientPart(self.arch, self.model, plan.split_point), fresh)
-            else:
-                client.configure(plan, UClientPart(self.arch, self.model, plan.split_point, tail), fresh)
-            end = None if tail is None else num_blocks - tail
-            self.server.configure(plan, ServerPart(self.arch, self.model, plan.split_point, end), fresh)
+            client.configure(plan, client_part(self.arch, self.model, plan.split_point, plan.tail_blocks), fresh)
+            part = server_part(self.arch, self.model, plan.split_point, plan.tail_blocks)
+            self.server.configure(plan, part, fresh)
 
     def measure_importance(self, enabled: bool) -> None:
         for client in self.clients:

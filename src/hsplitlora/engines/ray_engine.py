@@ -27,7 +27,7 @@ from hsplitlora.lora.attach import attach_lora, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import held_parameter_names, load_part
-from hsplitlora.models.split import ClientPart, ServerPart, UClientPart
+from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
@@ -89,10 +89,8 @@ class ClientActor(_Holder):
             head = ServerPart(self.arch, self.model, self.num_blocks)
             part = ClientPart(self.arch, self.model, plan.split_point)
             self.client.configure(plan, part, fresh, head=head, full_finetune_lr=ft_lr)
-        elif plan.tail_blocks is not None:
-            self.client.configure(plan, UClientPart(self.arch, self.model, plan.split_point, plan.tail_blocks), fresh)
         else:
-            self.client.configure(plan, ClientPart(self.arch, self.model, plan.split_point), fresh)
+            self.client.configure(plan, client_part(self.arch, self.model, plan.split_point, plan.tail_blocks), fresh)
 
     def forward(self):
         return self.client.forward()
@@ -165,15 +163,14 @@ class ClientActor(_Holder):
 
 class ServerActor(_Holder):
     def __init__(self, spec: dict, shallowest_split: int):
-        tail = spec.get("tail_blocks")
-        self.end = None if tail is None else spec["num_blocks"] - tail  # U-shaped: the middle only
-        blocks = range(shallowest_split, spec["num_blocks"] if self.end is None else self.end)
-        self._load(spec, blocks, embedding=False, head=self.end is None)
+        self.tail_blocks = spec.get("tail_blocks")  # U-shaped: the server holds only the middle
+        end = spec["num_blocks"] - (self.tail_blocks or 0)
+        self._load(spec, range(shallowest_split, end), embedding=False, head=self.tail_blocks is None)
         self.server = MainServer(self.candidates, spec["lr"], spec["alpha"], spec["seed"],
                                  spec.get("compression", "fp32"))  # fmt: skip
 
     def configure(self, plan: RoundPlan, fresh: bool) -> None:
-        self.server.configure(plan, ServerPart(self.arch, self.model, plan.split_point, self.end), fresh)
+        self.server.configure(plan, server_part(self.arch, self.model, plan.split_point, self.tail_blocks), fresh)
 
     def step(self, activations):
         return self.server.step(activations)

@@ -108,15 +108,24 @@ def check_tail_blocks(tail_blocks: int | None, num_blocks: int) -> None:
         )
 
 
+def client_part(arch: Architecture, model: nn.Module, split_point: int, tail_blocks: int | None = None):
+    """The client's side of a cut: blocks [0, s), and, U-shaped (`tail_blocks` t), also the tail."""
+    if tail_blocks is None:
+        return ClientPart(arch, model, split_point)
+    return UClientPart(arch, model, split_point, tail_blocks)
+
+
+def server_part(arch: Architecture, model: nn.Module, split_point: int, tail_blocks: int | None = None) -> ServerPart:
+    """The main server's side of a cut: blocks [s, L) and the head, or, U-shaped, the middle only."""
+    end = None if tail_blocks is None else arch.num_blocks(model) - tail_blocks
+    return ServerPart(arch, model, split_point, end)
+
+
 def split_model(
     model: nn.Module, split_point: int, tail_blocks: int | None = None
 ) -> tuple[ClientPart | UClientPart, ServerPart]:
     """Cut `model` after block `split_point - 1`; valid split points are [1, L-1]. With
     `tail_blocks` t, cut U-shaped: the client part also holds the last t blocks and the head."""
     arch = architecture_of(model)
-    num_blocks = arch.num_blocks(model)
-    check_split_point(split_point, num_blocks, tail_blocks)
-    if tail_blocks is None:
-        return ClientPart(arch, model, split_point), ServerPart(arch, model, split_point)
-    middle = ServerPart(arch, model, split_point, num_blocks - tail_blocks)
-    return UClientPart(arch, model, split_point, tail_blocks), middle
+    check_split_point(split_point, arch.num_blocks(model), tail_blocks)
+    return client_part(arch, model, split_point, tail_blocks), server_part(arch, model, split_point, tail_blocks)
