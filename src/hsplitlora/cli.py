@@ -59,6 +59,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-mode", help="standard (default) or u: the client also keeps the last blocks, the "
                         "head and the loss, so labels never leave it")  # fmt: skip
     parser.add_argument("--tail-blocks", type=int, help="last blocks a client keeps with --split-mode u (default 1)")
+    parser.add_argument(
+        "--split-rule",
+        help="how ARMSC cuts: fastest (default; least predicted round time within "
+        "every budget) or deepest (the deepest cut the memory budget holds)",
+    )
+    parser.add_argument(
+        "--adapter-lifecycle",
+        help="hsplitlora's adapters across rounds: persist (default; kept "
+        "with optimizer state, measured from an anchor) or recreate (fresh every round)",
+    )
     parser.add_argument("--engine", help="inprocess (default) or ray: clients and main server as Ray actors")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one on localhost)")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -126,7 +136,7 @@ RUN_KEYS = (
     "model", "data_dir", "strategy", "clients", "rounds", "local_steps", "budgets", "device_preset",
     "server_budget", "split_point", "rank", "alpha", "targets", "partition", "dirichlet_alpha", "batch_size",
     "max_seq_len", "lr", "eval_every", "val_size", "output_dir", "seed", "threads", "engine", "ray_address",
-    "compression", "split_mode", "tail_blocks",
+    "compression", "split_mode", "tail_blocks", "split_rule", "adapter_lifecycle",
 )  # fmt: skip
 
 

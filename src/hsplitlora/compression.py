@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 MODES = ("fp32", "fp16", "bf16", "int8")
+VALUE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}  # per value, scales aside
 
 
 @dataclass

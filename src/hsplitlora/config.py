@@ -48,6 +48,10 @@ class RunConfig:
     gamma_max: float = 0.9
     tau: float = 5.0
     replan_delta: float = 0.1
+    # ARMSC's cuts: fastest (the predicted round time, under every memory budget) | deepest (memory only)
+    split_rule: str = "fastest"
+    # HSplitLoRA's adapters: persist (kept with their optimizer state, measured from an anchor) | recreate
+    adapter_lifecycle: str = "persist"
     warmup_batches: int = 1
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
@@ -147,6 +151,10 @@ class RunConfig:
                 f"split_mode u needs a strategy that splits the model, and {self.strategy} runs it whole on every "
                 f"client; choose one of {splitting}."
             )
+        if self.split_rule not in ("fastest", "deepest"):
+            raise UsageError(f"split_rule {self.split_rule!r} is unknown; choose fastest or deepest.")
+        if self.adapter_lifecycle not in ("persist", "recreate"):
+            raise UsageError(f"adapter_lifecycle {self.adapter_lifecycle!r} is unknown; choose persist or recreate.")
         if self.engine not in ("inprocess", "ray"):
             raise UsageError(f"engine {self.engine!r} is unknown; choose inprocess or ray.")
         if self.partition not in ("iid", "dirichlet"):

@@ -52,7 +52,7 @@ from hsplitlora.reporting import RunFolder, write_tensors_atomic
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.messages import RoundPlan
 from hsplitlora.strategies import STRATEGIES, StrategyContext
-from hsplitlora.time_model import ClientRoundWork, round_time
+from hsplitlora.time_model import ClientRoundWork, Workload, round_time
 from hsplitlora.training import make_roles
 
 CENTRAL_BANDWIDTH = 1e12  # the centralised references move no data between machines
@@ -145,6 +145,7 @@ def run(
         shards = partition_iid(len(encoded), config.clients, config.seed)
     strategy_class = STRATEGIES[config.strategy]
     steps_per_round = config.local_steps
+    workload = expected_workload(config, model, [encoded[i] for shard in shards for i in shard], tokenizer.pad_token_id)
     if strategy_class.centralised:  # one trainer on the pooled data, as many samples per round
         shards = [sorted(i for shard in shards for i in shard)]
         devices = [DeviceProfile(server_budget, SERVER["flops"], CENTRAL_BANDWIDTH)]
@@ -167,9 +168,11 @@ def run(
         fixed_ranks = [8] * len(shards)  # a fixed cut alone keeps the foundation's default rank
     context = StrategyContext(
         memory, devices, server_budget, tuple(config.rank_levels), config.rho, config.s_min, config.replan_delta,
-        fixed_splits, fixed_ranks,
+        fixed_splits, fixed_ranks, config.split_rule, config.adapter_lifecycle, workload,
     )  # fmt: skip
     strategy = strategy_class(context)
+    memory = strategy.context.memory  # with the anchors the strategy's adapters keep
+    fed_server = FedServer(strategy.aggregator, config.compression)
     if config.engine == "ray":
         from hsplitlora.engines.ray_engine import RayEngine
 
@@ -181,12 +184,11 @@ def run(
                 # Steps are sequential (client, server, client), so each actor may use every core.
                 "threads": config.threads or os.cpu_count()}  # fmt: skip
         shard_items = [[encoded[i] for i in shard] for shard in shards]
-        fed_server = FedServer(strategy_class.aggregator)
         engine = RayEngine(spec, shard_items, cuts, candidates, fed_server, config.ray_address,
                            config.ray_client_resources)  # fmt: skip
     else:
         clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id)
-        engine = InProcessEngine(model, arch, candidates, clients, server, FedServer(strategy_class.aggregator))
+        engine = InProcessEngine(model, arch, candidates, clients, server, fed_server)
     reporter.engine_ready(engine)
     setup = _Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
                    val_batches, fixed_ranks, steps_per_round, started)  # fmt: skip
@@ -239,10 +241,13 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
         saved = Plan.from_state(state["plan"]).clients
         engine.load_state(
             state, tensors,
-            [RoundPlan(c.client, state["round"], c.split_point, c.all_ranks(), config.tail) for c in saved],
-            strategy.persistent_adapters, ft_lr,
+            [RoundPlan(c.client, state["round"], c.split_point, c.all_ranks(), config.tail, strategy.adapters)
+             for c in saved],
+            ft_lr,
         )  # fmt: skip
         strategy.importance_at_last_plan = state["importance_at_last_plan"]
+        if hasattr(strategy, "split_points"):
+            strategy.split_points = [c.split_point for c in sorted(saved, key=lambda c: c.client)]
         smoothed.round, smoothed.value, smoothed.gamma = (state["smoothing"][k] for k in ("round", "value", "gamma"))
         plan = Plan.from_state(state["plan"])
         current = state["importance"]
@@ -280,9 +285,10 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
         if replanned and not first_plan:
             plan = strategy.make_plan(current)
         first_plan = False
-        messages = [RoundPlan(c.client, round_, c.split_point, c.all_ranks(), config.tail) for c in plan.clients]
+        messages = [RoundPlan(c.client, round_, c.split_point, c.all_ranks(), config.tail, strategy.adapters)
+                    for c in plan.clients]  # fmt: skip
         engine.reset_traffic()
-        engine.configure(messages, fresh=not strategy.persistent_adapters or round_ == 1, full_finetune_lr=ft_lr)
+        engine.configure(messages, full_finetune_lr=ft_lr)
         engine.measure_importance(strategy.uses_importance)
         reporter.round_started(round_, config.rounds, plan, replanned)
 
@@ -307,7 +313,7 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
 
         val_loss = val_ppl = None
         if round_ % config.eval_every == 0 or round_ == config.rounds:
-            val_loss = engine.validation_loss(val_batches, strategy.persistent_adapters)
+            val_loss = engine.validation_loss(val_batches, strategy.validation_client(plan))
             val_ppl = perplexity(val_loss)
         work = [
             ClientRoundWork(tokens[c.client], step_traffic[c.client],
@@ -357,7 +363,7 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
         }
         metrics.append(line)
         folder.append_metrics(line)
-        role_state, tensors = engine.state(strategy.persistent_adapters, strategy.full_finetune)
+        role_state, tensors = engine.state(strategy.full_finetune)
         folder.save_checkpoint(
             {"round": round_, "strategy": strategy.name, "plan": plan.to_state(), "importance": current,
              "importance_history": importance_history, "importance_at_last_plan": strategy.importance_at_last_plan,
@@ -367,7 +373,7 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
         )  # fmt: skip
         reporter.round_finished(line)
 
-    final = engine.export_weights(strategy.persistent_adapters, strategy.full_finetune)
+    final = engine.export_weights(strategy.validation_client(plan), strategy.full_finetune)
     export_format = "full" if strategy.full_finetune else "candidates"
     write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": export_format})
     evaluated = [m for m in metrics if m["val_ppl"] is not None]
@@ -390,6 +396,23 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
     write_json_atomic(folder.path / "summary.json", summary)
     plots = folder.plot(metrics)
     return RunResult(folder.path, metrics, summary, plots)
+
+
+def expected_workload(config: RunConfig, model: torch.nn.Module, items: list, pad_id: int) -> Workload:
+    """What a round is expected to do, for planning: E steps of batches like the clients' (mean
+    real tokens per step, and mean padded length from 64 sample batches)."""
+    from hsplitlora.compression import VALUE_BYTES
+    from hsplitlora.data.e2e import Batcher
+
+    lengths = [len(item.input_ids) for item in items] or [config.max_seq_len]
+    batcher = Batcher(items, config.batch_size, pad_id, config.seed) if items else None
+    padded = [next(batcher).input_ids.numel() for _ in range(64)] if batcher else [config.batch_size * lengths[0]]
+    return Workload(
+        steps=config.local_steps, tokens_per_step=config.batch_size * float(np.mean(lengths)),
+        padded_tokens_per_step=float(np.mean(padded)), hidden_size=_hidden_size(model),
+        vocab_size=model.config.vocab_size, server_flops=SERVER["flops"],
+        cut_value_bytes=VALUE_BYTES[config.compression], update_value_bytes=VALUE_BYTES[config.compression],
+    )  # fmt: skip
 
 
 def _hidden_size(model: torch.nn.Module) -> int:

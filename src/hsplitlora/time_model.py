@@ -65,3 +65,69 @@ def round_time(
         transfer = (done.step_bytes + done.adapter_bytes) / device.bandwidth
         client_seconds.append(compute + transfer)
     return {"round_s": max([*client_seconds, server_busy]), "client_s": client_seconds, "server_busy_s": server_busy}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a round is expected to do, for planning (measured rounds use `ClientRoundWork`):
+    E steps of `tokens_per_step` real tokens in batches padded to `padded_tokens_per_step`."""
+
+    steps: int
+    tokens_per_step: float
+    padded_tokens_per_step: float
+    hidden_size: int
+    vocab_size: int
+    server_flops: float
+    cut_value_bytes: float = 4.0  # bytes per activation or gradient value across the cut (compression)
+    update_value_bytes: float = 4.0  # bytes per value of the update sent down
+
+
+def update_values(memory: MemoryModel, plans: Sequence[ClientPlan], aggregator: str, anchored: bool) -> dict:
+    """Values sent down per candidate after a round: NAA sends the stacked change (2 r_i rows per
+    anchored adapter, r_i otherwise) or the dense matrix, whichever is smaller; the averaging
+    aggregators send factors at the largest rank trained on the candidate."""
+    ranks: dict[str, list[int]] = {}
+    for plan in plans:
+        for name, rank in plan.all_ranks().items():
+            if rank:
+                ranks.setdefault(name, []).append(rank)
+    values = {}
+    for name, trained in ranks.items():
+        shape = memory.candidates[name]
+        side = shape.d_in + shape.d_out
+        if aggregator == "naa":
+            stacked = sum(trained) * (2 if anchored else 1) * side
+            values[name] = min(stacked, shape.d_in * shape.d_out)
+        else:
+            values[name] = min(max(trained) * side, shape.d_in * shape.d_out) if aggregator == "zero-pad" else (
+                max(trained) * side)  # fmt: skip
+    return values
+
+
+def predicted_round_time(
+    memory: MemoryModel,
+    plans: Sequence[ClientPlan],
+    devices: Sequence[DeviceProfile],
+    workload: Workload,
+    aggregator: str = "naa",
+    anchored: bool = False,
+) -> float:
+    """The round time `round_time` predicts for a plan before it runs: E steps per client, each
+    crossing the cut with h and dL/dh (four tensors in a U-shaped split), then the client-side
+    factors up and the update of every candidate it holds down."""
+    down = update_values(memory, plans, aggregator, anchored)
+    crossings = 4 if memory.u_shaped else 2
+    work = []
+    for plan in plans:
+        split = plan.split_point < memory.num_blocks
+        step_bytes = crossings * workload.padded_tokens_per_step * workload.hidden_size * workload.cut_value_bytes
+        held = memory.client_side(plan.split_point) if split else list(memory.candidates)
+        up = 4 * adapter_params(memory, plan.ranks)
+        adapters = up + workload.update_value_bytes * sum(down.get(name, 0) for name in held)
+        work.append(ClientRoundWork(
+            int(workload.steps * workload.tokens_per_step), int(workload.steps * step_bytes) if split else 0,
+            int(adapters),
+        ))  # fmt: skip
+    timing = round_time(memory, plans, devices, work, workload.server_flops, workload.vocab_size,
+                        workload.hidden_size)  # fmt: skip
+    return timing["round_s"]

@@ -11,7 +11,7 @@ import torch
 from hsplitlora.engines.traffic import TrafficLedger
 from hsplitlora.evaluation.perplexity import evaluate_loss
 from hsplitlora.lora.attach import Candidate, set_active_adapter
-from hsplitlora.method.importance import candidate_layers, warmup_sums
+from hsplitlora.method.importance import warmup_sums
 from hsplitlora.models.architectures import Architecture
 from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part
 from hsplitlora.roles.client import Client
@@ -42,7 +42,7 @@ class InProcessEngine(TrafficLedger):
     def shutdown(self) -> None:
         """Nothing to release in one process."""
 
-    def configure(self, plans: Sequence[RoundPlan], fresh: bool = True, full_finetune_lr: float | None = None) -> None:
+    def configure(self, plans: Sequence[RoundPlan], full_finetune_lr: float | None = None) -> None:
         """Give each client and the main server their parts for the round's cuts, and adapters.
         A split point of L (every block) means no split: the client also holds the head. With a
         plan's `tail_blocks` t the split is U-shaped: the server runs blocks [s, L - t) only."""
@@ -51,11 +51,11 @@ class InProcessEngine(TrafficLedger):
             if plan.split_point >= num_blocks:
                 head = ServerPart(self.arch, self.model, num_blocks)
                 part = ClientPart(self.arch, self.model, plan.split_point)
-                client.configure(plan, part, fresh, head=head, full_finetune_lr=full_finetune_lr)
+                client.configure(plan, part, head=head, full_finetune_lr=full_finetune_lr)
                 continue
-            client.configure(plan, client_part(self.arch, self.model, plan.split_point, plan.tail_blocks), fresh)
+            client.configure(plan, client_part(self.arch, self.model, plan.split_point, plan.tail_blocks))
             part = server_part(self.arch, self.model, plan.split_point, plan.tail_blocks)
-            self.server.configure(plan, part, fresh)
+            self.server.configure(plan, part)
 
     def measure_importance(self, enabled: bool) -> None:
         for client in self.clients:
@@ -113,6 +113,9 @@ class InProcessEngine(TrafficLedger):
             self.traffic[client.client_id]["adapters_down"] += result.nbytes(names)
         if isinstance(result, ModelUpdate):
             self._merge_once(result)
+            for client in self.clients:  # the shared copy took dW; each role moves its anchors
+                client.apply_update(result, merge=False)
+            self.server.apply_update(result, merge=False)
         else:
             for client in self.clients:
                 client.apply_adapters(result)
@@ -136,10 +139,10 @@ class InProcessEngine(TrafficLedger):
     def round_counters(self) -> list[dict[str, int]]:
         return [{"samples": client.samples, "tokens": client.tokens} for client in self.clients]
 
-    def validation_loss(self, batches: Sequence, persistent_adapters: bool) -> float:
-        """Mean target-token loss of the current model: merged weights, plus the shared adapters
-        for strategies whose adapters persist (all clients hold the same ones after a round)."""
-        adapter = self.clients[0].adapter if persistent_adapters else None
+    def validation_loss(self, batches: Sequence, client_id: int | None) -> float:
+        """Mean target-token loss of the current model: merged weights, plus client `client_id`'s
+        adapters for strategies whose adapters carry the update (None: merged weights only)."""
+        adapter = None if client_id is None else self.clients[client_id].adapter
         loss, _ = evaluate_loss(self.forward_with(adapter), batches)
         return loss
 
@@ -152,55 +155,39 @@ class InProcessEngine(TrafficLedger):
             for name, c in self.candidates.items()
         }
 
-    def export_weights(self, persistent_adapters: bool, full_finetune: bool) -> dict[str, torch.Tensor]:
-        """The final model's trained weights, persisting adapters folded in."""
+    def export_weights(self, client_id: int | None, full_finetune: bool) -> dict[str, torch.Tensor]:
+        """The final model's trained weights, with client `client_id`'s adapters folded in."""
         final = self.trained_weights(full_finetune)
-        if persistent_adapters and not full_finetune:
-            adapter = self.clients[0].adapter
-            for name, c in self.candidates.items():
-                layer = self.model.get_submodule(c.module)
-                if layer.factors(adapter, c.slot) is not None:
-                    final[name] = final[name] + layer.delta(adapter, c.slot).detach()
+        if client_id is not None and not full_finetune:
+            client = self.clients[client_id]
+            deltas = client.adapter_deltas()
+            if client.client_id in self.server.parts:
+                deltas.update(self.server.adapter_deltas(client.client_id))
+            for name, delta in deltas.items():
+                final[name] = final[name] + delta
         return final
 
-    def _adapter_parts(self, client: Client) -> list[tuple[str, torch.nn.Module]]:
-        parts = [("client", client.part)]
-        if client.client_id in self.server.parts:
-            parts.append(("server", self.server.parts[client.client_id]))
-        return parts
-
-    def state(self, persistent_adapters: bool, full_finetune: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-        """The roles' state at a round boundary: weights, random generators, batch order and, for
-        strategies whose adapters persist, every adapter (optimizer state is reset every round)."""
+    def state(self, full_finetune: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The roles' state at a round boundary (the checkpoint schema): weights, and each role's
+        generator, batch order and adapters with their anchors and optimizer state; the fed
+        server's held uploads."""
         tensors = {f"weight/{n}": w for n, w in self.trained_weights(full_finetune).items()}
+        states = []
         for client in self.clients:
-            tensors[f"rng/{client.adapter}"] = client.generator.get_state()
-        tensors["rng/server"] = self.server.generator.get_state()
-        if persistent_adapters and not full_finetune:
-            for client in self.clients:
-                for role, part in self._adapter_parts(client):
-                    for name, factors in client.holder.factors(part, client.adapter, client.client_id, 0).items():
-                        tensors[f"adapter/{role}/{client.adapter}/{name}/A"] = factors.a
-                        tensors[f"adapter/{role}/{client.adapter}/{name}/B"] = factors.b
-        state = {"batchers": [c.batches.state() for c in self.clients], "client_steps": [c.step for c in self.clients]}
-        return state, tensors
+            state, role_tensors = client.state_dict(adapters=not full_finetune)
+            states.append(state)
+            tensors.update({f"client/{client.client_id}/{k}": v for k, v in role_tensors.items()})
+        tensors.update({f"server/{k}": v for k, v in self.server.state_dict(not full_finetune).items()})
+        tensors.update({f"fed/{k}": v for k, v in self.fed_server.state_dict().items()})
+        return {"clients": states}, tensors
 
     @torch.no_grad()
     def load_state(
-        self, state: dict, tensors: dict[str, torch.Tensor], plans: Sequence[RoundPlan], persistent_adapters: bool,
+        self, state: dict, tensors: dict[str, torch.Tensor], plans: Sequence[RoundPlan],
         full_finetune_lr: float | None,
     ) -> None:  # fmt: skip
         """Undo `state`: the inverse, given the plan the checkpointed round ran with."""
-        if persistent_adapters:  # kept adapters need their parts and shapes first
-            self.configure(plans, full_finetune_lr=full_finetune_lr)
-            if full_finetune_lr is None:
-                for client in self.clients:
-                    for role, part in self._adapter_parts(client):
-                        for name, layer in candidate_layers(part, self.candidates).items():
-                            found = layer.factors(client.adapter, self.candidates[name].slot)
-                            if found is not None:
-                                found[0].copy_(tensors[f"adapter/{role}/{client.adapter}/{name}/A"])
-                                found[1].copy_(tensors[f"adapter/{role}/{client.adapter}/{name}/B"])
+        self.configure(plans, full_finetune_lr=full_finetune_lr)  # adapters need their parts and shapes
         if full_finetune_lr is not None:
             for name, param in self.model.named_parameters():
                 if f"weight/{name}" in tensors:
@@ -208,11 +195,10 @@ class InProcessEngine(TrafficLedger):
         else:
             for name, c in self.candidates.items():
                 self.model.get_submodule(c.module).weight(c.slot).copy_(tensors[f"weight/{name}"])
-        for client, batcher_state, step in zip(self.clients, state["batchers"], state["client_steps"], strict=True):
-            client.batches.load_state(batcher_state)
-            client.generator.set_state(tensors[f"rng/{client.adapter}"])
-            client.step = step
-        self.server.generator.set_state(tensors["rng/server"])
+        for client, client_state in zip(self.clients, state["clients"], strict=True):
+            client.load_state_dict(client_state, role_tensors(tensors, f"client/{client.client_id}/"))
+        self.server.load_state_dict(role_tensors(tensors, "server/"))
+        self.fed_server.load_state_dict(role_tensors(tensors, "fed/"))
 
     def forward_with(self, adapter: str | None) -> Callable:
         """The whole model's logits with one client's adapters active (None: merged weights only)."""
@@ -222,3 +208,8 @@ class InProcessEngine(TrafficLedger):
             return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
         return forward
+
+
+def role_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of one role in a checkpoint, without its prefix."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

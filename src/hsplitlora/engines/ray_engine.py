@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from hsplitlora.data.e2e import Batcher, Encoded
+from hsplitlora.engines.inprocess import role_tensors
 from hsplitlora.engines.traffic import TrafficLedger
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import attach_lora, set_active_adapter
@@ -84,13 +85,13 @@ class ClientActor(_Holder):
         self.client = Client(client_id, batches, self.candidates, spec["lr"], spec["alpha"], spec["seed"],
                              spec.get("compression", "fp32"))  # fmt: skip
 
-    def configure(self, plan: RoundPlan, fresh: bool, ft_lr: float | None) -> None:
+    def configure(self, plan: RoundPlan, ft_lr: float | None) -> None:
         if plan.split_point >= self.num_blocks:
             head = ServerPart(self.arch, self.model, self.num_blocks)
             part = ClientPart(self.arch, self.model, plan.split_point)
-            self.client.configure(plan, part, fresh, head=head, full_finetune_lr=ft_lr)
+            self.client.configure(plan, part, head=head, full_finetune_lr=ft_lr)
         else:
-            self.client.configure(plan, client_part(self.arch, self.model, plan.split_point, plan.tail_blocks), fresh)
+            self.client.configure(plan, client_part(self.arch, self.model, plan.split_point, plan.tail_blocks))
 
     def forward(self):
         return self.client.forward()
@@ -140,25 +141,14 @@ class ClientActor(_Holder):
         total, count = target_token_loss(self.client.head(hidden, attention_mask), labels)
         return float(total), count
 
-    def adapter_factors(self) -> dict:
-        return self.client.holder.factors(self.client.part, self.client.adapter, self.client.client_id, 0)
+    def adapter_deltas(self) -> dict:
+        return self.client.adapter_deltas()
 
-    def load_adapter_factors(self, factors: dict) -> None:
-        layers = {n: self.model.get_submodule(c.module) for n, c in self.candidates.items()}
-        with torch.no_grad():
-            for name, (a, b) in factors.items():
-                found = layers[name].factors(self.client.adapter, self.candidates[name].slot)
-                found[0].copy_(a)
-                found[1].copy_(b)
+    def state_dict(self, adapters: bool):
+        return self.client.state_dict(adapters)
 
-    def state(self) -> dict:
-        return {"batcher": self.client.batches.state(), "step": self.client.step,
-                "generator": self.client.generator.get_state()}  # fmt: skip
-
-    def load_state(self, state: dict) -> None:
-        self.client.batches.load_state(state["batcher"])
-        self.client.step = state["step"]
-        self.client.generator.set_state(state["generator"])
+    def load_state_dict(self, state: dict, tensors: dict) -> None:
+        self.client.load_state_dict(state, tensors)
 
 
 class ServerActor(_Holder):
@@ -169,8 +159,8 @@ class ServerActor(_Holder):
         self.server = MainServer(self.candidates, spec["lr"], spec["alpha"], spec["seed"],
                                  spec.get("compression", "fp32"))  # fmt: skip
 
-    def configure(self, plan: RoundPlan, fresh: bool) -> None:
-        self.server.configure(plan, server_part(self.arch, self.model, plan.split_point, self.tail_blocks), fresh)
+    def configure(self, plan: RoundPlan) -> None:
+        self.server.configure(plan, server_part(self.arch, self.model, plan.split_point, self.tail_blocks))
 
     def step(self, activations):
         return self.server.step(activations)
@@ -209,25 +199,14 @@ class ServerActor(_Holder):
         set_active_adapter(part, adapter)
         return part(hidden, attention_mask)
 
-    def adapter_factors(self, client_id: int) -> dict:
-        return self.server.holder.factors(self.server.parts[client_id], f"client{client_id}", client_id, 0)
+    def adapter_deltas(self, client_id: int) -> dict:
+        return self.server.adapter_deltas(client_id)
 
-    def load_adapter_factors(self, client_id: int, factors: dict) -> None:
-        part = self.server.parts[client_id]
-        from hsplitlora.method.importance import candidate_layers
+    def state_dict(self, adapters: bool) -> dict:
+        return self.server.state_dict(adapters)
 
-        layers = candidate_layers(part, self.candidates)
-        with torch.no_grad():
-            for name, (a, b) in factors.items():
-                found = layers[name].factors(f"client{client_id}", self.candidates[name].slot)
-                found[0].copy_(a)
-                found[1].copy_(b)
-
-    def generator_state(self):
-        return self.server.generator.get_state()
-
-    def set_generator_state(self, state) -> None:
-        self.server.generator.set_state(state)
+    def load_state_dict(self, tensors: dict) -> None:
+        self.server.load_state_dict(tensors)
 
 
 class RayEngine(TrafficLedger):
@@ -299,7 +278,7 @@ class RayEngine(TrafficLedger):
         weights = self._gather(sorted(self._client_names(cid)), exclude=cid)
         self._get(self.actors[cid].set_weights.remote(weights))
         if cid in self.snapshots:
-            self._get(self.actors[cid].load_state.remote(self.snapshots[cid]))
+            self._get(self.actors[cid].load_state_dict.remote(*self.snapshots[cid]))
         self.dead.discard(cid)
         self.events.append({"event": "client_restarted", "client": cid})
 
@@ -317,7 +296,7 @@ class RayEngine(TrafficLedger):
         return found
 
     # -- the engine interface --------------------------------------------------------------------
-    def configure(self, plans: Sequence[RoundPlan], fresh: bool = True, full_finetune_lr: float | None = None) -> None:
+    def configure(self, plans: Sequence[RoundPlan], full_finetune_lr: float | None = None) -> None:
         if [p.split_point for p in plans] != self.split_points:
             raise UsageError("the ray engine keeps each client's cut for the whole run (clients load their blocks "
                              "once); this plan moves a cut.")  # fmt: skip
@@ -326,17 +305,15 @@ class RayEngine(TrafficLedger):
         self.plans = list(plans)
         refs = []
         for plan, actor in zip(plans, self.actors, strict=True):
-            restarted_persistent = not fresh and self.last_broadcast is not None and any(
-                e["client"] == plan.client_id for e in self.events)  # fmt: skip
-            refs.append(actor.configure.remote(plan, fresh or restarted_persistent, full_finetune_lr))
+            refs.append(actor.configure.remote(plan, full_finetune_lr))
             if not self.local[plan.client_id]:
-                refs.append(self.server.configure.remote(plan, fresh))
+                refs.append(self.server.configure.remote(plan))
         self.ray.get(refs)
-        if self.last_broadcast is not None:
+        if self.last_broadcast is not None:  # a restarted client takes the aggregated adapters it missed
             for event in self.events:
                 if event["event"] == "client_restarted":
                     self._get(self.actors[event["client"]].apply_adapters.remote(self.last_broadcast))
-        self.snapshots = {cid: self._get(self.actors[cid].state.remote()) for cid in self.live}
+        self.snapshots = {cid: self._get(self.actors[cid].state_dict.remote(False)) for cid in self.live}
 
     def measure_importance(self, enabled: bool) -> None:
         refs = [self.actors[cid].measure_importance.remote(enabled) for cid in self.live]
@@ -413,9 +390,9 @@ class RayEngine(TrafficLedger):
             self.last_broadcast = result
         return result
 
-    def validation_loss(self, batches: Sequence, persistent_adapters: bool) -> float:
-        cid = self.live[0]
-        adapter = f"client{cid}" if persistent_adapters else None
+    def validation_loss(self, batches: Sequence, client_id: int | None) -> float:
+        cid = client_id if client_id in self.live else self.live[0]
+        adapter = None if client_id is None else f"client{cid}"
         total, count = 0.0, 0
         for batch in batches:
             hidden = self._get(self.actors[cid].eval_forward.remote(batch.input_ids, batch.attention_mask, adapter))
@@ -447,57 +424,42 @@ class RayEngine(TrafficLedger):
             return self._gather([""], full=True)
         return self._gather(list(self.candidates))
 
-    def export_weights(self, persistent_adapters: bool, full_finetune: bool) -> dict[str, torch.Tensor]:
+    def export_weights(self, client_id: int | None, full_finetune: bool) -> dict[str, torch.Tensor]:
         final = self.trained_weights(full_finetune)
-        if persistent_adapters and not full_finetune:
-            cid = self.live[0]
-            factors = dict(self._get(self.actors[cid].adapter_factors.remote()))
+        if client_id is not None and not full_finetune:
+            cid = client_id if client_id in self.live else self.live[0]
+            deltas = dict(self._get(self.actors[cid].adapter_deltas.remote()))
             if not self.local[cid]:
-                factors.update(self._get(self.server.adapter_factors.remote(cid)))
-            for name, f in factors.items():
-                final[name] = final[name] + f.scale * (f.b @ f.a)
+                deltas.update(self._get(self.server.adapter_deltas.remote(cid)))
+            for name, delta in deltas.items():
+                final[name] = final[name] + delta
         return final
 
-    def state(self, persistent_adapters: bool, full_finetune: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    def state(self, full_finetune: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The checkpoint schema of InProcessEngine.state, gathered from the actors."""
         tensors = {f"weight/{n}": w for n, w in self.trained_weights(full_finetune).items()}
-        states = [self._get(self.actors[cid].state.remote()) if cid not in self.dead else self.snapshots[cid]
-                  for cid in range(len(self.actors))]  # fmt: skip
-        for cid, s in enumerate(states):
-            tensors[f"rng/client{cid}"] = s["generator"]
+        states = []
+        for cid, actor in enumerate(self.actors):
+            state, role = self._get(actor.state_dict.remote(not full_finetune)) if cid not in self.dead else (
+                self.snapshots[cid])  # fmt: skip
+            states.append(state)
+            tensors.update({f"client/{cid}/{k}": v for k, v in role.items()})
         if self.server is not None:
-            tensors["rng/server"] = self._get(self.server.generator_state.remote())
-        if persistent_adapters and not full_finetune:
-            for cid in self.live:
-                for name, f in self._get(self.actors[cid].adapter_factors.remote()).items():
-                    tensors[f"adapter/client/client{cid}/{name}/A"], tensors[f"adapter/client/client{cid}/{name}/B"] = (
-                        f.a,
-                        f.b,
-                    )
-                if not self.local[cid]:
-                    for name, f in self._get(self.server.adapter_factors.remote(cid)).items():
-                        tensors[f"adapter/server/client{cid}/{name}/A"] = f.a
-                        tensors[f"adapter/server/client{cid}/{name}/B"] = f.b
-        return {"batchers": [s["batcher"] for s in states], "client_steps": [s["step"] for s in states]}, tensors
+            server = self._get(self.server.state_dict.remote(not full_finetune))
+            tensors.update({f"server/{k}": v for k, v in server.items()})
+        tensors.update({f"fed/{k}": v for k, v in self.fed_server.state_dict().items()})
+        return {"clients": states}, tensors
 
-    def load_state(self, state, tensors, plans, persistent_adapters: bool, full_finetune_lr: float | None) -> None:
+    def load_state(self, state, tensors, plans, full_finetune_lr: float | None) -> None:
         weights = {k[len("weight/") :]: v for k, v in tensors.items() if k.startswith("weight/")}
         refs = [actor.set_weights.remote(weights) for actor in self.actors]
         if self.server is not None:
             refs.append(self.server.set_weights.remote(weights))
-            refs.append(self.server.set_generator_state.remote(tensors["rng/server"]))
         self.ray.get(refs)
-        if persistent_adapters:
-            self.configure(plans, full_finetune_lr=full_finetune_lr)
-            if full_finetune_lr is None:
-                for cid, actor in enumerate(self.actors):
-                    for role in ("client", "server"):
-                        prefix = f"adapter/{role}/client{cid}/"
-                        factors = {k[len(prefix) : -2]: None for k in tensors if k.startswith(prefix)}
-                        pairs = {n: (tensors[f"{prefix}{n}/A"], tensors[f"{prefix}{n}/B"]) for n in factors}
-                        if pairs and role == "client":
-                            self._get(actor.load_adapter_factors.remote(pairs))
-                        elif pairs:
-                            self._get(self.server.load_adapter_factors.remote(cid, pairs))
-        for cid, actor in enumerate(self.actors):
-            self._get(actor.load_state.remote({"batcher": state["batchers"][cid], "step": state["client_steps"][cid],
-                                               "generator": tensors[f"rng/client{cid}"]}))  # fmt: skip
+        self.configure(plans, full_finetune_lr=full_finetune_lr)
+        refs = [actor.load_state_dict.remote(state["clients"][cid], role_tensors(tensors, f"client/{cid}/"))
+                for cid, actor in enumerate(self.actors)]  # fmt: skip
+        if self.server is not None:
+            refs.append(self.server.load_state_dict.remote(role_tensors(tensors, "server/")))
+        self.ray.get(refs)
+        self.fed_server.load_state_dict(role_tensors(tensors, "fed/"))

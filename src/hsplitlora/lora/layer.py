@@ -1,6 +1,10 @@
 """A frozen linear map with several named LoRA adapters of their own ranks.
 
-    y = W x + b + (alpha / r_a) * B_a A_a x          for the one active adapter a
+    y = W x + b + (alpha / r_a) * (B_a A_a - B0_a A0_a) x          for the one active adapter a
+
+(B0, A0) is the adapter's *anchor* (method.md section 6, persistent adapters): the factors it had
+when W last absorbed the federation's update, so that at that moment every holder computes exactly
+W. An adapter without an anchor has B0 A0 = 0.
 
 A fused module (GPT-2's `c_attn`, [q | k | v] along the output) is split into *slots*: each slot
 is its own candidate matrix with its own adapter, so q, k and v can get different ranks.
@@ -44,6 +48,7 @@ class MultiLoRALayer(nn.Module):
         self.lora_A = nn.ModuleDict({slot: nn.ParameterDict() for slot in self.slot_bounds})
         self.lora_B = nn.ModuleDict({slot: nn.ParameterDict() for slot in self.slot_bounds})
         self.scaling: dict[tuple[str, str], float] = {}
+        self.anchors: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (A0, B0), no gradient
         self.active_adapter: str | None = None
         # Importance probe: one unit gate g per slot, y = g * (W x) + b. Its gradient is
         # dL/dg = sum over tokens <dL/dy, W x> = sum_j w_j dL/dw_j, without any weight gradient.
@@ -79,6 +84,54 @@ class MultiLoRALayer(nn.Module):
                 del self.lora_A[one][name]
                 del self.lora_B[one][name]
                 del self.scaling[(name, one)]
+            self.anchors.pop((name, one), None)
+
+    @torch.no_grad()
+    def set_anchor(self, name: str, slot: str) -> None:
+        """Anchor adapter `name` at its current factors: from now on it adds s (B A - B0 A0) = 0
+        until it trains again."""
+        a, b = self.lora_A[slot][name], self.lora_B[slot][name]
+        self.anchors[(name, slot)] = (a.detach().clone(), b.detach().clone())
+
+    def anchor(self, name: str, slot: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A0, B0) of an anchored adapter, else None."""
+        return self.anchors.get((name, slot))
+
+    @torch.no_grad()
+    def resize_adapter(
+        self, name: str, slot: str, rank: int, alpha: float, generator: torch.Generator | None = None
+    ) -> None:
+        """Give adapter `name` rank `rank` keeping (alpha/r) B A: grow appends random rows to A and
+        zero columns to B; shrink keeps the best rank-r factorisation of (alpha/r) B A. An anchored
+        adapter is re-anchored at its new factors (it was at its anchor: the output is unchanged).
+        No adapter yet: a fresh one; rank 0: removed."""
+        current = self.rank(name, slot)
+        if rank == current:
+            return
+        if current == 0 or rank == 0:
+            anchored = (name, slot) in self.anchors
+            self.set_adapter(name, slot, rank, alpha, generator)
+            if anchored and rank:
+                self.set_anchor(name, slot)
+            return
+        from hsplitlora.method.aggregation import low_rank_factors  # the one SVD of stacked factors
+
+        a, b = self.lora_A[slot][name], self.lora_B[slot][name]
+        old_scale, new_scale = self.scaling[(name, slot)], alpha / rank
+        if rank > current:
+            extra = torch.empty(rank - current, self.in_features, dtype=a.dtype, device=a.device)
+            nn.init.kaiming_uniform_(extra, a=math.sqrt(5), generator=generator)
+            new_a = torch.cat([a.detach(), extra])
+            new_b = torch.cat([b.detach() * (old_scale / new_scale), b.new_zeros(b.shape[0], rank - current)], dim=1)
+        else:
+            left, right = low_rank_factors(old_scale * b.detach(), a.detach(), rank)
+            new_b, new_a = left / new_scale, right
+        anchored = (name, slot) in self.anchors
+        self.lora_A[slot][name] = nn.Parameter(new_a.contiguous())
+        self.lora_B[slot][name] = nn.Parameter(new_b.contiguous())
+        self.scaling[(name, slot)] = new_scale
+        if anchored:
+            self.set_anchor(name, slot)
 
     def rank(self, name: str, slot: str) -> int:
         return self.lora_A[slot][name].shape[0] if name in self.lora_A[slot] else 0
@@ -97,13 +150,14 @@ class MultiLoRALayer(nn.Module):
         return self.lora_A[slot][name], self.lora_B[slot][name], self.scaling[(name, slot)]
 
     def delta(self, name: str, slot: str) -> torch.Tensor:
-        """The dense update (alpha / r) B A of an adapter, shape (d_out_slot, d_in)."""
+        """What the adapter adds to W, (alpha / r) (B A - B0 A0), dense (d_out_slot, d_in)."""
         found = self.factors(name, slot)
         lo, hi = self.slot_bounds[slot]
         if found is None:
             return self.base.weight.new_zeros(hi - lo, self.in_features)
         a, b, scale = found
-        return scale * (b @ a)
+        anchor = self.anchor(name, slot)
+        return scale * (b @ a - (anchor[1] @ anchor[0] if anchor is not None else 0))
 
     # -- the frozen weight ----------------------------------------------------------------------
     def weight(self, slot: str) -> torch.Tensor:
@@ -157,7 +211,11 @@ class MultiLoRALayer(nn.Module):
         for slot in self.slot_bounds:
             if name in self.lora_A[slot]:
                 a, b = self.lora_A[slot][name], self.lora_B[slot][name]
-                updates[slot] = F.linear(F.linear(x, a), b) * self.scaling[(name, slot)]
+                update = F.linear(F.linear(x, a), b)
+                anchor = self.anchors.get((name, slot))
+                if anchor is not None:  # the same ops on equal factors: exactly zero at the anchor
+                    update = update - F.linear(F.linear(x, anchor[0]), anchor[1])
+                updates[slot] = update * self.scaling[(name, slot)]
         if not updates:
             return out
         if len(self.slot_bounds) == 1:

@@ -1,11 +1,13 @@
 """Noise-free Adapter Aggregation (NAA), method.md section 6, and the baseline aggregators.
 
-For one candidate W, over the clients i that trained an adapter on it (r_i > 0), p_i = n_i / sum n_j:
+For one candidate W, over the clients i that trained an adapter on it (r_i > 0), p_i = n_i / sum n_j,
+with each adapter's anchor (B0_i, A0_i) (its factors when the round started; zero for a new one):
 
-    dW = sum_i p_i (alpha / r_i) B_i A_i = [p_1 s_1 B_1 | ... | p_K s_K B_K] [A_1; ...; A_K]
+    dW = sum_i p_i s_i (B_i A_i - B0_i A0_i) = [.. p_i s_i B_i | -p_i s_i B0_i ..] [..; A_i; A0_i; ..]
 
 The stacked form is exact. The baselines average the factors instead, and
-avg(B) avg(A) != avg(B A): the cross terms are the "noise".
+avg(B) avg(A) != avg(B A): the cross terms are the "noise". FlexLoRA sums the dense products and
+splits the sum back to each client's rank by truncated SVD (`low_rank_factors`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,20 @@ class AdapterFactors:
     a: torch.Tensor  # (r, d_in)
     b: torch.Tensor  # (d_out, r)
     scale: float  # alpha / r
+    # The anchor (A0, B0) the change is measured from: "held" (the fed server kept this client's
+    # previous upload, which is the anchor), "zero" (a new adapter: B0 = 0) or "sent" (re-anchored
+    # by a resize or a lost round: A0, B0 travel with the upload).
+    anchor: str = "zero"
+    anchor_a: torch.Tensor | None = None
+    anchor_b: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.a, self.b, self.anchor_a, self.anchor_b) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -51,18 +63,60 @@ def sample_weights(factors: Sequence[AdapterFactors]) -> list[float]:
     return [f.samples / total for f in factors]
 
 
-def aggregate(factors: Sequence[AdapterFactors]) -> StackedDelta:
-    """NAA: stack p_i (alpha/r_i) B_i side by side and A_i on top of each other (exact)."""
+def aggregate(
+    factors: Sequence[AdapterFactors], anchors: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+) -> StackedDelta:
+    """NAA: stack p_i s_i B_i (and -p_i s_i B0_i) side by side and A_i (and A0_i) on top of each
+    other (exact). `anchors[i]` is (A0_i, B0_i), or None for an anchor of zero."""
     weights = sample_weights(factors)
-    b = torch.cat([w * f.scale * f.b for w, f in zip(weights, factors, strict=True)], dim=1)
-    a = torch.cat([f.a for f in factors], dim=0)
-    return StackedDelta(b, a)
+    anchors = anchors or [None] * len(factors)
+    bs, as_ = [], []
+    for w, f, anchor in zip(weights, factors, anchors, strict=True):
+        bs.append(w * f.scale * f.b)
+        as_.append(f.a)
+        if anchor is not None:
+            bs.append(-w * f.scale * anchor[1])
+            as_.append(anchor[0])
+    return StackedDelta(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
 
 
-def dense_average(factors: Sequence[AdapterFactors]) -> torch.Tensor:
-    """sum_i p_i (alpha / r_i) B_i A_i computed matrix by matrix (the reference NAA equals)."""
+def dense_average(
+    factors: Sequence[AdapterFactors], anchors: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+) -> torch.Tensor:
+    """sum_i p_i s_i (B_i A_i - B0_i A0_i) computed matrix by matrix (the reference NAA equals)."""
     weights = sample_weights(factors)
-    return sum(w * f.scale * (f.b @ f.a) for w, f in zip(weights, factors, strict=True))
+    anchors = anchors or [None] * len(factors)
+    return sum(
+        w * f.scale * (f.b @ f.a - (anchor[1] @ anchor[0] if anchor is not None else 0))
+        for w, f, anchor in zip(weights, factors, anchors, strict=True)
+    )
+
+
+def low_rank_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` factorisation (left, right) of b @ a (Eckart-Young), from the thin
+    factors alone: QR of each side, an SVD of the small core. Singular values are split evenly
+    (left = U sqrt(S), right = sqrt(S) V^T), in decreasing order, so keeping the first r columns of
+    left and rows of right is itself the best rank-r factorisation."""
+    q_left, r_left = torch.linalg.qr(b)
+    q_right, r_right = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+    keep = min(rank, s.shape[0])
+    root = s[:keep].sqrt()
+    left = (q_left @ u[:, :keep]) * root
+    right = root[:, None] * (vh[:keep] @ q_right.T)
+    if keep < rank:  # the product has lower rank than asked: pad with zero directions
+        left = torch.cat([left, left.new_zeros(left.shape[0], rank - keep)], dim=1)
+        right = torch.cat([right, right.new_zeros(rank - keep, right.shape[1])])
+    return left, right
+
+
+def svd_average(factors: Sequence[AdapterFactors]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexLoRA: the dense weighted sum sum_i p_i s_i B_i A_i, factorised by truncated SVD at the
+    largest rank. Returns (A, sB) as `zero_padded_average` does; a client of rank r keeps the first
+    r rows / columns, which is the best rank-r approximation of the sum."""
+    stacked = aggregate(factors)
+    scaled_b, a = low_rank_factors(stacked.b, stacked.a, max(f.rank for f in factors))
+    return a, scaled_b
 
 
 def fedavg_factors(factors: Sequence[AdapterFactors]) -> tuple[torch.Tensor, torch.Tensor]:

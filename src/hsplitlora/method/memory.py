@@ -3,6 +3,7 @@
     Mem_client(s, r) = P_emb + s * P_block + s * A_block(b, T) + sum_W C(W, r_W)
     Mem_server(s, r) = (L - s) * A_block(b, T) + A_head(b, T) + sum_W C(W, r_W)     (per client)
     C(W, r) = bytes * [ r (d_in + d_out) * (1 param + 1 grad + 2 AdamW states) + b T (d_in + r) ]
+              + bytes * [ r (d_in + d_out) + b T r ]       (persistent adapters: the anchor B0, A0 and A0 x)
 
 In a U-shaped split (`tail_blocks` t set) the client also holds the last t blocks, the final norm
 and the head (only the norm's weights when the head is tied to the embeddings it already holds)
@@ -57,6 +58,7 @@ class MemoryModel:
     norm_bytes: int = 0  # the final norm alone
     head_tied: bool = False  # the LM head shares the embeddings' weight
     tail_blocks: int | None = None  # U-shaped split: the client also runs the last t blocks and the head
+    anchored: bool = False  # adapters keep an anchor (B0, A0) across rounds (method.md section 6)
 
     @property
     def u_shaped(self) -> bool:
@@ -77,6 +79,10 @@ class MemoryModel:
         ordinary split)."""
         return replace(self, tail_blocks=tail_blocks)
 
+    def with_anchors(self, anchored: bool) -> MemoryModel:
+        """This model for adapters that keep an anchor (B0, A0) beside their factors."""
+        return replace(self, anchored=anchored)
+
     def client_blocks(self, split_point: int) -> int:
         return split_point + (self.tail_blocks or 0)
 
@@ -88,8 +94,9 @@ class MemoryModel:
         if rank == 0:
             return 0
         shape = self.candidates[name]
-        weights = rank * (shape.d_in + shape.d_out) * (2 + ADAMW_STATES)
-        activations = self.batch_size * self.seq_len * (shape.d_in + rank)
+        copies = 2 + ADAMW_STATES + (1 if self.anchored else 0)
+        weights = rank * (shape.d_in + shape.d_out) * copies
+        activations = self.batch_size * self.seq_len * (shape.d_in + rank * (2 if self.anchored else 1))
         return self.dtype_bytes * (weights + activations)
 
     def client_side(self, split_point: int) -> list[str]:

@@ -1,8 +1,10 @@
 """Adaptive Rank and Model Splitting Configuration (ARMSC), method.md section 4.
 
 For each client i with budget M_i:
-  1. split point s_i = the deepest s in [s_min, L-1] (U-shaped: [s_min, L-1-t]) with
-     Mem_client(s, no adapters) <= (1 - rho) M_i;
+  1. split point s_i (split_rule fastest, method.md section 4 revised): the cuts that minimise the
+     predicted round time among those whose adapter-free memory fits (1 - rho) M_i on the client
+     and M_S / K on the server, chosen jointly; (split_rule deepest) the deepest s in [s_min, L-1]
+     (U-shaped: [s_min, L-1-t]) with Mem_client(s, no adapters) <= (1 - rho) M_i;
   2. client-side ranks: from all-zero, repeatedly raise the candidate with the best
      I(W) (u(r') - u(r)) / (C(W, r') - C(W, r)),  u(r) = log2(1 + r),  r' the next level of Q,
      while the total stays within M_i (an upgrade that does not fit retires that candidate);
@@ -149,6 +151,45 @@ def choose_split_point(memory: MemoryModel, budget_bytes: int, rho: float, s_min
     return max(fitting) if fitting else None
 
 
+SPLIT_RULES = ("fastest", "deepest")
+
+
+def _client_plan(
+    client_id: int, budget: int, split_point: int, importance: Mapping[str, float], memory: MemoryModel,
+    server_share: int, levels: Sequence[int],
+) -> ClientPlan:  # fmt: skip
+    """Steps 2 and 3 of ARMSC at a given cut: the importance greedy on both sides of it."""
+    ranks = allocate_ranks(memory.client_side(split_point), importance, memory.adapter_bytes,
+                           budget - memory.client_bytes(split_point), levels)  # fmt: skip
+    server_ranks = allocate_ranks(memory.server_side(split_point), importance, memory.adapter_bytes,
+                                  server_share - memory.server_bytes(split_point), levels)  # fmt: skip
+    return ClientPlan(client_id, int(budget), split_point, ranks, memory.client_bytes(split_point, ranks),
+                      server_ranks, memory.server_bytes(split_point, server_ranks))  # fmt: skip
+
+
+def fastest_split_points(
+    cuts: Sequence[Sequence[int]], plan_at: Callable[[int, int], ClientPlan],
+    round_time: Callable[[list[ClientPlan]], float], start: Sequence[int] | None = None,
+) -> list[int]:  # fmt: skip
+    """Coordinate descent over the clients' cuts (each from its feasible `cuts`), from the
+    all-shallowest plan (or `start`), keeping a move only when it lowers the predicted round time;
+    the cuts are chosen jointly because the main server's busy time is shared by all clients."""
+    chosen = list(start) if start is not None else [options[0] for options in cuts]
+    best = round_time([plan_at(i, s) for i, s in enumerate(chosen)])
+    improved = True
+    while improved:
+        improved = False
+        for i, options in enumerate(cuts):
+            for split_point in options:
+                if split_point == chosen[i]:
+                    continue
+                trial = chosen[:i] + [split_point] + chosen[i + 1 :]
+                seconds = round_time([plan_at(k, s) for k, s in enumerate(trial)])
+                if seconds < best * (1 - 1e-9):
+                    chosen, best, improved = trial, seconds, True
+    return chosen
+
+
 def plan(
     importance: Mapping[str, float],
     budgets: Sequence[int],
@@ -158,8 +199,19 @@ def plan(
     rho: float = 0.25,
     s_min: int = 1,
     leave_out_infeasible: bool = False,
+    split_rule: str = "deepest",
+    round_time: Callable[[list[ClientPlan]], float] | None = None,
+    split_points: Sequence[int] | None = None,
+    alternatives: Sequence[Plan] = (),
 ) -> Plan:
-    """Split points and ranks for every client (and the main server's ranks per client)."""
+    """Split points and ranks for every client (and the main server's ranks per client).
+
+    `split_rule` deepest: each client's deepest cut whose adapter-free memory fits (1 - rho) of
+    its budget. fastest: the cuts (among those that fit the client's (1 - rho) M_i and the server's
+    M_S / K) that minimise `round_time` of the whole plan, by coordinate descent from the
+    all-shallowest cuts; the deepest-fit cuts and any `alternatives` (complete plans, such as
+    SplitLoRA's uniform one) are candidates too, so the result never predicts a slower round than
+    any of them. `split_points` fixes the cuts (re-planning keeps them)."""
     if not 1 <= s_min <= memory.deepest_split_point:
         tail = f" with a tail of {memory.tail_blocks} block(s)" if memory.u_shaped else ""
         raise UsageError(f"s_min {s_min} must be in [1, {memory.deepest_split_point}] for this model{tail}.")
@@ -167,44 +219,62 @@ def plan(
         raise UsageError(f"rho {rho} must be in [0, 1).")
     if sorted(set(levels)) != sorted(levels) or min(levels) != 0 or any(r < 0 for r in levels):
         raise UsageError(f"rank levels {list(levels)} must be distinct non-negative integers including 0.")
+    if split_rule not in SPLIT_RULES:
+        raise UsageError(f"split_rule {split_rule!r} is unknown; choose {' or '.join(SPLIT_RULES)}.")
+    if split_rule == "fastest" and round_time is None and split_points is None:
+        raise ValueError("split_rule fastest needs a round_time model")
     server_share = server_budget_bytes // max(len(budgets), 1)
-    clients, left_out = [], []
+    deepest: dict[int, int] = {}
+    left_out = []
     for client_id, budget in enumerate(budgets):
         split_point = choose_split_point(memory, budget, rho, s_min)
-        if split_point is None:
-            lacking = math.ceil(memory.client_bytes(s_min) / (1 - rho) - budget)
-            tail = f" and the U-shaped tail ({memory.tail_blocks} block(s), head and loss)" if memory.u_shaped else ""
-            message = (
-                f"client {client_id} cannot take part: its budget of {format_bytes(budget)} lacks "
-                f"{format_bytes(lacking)} to hold even {s_min} block(s){tail} (needs "
-                f"{format_bytes(memory.client_bytes(s_min))} for weights and activations, which must "
-                f"stay within {1 - rho:.0%} of the budget)."
-            )
-            if not leave_out_infeasible:
-                raise InfeasibleClientError(message)
-            warnings.warn(message + " It is left out.", stacklevel=2)
-            left_out.append(client_id)
+        if split_point is not None:
+            deepest[client_id] = split_point
             continue
-        client_side = memory.client_side(split_point)
-        base = memory.client_bytes(split_point)
-        ranks = allocate_ranks(client_side, importance, memory.adapter_bytes, budget - base, levels)
-        server_side = memory.server_side(split_point)
-        server_base = memory.server_bytes(split_point)
-        server_ranks = allocate_ranks(server_side, importance, memory.adapter_bytes, server_share - server_base, levels)
-        clients.append(
-            ClientPlan(
-                client=client_id,
-                budget_bytes=int(budget),
-                split_point=split_point,
-                ranks=ranks,
-                predicted_bytes=memory.client_bytes(split_point, ranks),
-                server_ranks=server_ranks,
-                server_predicted_bytes=memory.server_bytes(split_point, server_ranks),
-            )
-        )
-    shallowest = min((c.split_point for c in clients), default=memory.deepest_split_point)
-    return Plan(clients, int(server_budget_bytes), memory.server_frozen_bytes(shallowest), tuple(levels), left_out,
-                memory.tail_blocks)  # fmt: skip
+        message = _infeasible(client_id, budget, memory, rho, s_min)
+        if not leave_out_infeasible:
+            raise InfeasibleClientError(message)
+        warnings.warn(message + " It is left out.", stacklevel=2)
+        left_out.append(client_id)
+    members = sorted(deepest)
+    cache: dict[tuple[int, int], ClientPlan] = {}
+
+    def plan_at(position: int, split_point: int) -> ClientPlan:
+        client_id = members[position]
+        if (client_id, split_point) not in cache:
+            cache[(client_id, split_point)] = _client_plan(client_id, budgets[client_id], split_point, importance,
+                                                           memory, server_share, levels)  # fmt: skip
+        return cache[(client_id, split_point)]
+
+    def finish(clients: list[ClientPlan]) -> Plan:
+        shallowest = min((c.split_point for c in clients), default=memory.deepest_split_point)
+        return Plan(clients, int(server_budget_bytes), memory.server_frozen_bytes(shallowest), tuple(levels),
+                    left_out, memory.tail_blocks)  # fmt: skip
+
+    deepest_cuts = [deepest[c] for c in members]
+    if split_points is not None:
+        cuts = [split_points[c] for c in members]
+    elif split_rule == "deepest" or not members:
+        cuts = deepest_cuts
+    else:
+        options = [[s for s in range(s_min, deepest[c] + 1) if memory.server_bytes(s) <= server_share] or [deepest[c]]
+                   for c in members]  # fmt: skip
+        found = fastest_split_points(options, plan_at, round_time)
+        contenders = [finish([plan_at(i, s) for i, s in enumerate(cuts)]) for cuts in (found, deepest_cuts)]
+        contenders += [a for a in alternatives if [c.client for c in a.clients] == members]
+        return min(contenders, key=lambda candidate: round_time(candidate.clients))
+    return finish([plan_at(i, s) for i, s in enumerate(cuts)])
+
+
+def _infeasible(client_id: int, budget: int, memory: MemoryModel, rho: float, s_min: int) -> str:
+    lacking = math.ceil(memory.client_bytes(s_min) / (1 - rho) - budget)
+    tail = f" and the U-shaped tail ({memory.tail_blocks} block(s), head and loss)" if memory.u_shaped else ""
+    return (
+        f"client {client_id} cannot take part: its budget of {format_bytes(budget)} lacks "
+        f"{format_bytes(lacking)} to hold even {s_min} block(s){tail} (needs "
+        f"{format_bytes(memory.client_bytes(s_min))} for weights and activations, which must "
+        f"stay within {1 - rho:.0%} of the budget)."
+    )
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,

@@ -32,22 +32,43 @@ def adapter_name(client_id: int) -> str:
 
 class AdapterHolder:
     """What a client and the main server share: adapters on the candidates of the blocks they
-    run for one client, re-created, uploaded, merged or overwritten by aggregation results."""
+    run for one client, created, resized, uploaded, merged, anchored or overwritten by aggregation
+    results, and their optimizer state (one schema for checkpoints: `adapter_state`)."""
 
     def __init__(self, candidates: Mapping[str, Candidate], alpha: float, lr: float, generator: torch.Generator):
         self.candidates = dict(candidates)
         self.alpha = alpha
         self.lr = lr
         self.generator = generator
+        # (adapter, candidate) -> how the fed server knows the anchor: "zero", "held" or "sent"
+        # (see AdapterFactors); "uploaded" between the upload and the anchor's move.
+        self.anchor_status: dict[tuple[str, str], str] = {}
 
     def _layers(self, part: torch.nn.Module) -> dict:
         return candidate_layers(part, self.candidates)
 
     def create_adapters(self, part: torch.nn.Module, name: str, ranks: Mapping[str, int]) -> None:
+        """Every adapter fresh (A random, B = 0), at the plan's ranks."""
         for candidate, layer in self._layers(part).items():
             layer.set_adapter(
                 name, self.candidates[candidate].slot, ranks.get(candidate, 0), self.alpha, self.generator
             )
+            self.anchor_status[(name, candidate)] = "zero"
+
+    def configure_adapters(self, part: torch.nn.Module, name: str, ranks: Mapping[str, int], lifecycle: str) -> None:
+        """The round's adapters: fresh (recreate), or the kept ones resized to the plan's ranks
+        (new ones fresh); under `anchor` every adapter is anchored at its factors."""
+        if lifecycle == "recreate":
+            self.create_adapters(part, name, ranks)
+            return
+        for candidate, layer in self._layers(part).items():
+            slot = self.candidates[candidate].slot
+            before, rank = layer.rank(name, slot), ranks.get(candidate, 0)
+            layer.resize_adapter(name, slot, rank, self.alpha, self.generator)
+            if before != rank:
+                self.anchor_status[(name, candidate)] = "zero" if before == 0 else "sent"
+            if lifecycle == "anchor" and rank and layer.anchor(name, slot) is None:
+                layer.set_anchor(name, slot)
 
     def parameters(self, part: torch.nn.Module | None, name: str) -> list[torch.nn.Parameter]:
         if part is None:
@@ -55,18 +76,43 @@ class AdapterHolder:
         unique = {id(layer): layer for layer in self._layers(part).values()}  # q, k, v share GPT-2's c_attn
         return [p for layer in unique.values() for p in layer.adapter_parameters(name)]
 
-    def new_optimizer(self, part: torch.nn.Module | None, name: str) -> torch.optim.Optimizer | None:
+    def new_optimizer(
+        self, part: torch.nn.Module | None, name: str, previous: torch.optim.Optimizer | None = None
+    ) -> torch.optim.Optimizer | None:
+        """AdamW over the adapters; with `previous`, kept adapters keep their optimizer state."""
         params = self.parameters(part, name)
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0) if params else None
+        if not params:
+            return None
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        if previous is not None:
+            for param in params:
+                if param in previous.state:
+                    optimizer.state[param] = previous.state[param]
+        return optimizer
 
     def factors(self, part: torch.nn.Module, name: str, client_id: int, samples: int) -> dict[str, AdapterFactors]:
+        """Each adapter's current factors and how the fed server finds its anchor."""
         out = {}
         for candidate, layer in self._layers(part).items():
-            found = layer.factors(name, self.candidates[candidate].slot)
-            if found is not None:
-                a, b, scale = found
-                out[candidate] = AdapterFactors(client_id, samples, a.detach().clone(), b.detach().clone(), scale)
+            slot = self.candidates[candidate].slot
+            found = layer.factors(name, slot)
+            if found is None:
+                continue
+            a, b, scale = found
+            status = self.anchor_status.get((name, candidate), "zero")
+            anchor = layer.anchor(name, slot) if status == "sent" else None
+            out[candidate] = AdapterFactors(
+                client_id, samples, a.detach().clone(), b.detach().clone(), scale, status,
+                *((anchor[0].clone(), anchor[1].clone()) if anchor is not None else (None, None)),
+            )  # fmt: skip
         return out
+
+    def upload(self, part: torch.nn.Module, name: str, client_id: int, samples: int) -> dict[str, AdapterFactors]:
+        """The factors for the fed server, which keeps them as the next round's anchors."""
+        factors = self.factors(part, name, client_id, samples)
+        for candidate in factors:
+            self.anchor_status[(name, candidate)] = "uploaded"
+        return factors
 
     @torch.no_grad()
     def merge(self, part: torch.nn.Module, update: ModelUpdate) -> None:
@@ -76,6 +122,18 @@ class AdapterHolder:
                 layer.merge(
                     self.candidates[candidate].slot, delta if isinstance(delta, torch.Tensor) else delta.dense()
                 )
+
+    @torch.no_grad()
+    def advance_anchors(self, part: torch.nn.Module, name: str) -> None:
+        """After W absorbed the round's update: every adapter's anchor moves to its factors. The fed
+        server holds what was uploaded; an adapter it did not get (a lost client's) sends its anchor."""
+        for candidate, layer in self._layers(part).items():
+            slot = self.candidates[candidate].slot
+            if layer.factors(name, slot) is None:
+                continue
+            layer.set_anchor(name, slot)
+            uploaded = self.anchor_status.get((name, candidate)) == "uploaded"
+            self.anchor_status[(name, candidate)] = "held" if uploaded else "sent"
 
     @torch.no_grad()
     def overwrite(self, part: torch.nn.Module, name: str, broadcast: AdapterBroadcast) -> None:
@@ -90,6 +148,66 @@ class AdapterHolder:
             rank = a.shape[0]
             a.copy_(avg_a[:rank])
             b.copy_(avg_scaled_b[:, :rank] / scale)
+
+    def deltas(self, part: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """What each adapter adds to its weight, (alpha/r)(B A - B0 A0), dense."""
+        return {candidate: layer.delta(name, self.candidates[candidate].slot).detach()
+                for candidate, layer in self._layers(part).items()
+                if layer.factors(name, self.candidates[candidate].slot) is not None}  # fmt: skip
+
+    # -- checkpoints: the one schema of an adapter's state ------------------------------------------
+    def adapter_state(
+        self, part: torch.nn.Module, name: str, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, torch.Tensor]:
+        """`{candidate}/A`, `/B`, the anchor `/A0`, `/B0`, `/anchor` (ANCHOR_CODES) and AdamW's
+        `/A.exp_avg`, `/A.exp_avg_sq`, `/A.step` (likewise for B)."""
+        out: dict[str, torch.Tensor] = {}
+        state = optimizer.state if optimizer is not None else {}
+        for candidate, layer in self._layers(part).items():
+            slot = self.candidates[candidate].slot
+            if layer.factors(name, slot) is None:
+                continue
+            a, b = layer.lora_A[slot][name], layer.lora_B[slot][name]
+            tensors = {"A": a.detach(), "B": b.detach()}
+            anchor = layer.anchor(name, slot)
+            if anchor is not None:
+                tensors["A0"], tensors["B0"] = anchor
+            status = self.anchor_status.get((name, candidate), "zero")
+            tensors["anchor"] = torch.tensor(ANCHOR_CODES.index(status))
+            for key, param in (("A", a), ("B", b)):
+                for field_name, value in state.get(param, {}).items():
+                    tensors[f"{key}.{field_name}"] = value
+            out.update({f"{candidate}/{k}": v.clone().contiguous() for k, v in tensors.items()})
+        return out
+
+    @torch.no_grad()
+    def load_adapter_state(
+        self, part: torch.nn.Module, name: str, tensors: Mapping[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:  # fmt: skip
+        """The inverse of `adapter_state`, on adapters already configured at the saved ranks."""
+        for candidate, layer in self._layers(part).items():
+            slot = self.candidates[candidate].slot
+            if layer.factors(name, slot) is None or f"{candidate}/A" not in tensors:
+                continue
+            a, b = layer.lora_A[slot][name], layer.lora_B[slot][name]
+            a.copy_(tensors[f"{candidate}/A"])
+            b.copy_(tensors[f"{candidate}/B"])
+            if f"{candidate}/A0" in tensors:
+                layer.anchors[(name, slot)] = (tensors[f"{candidate}/A0"].clone(), tensors[f"{candidate}/B0"].clone())
+            else:
+                layer.anchors.pop((name, slot), None)
+            self.anchor_status[(name, candidate)] = ANCHOR_CODES[int(tensors[f"{candidate}/anchor"])]
+            if optimizer is not None:
+                for key, param in (("A", a), ("B", b)):
+                    saved = {f: tensors[f"{candidate}/{key}.{f}"].clone() for f in ADAMW_FIELDS
+                             if f"{candidate}/{key}.{f}" in tensors}  # fmt: skip
+                    if saved:
+                        optimizer.state[param] = saved
+
+
+ANCHOR_CODES = ("zero", "held", "sent", "uploaded")
+ADAMW_FIELDS = ("step", "exp_avg", "exp_avg_sq")
 
 
 class _PendingStep:
@@ -131,6 +249,7 @@ class Client:
         self.tokens = 0  # processed this round
         self._pending: _PendingStep | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.lifecycle = "recreate"  # what this round's adapters do across rounds (RoundPlan.adapters)
         self.probe: ImportanceProbe | None = None
         self._measuring = False
 
@@ -143,25 +262,26 @@ class Client:
         self,
         plan: RoundPlan,
         part: ClientPart | UClientPart,
-        fresh: bool = True,
         head: torch.nn.Module | None = None,
         full_finetune_lr: float | None = None,
     ) -> None:
-        """Take the round's cut and ranks: (re)create this client's adapters fresh (or keep the
-        persisting ones), a fresh optimizer, and zero the round's counters. With a `head` the
-        client runs the whole model and computes its loss itself (the baselines without split);
-        with `full_finetune_lr` it trains every weight instead of adapters (centralised FT)."""
+        """Take the round's cut and ranks: re-create this client's adapters fresh, or keep them
+        (resized to the plan's ranks) with their optimizer state, as `plan.adapters` says; zero
+        the round's counters. With a `head` the client runs the whole model and computes its loss
+        itself (the baselines without split); with `full_finetune_lr` it trains every weight
+        instead of adapters (centralised FT)."""
         self.part = part
         self.head = head
-        if fresh:
-            self.holder.create_adapters(part, self.adapter, plan.ranks)
-        if full_finetune_lr is not None:
+        self.lifecycle = plan.adapters
+        keep = plan.adapters != "recreate"
+        self.holder.configure_adapters(part, self.adapter, plan.ranks, plan.adapters)
+        if full_finetune_lr is not None:  # a fresh optimizer every round (its state is the model's size twice)
             weights = list({id(p): p for m in (part, head) for p in m.parameters()}.values())
             for weight in weights:
                 weight.requires_grad_(True)
             self.optimizer = torch.optim.AdamW(weights, lr=full_finetune_lr, weight_decay=0.0)
         else:
-            self.optimizer = self.holder.new_optimizer(part, self.adapter)
+            self.optimizer = self.holder.new_optimizer(part, self.adapter, self.optimizer if keep else None)
         self.samples = self.tokens = 0
         self.probe = ImportanceProbe.for_part(part, self.holder.candidates) if self._measuring else None
 
@@ -177,18 +297,43 @@ class Client:
         """This client's trainable parameters: its adapters on the blocks it runs."""
         return self.holder.parameters(self.part, self.adapter)
 
-    def reset_optimizer(self) -> None:
-        self.optimizer = self.holder.new_optimizer(self.part, self.adapter)
-
     def upload(self) -> AdapterUpload:
         return AdapterUpload(self.client_id, self.samples,
-                             self.holder.factors(self.part, self.adapter, self.client_id, self.samples))  # fmt: skip
+                             self.holder.upload(self.part, self.adapter, self.client_id, self.samples))  # fmt: skip
 
-    def apply_update(self, update: ModelUpdate) -> None:
-        self.holder.merge(self.part, update)
+    def apply_update(self, update: ModelUpdate, merge: bool = True) -> None:
+        """Merge dW into the blocks this client holds (unless a shared copy already took it), then
+        move the anchors of persistent adapters."""
+        if merge:
+            self.holder.merge(self.part, update)
+        if self.lifecycle == "anchor":
+            self.holder.advance_anchors(self.part, self.adapter)
 
     def apply_adapters(self, broadcast: AdapterBroadcast) -> None:
         self.holder.overwrite(self.part, self.adapter, broadcast)
+
+    def adapter_deltas(self) -> dict[str, torch.Tensor]:
+        """What this client's adapters add to the weights they sit on, dense, per candidate."""
+        return self.holder.deltas(self.part, self.adapter)
+
+    def state_dict(self, adapters: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+        """At a round boundary: (batch order and step count, as JSON; the random generator and,
+        with `adapters`, every adapter with its anchor and optimizer state, as flat tensors)."""
+        tensors = {"rng": self.generator.get_state()}
+        if adapters and self.part is not None:
+            state = self.holder.adapter_state(self.part, self.adapter, self.optimizer)
+            tensors.update({f"adapter/{k}": v for k, v in state.items()})
+        return {"batcher": self.batches.state(), "step": self.step}, tensors
+
+    def load_state_dict(self, state: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+        """The inverse of `state_dict`, after `configure` with the checkpointed round's plan."""
+        prefix = "adapter/"
+        adapters = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if adapters:
+            self.holder.load_adapter_state(self.part, self.adapter, adapters, self.optimizer)
+        self.generator.set_state(tensors["rng"])
+        self.batches.load_state(state["batcher"])
+        self.step = state["step"]
 
     @property
     def u_shaped(self) -> bool:

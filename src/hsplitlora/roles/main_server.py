@@ -42,15 +42,20 @@ class MainServer:
         self.probes: dict[int, ImportanceProbe] = {}
         self._measuring = False
         self._middle: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # U-shaped steps in flight
+        self.lifecycle = "recreate"  # what adapters do across rounds (RoundPlan.adapters)
 
     adapter_name = staticmethod(adapter_name)
 
-    def configure(self, plan: RoundPlan, part: ServerPart, fresh: bool = True) -> None:
+    def configure(self, plan: RoundPlan, part: ServerPart) -> None:
+        """Client `plan.client_id`'s blocks after its cut, its adapters there (fresh, or kept and
+        resized with their optimizer state, as `plan.adapters` says); zero its round counters."""
         cid = plan.client_id
         self.parts[cid] = part
-        if fresh:
-            self.holder.create_adapters(part, adapter_name(cid), plan.ranks)
-        self.optimizers[cid] = self.holder.new_optimizer(part, adapter_name(cid))
+        self.lifecycle = plan.adapters
+        keep = plan.adapters != "recreate"
+        self.holder.configure_adapters(part, adapter_name(cid), plan.ranks, plan.adapters)
+        self.optimizers[cid] = self.holder.new_optimizer(part, adapter_name(cid),
+                                                         self.optimizers.get(cid) if keep else None)  # fmt: skip
         self.samples[cid] = self.tokens[cid] = 0
         if self._measuring:
             self.probes[cid] = ImportanceProbe.for_part(part, self.holder.candidates)
@@ -68,18 +73,42 @@ class MainServer:
     def parameters(self, client_id: int) -> list[torch.nn.Parameter]:
         return self.holder.parameters(self.parts.get(client_id), adapter_name(client_id))
 
-    def reset_optimizer(self, client_id: int) -> None:
-        self.optimizers[client_id] = self.holder.new_optimizer(self.parts[client_id], adapter_name(client_id))
-
     def upload(self, client_id: int) -> AdapterUpload:
         samples = self.samples.get(client_id, 0)
-        factors = self.holder.factors(self.parts[client_id], adapter_name(client_id), client_id, samples)
+        factors = self.holder.upload(self.parts[client_id], adapter_name(client_id), client_id, samples)
         return AdapterUpload(client_id, samples, factors)
 
-    def apply_update(self, update: ModelUpdate) -> None:
-        """Merge into every server-side block once (the parts of different clients share blocks)."""
-        if self.parts:  # the part of the shallowest cut holds every server-side block
+    def apply_update(self, update: ModelUpdate, merge: bool = True) -> None:
+        """Merge into every server-side block once (the parts of different clients share blocks),
+        unless a shared copy already took it; then move the anchors of persistent adapters."""
+        if merge and self.parts:  # the part of the shallowest cut holds every server-side block
             self.holder.merge(min(self.parts.values(), key=lambda part: part.split_point), update)
+        if self.lifecycle == "anchor":
+            for cid, part in self.parts.items():
+                self.holder.advance_anchors(part, adapter_name(cid))
+
+    def adapter_deltas(self, client_id: int) -> dict[str, torch.Tensor]:
+        """What client `client_id`'s server-side adapters add to their weights, dense."""
+        return self.holder.deltas(self.parts[client_id], adapter_name(client_id))
+
+    def state_dict(self, adapters: bool = True) -> dict[str, torch.Tensor]:
+        """At a round boundary: the random generator and, with `adapters`, every client's
+        server-side adapters with anchors and optimizer state (`adapter/{client}/...`)."""
+        tensors = {"rng": self.generator.get_state()}
+        if adapters:
+            for cid, part in self.parts.items():
+                state = self.holder.adapter_state(part, adapter_name(cid), self.optimizers.get(cid))
+                tensors.update({f"adapter/{cid}/{k}": v for k, v in state.items()})
+        return tensors
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """The inverse of `state_dict`, after `configure` with the checkpointed round's plans."""
+        for cid, part in self.parts.items():
+            prefix = f"adapter/{cid}/"
+            adapters = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if adapters:
+                self.holder.load_adapter_state(part, adapter_name(cid), adapters, self.optimizers.get(cid))
+        self.generator.set_state(tensors["rng"])
 
     def apply_adapters(self, broadcast: AdapterBroadcast) -> None:
         for cid, part in self.parts.items():

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hsplitlora.compression import Packed
+from hsplitlora.compression import Packed, pack
 from hsplitlora.method.aggregation import AdapterFactors, StackedDelta
 
 
@@ -85,6 +85,12 @@ class RoundPlan:
     split_point: int
     ranks: dict[str, int]  # candidate name -> rank (0: frozen), client and server side
     tail_blocks: int | None = None  # U-shaped split: the client also runs the last t blocks and the head
+    # What adapters do across rounds (LIFECYCLES): re-created fresh; kept, measured from an anchor
+    # that moves when W absorbs the update; kept and overwritten by the aggregated factors.
+    adapters: str = "recreate"
+
+
+LIFECYCLES = ("recreate", "anchor", "overwrite")
 
 
 @dataclass
@@ -97,22 +103,37 @@ class AdapterUpload:
     factors: dict[str, AdapterFactors]
 
     def nbytes(self) -> int:
-        return sum(f.a.numel() * f.a.element_size() + f.b.numel() * f.b.element_size() for f in self.factors.values())
+        return sum(f.nbytes() for f in self.factors.values())
 
 
 @dataclass
 class ModelUpdate:
     """Fed server -> every holder of a block: dW per candidate, stacked factors or dense (whichever
-    is smaller), to merge into W; adapters are then re-created fresh."""
+    is smaller), to merge into W; then adapters move their anchors (persistent) or are re-created
+    fresh. `sizes` are the bytes each delta takes on the wire (in the run's compression)."""
 
     round: int
     deltas: dict[str, StackedDelta | torch.Tensor]
+    sizes: dict[str, int] | None = None
+
+    @classmethod
+    def packed(cls, round_: int, deltas: dict[str, StackedDelta | torch.Tensor], mode: str = "fp32") -> ModelUpdate:
+        """The update as its receivers see it after compression `mode` (every holder merges the
+        same values), with its bytes on the wire."""
+        sent, sizes = {}, {}
+        for name, delta in deltas.items():
+            tensors = [delta.b, delta.a] if isinstance(delta, StackedDelta) else [delta]
+            packed = [pack(t, mode) for t in tensors]
+            sizes[name] = sum(p.nbytes() for p in packed)
+            values = [p.unpack() for p in packed]
+            sent[name] = StackedDelta(*values) if isinstance(delta, StackedDelta) else values[0]
+        return cls(round_, sent, sizes)
 
     def nbytes(self, names: set[str] | None = None) -> int:
         total = 0
         for name, delta in self.deltas.items():
             if names is None or name in names:
-                total += (delta.numel() if isinstance(delta, StackedDelta) else delta.numel()) * 4
+                total += self.sizes[name] if self.sizes is not None else delta.numel() * 4
         return total
 
 

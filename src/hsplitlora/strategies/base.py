@@ -4,13 +4,15 @@ aggregates. Every baseline and ablation is a subclass, like Flower's strategies.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, replace
 
 from hsplitlora.devices import DeviceProfile
 from hsplitlora.errors import UsageError
 from hsplitlora.method.importance import should_replan
 from hsplitlora.method.memory import MemoryModel
 from hsplitlora.method.planner import ClientPlan, Plan, choose_split_point, format_bytes, plan
+from hsplitlora.time_model import Workload, predicted_round_time
 
 
 @dataclass
@@ -24,24 +26,50 @@ class StrategyContext:
     replan_delta: float
     fixed_split_points: list[int] | None = None
     fixed_ranks: list[int] | None = None
+    split_rule: str = "deepest"  # ARMSC's cut: fastest (time model) | deepest (memory only)
+    adapter_lifecycle: str = "persist"  # NAA's adapters: persist (with anchors) | recreate (every round)
+    workload: Workload | None = None  # what a round does, for predicting round times
 
 
 class Strategy:
     name: str = ""
-    aggregator: str = "naa"  # see FedServer: naa | zero-pad | fedavg | zero-pad-truncate
-    persistent_adapters: bool = False  # adapters kept across rounds instead of merged
+    aggregator: str = "naa"  # see FedServer: naa | zero-pad | fedavg | zero-pad-truncate | svd
+    adapters: str = "recreate"  # RoundPlan.adapters: recreate | anchor | overwrite
     uses_importance: bool = True
     centralised: bool = False  # one trainer on the pooled data (upper references)
     full_finetune: bool = False  # every weight trained, no adapters
     splits: bool = True  # cuts the model between client and main server (False: every client runs it whole)
 
     def __init__(self, context: StrategyContext):
-        self.context = context
+        # Anchored adapters hold (B0, A0) beside their factors: the memory model counts them.
+        self.context = replace(context, memory=context.memory.with_anchors(self.adapters == "anchor"))
         self.importance_at_last_plan: dict[str, float] | None = None
 
     @property
     def budgets(self) -> list[int]:
         return [d.budget_bytes for d in self.context.devices]
+
+    @property
+    def persistent_adapters(self) -> bool:
+        """Whether adapters live on across rounds (anchored or overwritten) rather than re-created."""
+        return self.adapters != "recreate"
+
+    def validation_client(self, plan: Plan) -> int | None:
+        """Whose adapters take part in validation and export: none when the weights hold the whole
+        update (merged, or anchored adapters right after aggregation); else, for adapters that
+        carry the update, the client holding the most of it (the largest total rank)."""
+        if self.adapters != "overwrite" or self.full_finetune:
+            return None
+        return max(plan.clients, key=lambda c: (sum(c.all_ranks().values()), -c.client)).client
+
+    def round_time(self, clients: list[ClientPlan]) -> float:
+        """The round time the time model predicts for these client plans under this strategy's
+        aggregation (what the update sent down costs)."""
+        c = self.context
+        if c.workload is None:
+            raise ValueError("this strategy was built without a workload to predict round times")
+        devices = [c.devices[p.client] for p in clients]
+        return predicted_round_time(c.memory, clients, devices, c.workload, self.aggregator, self.adapters == "anchor")
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         raise NotImplementedError
@@ -122,6 +150,29 @@ class Strategy:
             f"cut from {self.context.s_min} to {deepest}; give larger budgets or smaller rank levels."
         )
 
-    def armsc(self, importance: Mapping[str, float]) -> Plan:
+    def hetlora_ranks(self) -> list[int]:
+        """A rank per client proportional to its budget: the largest level of Q not above
+        r_max M_i / max_j M_j (at least the smallest positive level)."""
+        levels = sorted(self.context.levels)
+        r_max, strongest = levels[-1], max(self.budgets)
+        return [max([r for r in levels if r <= r_max * budget / strongest] + [levels[1]]) for budget in self.budgets]
+
+    def splitlora_plan(self) -> Plan:
+        """SplitLoRA's plan: the weakest client's cut and uniform rank for everyone."""
+        split_point, rank = self.weakest_split_and_rank()
+        count = len(self.context.devices)
+        return self.fixed_plan([split_point] * count, [rank] * count)
+
+    def armsc(self, importance: Mapping[str, float], split_points: list[int] | None = None) -> Plan:
+        """ARMSC (method.md section 4): the cuts by the context's split rule (fastest: against the
+        deepest-fit and SplitLoRA's plans too), unless `split_points` fixes them; ranks by the
+        importance greedy on both sides."""
         c = self.context
-        return plan(importance, self.budgets, c.memory, c.server_budget, c.levels, c.rho, c.s_min)
+        fastest = c.split_rule == "fastest" and split_points is None
+        alternatives = []
+        if fastest:
+            with suppress(UsageError):  # no uniform plan exists; the planner says why its own cuts fail, if they do
+                alternatives.append(self.splitlora_plan())
+        return plan(importance, self.budgets, c.memory, c.server_budget, c.levels, c.rho, c.s_min,
+                    split_rule=c.split_rule, round_time=self.round_time if fastest else None,
+                    split_points=split_points, alternatives=alternatives)  # fmt: skip

@@ -20,7 +20,7 @@ class FedLoRA(_Unsplit):
 
     name = "fedlora"
     aggregator = "fedavg"
-    persistent_adapters = True
+    adapters = "overwrite"
     uses_importance = False
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
@@ -33,14 +33,37 @@ class HetLoRA(_Unsplit):
 
     name = "hetlora"
     aggregator = "zero-pad-truncate"
-    persistent_adapters = True
+    adapters = "overwrite"
     uses_importance = False
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
-        levels = sorted(self.context.levels)
-        r_max, strongest = levels[-1], max(self.budgets)
-        ranks = [max([r for r in levels if r <= r_max * budget / strongest] + [levels[1]]) for budget in self.budgets]
-        return self.unsplit_plan(ranks)
+        return self.unsplit_plan(self.hetlora_ranks())
+
+
+class FLoRA(_Unsplit):
+    """FLoRA: federated LoRA with HetLoRA's ranks per client; every client's (alpha/r) B A stacked
+    exactly, merged into the weights, and every adapter re-initialised each round."""
+
+    name = "flora"
+    aggregator = "naa"
+    adapters = "recreate"
+    uses_importance = False
+
+    def plan(self, importance: Mapping[str, float] | None) -> Plan:
+        return self.unsplit_plan(self.hetlora_ranks())
+
+
+class FlexLoRA(_Unsplit):
+    """FlexLoRA: federated LoRA with HetLoRA's ranks per client; the dense weighted sum of every
+    client's (alpha/r) B A, split back to each client's rank by truncated SVD; adapters persist."""
+
+    name = "flexlora"
+    aggregator = "svd"
+    adapters = "overwrite"
+    uses_importance = False
+
+    def plan(self, importance: Mapping[str, float] | None) -> Plan:
+        return self.unsplit_plan(self.hetlora_ranks())
 
 
 class CenLoRA(_Unsplit):
@@ -48,7 +71,7 @@ class CenLoRA(_Unsplit):
 
     name = "cenlora"
     aggregator = "fedavg"
-    persistent_adapters = True
+    adapters = "overwrite"
     uses_importance = False
     centralised = True
 
@@ -61,7 +84,7 @@ class FullFineTuning(_Unsplit):
 
     name = "ft"
     aggregator = "fedavg"
-    persistent_adapters = True
+    adapters = "overwrite"
     uses_importance = False
     centralised = True
     full_finetune = True

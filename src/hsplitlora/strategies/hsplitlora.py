@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from hsplitlora.method.planner import ClientPlan, Plan
-from hsplitlora.strategies.base import Strategy
+from hsplitlora.strategies.base import Strategy, StrategyContext
 
 
 class HSplitLoRA(Strategy):
-    """IWI importance -> ARMSC cuts and ranks -> NAA stacked aggregation, merged every round."""
+    """IWI importance -> ARMSC cuts and ranks -> NAA's exact aggregation of what every adapter
+    changed this round, merged into every copy of W; adapters persist with their optimizer state
+    and an anchor (adapter_lifecycle persist), or are re-created every round (recreate)."""
 
     name = "hsplitlora"
     aggregator = "naa"
 
+    def __init__(self, context: StrategyContext):
+        self.adapters = "anchor" if context.adapter_lifecycle == "persist" else "recreate"
+        super().__init__(context)
+        self.split_points: list[int] | None = None  # chosen at the first plan, kept by re-plans
+
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
+        """Cuts follow the devices: chosen once with uniform importance (the same whatever the
+        warm-up measured, so actors can load their blocks first); ranks follow importance."""
         c = self.context
         if c.fixed_split_points is not None and c.fixed_ranks is not None:
             return self.fixed_plan(c.fixed_split_points, c.fixed_ranks)
-        return self.armsc(importance or dict.fromkeys(c.memory.candidates, 1.0))
+        uniform = dict.fromkeys(c.memory.candidates, 1.0)
+        if self.split_points is None:
+            first = self.armsc(uniform)
+            self.split_points = [0] * len(c.devices)
+            for client in first.clients:
+                self.split_points[client.client] = client.split_point
+        return self.armsc(importance or uniform, self.split_points)
 
 
 class NoIWI(HSplitLoRA):
@@ -28,7 +44,7 @@ class NoIWI(HSplitLoRA):
     uses_importance = False
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
-        base = self.armsc(dict.fromkeys(self.context.memory.candidates, 1.0))
+        base = super().plan(None)
         memory = self.context.memory
         clients = []
         for client in base.clients:
@@ -46,19 +62,25 @@ class NoIWI(HSplitLoRA):
 
 
 class NoARMSC(HSplitLoRA):
-    """SplitLoRA's fixed cut and rank for everyone, keeping NAA."""
+    """SplitLoRA's fixed cut and rank for everyone, keeping NAA (and its adapter life cycle)."""
 
     name = "no-armsc"
     uses_importance = False
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
-        split_point, rank = self.weakest_split_and_rank()
-        count = len(self.context.devices)
-        return self.fixed_plan([split_point] * count, [rank] * count)
+        return self.splitlora_plan()
 
 
 class NoNAA(HSplitLoRA):
-    """HSplitLoRA with zero-padded averaging of the factors instead of NAA (cross terms merged)."""
+    """HSplitLoRA with zero-padded averaging of the factors instead of NAA: the averaged factors
+    sent back and truncated to each holder's rank (persist), or merged with their cross terms
+    (recreate)."""
 
     name = "no-naa"
-    aggregator = "zero-pad"
+
+    def __init__(self, context: StrategyContext):
+        super().__init__(context)
+        persist = context.adapter_lifecycle == "persist"
+        self.aggregator = "zero-pad-truncate" if persist else "zero-pad"
+        self.adapters = "overwrite" if persist else "recreate"
+        self.context = replace(self.context, memory=context.memory.with_anchors(False))

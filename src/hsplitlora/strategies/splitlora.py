@@ -1,5 +1,5 @@
 """SplitLoRA: one cut and one rank for every client (the deepest and largest the weakest budget
-admits), FedAvg of A and B separately every round; adapters persist."""
+admits), FedAvg of A and B separately every round; adapters and their optimizer state persist."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from hsplitlora.strategies.base import Strategy
 class SplitLoRA(Strategy):
     name = "splitlora"
     aggregator = "fedavg"
-    persistent_adapters = True
+    adapters = "overwrite"
     uses_importance = False
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
-        split_point, rank = self.weakest_split_and_rank()
-        count = len(self.context.devices)
-        return self.fixed_plan([split_point] * count, [rank] * count)
+        return self.splitlora_plan()
