@@ -130,3 +130,53 @@ def test_llama_candidates_follow_module_names(tokenizer):
     assert "model.layers.1.self_attn.k_proj" in candidates
     assert candidates["model.layers.1.self_attn.k_proj"].d_out == 32  # 2 kv heads x 16
     assert candidates["model.layers.0.mlp.down_proj"].d_in == 128
+
+
+@pytest.mark.parametrize("kind", ["linear", "fused"])
+@pytest.mark.parametrize("anchored", [False, True])
+def test_resizing_an_adapter_leaves_every_output_unchanged(kind, anchored):
+    layer = make_layer(kind)
+    x = torch.randn(3, 5, layer.in_features)
+    slot = next(iter(layer.slot_bounds))
+    trained_like(layer, "a", slot, rank=4, seed=1)
+    if anchored:
+        with torch.no_grad():  # trained since its anchor was set
+            layer.set_anchor("a", slot)
+            layer.lora_A[slot]["a"].add_(0.1)
+            layer.set_anchor("a", slot)  # the round boundary: the anchor moves to the factors
+    layer.active_adapter = "a"
+    with torch.no_grad():
+        before = layer(x)
+        dense = layer.delta("a", slot) if not anchored else None
+        for rank in (8, 16, 2, 1):  # grow, grow, shrink, shrink
+            layer.resize_adapter("a", slot, rank, 16.0, torch.Generator().manual_seed(rank))
+            assert layer.rank("a", slot) == rank
+            if not anchored and rank >= 4:  # growing keeps (alpha/r) B A exactly
+                torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=0)
+                torch.testing.assert_close(layer.delta("a", slot), dense, atol=1e-6, rtol=0)
+            if anchored:  # an adapter at its anchor adds nothing, whatever its size
+                torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=0)
+                assert layer.anchor("a", slot)[0].shape[0] == rank
+
+
+def test_shrinking_keeps_the_best_rank_r_part_of_the_update():
+    layer = make_layer("linear")
+    trained_like(layer, "a", MAIN_SLOT, rank=8, seed=2)
+    with torch.no_grad():
+        layer.lora_A[MAIN_SLOT]["a"].normal_()
+    full = layer.delta("a", MAIN_SLOT).clone()
+    layer.resize_adapter("a", MAIN_SLOT, 2, 16.0)
+    u, s, vh = torch.linalg.svd(full)
+    torch.testing.assert_close(layer.delta("a", MAIN_SLOT), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_an_anchored_adapter_adds_exactly_nothing_until_it_trains():
+    layer = make_layer("linear")
+    x = torch.randn(3, 5, layer.in_features)
+    trained_like(layer, "a", MAIN_SLOT, rank=4, seed=3)
+    layer.set_anchor("a", MAIN_SLOT)
+    layer.active_adapter = "a"
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base(x))  # bit for bit: the same ops on equal factors
+        layer.lora_B[MAIN_SLOT]["a"].add_(0.5)
+        assert not torch.equal(layer(x), layer.base(x))

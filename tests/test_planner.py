@@ -163,3 +163,67 @@ def test_splitlora_moves_its_cut_up_until_the_weakest_budget_holds_a_positive_un
     rank = set(plan.clients[0].ranks.values())
     assert cut < deepest and len(rank) == 1 and rank.pop() > 0
     assert plan.clients[0].predicted_bytes <= budget
+
+
+# -- the time-aware cut (split_rule fastest) ------------------------------------------------------
+devices_st = st.lists(
+    st.tuples(budgets_st, st.floats(1e8, 1e13), st.floats(1e5, 1e9)), min_size=1, max_size=5
+)
+
+
+def strategy_for(devices, rule: str, name: str = "hsplitlora", server_flops: float = 2e13, server_budget=20_000_000):
+    from hsplitlora.devices import DeviceProfile
+    from hsplitlora.strategies import STRATEGIES, StrategyContext
+    from hsplitlora.time_model import Workload
+
+    workload = Workload(steps=10, tokens_per_step=40.0, padded_tokens_per_step=64.0, hidden_size=64,
+                        vocab_size=256, server_flops=server_flops)  # fmt: skip
+    profiles = [DeviceProfile(budget, flops, bandwidth) for budget, flops, bandwidth in devices]
+    context = StrategyContext(MEMORY, profiles, server_budget, DEFAULT_LEVELS, 0.25, 1, 0.1, split_rule=rule,
+                              workload=workload)  # fmt: skip
+    return STRATEGIES[name](context)
+
+
+@settings(max_examples=80, deadline=None)
+@given(devices=devices_st, server_flops=st.floats(1e9, 1e14))
+def test_the_time_aware_plan_is_never_slower_than_the_deepest_fit_or_splitlora_plan(devices, server_flops):
+    fastest = strategy_for(devices, "fastest", server_flops=server_flops)
+    deepest = strategy_for(devices, "deepest", server_flops=server_flops)
+    uniform = dict.fromkeys(NAMES, 1.0)
+    try:
+        chosen = fastest.armsc(uniform)
+    except InfeasibleClientError:
+        return
+    assert fastest.round_time(chosen.clients) <= fastest.round_time(deepest.armsc(uniform).clients) * (1 + 1e-9)
+    try:
+        uniform_plan = fastest.splitlora_plan()
+    except UsageError:
+        uniform_plan = None
+    if uniform_plan is not None:
+        assert fastest.round_time(chosen.clients) <= fastest.round_time(uniform_plan.clients) * (1 + 1e-9)
+    share = 20_000_000 // len(devices)
+    for client in chosen.clients:
+        assert client.predicted_bytes <= client.budget_bytes
+        assert client.server_predicted_bytes <= share
+
+
+def test_slow_devices_get_shallow_cuts_and_a_slow_server_pushes_strong_devices_deeper():
+    budgets = [3_000_000] * 3
+    slow = [(b, 1e9, 1e8) for b in budgets]  # devices far slower than the 20 TFLOP/s server
+    cuts = [c.split_point for c in strategy_for(slow, "fastest").armsc(dict.fromkeys(NAMES, 1.0)).clients]
+    deepest = [c.split_point for c in strategy_for(slow, "deepest").armsc(dict.fromkeys(NAMES, 1.0)).clients]
+    assert max(cuts) < min(deepest)
+    strong = [(b, 1e13, 1e12) for b in budgets]  # devices faster than a server that serves all three
+    cuts = [c.split_point for c in strategy_for(strong, "fastest", server_flops=1e11).armsc(
+        dict.fromkeys(NAMES, 1.0)).clients]  # fmt: skip
+    assert max(cuts) > 1
+
+
+def test_replans_keep_the_cuts_and_move_only_ranks():
+    # A main server whose per-client share holds only some of the server-side ranks: importance decides.
+    strategy = strategy_for([(1_000_000, 1e9, 1e7), (1_010_000, 1e10, 1e8)], "fastest", server_budget=4_000_000)
+    first = strategy.make_plan(dict.fromkeys(NAMES, 1.0))
+    skewed = {name: (1.0 if name.endswith(".q") else 1e-3) for name in NAMES}
+    second = strategy.make_plan(skewed)
+    assert [c.split_point for c in first.clients] == [c.split_point for c in second.clients]
+    assert [c.all_ranks() for c in first.clients] != [c.all_ranks() for c in second.clients]
