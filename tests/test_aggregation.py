@@ -87,7 +87,9 @@ def test_the_stacked_change_equals_the_dense_weighted_sum_of_every_adapters_chan
     factors, anchors = anchored_factors(ranks, samples, seed)
     stacked = aggregate(factors, anchors)
     weights = [n / sum(samples) for n in samples]
-    expected = sum(w * f.scale * (f.b @ f.a - b0 @ a0) for w, f, (a0, b0) in zip(weights, factors, anchors, strict=True))
+    expected = sum(
+        w * f.scale * (f.b @ f.a - b0 @ a0) for w, f, (a0, b0) in zip(weights, factors, anchors, strict=True)
+    )
     assert stacked.a.shape == (2 * sum(ranks), 48)
     error = torch.linalg.norm(stacked.dense() - expected) / torch.linalg.norm(expected)
     assert error <= 1e-6
@@ -114,7 +116,9 @@ def test_the_fed_server_measures_each_change_from_the_upload_it_holds():
 
 
 @settings(max_examples=30, deadline=None)
-@given(ranks=st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4), seed=st.integers(0, 1000), keep=st.integers(1, 16))
+@given(
+    ranks=st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4), seed=st.integers(0, 1000), keep=st.integers(1, 16)
+)
 def test_low_rank_factors_are_the_truncated_svd(ranks, seed, keep):
     from hsplitlora.method.aggregation import low_rank_factors
 

@@ -166,9 +166,7 @@ def test_splitlora_moves_its_cut_up_until_the_weakest_budget_holds_a_positive_un
 
 
 # -- the time-aware cut (split_rule fastest) ------------------------------------------------------
-devices_st = st.lists(
-    st.tuples(budgets_st, st.floats(1e8, 1e13), st.floats(1e5, 1e9)), min_size=1, max_size=5
-)
+devices_st = st.lists(st.tuples(budgets_st, st.floats(1e8, 1e13), st.floats(1e5, 1e9)), min_size=1, max_size=5)
 
 
 def strategy_for(devices, rule: str, name: str = "hsplitlora", server_flops: float = 2e13, server_budget=20_000_000):

@@ -42,6 +42,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", help="client memory budgets, e.g. 300MB,600MB,1.2GB (else the preset)")
     parser.add_argument("--device-preset", help=f"named devices: {', '.join(PRESETS)} (default hetero5)")
     parser.add_argument("--server-budget", help="main server memory for all clients (default 16GB)")
+    parser.add_argument("--server-flops", type=float, help="main server speed in FLOP/s for the time model (2e13)")
     parser.add_argument("--split-point", type=_ints, help="fixed split point(s), overriding the planner")
     parser.add_argument("--rank", type=_ints, help="fixed LoRA rank(s), overriding the planner")
     parser.add_argument("--alpha", type=float, help="LoRA alpha (default 16)")
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 RUN_KEYS = (
     "model", "data_dir", "strategy", "clients", "rounds", "local_steps", "budgets", "device_preset",
-    "server_budget", "split_point", "rank", "alpha", "targets", "partition", "dirichlet_alpha", "batch_size",
+    "server_budget", "server_flops", "split_point", "rank", "alpha", "targets", "partition", "dirichlet_alpha",
+    "batch_size",
     "max_seq_len", "lr", "eval_every", "val_size", "output_dir", "seed", "threads", "engine", "ray_address",
     "compression", "split_mode", "tail_blocks", "split_rule", "adapter_lifecycle",
 )  # fmt: skip

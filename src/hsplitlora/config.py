@@ -36,6 +36,7 @@ class RunConfig:
     device_preset: str = "hetero5"
     devices: dict | None = None
     server_budget: str = "16GB"
+    server_flops: float = 20e12  # the main server's compute speed (FLOP/s), for the time model
     # Fixed split points / ranks (one value or one per client) override the planner.
     split_point: int | list[int] | None = None
     rank: int | list[int] | None = None
@@ -112,7 +113,7 @@ class RunConfig:
         for name in ("rho", "gamma_max"):
             if not 0 <= getattr(self, name) < 1:
                 raise UsageError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
-        for name in ("tau", "ft_lr"):
+        for name in ("tau", "ft_lr", "server_flops"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"{name} must be a positive number, got {getattr(self, name)}.")
         if not 0 <= self.replan_delta <= 1:

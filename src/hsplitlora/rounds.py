@@ -32,7 +32,7 @@ from hsplitlora.data.e2e import (
     partition_iid,
     read_e2e,
 )
-from hsplitlora.devices import SERVER, DeviceProfile, resolve_devices
+from hsplitlora.devices import DeviceProfile, resolve_devices
 from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.perplexity import perplexity
@@ -148,7 +148,7 @@ def run(
     workload = expected_workload(config, model, [encoded[i] for shard in shards for i in shard], tokenizer.pad_token_id)
     if strategy_class.centralised:  # one trainer on the pooled data, as many samples per round
         shards = [sorted(i for shard in shards for i in shard)]
-        devices = [DeviceProfile(server_budget, SERVER["flops"], CENTRAL_BANDWIDTH)]
+        devices = [DeviceProfile(server_budget, config.server_flops, CENTRAL_BANDWIDTH)]
         steps_per_round = config.local_steps * config.clients
     validation = [encode(e, tokenizer, config.max_seq_len) for e in read_e2e(data_file(config.data_dir, "test"))]
     validation = validation[: config.val_size]
@@ -320,7 +320,7 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
                             engine.traffic[c.client]["adapters_up"] + engine.traffic[c.client]["adapters_down"])
             for c in plan.clients
         ]  # fmt: skip
-        timing = round_time(memory, plan.clients, devices, work, SERVER["flops"], model.config.vocab_size,
+        timing = round_time(memory, plan.clients, devices, work, config.server_flops, model.config.vocab_size,
                             _hidden_size(model))  # fmt: skip
         sim_time += timing["round_s"]
         train_loss = _mean([loss for losses in history for loss in losses])
@@ -410,7 +410,7 @@ def expected_workload(config: RunConfig, model: torch.nn.Module, items: list, pa
     return Workload(
         steps=config.local_steps, tokens_per_step=config.batch_size * float(np.mean(lengths)),
         padded_tokens_per_step=float(np.mean(padded)), hidden_size=_hidden_size(model),
-        vocab_size=model.config.vocab_size, server_flops=SERVER["flops"],
+        vocab_size=model.config.vocab_size, server_flops=config.server_flops,
         cut_value_bytes=VALUE_BYTES[config.compression], update_value_bytes=VALUE_BYTES[config.compression],
     )  # fmt: skip
 

@@ -1,12 +1,19 @@
-"""The reproduction study (method.md section 9 at small scale): every strategy on identical data,
-seeds and sample counts, under heterogeneous budgets and a homogeneous setting with the same total
-budget; several seeds for the main methods; E2E metrics on a fixed test subset; tables and plots.
+"""The reproduction study (method.md section 9 at small scale): the main strategies on identical
+data, samples, seeds, learning rate and budgets in three device regimes, the ablations in the
+paper's regime, E2E metrics on a fixed test subset; tables, a verdict per regime, and plots.
 
-    python benchmarks/reproduce.py            # SmolLM2-135M, about 1.8 hours on 2 cores
-    python benchmarks/reproduce.py --quick    # the tiny model, the same code path, about 5 minutes
+    python benchmarks/reproduce.py            # SmolLM2-135M, about 4 hours on 2 cores
+    python benchmarks/reproduce.py --quick    # the tiny model, the same code path, a few minutes
+
+Regimes (each stated in bytes and FLOP/s in results.json and the tables):
+  i    the first study's setting: budgets 200-700 MB, well below the whole-model LoRA footprint;
+  ii   the paper's: budgets from 0.4x to 1.5x of the whole-model LoRA footprint (5-20 GB against
+       LLaMA-2-7B's 13.5 GB), so the weakest device binds SplitLoRA's single configuration;
+  iii  a main server that is the bottleneck: only three times faster than the strongest device.
 
 Finished runs are reused when their folder holds the same configuration, so an interrupted study
-continues where it stopped."""
+continues where it stopped. Each run folder keeps config.json, metrics.jsonl, summary.json and
+eval.json, small enough to commit (weights and checkpoints are git-ignored)."""
 
 from __future__ import annotations
 
@@ -26,21 +33,32 @@ from hsplitlora.config import ALL_TARGETS, RunConfig
 from hsplitlora.method.planner import parse_bytes
 from hsplitlora.reporting import write_json_atomic
 
-ALL_STRATEGIES = ("hsplitlora", "splitlora", "hetlora", "fedlora", "cenlora", "ft", "no-iwi", "no-armsc", "no-naa")
-MAIN = ("hsplitlora", "splitlora", "hetlora")  # several seeds each
-# The whole model on every client (or one central trainer): budgets change nothing, so the
-# homogeneous setting reuses their heterogeneous runs.
-BUDGET_FREE = ("fedlora", "cenlora", "ft")
+# Labels of the study's runs: a strategy, or a strategy with a setting changed.
+MAIN = ("hsplitlora", "splitlora", "hetlora", "flora", "flexlora")  # several seeds in every regime
+ABLATIONS = ("no-iwi", "no-armsc", "no-naa", "hsplitlora-recreate")  # one seed, in the paper's regime
+REFERENCES = ("fedlora", "cenlora")  # one seed, in the paper's regime, if the budget allows
+ALL_LABELS = MAIN + ABLATIONS + REFERENCES
+VARIANTS = {"hsplitlora-recreate": ("hsplitlora", {"adapter_lifecycle": "recreate"})}
+# The whole model on every client (or one central trainer): budgets do not limit their memory.
+WHOLE_MODEL = ("hetlora", "flora", "flexlora", "fedlora", "cenlora")
 SENT_KEYS = ("bytes_activations", "bytes_gradients", "bytes_adapters_up", "bytes_adapters_down")
 TABLES_START, TABLES_END = "<!-- study-tables:start -->", "<!-- study-tables:end -->"
 
 
 @dataclass(frozen=True)
+class Regime:
+    name: str
+    title: str
+    budgets: tuple[str, ...]  # client memory budgets
+    gflops: tuple[float, ...]  # client compute, GFLOP/s
+    mbps: tuple[float, ...]  # client links, Mbit/s
+    server_flops: float  # the main server, FLOP/s
+
+
+@dataclass(frozen=True)
 class StudySpec:
     model: str
-    budgets: tuple[str, ...]  # heterogeneous client budgets; the homogeneous setting splits their sum evenly
-    gflops: tuple[float, ...]  # heterogeneous compute per client (the homogeneous one gets their mean)
-    mbps: tuple[float, ...]  # heterogeneous link per client
+    regimes: tuple[Regime, ...]
     rounds: int
     local_steps: int
     batch_size: int
@@ -53,33 +71,60 @@ class StudySpec:
     targets: tuple[str, ...] = ALL_TARGETS
     rank_levels: tuple[int, ...] = (0, 2, 4, 8, 16, 32)
     rho: float = 0.05
-    homo_strategies: tuple[str, ...] = MAIN  # budget-free strategies are shared with the heterogeneous setting
-    homo_seeds: int = 1
+    lr: float = 5e-4
+    main_regime: str = "ii"  # ablations, references and E2E metrics run here
     extra: dict = field(default_factory=dict)
 
 
+SPEEDS = {"gflops": (50, 100, 200, 400, 800), "mbps": (20, 50, 100, 200, 500)}
+# SmolLM2-135M's whole-model LoRA footprint at batch 4 x 96, all seven targets, rank 32: 1.50 GB.
+PAPER_BUDGETS = ("600MB", "900MB", "1.2GB", "1.7GB", "2.25GB")
 FULL = StudySpec(
     model="smollm2-135m",
-    budgets=("200MB", "250MB", "350MB", "500MB", "700MB"),
-    gflops=(50, 100, 200, 400, 800),
-    mbps=(20, 50, 100, 200, 500),
-    rounds=6,
-    local_steps=2,
+    regimes=(
+        Regime(
+            "i",
+            "budgets 200-700 MB, server 20 TFLOP/s",
+            ("200MB", "250MB", "350MB", "500MB", "700MB"),
+            **SPEEDS,
+            server_flops=20e12,
+        ),
+        Regime(
+            "ii",
+            "budgets 0.4-1.5x the whole-model footprint, server 20 TFLOP/s",
+            PAPER_BUDGETS,
+            **SPEEDS,
+            server_flops=20e12,
+        ),
+        Regime(
+            "iii",
+            "budgets as ii, server 2.4 TFLOP/s (3x the strongest device)",
+            PAPER_BUDGETS,
+            **SPEEDS,
+            server_flops=2.4e12,
+        ),
+    ),  # fmt: skip
+    rounds=4,
+    local_steps=10,
     batch_size=4,
     max_seq_len=96,
     val_size=48,
     seeds=3,
-    eval_mrs=20,
+    eval_mrs=100,
     beams=10,
     max_new_tokens=64,
 )
+QUICK_BUDGETS = ("6MB", "7MB", "9MB", "12MB", "20MB")  # the weakest holds SplitLoRA's cut at a positive rank
 QUICK = dataclasses.replace(
     FULL,
     model="tiny",
-    budgets=("6MB", "7MB", "9MB", "12MB", "20MB"),  # the weakest holds SplitLoRA's cut at a positive rank
+    regimes=(
+        Regime("i", "tiny budgets", QUICK_BUDGETS, **SPEEDS, server_flops=20e12),
+        Regime("ii", "larger budgets", ("9MB", "12MB", "15MB", "20MB", "30MB"), **SPEEDS, server_flops=20e12),
+        Regime("iii", "a slow server", QUICK_BUDGETS, **SPEEDS, server_flops=2.4e12),
+    ),  # fmt: skip
     rounds=2,
     local_steps=2,
-    batch_size=4,
     max_seq_len=256,
     val_size=8,
     seeds=2,
@@ -89,36 +134,33 @@ QUICK = dataclasses.replace(
 )
 
 
-def setting_budgets(spec: StudySpec, setting: str) -> list[int]:
-    budgets = [parse_bytes(b) for b in spec.budgets]
-    if setting == "hetero":
-        return budgets
-    return [sum(budgets) // len(budgets)] * len(budgets)
+def regime_of(spec: StudySpec, name: str) -> Regime:
+    return next(r for r in spec.regimes if r.name == name)
 
 
-def run_config(spec: StudySpec, setting: str, strategy: str, seed: int, output_dir: Path) -> RunConfig:
-    clients = len(spec.budgets)
-    if setting == "hetero":
-        speeds = list(zip(spec.gflops, spec.mbps, strict=True))
-    else:
-        speeds = [(statistics.mean(spec.gflops), statistics.mean(spec.mbps))] * clients
-    devices = {i: {"flops": g * 1e9, "bandwidth": m * 1e6 / 8} for i, (g, m) in enumerate(speeds)}
+def run_config(spec: StudySpec, regime: Regime, label: str, seed: int, output_dir: Path) -> RunConfig:
+    strategy, changes = VARIANTS.get(label, (label, {}))
+    devices = {i: {"flops": g * 1e9, "bandwidth": m * 1e6 / 8}
+               for i, (g, m) in enumerate(zip(regime.gflops, regime.mbps, strict=True))}  # fmt: skip
     return RunConfig(
-        model=spec.model, strategy=strategy, clients=clients, rounds=spec.rounds, local_steps=spec.local_steps,
-        budgets=[str(b) for b in setting_budgets(spec, setting)], devices=devices,
-        targets=list(spec.targets), rank_levels=list(spec.rank_levels), rho=spec.rho,
-        batch_size=spec.batch_size, max_seq_len=spec.max_seq_len, val_size=spec.val_size,
-        seed=seed, output_dir=str(output_dir), **spec.extra,
+        model=spec.model, strategy=strategy, clients=len(regime.budgets), rounds=spec.rounds,
+        local_steps=spec.local_steps, budgets=list(regime.budgets), devices=devices,
+        server_flops=regime.server_flops, targets=list(spec.targets), rank_levels=list(spec.rank_levels),
+        rho=spec.rho, lr=spec.lr, batch_size=spec.batch_size, max_seq_len=spec.max_seq_len,
+        val_size=spec.val_size, seed=seed, output_dir=str(output_dir), **{**spec.extra, **changes},
     ).validate()  # fmt: skip
 
 
 def planned_runs(spec: StudySpec) -> list[tuple[str, str, int]]:
-    """(setting, strategy, seed) of every run, seed 0 of each strategy first."""
-    runs = [("hetero", s, 0) for s in ALL_STRATEGIES]
-    runs += [("homo", s, 0) for s in spec.homo_strategies if s not in BUDGET_FREE]
-    for seed in range(1, spec.seeds):
-        runs += [("hetero", s, seed) for s in MAIN]
-        runs += [("homo", s, seed) for s in MAIN if s in spec.homo_strategies and seed < spec.homo_seeds]
+    """(regime, label, seed) of every run: the paper's regime first (seed 0 of the main strategies,
+    then the ablations, the other seeds, the references), then the other regimes."""
+    main = spec.main_regime
+    runs = [(main, s, 0) for s in MAIN] + [(main, s, 0) for s in ABLATIONS]
+    runs += [(main, s, seed) for seed in range(1, spec.seeds) for s in MAIN]
+    runs += [(main, s, 0) for s in REFERENCES]
+    for regime in spec.regimes:
+        if regime.name != main:
+            runs += [(regime.name, s, seed) for seed in range(spec.seeds) for s in MAIN]
     return runs
 
 
@@ -156,7 +198,7 @@ def _evaluate(run_dir: Path, spec: StudySpec) -> dict:
     return evaluate_run(run_dir, limit=spec.eval_mrs, settings=settings)
 
 
-def _collect(run_dir: Path, setting: str, strategy: str, seed: int, clients: int) -> dict:
+def _collect(run_dir: Path, regime: str, label: str, seed: int, clients: int) -> dict:
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run_dir / "summary.json").read_text())
     per_client = [0] * clients
@@ -167,8 +209,8 @@ def _collect(run_dir: Path, setting: str, strategy: str, seed: int, clients: int
                 per_client[entry["client"]] += sent
     last = metrics[-1]["clients"]
     return {
-        "setting": setting,
-        "strategy": strategy,
+        "regime": regime,
+        "strategy": label,
         "seed": seed,
         "final_val_ppl": summary["final_val_ppl"],
         "sim_time_s": summary["sim_time_s"],
@@ -190,33 +232,43 @@ def _collect(run_dir: Path, setting: str, strategy: str, seed: int, clients: int
     }
 
 
-def run_study(spec: StudySpec, out_dir: Path, results_dir: Path, log=print) -> dict:
-    """Run (or reuse) every planned run, evaluate seed 0 of each, write results.json and plots."""
+def run_study(
+    spec: StudySpec, out_dir: Path, results_dir: Path, log=print, regimes: tuple[str, ...] | None = None,
+    evaluate: bool = True,
+) -> dict:  # fmt: skip
+    """Run (or reuse) every planned run (of `regimes` only, if given), then E2E metrics for seed 0
+    of the main strategies in the main regime; write results.json (every finished run under
+    `out_dir`, of any regime) and plots."""
     out_dir, results_dir = Path(out_dir), Path(results_dir)
     runs = planned_runs(spec)
     collected = []
-    for index, (setting, strategy, seed) in enumerate(runs, 1):
-        run_dir = out_dir / setting / strategy / f"seed{seed}"
-        config = run_config(spec, setting, strategy, seed, run_dir)
+    for index, (regime_name, label, seed) in enumerate(runs, 1):
+        regime = regime_of(spec, regime_name)
+        run_dir = out_dir / regime_name / label / f"seed{seed}"
+        config = run_config(spec, regime, label, seed, run_dir)
         done = (run_dir / "summary.json").is_file() and _same_config(run_dir, config)
-        log(f"[{index}/{len(runs)}] {setting} {strategy} seed {seed}" + (" (reused)" if done else ""))
+        if not done and regimes is not None and regime_name not in regimes:
+            continue
+        log(f"[{index}/{len(runs)}] regime {regime_name} {label} seed {seed}" + (" (reused)" if done else ""))
         if not done:
             _run_one(config, log)
-        record = _collect(run_dir, setting, strategy, seed, len(spec.budgets))
-        if seed == 0:
-            log(f"    E2E generation on {spec.eval_mrs} test MRs (beam {spec.beams})")
+        record = _collect(run_dir, regime_name, label, seed, len(regime.budgets))
+        collected.append((run_dir, record))
+    for run_dir, record in collected:
+        if evaluate and record["seed"] == 0 and record["regime"] == spec.main_regime and record["strategy"] in MAIN:
+            log(f"E2E generation of regime {record['regime']} {record['strategy']} on {spec.eval_mrs} test MRs "
+                f"(beam {spec.beams})")  # fmt: skip
             evaluation = _evaluate(run_dir, spec)
             record["e2e"] = evaluation["metrics"]
             record["test_ppl"] = evaluation["perplexity"]
-        collected.append(record)
     results = {
         "spec": dataclasses.asdict(spec),
-        "budgets_bytes": {s: setting_budgets(spec, s) for s in ("hetero", "homo")},
+        "budgets_bytes": {r.name: [parse_bytes(b) for b in r.budgets] for r in spec.regimes},
         "machine": machine(),
         "command": "python benchmarks/reproduce.py" + (" --quick" if spec.model == QUICK.model else ""),
-        "runs": collected,
+        "runs": [record for _, record in collected],
     }
-    results["targets"] = {s: target_ppl(results, s) for s in ("hetero", "homo")}
+    results["targets"] = {r.name: target_ppl(results, r.name) for r in spec.regimes}
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results_dir / "results.json", results)
     plot_study(results, results_dir)
@@ -238,20 +290,23 @@ def machine() -> dict:
 
 
 # -- aggregation of the runs into tables --------------------------------------------------------------
-def runs_of(results: dict, setting: str, strategy: str) -> list[dict]:
-    """The runs of a strategy in a setting; budget-free strategies borrow their heterogeneous runs."""
-    source = "hetero" if strategy in BUDGET_FREE else setting
-    return [r for r in results["runs"] if r["setting"] == source and r["strategy"] == strategy]
+def runs_of(results: dict, regime: str, label: str) -> list[dict]:
+    return [r for r in results["runs"] if r["regime"] == regime and r["strategy"] == label]
 
 
-def strategies_in(results: dict, setting: str) -> list[str]:
-    return [s for s in ALL_STRATEGIES if runs_of(results, setting, s)]
+def labels_in(results: dict, regime: str) -> list[str]:
+    return [s for s in ALL_LABELS if runs_of(results, regime, s)]
 
 
-def target_ppl(results: dict, setting: str) -> float:
-    """The worst mean final perplexity among the main methods: all three reach it on average."""
-    means = [statistics.mean(r["final_val_ppl"] for r in runs_of(results, setting, s)) for s in MAIN]
-    return max(means)
+def regime_names(results: dict) -> list[str]:
+    return [r["name"] for r in results["spec"]["regimes"] if any(x["regime"] == r["name"] for x in results["runs"])]
+
+
+def target_ppl(results: dict, regime: str) -> float | None:
+    """The worst mean final perplexity among the main strategies run in this regime: all reach it."""
+    means = [statistics.mean(r["final_val_ppl"] for r in runs_of(results, regime, s)) for s in MAIN
+             if runs_of(results, regime, s)]  # fmt: skip
+    return max(means) if means else None
 
 
 def time_to(curve: list[dict], target: float, key: str) -> float | None:
@@ -275,6 +330,11 @@ def _mean_spread(values: list[float], digits: int) -> str:
     return f"{sum(values) / len(values):.{digits}f} ± {spread(values):.{digits}f}"
 
 
+def _mean_time(runs: list[dict], target: float, key: str) -> float | None:
+    times = [time_to(r["curve"], target, key) for r in runs]
+    return statistics.mean(times) if times and all(t is not None for t in times) else None
+
+
 def _times(runs: list[dict], target: float, key: str) -> str:
     times = [time_to(r["curve"], target, key) for r in runs]
     reached = [t for t in times if t is not None]
@@ -284,47 +344,88 @@ def _times(runs: list[dict], target: float, key: str) -> str:
     return text if len(reached) == len(times) else f"{text} ({len(reached)}/{len(times)} seeds)"
 
 
+def verdict(results: dict, regime: str) -> list[str]:
+    """hsplitlora against each other main strategy, as the goal is stated: final perplexity lower
+    by more than the spread over seeds (the larger of the two), and the target reached in at most
+    1/1.3 of the other's simulated time."""
+    ours = runs_of(results, regime, "hsplitlora")
+    target = results["targets"][regime]
+    if not ours or target is None:
+        return []
+    our_ppl = [r["final_val_ppl"] for r in ours]
+    our_time = _mean_time(ours, target, "sim_time_s")
+    lines = []
+    for label in MAIN[1:]:
+        theirs = runs_of(results, regime, label)
+        if not theirs:
+            continue
+        their_ppl = [r["final_val_ppl"] for r in theirs]
+        gap = statistics.mean(their_ppl) - statistics.mean(our_ppl)
+        margin = max(spread(our_ppl), spread(their_ppl))
+        their_time = _mean_time(theirs, target, "sim_time_s")
+        speedup = their_time / our_time if our_time and their_time else None
+        ppl_word = "lower" if gap > margin else ("not worse" if gap >= -margin else "higher")
+        time_text = f"{speedup:.2f}x faster to the target" if speedup else "target not reached by both"
+        met = gap > margin and speedup is not None and speedup >= 1.3
+        lines.append(f"- vs {label}: perplexity {ppl_word} by {gap:+.3f} (spread {margin:.3f}); "
+                     f"{time_text}; goal {'met' if met else 'not met'}")  # fmt: skip
+    return lines
+
+
 def tables_markdown(results: dict) -> str:
     """The document's tables, rendered from results.json alone."""
     lines = []
     metrics = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
     spec = results["spec"]
-    for setting, title in (("hetero", "Heterogeneous"), ("homo", "Homogeneous")):
-        budgets = ", ".join(f"{b:,}" for b in results["budgets_bytes"][setting])
-        target = results["targets"][setting]
+    for regime in spec["regimes"]:
+        name = regime["name"]
+        if name not in regime_names(results):
+            continue
+        budgets = ", ".join(f"{b:,}" for b in results["budgets_bytes"][name])
+        speeds = ", ".join(f"{g:g}" for g in regime["gflops"])
+        links = ", ".join(f"{m:g}" for m in regime["mbps"])
+        target = results["targets"][name]
         lines += [
-            f"### {title} devices (budgets in bytes: {budgets})",
+            f"### Regime {name}: {regime['title']}",
             "",
-            f"Target perplexity for the time columns: {target:.3f} (the worst mean final perplexity of "
-            "hsplitlora, splitlora and hetlora in this setting).",
+            f"Client budgets (bytes): {budgets}; client compute (GFLOP/s): {speeds}; links (Mbit/s): {links}; "
+            f"main server: {regime['server_flops']:.3g} FLOP/s.",
+            "",
+            f"Target perplexity for the time columns: {target:.3f} (the worst mean final perplexity of the main "
+            "strategies in this regime).",
             "",
             "| strategy | seeds | final val ppl | simulated s to target | wall s to target | MB sent per client "
             "(mean / max) | peak client memory (MB) | split points | client ranks (sum) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for strategy in strategies_in(results, setting):
-            runs = runs_of(results, setting, strategy)
+        for label in labels_in(results, name):
+            runs = runs_of(results, name, label)
             first = runs[0]
             sent = [statistics.mean(r["bytes_per_client"]) / 1e6 for r in runs]
             most = max(max(r["bytes_per_client"]) for r in runs) / 1e6
-            whole = " *" if strategy in BUDGET_FREE else ""
+            whole = " *" if label in WHOLE_MODEL else ""
             lines.append(
-                f"| {strategy} | {len(runs)} | {_mean_spread([r['final_val_ppl'] for r in runs], 3)} "
+                f"| {label} | {len(runs)} | {_mean_spread([r['final_val_ppl'] for r in runs], 3)} "
                 f"| {_times(runs, target, 'sim_time_s')} | {_times(runs, target, 'wall_time_s')} "
                 f"| {statistics.mean(sent):.1f} / {most:.1f} | {first['peak_client_bytes'] / 1e6:.1f}{whole} "
                 f"| {', '.join(map(str, first['split_points']))} | {', '.join(map(str, first['client_rank_totals']))} |"
             )
-        lines += ["", f"E2E metrics of seed 0 on the first {spec['eval_mrs']} test MRs "
-                  f"(beam {spec['beams']}), with test perplexity on their references:", "",
-                  "| strategy | test ppl | " + " | ".join(metrics) + " |",
-                  "|---|---|" + "---|" * len(metrics)]  # fmt: skip
-        for strategy in strategies_in(results, setting):
-            first = next(r for r in runs_of(results, setting, strategy) if r["seed"] == 0)
-            values = " | ".join(f"{first['e2e'][m]:.4f}" for m in metrics)
-            lines.append(f"| {strategy} | {first['test_ppl']:.3f} | {values} |")
+        found = verdict(results, name)
+        if found:
+            lines += ["", "HSplitLoRA against each main strategy (the goal: lower final perplexity by more than the "
+                      "spread, and the target in at most 1/1.3 of the simulated time):", "", *found]  # fmt: skip
+        evaluated = [r for label in labels_in(results, name) for r in runs_of(results, name, label) if "e2e" in r]
+        if evaluated:
+            lines += ["", f"E2E metrics of seed 0 on the first {spec['eval_mrs']} test MRs "
+                      f"(beam {spec['beams']}), with test perplexity on their references:", "",
+                      "| strategy | test ppl | " + " | ".join(metrics) + " |",
+                      "|---|---|" + "---|" * len(metrics)]  # fmt: skip
+            for record in evaluated:
+                values = " | ".join(f"{record['e2e'][m]:.4f}" for m in metrics)
+                lines.append(f"| {record['strategy']} | {record['test_ppl']:.3f} | {values} |")
         lines.append("")
     lines.append("\\* the whole model on every client (or one central trainer): memory is reported, not limited "
-                 "by the budgets; these runs do not depend on the budgets and appear in both settings.")  # fmt: skip
+                 "by the budgets.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -352,41 +453,44 @@ def plot_study(results: dict, results_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = regime_names(results)
+    if not names:
+        return []
     paths = []
-    for key, label, name in (("sim_time_s", "simulated time (s)", "ppl_vs_simulated_time.png"),
-                             ("wall_time_s", "measured wall time (s)", "ppl_vs_wall_time.png")):  # fmt: skip
-        figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-        for ax, setting, title in ((axes[0], "hetero", "heterogeneous"), (axes[1], "homo", "homogeneous")):
-            for strategy in strategies_in(results, setting):
-                runs = runs_of(results, setting, strategy)
+    for key, label, filename in (("sim_time_s", "simulated time (s)", "ppl_vs_simulated_time.png"),
+                                 ("wall_time_s", "measured wall time (s)", "ppl_vs_wall_time.png")):  # fmt: skip
+        figure, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), sharey=True, squeeze=False)
+        for ax, regime in zip(axes[0], names, strict=True):
+            for strategy in labels_in(results, regime):
+                runs = runs_of(results, regime, strategy)
                 xs, ys = _mean_curve(runs, key)
-                style = "--" if strategy in BUDGET_FREE else (":" if strategy.startswith("no-") else "-")
+                style = "--" if strategy in WHOLE_MODEL else (":" if strategy in ABLATIONS else "-")
                 suffix = f" (mean of {len(runs)})" if len(runs) > 1 else ""
-                color = f"C{ALL_STRATEGIES.index(strategy)}"  # one colour per strategy in both panels
+                color = f"C{ALL_LABELS.index(strategy) % 10}"  # one colour per strategy in every panel
                 ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=strategy + suffix)
-            ax.axhline(results["targets"][setting], color="grey", linewidth=0.8, linestyle=":")
-            ax.set_title(f"{title} devices")
+            ax.axhline(results["targets"][regime], color="grey", linewidth=0.8, linestyle=":")
+            ax.set_title(f"regime {regime}")
             ax.set_xlabel(label)
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("validation perplexity")
-        axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("validation perplexity")
         figure.suptitle(f"{results['spec']['model']}, E2E, 5 clients: validation perplexity per round "
                         "(grey: target perplexity)", fontsize=10)  # fmt: skip
         figure.tight_layout()
-        figure.savefig(results_dir / name, dpi=110)
+        figure.savefig(results_dir / filename, dpi=110)
         plt.close(figure)
-        paths.append(results_dir / name)
+        paths.append(results_dir / filename)
 
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
-    for ax, setting, title in ((axes[0], "hetero", "heterogeneous"), (axes[1], "homo", "homogeneous")):
-        names = strategies_in(results, setting)
-        finals = [[r["final_val_ppl"] for r in runs_of(results, setting, s)] for s in names]
+    figure, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), sharey=True, squeeze=False)
+    for ax, regime in zip(axes[0], names, strict=True):
+        labels = labels_in(results, regime)
+        finals = [[r["final_val_ppl"] for r in runs_of(results, regime, s)] for s in labels]
         means = [statistics.mean(f) for f in finals]
         spreads = [spread(f) for f in finals]
-        ax.bar(names, means, yerr=spreads, capsize=4, color=["C0" if s in MAIN else "C7" for s in names])
+        ax.bar(labels, means, yerr=spreads, capsize=4, color=["C0" if s in MAIN else "C7" for s in labels])
         low = min(means) - 3 * max(spreads + [0.05])
         ax.set_ylim(max(0.0, low), max(m + s for m, s in zip(means, spreads, strict=True)) * 1.02)
-        ax.set_title(f"{title} devices: final validation perplexity (mean ± std over seeds)")
+        ax.set_title(f"regime {regime}: final validation perplexity (mean ± std over seeds)", fontsize=9)
         ax.tick_params(axis="x", rotation=45)
         ax.grid(axis="y", alpha=0.3)
     figure.tight_layout()
@@ -402,12 +506,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="run folders (runs/study or runs/study-quick)")
     parser.add_argument("--results", default=None, help="results.json and plots (docs/results, or --out for --quick)")
     parser.add_argument("--doc", default=None, help="rewrite the tables of this markdown file (docs/results.md)")
+    parser.add_argument(
+        "--regimes",
+        default=None,
+        help="train only these regimes now, e.g. ii (finished runs of the others are still reported)",
+    )
+    parser.add_argument("--no-eval", action="store_true", help="skip the E2E generation (it can run later)")
     args = parser.parse_args(argv)
     spec = QUICK if args.quick else FULL
-    out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
+    out = Path(args.out or ("runs/study-quick" if args.quick else "docs/results/runs"))
     results_dir = Path(args.results or (out if args.quick else "docs/results"))
+    regimes = tuple(args.regimes.split(",")) if args.regimes else None
     started = time.perf_counter()
-    results = run_study(spec, out, results_dir, log=lambda message: print(message, file=sys.stderr, flush=True))
+    results = run_study(spec, out, results_dir, log=lambda message: print(message, file=sys.stderr, flush=True),
+                        regimes=regimes, evaluate=not args.no_eval)  # fmt: skip
     tables = tables_markdown(results)
     (results_dir / "tables.md").write_text(tables)
     if args.doc:
