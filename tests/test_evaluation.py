@@ -49,11 +49,73 @@ def test_identical_output_gets_the_maximum():
         assert best[name] > worse[name], name
 
 
-def test_output_sharing_no_word_gets_zero_bleu_and_rouge():
+def test_output_sharing_no_word_gets_only_mtevals_smoothed_bleu_and_zero_rouge():
     unrelated = ["xylophone quartz", "zebra marmalade", "vortex banjo"]
     scores = score_e2e(REFS, unrelated)
-    assert scores["BLEU"] == 0.0 and scores["ROUGE_L"] == 0.0 and scores["NIST"] == 0.0
+    # mteval smooths an order without matches by 1 / 2^k: mteval-v13a prints BLEU 0.0053 here.
+    assert round(scores["BLEU"], 4) == 0.0053 and scores["ROUGE_L"] == 0.0 and scores["NIST"] == 0.0
     assert scores["CIDEr"] == 0.0
+
+
+CHECK = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e-scorer-check"
+
+
+@pytest.mark.parametrize("system, figures", [("truncated-output.txt", (0.6774, 4.0344)),
+                                             ("padded-output.txt", (0.6354, 9.2558))])  # fmt: skip
+def test_bleu_and_nist_equal_the_official_scorer_on_short_and_long_outputs(system, figures):
+    from hsplitlora.evaluation.e2e_metrics import read_outputs
+
+    refs, outputs = read_references(CHECK / "refs.txt"), read_outputs(CHECK / system)
+    assert (round(bleu(refs, outputs), 4), round(nist(refs, outputs), 4)) == figures
+
+
+def test_cumulative_scores_per_order_equal_mtevals():
+    from hsplitlora.evaluation.e2e_metrics import read_outputs
+
+    refs = read_references(CHECK / "refs.txt")
+    truncated, padded = read_outputs(CHECK / "truncated-output.txt"), read_outputs(CHECK / "padded-output.txt")
+    assert [round(nist(refs, truncated, order=n), 4) for n in range(1, 6)] == [1.7895, 2.6290, 3.2411, 3.7023, 4.0344]
+    assert [round(bleu(refs, padded, order=n), 4) for n in range(1, 5)] == [0.6757, 0.6543, 0.6431, 0.6354]
+
+
+# Hand-made cases for the length penalties, with what mteval-v13a-sig.pl (the official E2E
+# scorer's BLEU and NIST, run on these inputs) prints for them.
+EAGLE = [
+    "The Eagle is a cheap coffee shop near the river.",
+    "Near the river there is a cheap coffee shop called The Eagle.",
+]
+MILL = [
+    "The Mill is a pub in the city centre serving Indian food.",
+    "Serving Indian food, The Mill pub is in the city centre.",
+]
+ZIZZI = ["Zizzi is a family friendly restaurant.", "Zizzi is a restaurant for families, with low prices and a high "
+         "customer rating, located by the riverside near the bridge."]  # fmt: skip
+LENGTH_CASES = {
+    "an output of one word": ([EAGLE, MILL, ZIZZI], ["Eagle", "pub", "Zizzi"], (0.0001, 0.0000)),
+    "an output longer than every reference": (
+        [EAGLE, MILL, ZIZZI],
+        ["The Eagle is a cheap coffee shop near the river. It is cheap. Near the river there is a cheap coffee shop "
+         "called The Eagle, which is cheap.",
+         "The Mill is a pub in the city centre serving Indian food. Serving Indian food, The Mill pub is in the city "
+         "centre, and it is a pub.",
+         "Zizzi is a restaurant for families, with low prices and a high customer rating, located by the riverside "
+         "near the bridge, and Zizzi is a family friendly restaurant."],
+        (0.6148, 3.6884),
+    ),
+    "references of very different lengths": (
+        [["Zizzi is a pub.", "Zizzi is a pub with a high customer rating and low prices, located in the riverside area "
+          "near the bridge, serving English food to families.", "Zizzi pub."],
+         ["The Mill is a pub in the city centre serving Indian food."]],
+        ["Zizzi is a pub with low prices near the bridge.", "The Mill serves Indian food."],
+        (0.4315, 2.9859),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(LENGTH_CASES))
+def test_length_penalties_equal_the_official_scorer(case):
+    refs, outputs, figures = LENGTH_CASES[case]
+    assert (round(bleu(refs, outputs), 4), round(nist(refs, outputs), 4)) == figures
 
 
 def test_nist_by_hand_on_a_single_word():

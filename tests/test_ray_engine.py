@@ -4,6 +4,7 @@ a run that survives a client actor dying mid-round (local Ray, 2 CPUs)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hsplitlora.config import RunConfig
 from hsplitlora.rounds import Reporter, run
@@ -30,10 +31,12 @@ def config(tmp_path, name, **changes) -> RunConfig:
 KEYS = ("train_loss", "val_loss", "val_ppl", "sim_time_s", "bytes_up", "bytes_down")
 
 
-@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])
+@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora", "flexlora"])
 def test_ray_and_in_process_engines_agree(tmp_path, strategy):
-    local = run(config(tmp_path, "local", strategy=strategy)).metrics
-    remote = run(config(tmp_path, "ray", strategy=strategy, engine="ray")).metrics
+    # Different cuts (deepest fit) and a re-plan every round (ranks resize) exercise anchors moving.
+    changes = {"split_rule": "deepest", "replan_delta": 0.0, "rounds": 3} if strategy == "hsplitlora" else {}
+    local = run(config(tmp_path, "local", strategy=strategy, **changes)).metrics
+    remote = run(config(tmp_path, "ray", strategy=strategy, engine="ray", **changes)).metrics
     for a, b in zip(local, remote, strict=True):
         for key in KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["round"], key)
@@ -46,7 +49,7 @@ class Capture(Reporter):
 
 def test_each_client_actor_holds_only_its_own_blocks(tmp_path):
     capture = Capture()
-    run(config(tmp_path, "held", engine="ray", rounds=1, local_steps=1), reporter=capture)
+    run(config(tmp_path, "held", engine="ray", rounds=1, local_steps=1, split_rule="deepest"), reporter=capture)
     engine = capture.engine
     for cid, actor in enumerate(engine.actors):
         names = ray.get(actor.held_parameter_names.remote())
@@ -79,3 +82,33 @@ def test_a_killed_client_does_not_stop_the_run_and_comes_back(tmp_path):
     back = next(c for c in second["clients"] if c["client"] == 1)
     assert back["samples"] == 3 * 4 and back["train_loss"] is not None
     assert second["val_ppl"] is not None
+
+
+class CheckHolders(Reporter):
+    """After each round's aggregation: every actor holding a block has the same weight for it, and
+    every adapter sits at its anchor (adds nothing), so all holders compute the merged W."""
+
+    def engine_ready(self, engine):
+        self.engine = engine
+        self.checked = 0
+
+    def round_finished(self, line):
+        engine = self.engine
+        names = sorted(engine.candidates)
+        server = ray.get(engine.server.weights.remote(names))
+        deltas = ray.get([engine.server.adapter_deltas.remote(cid) for cid in range(len(engine.actors))])
+        for cid, actor in enumerate(engine.actors):
+            held = ray.get(actor.weights.remote(names))
+            for name, weight in held.items():
+                reference = server.get(name)
+                if reference is not None:
+                    assert torch.equal(weight, reference), (cid, name)
+            deltas.append(ray.get(actor.adapter_deltas.remote()))
+        assert all(torch.count_nonzero(d) == 0 for one in deltas for d in one.values())
+        self.checked += 1
+
+
+def test_after_aggregation_every_ray_holder_has_the_same_effective_weight(tmp_path):
+    check = CheckHolders()
+    run(config(tmp_path, "holders", engine="ray", split_rule="deepest", replan_delta=0.0), reporter=check)
+    assert check.checked == 2

@@ -202,3 +202,43 @@ def test_a_max_seq_len_that_cuts_off_every_reference_is_refused(tmp_path):
     with pytest.raises(UsageError, match="max_seq_len 16 cuts every validation example before its reference"):
         run(tiny_config(tmp_path, max_seq_len=16))
     assert not (tmp_path / "run").exists()
+
+
+def test_persistent_adapters_every_holder_starts_from_the_merged_weight_and_dw_is_the_weighted_change():
+    from hsplitlora.method.importance import candidate_layers
+    from hsplitlora.roles.messages import ModelUpdate, RoundPlan
+
+    config = RunConfig(model="tiny", clients=3, split_point=[1, 2, 3], rank=[2, 4, 8], batch_size=4)
+    federation = build_federation(config)
+    engine, model, candidates = federation.engine, federation.loaded.model, federation.candidates
+    engine.fed_server = FedServer("naa")
+
+    def holders(name):
+        """(adapter, layer) of every holder of a candidate: the clients whose cut is past its block,
+        the main server's part for the others."""
+        found = [(c.adapter, candidate_layers(c.part, candidates).get(name)) for c in federation.clients]
+        found += [(f"client{cid}", candidate_layers(p, candidates).get(name)) for cid, p in engine.server.parts.items()]
+        return [(adapter, layer) for adapter, layer in found if layer is not None]
+
+    for round_ in (1, 2, 3):
+        ranks = [2, 4, 8] if round_ < 3 else [4, 2, 8]  # round 3 resizes two clients' adapters
+        engine.configure([RoundPlan(cid, round_, s, dict.fromkeys(candidates, r), None, "anchor")
+                          for cid, (s, r) in enumerate(zip([1, 2, 3], ranks, strict=True))])  # fmt: skip
+        engine.local_steps(2)
+        before = candidate_weights(model, candidates)
+        expected = {}
+        for name, candidate in candidates.items():
+            changes = [layer.delta(adapter, candidate.slot).double() for adapter, layer in holders(name)]
+            assert len(changes) == 3
+            expected[name] = sum(changes) / 3  # equal samples: p_i = 1/3
+        update = engine.aggregate(round_)
+        assert isinstance(update, ModelUpdate)
+        after = candidate_weights(model, candidates)
+        for name, candidate in candidates.items():
+            delta = update.deltas[name]
+            sent = (delta if isinstance(delta, torch.Tensor) else delta.dense()).double()
+            error = torch.linalg.norm(sent - expected[name]) / torch.linalg.norm(expected[name])
+            assert error <= 1e-6, (round_, name, float(error))
+            torch.testing.assert_close(after[name] - before[name], sent.float(), atol=1e-6, rtol=1e-4)
+            for adapter, layer in holders(name):  # every holder's adapter sits at its anchor again
+                assert torch.equal(layer.delta(adapter, candidate.slot), torch.zeros_like(after[name]))

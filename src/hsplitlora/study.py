@@ -151,6 +151,22 @@ def run_config(spec: StudySpec, regime: Regime, label: str, seed: int, output_di
     ).validate()  # fmt: skip
 
 
+def source_regime(spec: StudySpec, regime: Regime, label: str) -> Regime:
+    """The regime whose run a (regime, label) pair reuses: a whole-model strategy trains the same way
+    in every regime whose devices give it the same ranks and speeds (budgets only set its ranks, the
+    main server is idle), so it runs once, in the main regime."""
+    main = regime_of(spec, spec.main_regime)
+    if label not in WHOLE_MODEL or regime.name == main.name:
+        return regime
+    from hsplitlora.strategies.base import budget_proportional_ranks
+
+    def ranks(r: Regime) -> list[int]:
+        return budget_proportional_ranks([parse_bytes(b) for b in r.budgets], spec.rank_levels)
+
+    same = (regime.gflops, regime.mbps, ranks(regime)) == (main.gflops, main.mbps, ranks(main))
+    return main if same else regime
+
+
 def planned_runs(spec: StudySpec) -> list[tuple[str, str, int]]:
     """(regime, label, seed) of every run: the paper's regime first (seed 0 of the main strategies,
     then the ablations, the other seeds, the references), then the other regimes."""
@@ -244,15 +260,18 @@ def run_study(
     collected = []
     for index, (regime_name, label, seed) in enumerate(runs, 1):
         regime = regime_of(spec, regime_name)
-        run_dir = out_dir / regime_name / label / f"seed{seed}"
-        config = run_config(spec, regime, label, seed, run_dir)
+        source = source_regime(spec, regime, label)
+        run_dir = out_dir / source.name / label / f"seed{seed}"
+        config = run_config(spec, source, label, seed, run_dir)
         done = (run_dir / "summary.json").is_file() and _same_config(run_dir, config)
         if not done and regimes is not None and regime_name not in regimes:
             continue
-        log(f"[{index}/{len(runs)}] regime {regime_name} {label} seed {seed}" + (" (reused)" if done else ""))
+        shared = f" (the run of regime {source.name})" if source is not regime else ""
+        log(f"[{index}/{len(runs)}] regime {regime_name} {label} seed {seed}{shared}" + (" (reused)" if done else ""))
         if not done:
             _run_one(config, log)
         record = _collect(run_dir, regime_name, label, seed, len(regime.budgets))
+        record["run_of_regime"] = source.name
         collected.append((run_dir, record))
     for run_dir, record in collected:
         if evaluate and record["seed"] == 0 and record["regime"] == spec.main_regime and record["strategy"] in MAIN:
@@ -404,8 +423,9 @@ def tables_markdown(results: dict) -> str:
             sent = [statistics.mean(r["bytes_per_client"]) / 1e6 for r in runs]
             most = max(max(r["bytes_per_client"]) for r in runs) / 1e6
             whole = " *" if label in WHOLE_MODEL else ""
+            shared = " †" if any(r.get("run_of_regime", name) != name for r in runs) else ""
             lines.append(
-                f"| {label} | {len(runs)} | {_mean_spread([r['final_val_ppl'] for r in runs], 3)} "
+                f"| {label}{shared} | {len(runs)} | {_mean_spread([r['final_val_ppl'] for r in runs], 3)} "
                 f"| {_times(runs, target, 'sim_time_s')} | {_times(runs, target, 'wall_time_s')} "
                 f"| {statistics.mean(sent):.1f} / {most:.1f} | {first['peak_client_bytes'] / 1e6:.1f}{whole} "
                 f"| {', '.join(map(str, first['split_points']))} | {', '.join(map(str, first['client_rank_totals']))} |"
@@ -425,7 +445,8 @@ def tables_markdown(results: dict) -> str:
                 lines.append(f"| {record['strategy']} | {record['test_ppl']:.3f} | {values} |")
         lines.append("")
     lines.append("\\* the whole model on every client (or one central trainer): memory is reported, not limited "
-                 "by the budgets.")  # fmt: skip
+                 "by the budgets. † the same runs as in the main regime: this regime gives the strategy the same "
+                 "ranks and device speeds, and the main server's speed does not enter a run without split.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

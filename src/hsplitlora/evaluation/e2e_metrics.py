@@ -1,13 +1,16 @@
 """The five metrics of the E2E NLG Challenge, computed as its official scorer computes them.
 
-- BLEU: NIST mteval-v13a (lowercased, its 13a tokenisation, multi-reference). sacrebleu's `13a`
-  tokeniser on lowercased text reproduces it.
+- BLEU: NIST mteval-v13a (lowercased, its 13a tokenisation, multi-reference, the closest
+  reference length for the brevity penalty, empty padded references skipped), written after its
+  definitions; sacrebleu's `13a` tokeniser on lowercased text reproduces its tokens (sacrebleu's
+  own BLEU counts the padded empty references as length 0, which favours short outputs).
 - NIST: mteval-v13a's NIST, written here because no package reproduces it (nltk's information
   weights and length penalty differ): information weights from all references of the corpus,
   `info(w1..wn) = -log2(count(w1..wn) / count(w1..wn-1))`, score `sum_n matched info / system
   n-grams` (n <= 5) times `exp(beta log^2 min(1, L_sys / L_ref))`, `beta = -ln 0.5 / ln^2 1.5`,
-  with `L_ref` the corpus's reference words divided by the number of reference sets (instances
-  with fewer references are padded with empty ones, as the official scorer does).
+  with `L_ref` the corpus's reference words divided by the mean number of non-empty references
+  per instance (instances with fewer references are padded with empty ones, as the official
+  scorer does; mteval counts only the non-empty ones).
 - METEOR 1.5 (the jar with its paraphrase tables), ROUGE-L and CIDEr through `pycocoevalcap`, after
   that package's PTB tokenizer, as the MS-COCO caption evaluation code computes them.
 """
@@ -97,15 +100,50 @@ def _pad(references: Sequence[Sequence[str]]) -> list[list[str]]:
     return [list(refs) + [""] * (width - len(refs)) for refs in references]
 
 
-def bleu(references: Sequence[Sequence[str]], outputs: Sequence[str]) -> float:
-    """Corpus BLEU as mteval-v13a prints it (0..1)."""
-    import sacrebleu
+def bleu(references: Sequence[Sequence[str]], outputs: Sequence[str], order: int = 4) -> float:
+    """Corpus BLEU as mteval-v13a prints it (0..1): n-gram matches clipped by each n-gram's most
+    occurrences in any one reference, the brevity penalty exp(min(0, 1 - R / C)) with R the sum
+    over segments of the reference length closest to the output's (ties: the shorter; the padded
+    empty references are skipped), and mteval's smoothing of an order without matches (1 / 2^k)."""
+    matches, totals, ref_length, sys_length = [0] * (order + 1), [0] * (order + 1), 0, 0
+    for refs, output in zip(_pad(references), outputs, strict=True):
+        tokens = _mteval_tokens(output)
+        ref_tokens = [_mteval_tokens(r) for r in refs]
+        ref_length += _closest_length([len(r) for r in ref_tokens], len(tokens))
+        sys_length += len(tokens)
+        best: Counter = Counter()
+        for r in ref_tokens:
+            best |= _ngrams(r, order)
+        for gram, count in _ngrams(tokens, order).items():
+            if gram in best:
+                matches[len(gram)] += min(count, best[gram])
+        for n in range(1, order + 1):
+            totals[n] += max(len(tokens) - n + 1, 0)
+    if sys_length == 0:
+        return 0.0
+    log_score, smooth = 0.0, 1
+    for n in range(1, order + 1):
+        if totals[n] == 0:
+            continue  # mteval adds log 1 for an order the output is too short to have
+        if matches[n] == 0:
+            smooth *= 2
+            log_score += math.log(1 / (smooth * totals[n]))
+        else:
+            log_score += math.log(matches[n] / totals[n])
+    return math.exp(log_score / order) * math.exp(min(0.0, 1 - ref_length / sys_length))
 
-    padded = _pad(references)
-    streams = [[refs[i] for refs in padded] for i in range(len(padded[0]))]
-    lowered = [o.translate(_ASCII_LOWER) for o in outputs]
-    streams = [[r.translate(_ASCII_LOWER) for r in stream] for stream in streams]
-    return sacrebleu.corpus_bleu(lowered, streams, tokenize="13a").score / 100.0
+
+def _closest_length(lengths: Sequence[int], output_length: int) -> int:
+    """mteval-v13a's reference length for the brevity penalty: the first reference's, then any
+    non-empty one closer to the output's length (on a tie, the shorter)."""
+    closest = lengths[0]
+    for length in lengths[1:]:
+        if not length:
+            continue
+        distance, best = abs(output_length - length), abs(output_length - closest)
+        if distance < best or (distance == best and length < closest):
+            closest = length
+    return closest
 
 
 def _ngrams(tokens: Sequence[str], order: int) -> Counter:
@@ -113,9 +151,10 @@ def _ngrams(tokens: Sequence[str], order: int) -> Counter:
 
 
 def nist(references: Sequence[Sequence[str]], outputs: Sequence[str], order: int = NIST_ORDER) -> float:
-    """Corpus NIST as mteval-v13a computes it."""
+    """Corpus NIST as mteval-v13a computes it. The length penalty compares the output words with
+    the reference words per reference, where the number of references is the mean number of
+    non-empty references per segment (the padded empty ones do not count)."""
     padded = _pad(references)
-    ref_sets = len(padded[0])
     ref_tokens = [[_mteval_tokens(r) for r in refs] for refs in padded]
     counts: Counter = Counter()
     total_words = 0
@@ -129,12 +168,10 @@ def nist(references: Sequence[Sequence[str]], outputs: Sequence[str], order: int
     }
     matched_info = [0.0] * (order + 1)
     system_ngrams = [0] * (order + 1)
-    ref_words = 0
     for refs, output in zip(ref_tokens, outputs, strict=True):
         tokens = _mteval_tokens(output)
         for n in range(1, order + 1):
             system_ngrams[n] += max(len(tokens) - n + 1, 0)
-        ref_words += sum(len(r) for r in refs)
         best: Counter = Counter()
         for r in refs:
             best |= _ngrams(r, order)  # the most occurrences of each n-gram in any one reference
@@ -142,7 +179,8 @@ def nist(references: Sequence[Sequence[str]], outputs: Sequence[str], order: int
             if gram in best:
                 matched_info[len(gram)] += info[gram] * min(count, best[gram])
     score = sum(matched_info[n] / max(system_ngrams[n], 1) for n in range(1, order + 1))
-    return score * _nist_length_penalty(system_ngrams[1] / (ref_words / ref_sets))
+    refs_per_segment = sum(1 for refs in padded for r in refs if r != "") / len(padded)
+    return score * _nist_length_penalty(system_ngrams[1] / (total_words / refs_per_segment))
 
 
 def _nist_length_penalty(ratio: float) -> float:

@@ -151,11 +151,7 @@ class Strategy:
         )
 
     def hetlora_ranks(self) -> list[int]:
-        """A rank per client proportional to its budget: the largest level of Q not above
-        r_max M_i / max_j M_j (at least the smallest positive level)."""
-        levels = sorted(self.context.levels)
-        r_max, strongest = levels[-1], max(self.budgets)
-        return [max([r for r in levels if r <= r_max * budget / strongest] + [levels[1]]) for budget in self.budgets]
+        return budget_proportional_ranks(self.budgets, self.context.levels)
 
     def splitlora_plan(self) -> Plan:
         """SplitLoRA's plan: the weakest client's cut and uniform rank for everyone."""
@@ -176,3 +172,11 @@ class Strategy:
         return plan(importance, self.budgets, c.memory, c.server_budget, c.levels, c.rho, c.s_min,
                     split_rule=c.split_rule, round_time=self.round_time if fastest else None,
                     split_points=split_points, alternatives=alternatives)  # fmt: skip
+
+
+def budget_proportional_ranks(budgets: list[int], levels: tuple[int, ...]) -> list[int]:
+    """HetLoRA's ranks: per client the largest level of Q not above r_max M_i / max_j M_j (at least
+    the smallest positive level)."""
+    ordered = sorted(levels)
+    r_max, strongest = ordered[-1], max(budgets)
+    return [max([r for r in ordered if r <= r_max * budget / strongest] + [ordered[1]]) for budget in budgets]
