@@ -11,7 +11,10 @@ from hsplitlora.reporting import write_json_atomic
 from hsplitlora.rounds import Reporter, RunResult, run
 from hsplitlora.strategies import STRATEGIES
 
-WHOLE_MODEL = ("hetlora", "fedlora", "cenlora", "ft")
+
+def whole_model(strategy: str) -> bool:
+    """Whether the strategy runs the whole model on every client (or one central trainer)."""
+    return not STRATEGIES[strategy].splits
 
 
 def time_to_target(metrics: list[dict], target: float) -> tuple[float | None, float | None]:
@@ -51,7 +54,7 @@ def compare(
             "sim_time_s": result.summary["sim_time_s"],
             "bytes": result.summary["bytes_up"] + result.summary["bytes_down"],
             "peak_client_bytes": result.summary["peak_client_predicted_bytes"],
-            "whole_model_on_clients": strategy in WHOLE_MODEL,
+            "whole_model_on_clients": whole_model(strategy),
             "run_dir": str(result.run_dir),
         })  # fmt: skip
     summary = {"target_ppl": target, "rows": rows}
@@ -70,7 +73,7 @@ def plot_comparison(results: dict[str, RunResult], target: float, path: Path) ->
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for strategy, result in results.items():
         evaluated = [m for m in result.metrics if m["val_ppl"] is not None]
-        style = "--" if strategy in WHOLE_MODEL else "-"
+        style = "--" if whole_model(strategy) else "-"
         for ax, key in ((axes[0], "round"), (axes[1], "sim_time_s")):
             ax.plot([m[key] for m in evaluated], [m["val_ppl"] for m in evaluated], style, marker="o", label=strategy)
     for ax, label in ((axes[0], "round"), (axes[1], "simulated time (s)")):

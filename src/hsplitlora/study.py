@@ -39,8 +39,6 @@ ABLATIONS = ("no-iwi", "no-armsc", "no-naa", "hsplitlora-recreate")  # one seed,
 REFERENCES = ("fedlora", "cenlora")  # one seed, in the paper's regime, if the budget allows
 ALL_LABELS = MAIN + ABLATIONS + REFERENCES
 VARIANTS = {"hsplitlora-recreate": ("hsplitlora", {"adapter_lifecycle": "recreate"})}
-# The whole model on every client (or one central trainer): budgets do not limit their memory.
-WHOLE_MODEL = ("hetlora", "flora", "flexlora", "fedlora", "cenlora")
 SENT_KEYS = ("bytes_activations", "bytes_gradients", "bytes_adapters_up", "bytes_adapters_down")
 TABLES_START, TABLES_END = "<!-- study-tables:start -->", "<!-- study-tables:end -->"
 
@@ -134,6 +132,14 @@ QUICK = dataclasses.replace(
 )
 
 
+def whole_model(label: str) -> bool:
+    """Whether a label's strategy runs the whole model on every client (or one central trainer):
+    budgets do not limit its memory."""
+    from hsplitlora.strategies import STRATEGIES
+
+    return not STRATEGIES[VARIANTS.get(label, (label, {}))[0]].splits
+
+
 def regime_of(spec: StudySpec, name: str) -> Regime:
     return next(r for r in spec.regimes if r.name == name)
 
@@ -156,7 +162,7 @@ def source_regime(spec: StudySpec, regime: Regime, label: str) -> Regime:
     in every regime whose devices give it the same ranks and speeds (budgets only set its ranks, the
     main server is idle), so it runs once, in the main regime."""
     main = regime_of(spec, spec.main_regime)
-    if label not in WHOLE_MODEL or regime.name == main.name:
+    if not whole_model(label) or regime.name == main.name:
         return regime
     from hsplitlora.strategies.base import budget_proportional_ranks
 
@@ -422,7 +428,7 @@ def tables_markdown(results: dict) -> str:
             first = runs[0]
             sent = [statistics.mean(r["bytes_per_client"]) / 1e6 for r in runs]
             most = max(max(r["bytes_per_client"]) for r in runs) / 1e6
-            whole = " *" if label in WHOLE_MODEL else ""
+            whole = " *" if whole_model(label) else ""
             shared = " †" if any(r.get("run_of_regime", name) != name for r in runs) else ""
             lines.append(
                 f"| {label}{shared} | {len(runs)} | {_mean_spread([r['final_val_ppl'] for r in runs], 3)} "
@@ -485,7 +491,7 @@ def plot_study(results: dict, results_dir: Path) -> list[Path]:
             for strategy in labels_in(results, regime):
                 runs = runs_of(results, regime, strategy)
                 xs, ys = _mean_curve(runs, key)
-                style = "--" if strategy in WHOLE_MODEL else (":" if strategy in ABLATIONS else "-")
+                style = "--" if whole_model(strategy) else (":" if strategy in ABLATIONS else "-")
                 suffix = f" (mean of {len(runs)})" if len(runs) > 1 else ""
                 color = f"C{ALL_LABELS.index(strategy) % 10}"  # one colour per strategy in every panel
                 ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=strategy + suffix)

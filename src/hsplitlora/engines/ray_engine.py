@@ -29,7 +29,7 @@ from hsplitlora.losses import target_token_loss
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import held_parameter_names, load_part
 from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part
-from hsplitlora.roles.client import Client
+from hsplitlora.roles.client import Client, adapter_name
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
 from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
@@ -392,7 +392,7 @@ class RayEngine(TrafficLedger):
 
     def validation_loss(self, batches: Sequence, client_id: int | None) -> float:
         cid = client_id if client_id in self.live else self.live[0]
-        adapter = None if client_id is None else f"client{cid}"
+        adapter = None if client_id is None else adapter_name(cid)
         total, count = 0.0, 0
         for batch in batches:
             hidden = self._get(self.actors[cid].eval_forward.remote(batch.input_ids, batch.attention_mask, adapter))
