@@ -450,9 +450,11 @@ def tables_markdown(results: dict) -> str:
                 values = " | ".join(f"{record['e2e'][m]:.4f}" for m in metrics)
                 lines.append(f"| {record['strategy']} | {record['test_ppl']:.3f} | {values} |")
         lines.append("")
-    lines.append("\\* the whole model on every client (or one central trainer): memory is reported, not limited "
-                 "by the budgets. † the same runs as in the main regime: this regime gives the strategy the same "
-                 "ranks and device speeds, and the main server's speed does not enter a run without split.")  # fmt: skip
+    lines.append(
+        "\\* the whole model on every client (or one central trainer): memory is reported, not limited by the "
+        "budgets. † the same runs as in the main regime: this regime gives the strategy the same ranks and device "
+        "speeds, and the main server's speed does not enter a run without split."
+    )
     return "\n".join(lines) + "\n"
 
 
