@@ -201,3 +201,47 @@ def test_adapter_export_loads_with_peft_and_reports_the_svd_error(tmp_path):
     approx = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     direct = float(torch.linalg.norm(delta - approx) / torch.linalg.norm(delta))
     assert 0 < reported[name] < 1 and reported[name] == pytest.approx(direct, rel=1e-4)
+
+
+def test_version(capsys):
+    assert run_cli("--version") == 0
+    assert capsys.readouterr().out.startswith("hsplitlora ")
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_outside_0_to_2_32_is_refused(seed, capsys, tmp_path):
+    assert run_cli("run", "--model", "tiny", "--seed", seed, "--output-dir", str(tmp_path / "r")) == 2
+    assert "seed must be an integer from 0 to 4294967295" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_numbers_written_as_people_write_them_in_yaml(tmp_path):
+    from hsplitlora.config import load_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model: tiny\nlr: 1e-3\nalpha: 32\nserver_flops: 5e12\n")  # PyYAML reads 1e-3 as a string
+    loaded = load_config(config)
+    assert loaded.lr == 0.001 and loaded.server_flops == 5e12 and loaded.alpha == 32
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_an_interrupted_run_says_how_to_resume_and_resumes(signal_name, code, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "hsplitlora", "run", "--model", "tiny", "--clients", "2", "--rounds", "40",
+         "--steps", "2", "--val-size", "8", "--output-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint" / "state.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child.send_signal(getattr(signal, signal_name))
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == code, err[-2000:]
+    assert f"hsplitlora run --resume {out}" in err and "Traceback" not in err
+    from hsplitlora.rounds import resume_config
+
+    assert resume_config(out).output_dir == str(out)  # the folder it names can be resumed

@@ -7,8 +7,11 @@ the file. Bad values stop with one sentence and exit status 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
 
 from hsplitlora.config import ALL_TARGETS, load_config
 from hsplitlora.errors import UsageError
@@ -101,6 +104,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsplitlora", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hsplitlora {version('hsplitlora')}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="split LoRA fine-tuning across clients")
     _add_run_options(run)
@@ -193,8 +197,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
 
     reporter = ProgressReporter()
+    if config.output_dir is None:  # named now, so that an interruption can say where to resume
+        from hsplitlora.rounds import default_output_dir
+
+        config.output_dir = str(default_output_dir(config.strategy))
     try:
         result = run(config, reporter=reporter, log=console.print, resume=bool(args.resume))
+    except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGTERM (Terminated)
+        if reporter.progress is not None:
+            reporter.progress.stop()
+        folder = Path(config.output_dir)
+        if (folder / "checkpoint").exists() or (folder / ".checkpoint-old").exists():
+            print(f"interrupted; the last finished round is saved in {folder}: continue with "
+                  f"hsplitlora run --resume {folder}", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"interrupted before the first round finished; nothing to resume in {folder}.", file=sys.stderr)
+        return 143 if isinstance(interruption, Terminated) else 130
     finally:
         if reporter.progress is not None:
             reporter.progress.stop()
@@ -396,16 +414,27 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (exit status 143)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except UsageError as error:
         print(f"hsplitlora {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(interruption, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,8 @@ class RunConfig:
         _positive("warmup_batches", self.warmup_batches)
         if self.threads is not None:
             _positive("threads", self.threads)
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise UsageError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed}.")
         from hsplitlora.devices import PRESETS, resolve_devices
         from hsplitlora.method.planner import parse_bytes
 
@@ -221,6 +223,18 @@ def _positive(name: str, value: int) -> None:
         raise UsageError(f"{name} must be a positive integer, got {value!r}.")
 
 
+def _number_as_written(name: str, value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string: take it as the number people mean where the
+    setting is a number."""
+    hint = typing.get_type_hints(RunConfig).get(name)
+    if isinstance(value, str) and hint is not None and float in (hint, *typing.get_args(hint)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(RunConfig)}
 
@@ -239,6 +253,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         if not isinstance(loaded, dict):
             raise UsageError(f"config file {path} must hold a mapping of setting names to values.")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values = {k: _number_as_written(k, v) for k, v in values.items()}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if "steps" in values:  # the foundation's name for local_steps
         values["local_steps"] = values.pop("steps")
