@@ -242,3 +242,20 @@ def test_persistent_adapters_every_holder_starts_from_the_merged_weight_and_dw_i
             torch.testing.assert_close(after[name] - before[name], sent.float(), atol=1e-6, rtol=1e-4)
             for adapter, layer in holders(name):  # every holder's adapter sits at its anchor again
                 assert torch.equal(layer.delta(adapter, candidate.slot), torch.zeros_like(after[name]))
+
+
+def test_factor_averaging_strategies_start_every_client_from_the_same_adapter():
+    from hsplitlora.method.importance import candidate_layers
+    from hsplitlora.roles.messages import RoundPlan
+
+    config = RunConfig(model="tiny", clients=3, split_point=[1, 2, 3], rank=[2, 4, 8], batch_size=4)
+    federation = build_federation(config)
+    candidates = federation.candidates
+    federation.engine.configure([RoundPlan(cid, 0, s, {}) for cid, s in enumerate([1, 2, 3])])  # no adapters yet
+    federation.engine.configure([RoundPlan(cid, 1, s, dict.fromkeys(candidates, r), None, "overwrite")
+                                 for cid, (s, r) in enumerate(zip([1, 2, 3], [2, 4, 8], strict=True))])  # fmt: skip
+    name = next(n for n, c in candidates.items() if c.block == 0)
+    slot = candidates[name].slot
+    a = [candidate_layers(c.part, candidates)[name].lora_A[slot][c.adapter] for c in federation.clients]
+    assert [x.shape[0] for x in a] == [2, 4, 8]
+    assert torch.equal(a[0], a[2][:2]) and torch.equal(a[1], a[2][:4])  # a rank-r A: the first r rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -35,11 +36,14 @@ class AdapterHolder:
     run for one client, created, resized, uploaded, merged, anchored or overwritten by aggregation
     results, and their optimizer state (one schema for checkpoints: `adapter_state`)."""
 
-    def __init__(self, candidates: Mapping[str, Candidate], alpha: float, lr: float, generator: torch.Generator):
+    def __init__(
+        self, candidates: Mapping[str, Candidate], alpha: float, lr: float, generator: torch.Generator, seed: int = 0
+    ):  # fmt: skip
         self.candidates = dict(candidates)
         self.alpha = alpha
         self.lr = lr
         self.generator = generator
+        self.seed = seed  # of the run: adapters that are averaged factor by factor start alike everywhere
         # (adapter, candidate) -> how the fed server knows the anchor: "zero", "held" or "sent"
         # (see AdapterFactors); "uploaded" between the upload and the anchor's move.
         self.anchor_status: dict[tuple[str, str], str] = {}
@@ -64,7 +68,12 @@ class AdapterHolder:
         for candidate, layer in self._layers(part).items():
             slot = self.candidates[candidate].slot
             before, rank = layer.rank(name, slot), ranks.get(candidate, 0)
-            layer.resize_adapter(name, slot, rank, self.alpha, self.generator)
+            generator = self.generator
+            if lifecycle == "overwrite" and before == 0:
+                # Factor averaging needs one initial A for every client, as a server that hands out
+                # the global adapter gives (a rank-r A is the first r rows of a larger one).
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(candidate.encode()))
+            layer.resize_adapter(name, slot, rank, self.alpha, generator)
             if before != rank:
                 self.anchor_status[(name, candidate)] = "zero" if before == 0 else "sent"
             if lifecycle == "anchor" and rank and layer.anchor(name, slot) is None:
@@ -241,7 +250,7 @@ class Client:
         self.batches = batches
         self.lr = lr
         self.generator = torch.Generator().manual_seed(seed * 100_003 + client_id)
-        self.holder = AdapterHolder(candidates, alpha, lr, self.generator)
+        self.holder = AdapterHolder(candidates, alpha, lr, self.generator, seed)
         self.part: ClientPart | UClientPart | None = None
         self.head: torch.nn.Module | None = None
         self.step = 0

@@ -34,7 +34,7 @@ class MainServer:
         self.lr = lr
         self.compression = compression  # of the gradients sent back
         self.generator = torch.Generator().manual_seed(seed * 100_003 + 99_991)
-        self.holder = AdapterHolder(candidates, alpha, lr, self.generator)
+        self.holder = AdapterHolder(candidates, alpha, lr, self.generator, seed)
         self.parts: dict[int, ServerPart] = {}
         self.optimizers: dict[int, torch.optim.Optimizer | None] = {}
         self.samples: dict[int, int] = {}
