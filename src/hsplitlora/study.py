@@ -391,9 +391,11 @@ def verdict(results: dict, regime: str) -> list[str]:
         speedup = their_time / our_time if our_time and their_time else None
         ppl_word = "lower" if gap > margin else ("not worse" if gap >= -margin else "higher")
         time_text = f"{speedup:.2f}x faster to the target" if speedup else "target not reached by both"
+        seeds = min(len(ours), len(theirs))
         met = gap > margin and speedup is not None and speedup >= 1.3
-        lines.append(f"- vs {label}: perplexity {ppl_word} by {gap:+.3f} (spread {margin:.3f}); "
-                     f"{time_text}; goal {'met' if met else 'not met'}")  # fmt: skip
+        decided = ("met" if met else "not met") if seeds > 1 else "undecided until several seeds have run"
+        lines.append(f"- vs {label}: perplexity {ppl_word} by {gap:+.3f} (spread {margin:.3f}, {seeds} seed(s) "
+                     f"each); {time_text}; goal {decided}")  # fmt: skip
     return lines
 
 
