@@ -245,3 +245,14 @@ def test_an_interrupted_run_says_how_to_resume_and_resumes(signal_name, code, tm
     from hsplitlora.rounds import resume_config
 
     assert resume_config(out).output_dir == str(out)  # the folder it names can be resumed
+
+
+def test_plan_cuts_as_run_does_by_default_and_by_memory_with_split_rule_deepest(capsys):
+    common = ["plan", "--model", "tiny", "--budgets", "5MB,8MB,20MB", "--batch-size", "4", "--seq-len", "128",
+              "--uniform-importance", "--json"]  # fmt: skip
+    assert run_cli(*common) == 0
+    fastest = [c["split_point"] for c in json.loads(capsys.readouterr().out)["clients"]]
+    assert run_cli(*common, "--split-rule", "deepest") == 0
+    deepest = [c["split_point"] for c in json.loads(capsys.readouterr().out)["clients"]]
+    assert deepest == sorted(deepest) and deepest[0] < deepest[-1]  # the memory rule follows the budgets
+    assert fastest == [1, 1, 1]  # 200 GFLOP/s devices against a 20 TFLOP/s server: the shallowest cut

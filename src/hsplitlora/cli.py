@@ -93,6 +93,14 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s-min", type=int, default=1, help="shallowest allowed split point (1)")
     parser.add_argument("--tail-blocks", type=int, help="plan a U-shaped split: every client also keeps the last "
                         "N blocks, the head and the loss")  # fmt: skip
+    parser.add_argument(
+        "--split-rule",
+        default="fastest",
+        choices=("fastest", "deepest"),
+        help="fastest (as run: least predicted round time at the default device speeds and links, "
+        "within every budget) or deepest (the deepest cut each budget holds)",
+    )
+    parser.add_argument("--local-steps", type=int, default=10, help="local steps per round, for the time model (10)")
     parser.add_argument("--uniform-importance", action="store_true", help="skip the warm-up importance pass")
     parser.add_argument("--warmup-batches", type=int, default=2, help="batches of the warm-up pass (2)")
     parser.add_argument("--leave-out-infeasible", action="store_true",
@@ -281,7 +289,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     budgets = parse_budgets(args.budgets)
     server_budget = parse_bytes(args.server_budget)
-    for name in ("batch_size", "seq_len", "warmup_batches"):
+    for name in ("batch_size", "seq_len", "warmup_batches", "local_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"{name} must be a positive integer, got {getattr(args, name)}.")
     levels = args.levels if isinstance(args.levels, list) else [args.levels]
@@ -290,6 +298,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         targets=tuple(args.targets), levels=tuple(levels), rho=args.rho, s_min=args.s_min,
         uniform_importance=args.uniform_importance, warmup_batches=args.warmup_batches, data_dir=args.data_dir,
         leave_out_infeasible=args.leave_out_infeasible, seed=args.seed, tail_blocks=args.tail_blocks,
+        split_rule=args.split_rule, local_steps=args.local_steps,
     )  # fmt: skip
     loaded = load_model(args.model, seed=args.seed)
     with warnings.catch_warnings(record=True) as caught:
@@ -304,7 +313,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     importance_source = "uniform" if args.uniform_importance else f"warm-up pass of {args.warmup_batches} batches"
     shape = "" if plan.tail_blocks is None else f", U-shaped: clients also keep the last {plan.tail_blocks} block(s)"
     table = Table(title=f"ARMSC plan for {args.model} (batch {args.batch_size} x {args.seq_len} tokens, "
-                        f"importance: {importance_source}{shape})")  # fmt: skip
+                        f"importance: {importance_source}, cuts: {args.split_rule}{shape})")  # fmt: skip
     for column in ("client", "budget", "split point", "adapters", "total rank", "predicted memory", "headroom"):
         table.add_column(column, justify="right", no_wrap=True)
     rows = {

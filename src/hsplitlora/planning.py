@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 
 from hsplitlora.data.e2e import Batcher, data_file, encode, read_e2e
+from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.method.importance import R_REF, importance, warmup_sums
 from hsplitlora.method.memory import MemoryModel, measure_memory_model
@@ -32,6 +34,9 @@ class PlanRequest:
     leave_out_infeasible: bool = False
     seed: int = 0
     tail_blocks: int | None = None  # plan a U-shaped split keeping the last t blocks on every client
+    split_rule: str = "fastest"  # as `hsplitlora run` cuts: fastest (time model) or deepest (memory only)
+    local_steps: int = 10  # E, for the time model
+    server_flops: float = 20e12
 
 
 @dataclass
@@ -57,11 +62,17 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
     candidates = attach_lora(loaded.model, request.targets)
     check_tail_blocks(request.tail_blocks, architecture_of(loaded.model).num_blocks(loaded.model))
     memory = measure_memory_model(loaded.model, candidates, request.batch_size, request.seq_len)
-    memory = memory.with_tail(request.tail_blocks)
+    memory = memory.with_tail(request.tail_blocks).with_anchors(True)  # hsplitlora's adapters keep an anchor
     if request.uniform_importance:
         scores = dict.fromkeys(candidates, 1.0)
     else:
         scores = warmup_importance(loaded, candidates, memory, request)
+    round_time, alternatives = None, []
+    if request.split_rule == "fastest":
+        strategy = _hsplitlora(loaded, memory, request)
+        memory, round_time = strategy.context.memory, strategy.round_time
+        with suppress(UsageError):  # no uniform plan at all: the planner says why its own cuts fail
+            alternatives.append(strategy.splitlora_plan())
     result = plan(
         scores,
         request.budgets,
@@ -71,5 +82,30 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
         rho=request.rho,
         s_min=request.s_min,
         leave_out_infeasible=request.leave_out_infeasible,
+        split_rule=request.split_rule,
+        round_time=round_time,
+        alternatives=alternatives,
     )
     return PlanResult(result, memory, scores, candidates)
+
+
+def _hsplitlora(loaded: LoadedModel, memory: MemoryModel, request: PlanRequest):
+    """HSplitLoRA as `run` builds it for these budgets: the default device speeds and links
+    (what `run --budgets` gives), E steps of batches like the training data's, anchored adapters."""
+    from hsplitlora.devices import resolve_devices
+    from hsplitlora.strategies import STRATEGIES, StrategyContext
+    from hsplitlora.time_model import Workload
+
+    examples = read_e2e(data_file(request.data_dir, "train"))[:512]
+    lengths = [len(encode(e, loaded.tokenizer, request.seq_len).input_ids) for e in examples]
+    tokens = request.batch_size * sum(lengths) / len(lengths)
+    config = loaded.model.config
+    workload = Workload(
+        steps=request.local_steps, tokens_per_step=tokens, padded_tokens_per_step=tokens,
+        hidden_size=getattr(config, "hidden_size", None) or config.n_embd, vocab_size=config.vocab_size,
+        server_flops=request.server_flops,
+    )  # fmt: skip
+    devices = resolve_devices(len(request.budgets), [str(b) for b in request.budgets])
+    context = StrategyContext(memory, devices, request.server_budget, tuple(request.levels), request.rho,
+                              request.s_min, 0.1, split_rule="fastest", workload=workload)  # fmt: skip
+    return STRATEGIES["hsplitlora"](context)
