@@ -27,43 +27,41 @@ class FedLoRA(_Unsplit):
         return self.unsplit_plan([max(self.context.levels)] * len(self.context.devices))
 
 
-class HetLoRA(_Unsplit):
-    """Federated LoRA with a rank per client proportional to its budget, the largest level of Q
-    not above r_max M_i / max_j M_j; zero-padded weighted averaging, truncated back per client."""
+class _BudgetRanks(_Unsplit):
+    """The heterogeneous-rank baselines: no split, a rank per client proportional to its budget
+    (HetLoRA's rule); they differ in how the fed server aggregates and what adapters do next."""
+
+    uses_importance = False
+
+    def plan(self, importance: Mapping[str, float] | None) -> Plan:
+        return self.unsplit_plan(self.hetlora_ranks())
+
+
+class HetLoRA(_BudgetRanks):
+    """HetLoRA: rank r_max M_i / max_j M_j (a level of Q) per client; zero-padded weighted averaging
+    of the factors, truncated back to each client's rank; adapters persist."""
 
     name = "hetlora"
     aggregator = "zero-pad-truncate"
     adapters = "overwrite"
-    uses_importance = False
-
-    def plan(self, importance: Mapping[str, float] | None) -> Plan:
-        return self.unsplit_plan(self.hetlora_ranks())
 
 
-class FLoRA(_Unsplit):
-    """FLoRA: federated LoRA with HetLoRA's ranks per client; every client's (alpha/r) B A stacked
-    exactly, merged into the weights, and every adapter re-initialised each round."""
+class FLoRA(_BudgetRanks):
+    """FLoRA: every client's (alpha/r) B A stacked exactly, merged into the weights, and every
+    adapter re-initialised each round."""
 
     name = "flora"
     aggregator = "naa"
     adapters = "recreate"
-    uses_importance = False
-
-    def plan(self, importance: Mapping[str, float] | None) -> Plan:
-        return self.unsplit_plan(self.hetlora_ranks())
 
 
-class FlexLoRA(_Unsplit):
-    """FlexLoRA: federated LoRA with HetLoRA's ranks per client; the dense weighted sum of every
-    client's (alpha/r) B A, split back to each client's rank by truncated SVD; adapters persist."""
+class FlexLoRA(_BudgetRanks):
+    """FlexLoRA: the dense weighted sum of every client's (alpha/r) B A, split back to each client's
+    rank by truncated SVD; adapters persist."""
 
     name = "flexlora"
     aggregator = "svd"
     adapters = "overwrite"
-    uses_importance = False
-
-    def plan(self, importance: Mapping[str, float] | None) -> Plan:
-        return self.unsplit_plan(self.hetlora_ranks())
 
 
 class CenLoRA(_Unsplit):
