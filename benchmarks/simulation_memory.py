@@ -46,7 +46,7 @@ def worker(clients: int) -> None:
     import torch
 
     from hsplitlora.config import RunConfig
-    from hsplitlora.roles.client import adapter_name
+    from hsplitlora.roles.adapters import adapter_name
     from hsplitlora.training import build_federation, train_steps
 
     torch.set_num_threads(2)

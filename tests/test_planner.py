@@ -9,14 +9,8 @@ from hypothesis import strategies as st
 
 from hsplitlora.errors import UsageError
 from hsplitlora.method.memory import CandidateShape, MemoryModel
-from hsplitlora.method.planner import (
-    DEFAULT_LEVELS,
-    InfeasibleClientError,
-    allocate_ranks,
-    parse_budgets,
-    parse_bytes,
-    plan,
-)
+from hsplitlora.method.planner import DEFAULT_LEVELS, InfeasibleClientError, allocate_ranks, plan
+from hsplitlora.units import parse_budgets, parse_bytes
 
 NUM_BLOCKS = 6
 KINDS = {"q": (64, 64), "k": (64, 32), "v": (64, 32), "o": (64, 64)}

@@ -248,8 +248,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from hsplitlora.compare import compare
-    from hsplitlora.method.planner import format_bytes
     from hsplitlora.rounds import default_output_dir
+    from hsplitlora.units import format_bytes
 
     if args.resume or args.strategy:
         raise UsageError("compare takes --strategies (a list) and no --resume or --strategy.")
@@ -283,9 +283,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from hsplitlora.method.planner import format_bytes, parse_budgets, parse_bytes
     from hsplitlora.models.loading import load_model
     from hsplitlora.planning import PlanRequest, make_plan
+    from hsplitlora.units import format_bytes, parse_budgets, parse_bytes
 
     budgets = parse_budgets(args.budgets)
     server_budget = parse_bytes(args.server_budget)

@@ -126,7 +126,7 @@ class RunConfig:
         if not 0 <= self.seed <= 2**32 - 1:
             raise UsageError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed}.")
         from hsplitlora.devices import PRESETS, resolve_devices
-        from hsplitlora.method.planner import parse_bytes
+        from hsplitlora.units import parse_bytes
 
         parse_bytes(self.server_budget)
         if self.budgets is None and self.device_preset not in PRESETS:

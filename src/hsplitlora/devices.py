@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from hsplitlora.errors import UsageError
-from hsplitlora.method.planner import parse_budgets, parse_bytes
+from hsplitlora.units import parse_budgets, parse_bytes
 
 
 @dataclass(frozen=True)

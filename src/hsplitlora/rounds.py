@@ -44,7 +44,7 @@ from hsplitlora.method.importance import (
     kendall_tau_distance,
 )
 from hsplitlora.method.memory import measure_memory_model
-from hsplitlora.method.planner import Plan, parse_bytes
+from hsplitlora.method.planner import Plan
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point, check_tail_blocks
@@ -54,6 +54,7 @@ from hsplitlora.roles.messages import RoundPlan
 from hsplitlora.strategies import STRATEGIES, StrategyContext
 from hsplitlora.time_model import ClientRoundWork, Workload, round_time
 from hsplitlora.training import make_roles
+from hsplitlora.units import parse_bytes
 
 CENTRAL_BANDWIDTH = 1e12  # the centralised references move no data between machines
 

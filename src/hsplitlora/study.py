@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsplitlora.config import ALL_TARGETS, RunConfig
-from hsplitlora.method.planner import parse_bytes
 from hsplitlora.reporting import write_json_atomic
+from hsplitlora.units import parse_bytes
 
 # Labels of the study's runs: a strategy, or a strategy with a setting changed.
 MAIN = ("hsplitlora", "splitlora", "hetlora", "flora", "flexlora")  # several seeds in every regime

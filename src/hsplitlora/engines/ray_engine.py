@@ -29,7 +29,8 @@ from hsplitlora.losses import target_token_loss
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import held_parameter_names, load_part
 from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part
-from hsplitlora.roles.client import Client, adapter_name
+from hsplitlora.roles.adapters import adapter_name
+from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
 from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 from hsplitlora.errors import UsageError
 from hsplitlora.method.memory import MemoryModel
+from hsplitlora.units import format_bytes
 
 DEFAULT_LEVELS = (0, 2, 4, 8, 16)
 
@@ -275,41 +276,3 @@ def _infeasible(client_id: int, budget: int, memory: MemoryModel, rho: float, s_
         f"{format_bytes(memory.client_bytes(s_min))} for weights and activations, which must "
         f"stay within {1 - rho:.0%} of the budget)."
     )
-
-
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}  # fmt: skip
-
-
-def parse_bytes(text: str | int) -> int:
-    """`800MB`, `1.5GB`, `2GiB`, `123456` -> bytes."""
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-        return text
-    raw = str(text).strip()
-    lowered = raw.lower().replace(" ", "")
-    number = lowered.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = lowered[len(number) :] or "b"
-    try:
-        value = float(number)
-    except ValueError:
-        value = float("nan")
-    if unit not in _UNITS or not math.isfinite(value) or value <= 0:
-        raise UsageError(
-            f"budget {raw!r} is not a memory size; write a positive number with an optional unit, "
-            "like 800MB, 1.5GB, 2GiB or 123456 (bytes)."
-        )
-    return int(value * _UNITS[unit])
-
-
-def parse_budgets(text: str) -> list[int]:
-    parts = str(text).split(",")
-    if not all(part.strip() for part in parts):
-        raise UsageError(f"budgets {text!r} has an empty entry; list memory sizes like 1.5GB,2GB,3GB.")
-    return [parse_bytes(part) for part in parts]
-
-
-def format_bytes(value: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{int(value)} B"

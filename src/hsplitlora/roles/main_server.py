@@ -13,7 +13,7 @@ from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
 from hsplitlora.models.split import ServerPart
-from hsplitlora.roles.client import AdapterHolder, adapter_name
+from hsplitlora.roles.adapters import AdapterHolder, adapter_name
 from hsplitlora.roles.messages import (
     ActivationGradient,
     Activations,

@@ -11,8 +11,9 @@ from hsplitlora.devices import DeviceProfile
 from hsplitlora.errors import UsageError
 from hsplitlora.method.importance import should_replan
 from hsplitlora.method.memory import MemoryModel
-from hsplitlora.method.planner import ClientPlan, Plan, choose_split_point, format_bytes, plan
+from hsplitlora.method.planner import ClientPlan, Plan, choose_split_point, plan
 from hsplitlora.time_model import Workload, predicted_round_time
+from hsplitlora.units import format_bytes
 
 
 @dataclass
