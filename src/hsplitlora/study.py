@@ -393,7 +393,7 @@ def verdict(results: dict, regime: str) -> list[str]:
         their_time = _mean_time(theirs, target, "sim_time_s")
         speedup = their_time / our_time if our_time and their_time else None
         ppl_word = "lower" if gap > margin else ("not worse" if gap >= -margin else "higher")
-        time_text = f"{speedup:.2f}x faster to the target" if speedup else "target not reached by both"
+        time_text = f"{speedup:.2f}x faster to the target" if speedup else "not every seed of both reaches the target"
         seeds = min(len(ours), len(theirs))
         met = gap > margin and speedup is not None and speedup >= 1.3
         decided = ("met" if met else "not met") if seeds > 1 else "undecided until several seeds have run"
