@@ -9,7 +9,9 @@ Regimes (each stated in bytes and FLOP/s in results.json and the tables):
   i    the first study's setting: budgets 200-700 MB, well below the whole-model LoRA footprint;
   ii   the paper's: budgets from 0.4x to 1.5x of the whole-model LoRA footprint (5-20 GB against
        LLaMA-2-7B's 13.5 GB), so the weakest device binds SplitLoRA's single configuration;
-  iii  a main server that is the bottleneck: only three times faster than the strongest device.
+  iii  a main server that is the bottleneck: only three times faster than the strongest device, with
+       links of 100-500 Mbit/s (on 20 Mbit/s links the weakest device's traffic bounds the round
+       before the server does, even at 0.8 TFLOP/s).
 
 Finished runs are reused when their folder holds the same configuration, so an interrupted study
 continues where it stopped. Each run folder keeps config.json, metrics.jsonl, summary.json and
@@ -94,11 +96,14 @@ FULL = StudySpec(
             **SPEEDS,
             server_flops=20e12,
         ),
+        # Links of 100-500 Mbit/s, so that the devices' traffic does not bound the round first: the
+        # main server, at three times the strongest device, is the bottleneck at shallow cuts.
         Regime(
             "iii",
-            "budgets as ii, server 2.4 TFLOP/s (3x the strongest device)",
+            "budgets as ii, links 100-500 Mbit/s, server 2.4 TFLOP/s (3x the strongest device)",
             PAPER_BUDGETS,
-            **SPEEDS,
+            SPEEDS["gflops"],
+            (100, 200, 300, 400, 500),
             server_flops=2.4e12,
         ),
     ),  # fmt: skip
