@@ -247,8 +247,7 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
             ft_lr,
         )  # fmt: skip
         strategy.importance_at_last_plan = state["importance_at_last_plan"]
-        if hasattr(strategy, "split_points"):
-            strategy.split_points = [c.split_point for c in sorted(saved, key=lambda c: c.client)]
+        strategy.resume_cuts([c.split_point for c in sorted(saved, key=lambda c: c.client)])
         smoothed.round, smoothed.value, smoothed.gamma = (state["smoothing"][k] for k in ("round", "value", "gamma"))
         plan = Plan.from_state(state["plan"])
         current = state["importance"]

@@ -83,6 +83,9 @@ class Strategy:
             return False
         return should_replan(importance, self.importance_at_last_plan, self.context.replan_delta)
 
+    def resume_cuts(self, split_points: list[int]) -> None:
+        """On resume: the cuts the run kept (strategies that choose cuts once remember them)."""
+
     def make_plan(self, importance: Mapping[str, float] | None) -> Plan:
         result = self.plan(importance)
         self.importance_at_last_plan = dict(importance or {})

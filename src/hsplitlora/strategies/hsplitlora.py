@@ -22,6 +22,9 @@ class HSplitLoRA(Strategy):
         super().__init__(context)
         self.split_points: list[int] | None = None  # chosen at the first plan, kept by re-plans
 
+    def resume_cuts(self, split_points: list[int]) -> None:
+        self.split_points = list(split_points)
+
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         """Cuts follow the devices: chosen once with uniform importance (the same whatever the
         warm-up measured, so actors can load their blocks first); ranks follow importance."""
