@@ -199,7 +199,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
 
 
 def test_a_max_seq_len_that_cuts_off_every_reference_is_refused(tmp_path):
-    with pytest.raises(UsageError, match="max_seq_len 16 cuts every validation example before its reference"):
+    with pytest.raises(UsageError, match="max_seq_len 16 cuts every training example before its response starts"):
         run(tiny_config(tmp_path, max_seq_len=16))
     assert not (tmp_path / "run").exists()
 

@@ -30,14 +30,16 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> None:
+    """The settings of a run; `one_run` adds --strategy and --resume (compare takes a list)."""
     from hsplitlora.devices import PRESETS
     from hsplitlora.strategies import STRATEGIES
 
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override its keys")
     parser.add_argument("--model", help="smollm2-135m (default), tiny, tiny-gpt2, or a local HF model folder")
     parser.add_argument("--data-dir", help="folder holding devset.csv and testset_w_refs.csv")
-    parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default hsplitlora)")
+    if one_run:
+        parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default hsplitlora)")
     parser.add_argument("--clients", type=int, help="number of clients K (default 5)")
     parser.add_argument("--rounds", type=int, help="aggregation rounds (default 2)")
     parser.add_argument("--local-steps", "--steps", dest="local_steps", type=int,
@@ -58,6 +60,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, help="validate every N rounds (default 1)")
     parser.add_argument("--val-size", type=int, help="test-set rows for validation loss (default 128)")
     parser.add_argument("--output-dir", help="run folder (default runs/<time>-<strategy>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what an earlier run wrote in the output folder (refused without it)")  # fmt: skip
     parser.add_argument("--compression", help="activations and gradients across the cut: fp32 (default), fp16, "
                         "bf16 or int8 (per-token absmax scales)")  # fmt: skip
     parser.add_argument("--split-mode", help="standard (default) or u: the client also keeps the last blocks, the "
@@ -75,8 +79,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--engine", help="inprocess (default) or ray: clients and main server as Ray actors")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one on localhost)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue a run from its last checkpoint (only --rounds may change)")  # fmt: skip
+    if one_run:
+        parser.add_argument(
+            "--resume",
+            metavar="RUN_DIR",
+            help="continue a run from its last checkpoint (only a larger --rounds may be given)",
+        )
     parser.add_argument("--seed", type=int, help="seed: the same seed gives the same numbers")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
@@ -119,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     comparison = commands.add_parser("compare", help="several strategies on identical data, budgets and seed")
     comparison.add_argument("--strategies", type=_names, required=True, help="e.g. hsplitlora,splitlora,hetlora")
     comparison.add_argument("--target-ppl", type=float, help="perplexity for time-to-target (default: the worst final)")
-    _add_run_options(comparison)
+    _add_run_options(comparison, one_run=False)
     planner = commands.add_parser("plan", help="split points and ranks from device memory budgets (ARMSC)")
     _add_plan_options(planner)
     score = commands.add_parser("score", help="the five E2E metrics, as the official E2E scorer computes them")
@@ -134,12 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-repeat-ngram", type=int, default=4, help="no-repeat n-gram size (4)")
     evaluate.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most (64)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="MRs generated together (8)")
+    evaluate.add_argument("--data-dir", help="folder holding testset_w_refs.csv (default: the run's)")
+    evaluate.add_argument("--output", metavar="DIR", help="write predictions.txt and eval.json here (default: RUN_DIR)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier eval.json and predictions.txt")
     export = commands.add_parser("export", help="a finished run's merged model as a Hugging Face folder")
     export.add_argument("run_dir", help="a run folder written by hsplitlora run")
     target = export.add_mutually_exclusive_group(required=True)
     target.add_argument("--merged", metavar="OUT", help="write a Hugging Face model folder (new or empty)")
     target.add_argument("--adapter", metavar="OUT", help="write a peft LoRA adapter of the whole update")
     export.add_argument("--rank", type=int, default=16, help="rank of the --adapter export (truncated SVD, 16)")
+    export.add_argument("--overwrite", action="store_true", help="replace a folder an earlier export wrote")
     prepare = commands.add_parser("prepare-model", help="convert the default model's GGUF into the cache")
     prepare.add_argument("--force", action="store_true", help="convert again even if cached")
     return parser
@@ -163,8 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         changed = [key for key in RUN_KEYS if key != "rounds" and getattr(args, key) is not None]
-        if changed or args.config:
-            flag = (changed or ["config"])[0].replace("_", "-")
+        if changed or args.config or args.overwrite:
+            flag = (changed or ["config" if args.config else "overwrite"])[0].replace("_", "-")
             raise UsageError(
                 f"--resume continues a run with its own settings; drop --{flag} "
                 "(only --rounds may be given, to extend the run)."
@@ -172,6 +184,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = resume_config(args.resume, args.rounds)
     else:
         config = load_config(args.config, {key: getattr(args, key) for key in RUN_KEYS})
+    from hsplitlora.rounds import prepare_paths
+
+    prepare_paths(config, bool(args.resume), args.overwrite)  # names the folder now, so an interruption can say it
     console = Console(stderr=True)
     columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]  # fmt: skip
@@ -205,12 +220,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
 
     reporter = ProgressReporter()
-    if config.output_dir is None:  # named now, so that an interruption can say where to resume
-        from hsplitlora.rounds import default_output_dir
-
-        config.output_dir = str(default_output_dir(config.strategy))
     try:
-        result = run(config, reporter=reporter, log=console.print, resume=bool(args.resume))
+        result = run(config, reporter=reporter, log=console.print, resume=bool(args.resume), overwrite=args.overwrite)
     except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGTERM (Terminated)
         if reporter.progress is not None:
             reporter.progress.stop()
@@ -251,12 +262,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from hsplitlora.rounds import default_output_dir
     from hsplitlora.units import format_bytes
 
-    if args.resume or args.strategy:
-        raise UsageError("compare takes --strategies (a list) and no --resume or --strategy.")
-    config = load_config(args.config, {key: getattr(args, key) for key in RUN_KEYS})
+    config = load_config(args.config, {key: getattr(args, key, None) for key in RUN_KEYS})
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir("compare")
     console = Console(stderr=True)
-    result = compare(config, args.strategies, output_dir, args.target_ppl, log=console.print)
+    result = compare(config, args.strategies, output_dir, args.target_ppl, log=console.print, overwrite=args.overwrite)
     table = Table(title=f"{config.model}: {config.rounds} rounds x {config.local_steps} steps, seed {config.seed}; "
                         f"target perplexity {result['target_ppl']:.3f}")  # fmt: skip
     for column in ("strategy", "final val ppl", "sim. time to target (s)", "wall to target (s)", "MB sent",
@@ -381,11 +390,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("generating", total=None)
         result = evaluate_run(args.run_dir, args.limit, settings,
-                              lambda done, total: progress.update(task, completed=done, total=total))  # fmt: skip
+                              lambda done, total: progress.update(task, completed=done, total=total),
+                              data_dir=args.data_dir, output=args.output, overwrite=args.overwrite)  # fmt: skip
     print(f"perplexity {result['perplexity']:.4f} over {result['target_tokens']} target tokens "
           f"({result['references']} references of {result['mrs']} MRs)")  # fmt: skip
     print(format_scores(result["metrics"]))
-    print(f"wrote {args.run_dir}/predictions.txt and {args.run_dir}/eval.json")
+    print(f"wrote {result['output']}/predictions.txt and {result['output']}/eval.json")
     return 0
 
 
@@ -393,10 +403,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hsplitlora.evaluation.export import export_adapter, export_merged
 
     if args.merged:
-        path = export_merged(args.run_dir, args.merged)
+        path = export_merged(args.run_dir, args.merged, args.overwrite)
         print(f"merged model written to {path} (load it with AutoModelForCausalLM.from_pretrained)")
         return 0
-    errors = export_adapter(args.run_dir, args.adapter, args.rank)
+    errors = export_adapter(args.run_dir, args.adapter, args.rank, args.overwrite)
     worst = max(errors, key=errors.get)
     print(f"peft adapter (rank {args.rank}) written to {args.adapter}; relative error of the truncated update: "
           f"mean {sum(errors.values()) / len(errors):.4f}, worst {errors[worst]:.4f} ({worst}); "

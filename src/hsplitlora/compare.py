@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hsplitlora.config import RunConfig
 from hsplitlora.errors import UsageError
-from hsplitlora.reporting import write_json_atomic
+from hsplitlora.reporting import check_output_folder, refuse_clobbering, write_json_atomic
 from hsplitlora.rounds import Reporter, RunResult, run
 from hsplitlora.strategies import STRATEGIES
 
@@ -32,15 +32,25 @@ def compare(
     target_ppl: float | None = None,
     reporter_for=None,
     log=None,
+    overwrite: bool = False,
 ) -> dict:
+    """Every strategy's settings and the folder are checked before the first one trains."""
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
         raise UsageError(f"strategy {(unknown or [''])[0]!r} is unknown; choose from {', '.join(STRATEGIES)}.")
+    if len(set(strategies)) < len(strategies):
+        raise UsageError(f"strategies {','.join(strategies)} name one strategy twice; list each once.")
+    output_dir = check_output_folder(output_dir, "comparison folder")
+    if not overwrite:
+        refuse_clobbering(output_dir, ("comparison.json", *strategies), "a comparison",
+                          "give --overwrite to replace it, or another --output-dir.")  # fmt: skip
+    configs = {
+        s: dataclasses.replace(config, strategy=s, output_dir=str(output_dir / s)).validate() for s in strategies
+    }
     results: dict[str, RunResult] = {}
-    for strategy in strategies:
-        one = dataclasses.replace(config, strategy=strategy, output_dir=str(output_dir / strategy))
+    for strategy, one in configs.items():
         reporter = reporter_for(strategy) if reporter_for else Reporter()
-        results[strategy] = run(one, reporter=reporter, log=log)
+        results[strategy] = run(one, reporter=reporter, log=log, overwrite=overwrite)
     finals = {s: r.summary["final_val_ppl"] for s, r in results.items()}
     target = target_ppl if target_ppl is not None else max(finals.values())
     rows = []

@@ -154,6 +154,21 @@ class RunConfig:
                 f"split_mode u needs a strategy that splits the model, and {self.strategy} runs it whole on every "
                 f"client; choose one of {splitting}."
             )
+        strategy = STRATEGIES[self.strategy]
+        if self.split_point is not None and not strategy.splits:
+            raise UsageError(
+                f"split_point fixes where the model is cut, and {self.strategy} runs it whole on every client; "
+                "drop split_point or choose a strategy that splits."
+            )
+        if self.rank is not None and strategy.full_finetune:
+            raise UsageError(
+                f"rank sets LoRA ranks, and {self.strategy} trains every weight, without adapters; drop it."
+            )
+        if self.rank is not None and strategy.aggregator == "fedavg" and len(set(self.per_client("rank"))) > 1:
+            raise UsageError(
+                f"{self.strategy} averages the factors of all clients, so they need one rank; got ranks "
+                f"{self.per_client('rank')}: give one value."
+            )
         if self.split_rule not in ("fastest", "deepest"):
             raise UsageError(f"split_rule {self.split_rule!r} is unknown; choose fastest or deepest.")
         if self.adapter_lifecycle not in ("persist", "recreate"):

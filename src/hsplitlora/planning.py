@@ -10,7 +10,7 @@ from hsplitlora.data.e2e import Batcher, data_file, encode, read_e2e
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.method.importance import R_REF, importance, warmup_sums
-from hsplitlora.method.memory import MemoryModel, measure_memory_model
+from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
 from hsplitlora.method.planner import DEFAULT_LEVELS, Plan, plan
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel
@@ -62,6 +62,7 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
     candidates = attach_lora(loaded.model, request.targets)
     check_tail_blocks(request.tail_blocks, architecture_of(loaded.model).num_blocks(loaded.model))
     memory = measure_memory_model(loaded.model, candidates, request.batch_size, request.seq_len)
+    check_ranks(memory, [], list(request.levels))
     memory = memory.with_tail(request.tail_blocks).with_anchors(True)  # hsplitlora's adapters keep an anchor
     if request.uniform_importance:
         scores = dict.fromkeys(candidates, 1.0)

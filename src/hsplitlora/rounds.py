@@ -1,7 +1,7 @@
 """The round loop, one direction per round: (re)plan -> E local split steps per client ->
 importance -> aggregation at the fed server -> merge -> evaluation -> log and checkpoint.
 
-    from hsplitlora.config import RunConfig
+    from hsplitlora.config import RunConfig, config_fields
     from hsplitlora.rounds import run
     result = run(RunConfig(model="tiny", rounds=2, local_steps=3))
     result.metrics[-1]["val_ppl"], result.run_dir
@@ -9,7 +9,6 @@ importance -> aggregation at the fed server -> merge -> evaluation -> log and ch
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hsplitlora.config import RunConfig
+from hsplitlora.config import RunConfig, config_fields
 from hsplitlora.data.e2e import (
     IGNORE_INDEX,
     collate,
@@ -43,13 +42,20 @@ from hsplitlora.method.importance import (
     importance,
     kendall_tau_distance,
 )
-from hsplitlora.method.memory import measure_memory_model
+from hsplitlora.method.memory import check_ranks, measure_memory_model
 from hsplitlora.method.planner import Plan
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point, check_tail_blocks
-from hsplitlora.reporting import RunFolder, write_tensors_atomic
-from hsplitlora.roles.fed_server import FedServer
+from hsplitlora.reporting import (
+    RUN_FILES,
+    RunFolder,
+    check_output_folder,
+    read_json,
+    refuse_clobbering,
+    write_tensors_atomic,
+)
+from hsplitlora.roles.fed_server import FedServer, NonFiniteUpdate
 from hsplitlora.roles.messages import RoundPlan
 from hsplitlora.strategies import STRATEGIES, StrategyContext
 from hsplitlora.time_model import ClientRoundWork, Workload, round_time
@@ -68,7 +74,13 @@ class RunResult:
 
 
 def default_output_dir(strategy: str) -> Path:
-    return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{strategy}"
+    """runs/<time>-<strategy>, with a counter if a run of the same second holds that name."""
+    base = Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{strategy}"
+    path, number = base, 1
+    while path.exists():
+        number += 1
+        path = base.with_name(f"{base.name}-{number}")
+    return path
 
 
 def seed_everything(seed: int) -> None:
@@ -95,20 +107,50 @@ class Reporter:
 
 
 def resume_config(run_dir: str | Path, rounds: int | None = None) -> RunConfig:
-    """The config a run folder was started with (optionally with more rounds)."""
-    path = Path(run_dir) / "config.json"
-    if (
-        not path.is_file()
-        or not (Path(run_dir) / "checkpoint").exists()
-        and not (Path(run_dir) / ".checkpoint-old").exists()
-    ):
+    """The config a run folder was started with, with more rounds if `rounds` is given (it must be
+    more than the rounds the run has finished)."""
+    folder = RunFolder(run_dir)
+    path = folder.path / "config.json"
+    if not path.is_file() or folder.checkpoint_folder() is None:
         raise UsageError(f"cannot resume {run_dir}: it holds no config.json and checkpoint of a started run.")
-    values = json.loads(path.read_text())
+    values = read_json(path, "run config")
     values.pop("resolved", None)
+    unknown = sorted(set(values) - set(config_fields()))
+    if unknown:
+        raise UsageError(
+            f"run config {path} has the setting {unknown[0]!r}, which this version of hsplitlora does not know "
+            "(the run was written by another version); resume it with that version."
+        )
+    done = folder.checkpoint_state().get("round")
+    if not isinstance(done, int) or isinstance(done, bool) or done < 1:
+        raise UsageError(f"the checkpoint state in {folder.checkpoint_folder()} names no finished round (damaged).")
+    if rounds is not None and rounds <= done:
+        raise UsageError(f"{run_dir} has finished {done} rounds; --rounds {rounds} must be above {done} to extend it.")
+    if rounds is None and isinstance(values.get("rounds"), int) and done >= values["rounds"]:
+        raise UsageError(
+            f"{run_dir} has finished all {done} of its rounds; give --rounds N with N above {done} to extend it."
+        )
     values["output_dir"] = str(run_dir)
     if rounds is not None:
         values["rounds"] = rounds
     return RunConfig(**values).validate()
+
+
+def prepare_paths(config: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Resolve the paths a run stores (so that eval and resume work from any directory) and check
+    the run folder before anything is computed: not a file, writable, and holding no other run
+    unless `overwrite` (or `resume`) says so. Returns the run folder."""
+    if config.data_dir is not None:
+        config.data_dir = str(Path(config.data_dir).resolve())
+    if Path(config.model).is_dir():
+        config.model = str(Path(config.model).resolve())
+    output = Path(config.output_dir) if config.output_dir else default_output_dir(config.strategy)
+    check_output_folder(output, "run folder")
+    if not resume and not overwrite:
+        remedy = f"give --overwrite to replace it, --resume {output} to continue it, or another --output-dir."
+        refuse_clobbering(output, RUN_FILES, "a run's files", remedy)
+    config.output_dir = str(output)
+    return output
 
 
 def run(
@@ -117,10 +159,13 @@ def run(
     reporter: Reporter | None = None,
     log: Callable[[str], None] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> RunResult:
     """Run `config.rounds` rounds of `config.strategy`; returns the metrics and the run folder.
-    With `resume`, continue the run in `config.output_dir` from its last checkpoint."""
+    With `resume`, continue the run in `config.output_dir` from its last checkpoint; `overwrite`
+    replaces a run already in that folder (otherwise refused)."""
     config.validate()
+    prepare_paths(config, resume, overwrite)
     reporter = reporter or Reporter()
     log = log or (lambda message: None)
     if config.threads:
@@ -140,6 +185,7 @@ def run(
 
     examples = read_e2e(data_file(config.data_dir, "train"))
     encoded = [encode(e, tokenizer, config.max_seq_len) for e in examples]
+    examples, encoded, left_out = keep_trainable(examples, encoded, config.max_seq_len)
     if config.partition == "dirichlet":
         shards = partition_dirichlet(examples, config.clients, config.dirichlet_alpha, config.seed)
     else:
@@ -165,6 +211,7 @@ def run(
     for split_point in fixed_splits or []:
         check_split_point(split_point, num_blocks, config.tail)
     fixed_ranks = config.per_client("rank") if config.rank is not None else None
+    check_ranks(memory, fixed_ranks or [], config.rank_levels)
     if fixed_splits is not None and fixed_ranks is None:
         fixed_ranks = [8] * len(shards)  # a fixed cut alone keeps the foundation's default rank
     context = StrategyContext(
@@ -178,7 +225,7 @@ def run(
         from hsplitlora.engines.ray_engine import RayEngine
 
         # Cuts follow the budgets, not importance: a uniform plan tells each actor which blocks to load.
-        cuts = [c.split_point for c in strategy.plan(dict.fromkeys(candidates, 1.0)).clients]
+        cuts = strategy.initial_cuts()
         spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
                 "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
                 "compression": config.compression, "tail_blocks": config.tail,
@@ -192,9 +239,9 @@ def run(
         engine = InProcessEngine(model, arch, candidates, clients, server, fed_server)
     reporter.engine_ready(engine)
     setup = _Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
-                   val_batches, fixed_ranks, steps_per_round, started)  # fmt: skip
+                   val_batches, fixed_ranks, steps_per_round, started, left_out)  # fmt: skip
     try:
-        return _run_rounds(setup, reporter, log, resume)
+        return _run_rounds(setup, reporter, log, resume, overwrite)
     finally:
         engine.shutdown()
 
@@ -217,9 +264,12 @@ class _Setup:
     fixed_ranks: list | None
     steps_per_round: int
     started: float
+    left_out: str | None = None  # how many training examples max_seq_len left without a response token
 
 
-def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], resume: bool) -> RunResult:
+def _run_rounds(
+    setup: _Setup, reporter: Reporter, log: Callable[[str], None], resume: bool, overwrite: bool = False
+) -> RunResult:
     config, engine, strategy, memory, devices = setup.config, setup.engine, setup.strategy, setup.memory, setup.devices
     server_budget, shards, num_blocks, candidates = (
         setup.server_budget,
@@ -232,20 +282,31 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
     ft_lr = config.ft_lr if strategy.full_finetune else None
     smoothed = SmoothedImportance(config.gamma_max, config.tau)
 
-    folder = RunFolder(config.output_dir or default_output_dir(config.strategy))
+    folder = RunFolder(config.output_dir)
     current: dict[str, float] | None = None
     importance_history: list[dict] = []  # per round: measured Theta_t and smoothed I_t
     metrics: list[dict] = []
     sim_time, wall_offset, start_round = 0.0, 0.0, 1
     if resume:
         state, tensors = folder.load_checkpoint()
-        saved = Plan.from_state(state["plan"]).clients
-        engine.load_state(
-            state, tensors,
-            [RoundPlan(c.client, state["round"], c.split_point, c.all_ranks(), config.tail, strategy.adapters)
-             for c in saved],
-            ft_lr,
-        )  # fmt: skip
+        try:
+            saved = Plan.from_state(state["plan"]).clients
+            if sorted(c.client for c in saved) != list(range(len(saved))) or len(saved) > len(shards):
+                raise ValueError("the plan's clients differ from the config's")
+            engine.load_state(
+                state, tensors,
+                [RoundPlan(c.client, state["round"], c.split_point, c.all_ranks(), config.tail, strategy.adapters)
+                 for c in saved],
+                ft_lr,
+            )  # fmt: skip
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
+            raise UsageError(
+                f"the checkpoint in {folder.path} does not fit the run's config.json (edited since the run, or "
+                f"damaged: {error.__class__.__name__}); restore config.json or start a new run."
+            ) from None
+        written = read_json(folder.path / "config.json", "run config")
+        if written.get("rounds") != config.rounds:  # an extension sticks: a later --resume goes on to it
+            folder.write_config({**written, "rounds": config.rounds})
         strategy.importance_at_last_plan = state["importance_at_last_plan"]
         strategy.resume_cuts([c.split_point for c in sorted(saved, key=lambda c: c.client)])
         smoothed.round, smoothed.value, smoothed.gamma = (state["smoothing"][k] for k in ("round", "value", "gamma"))
@@ -268,13 +329,19 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
         # The first plan comes before anything is written: an impossible budget stops the run here.
         plan = strategy.make_plan(current)
         first_plan = True
+        if config.split_point is not None or config.rank is not None:
+            warn_over_budget(plan, strategy, log)
+        if overwrite:
+            folder.clear()
         folder.write_config({**config.to_dict(), "resolved": {
             "devices": [d.to_dict() for d in devices], "server_budget_bytes": server_budget,
             "shard_sizes": [len(s) for s in shards], "num_blocks": num_blocks, "memory_model": memory.to_dict(),
-            "candidates": len(candidates),
+            "candidates": len(candidates), "left_out_examples": setup.left_out,
         }})  # fmt: skip
         folder.rewrite_metrics([])
         log(f"run folder: {folder.path}")
+        if setup.left_out:
+            log(setup.left_out)
         log(f"{config.partition} partition, samples per client: {[len(s) for s in shards]}")
 
     for round_ in range(start_round, config.rounds + 1):
@@ -309,11 +376,28 @@ def _run_rounds(setup: _Setup, reporter: Reporter, log: Callable[[str], None], r
         tokens = [counters["tokens"] for counters in engine.round_counters()]
         step_traffic = {cid: engine.step_bytes(cid) for cid in engine.traffic}
         if not strategy.centralised:  # one trainer on pooled data has nothing to aggregate
-            engine.aggregate(round_)
+            try:
+                engine.aggregate(round_)
+            except NonFiniteUpdate as error:
+                raise TrainingDiverged(
+                    f"{error} at round {round_}; the run stopped and "
+                    + (
+                        f"the checkpoint of round {round_ - 1} in {folder.path} is intact (try a smaller lr or alpha, "
+                        "then --resume)."
+                        if round_ > 1
+                        else "no checkpoint was written (try a smaller lr or alpha)."
+                    )
+                ) from None
 
         val_loss = val_ppl = None
         if round_ % config.eval_every == 0 or round_ == config.rounds:
             val_loss = engine.validation_loss(val_batches, strategy.validation_client(plan))
+            if not math.isfinite(val_loss):
+                raise TrainingDiverged(
+                    f"the validation loss became {val_loss} after the aggregation of round {round_}; the run stopped "
+                    + (f"and the checkpoint of round {round_ - 1} in {folder.path} is intact (try a smaller lr or "
+                       "alpha, then --resume)." if round_ > 1 else "before any checkpoint (try a smaller lr or alpha).")
+                )  # fmt: skip
             val_ppl = perplexity(val_loss)
         work = [
             ClientRoundWork(tokens[c.client], step_traffic[c.client],
@@ -413,6 +497,34 @@ def expected_workload(config: RunConfig, model: torch.nn.Module, items: list, pa
         vocab_size=model.config.vocab_size, server_flops=config.server_flops,
         cut_value_bytes=VALUE_BYTES[config.compression], update_value_bytes=VALUE_BYTES[config.compression],
     )  # fmt: skip
+
+
+def warn_over_budget(plan: Plan, strategy, log: Callable[[str], None]) -> None:
+    """A fixed cut or rank runs as given, but a plan a device could not hold is said aloud."""
+    from hsplitlora.units import format_bytes
+
+    for c in plan.clients:
+        if strategy.splits and c.predicted_bytes > c.budget_bytes:
+            log(
+                f"warning: the fixed plan needs {format_bytes(c.predicted_bytes)} on client {c.client}, above its "
+                f"budget of {format_bytes(c.budget_bytes)}; it runs as asked, but that device could not hold it."
+            )
+
+
+def keep_trainable(examples: list, encoded: list, max_seq_len: int) -> tuple[list, list, str | None]:
+    """Leave out the examples that `max_seq_len` cuts before their first response token (they would
+    train on nothing and count as loss 0); the third value says how many, for the run to say once."""
+    kept = [i for i, item in enumerate(encoded) if any(label != IGNORE_INDEX for label in item.labels[1:])]
+    if not kept:
+        raise UsageError(
+            f"max_seq_len {max_seq_len} cuts every training example before its response starts, so nothing can "
+            "be trained; use a larger max_seq_len (the default is 128)."
+        )
+    note = None
+    if len(kept) < len(encoded):
+        note = (f"{len(encoded) - len(kept)} of {len(encoded)} training examples keep no response token within "
+                f"max_seq_len {max_seq_len}; they are left out (a larger max_seq_len keeps them).")  # fmt: skip
+    return [examples[i] for i in kept], [encoded[i] for i in kept], note
 
 
 def _hidden_size(model: torch.nn.Module) -> int:

@@ -209,7 +209,9 @@ def _run_one(config: RunConfig, log) -> None:
             log(f"    round {line['round']}: val ppl {ppl}, simulated {line['sim_time_s']:.1f} s, "
                 f"wall {line['wall_time_s']:.0f} s")  # fmt: skip
 
-    run(config, reporter=Progress(), log=lambda message: None)
+    # The study checked that this folder holds no finished run of this config: what is there is a
+    # run that stopped part-way (or of an older config), replaced.
+    run(config, reporter=Progress(), log=lambda message: None, overwrite=True)
 
 
 def _evaluate(run_dir: Path, spec: StudySpec) -> dict:
@@ -222,7 +224,7 @@ def _evaluate(run_dir: Path, spec: StudySpec) -> dict:
         saved = json.loads(path.read_text())
         if saved.get("mrs") == spec.eval_mrs and saved.get("generation") == vars(settings):
             return saved
-    return evaluate_run(run_dir, limit=spec.eval_mrs, settings=settings)
+    return evaluate_run(run_dir, limit=spec.eval_mrs, settings=settings, overwrite=True)
 
 
 def _collect(run_dir: Path, regime: str, label: str, seed: int, clients: int) -> dict:

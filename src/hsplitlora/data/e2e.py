@@ -66,11 +66,28 @@ def read_e2e(path: str | Path) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"data file {path} does not exist; set data_dir to a folder holding {FILES['train']}.")
+    examples = []
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"mr", "ref"} <= set(reader.fieldnames):
-            raise UsageError(f"data file {path} needs the columns 'mr' and 'ref', found {reader.fieldnames}.")
-        examples = [Example(row["mr"].strip(), row["ref"].strip()) for row in reader if row["mr"].strip()]
+        try:
+            if reader.fieldnames is None or not {"mr", "ref"} <= set(reader.fieldnames):
+                raise UsageError(f"data file {path} needs the columns 'mr' and 'ref', found {reader.fieldnames}.")
+            for row in reader:
+                missing = [name for name in ("mr", "ref") if row.get(name) is None]
+                if missing:
+                    raise UsageError(
+                        f"data file {path} line {reader.line_num}: the row has no {missing[0]!r} value (a missing "
+                        "field or a stray quote); every row needs an mr and a ref."
+                    )
+                if row["mr"].strip():
+                    examples.append(Example(row["mr"].strip(), row["ref"].strip()))
+        except UnicodeDecodeError as error:
+            raise UsageError(
+                f"data file {path} is not UTF-8 text (byte {error.object[error.start]:#x} at position {error.start}); "
+                "save it as UTF-8."
+            ) from None
+        except csv.Error as error:
+            raise UsageError(f"data file {path} line {reader.line_num} is not valid CSV ({error}).") from None
     if not examples:
         raise UsageError(f"data file {path} holds no examples.")
     return examples

@@ -59,13 +59,15 @@ def read_references(path: str | Path) -> list[list[str]]:
 
 
 def read_outputs(path: str | Path) -> list[str]:
-    """System outputs, one per line."""
+    """System outputs, one per line; an empty line is an empty (valid, if bad) output. The file's
+    final line break ends the last output."""
     path = Path(path)
-    lines = _read_text(path, "outputs").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
+    text = _read_text(path, "outputs")
+    if not text:
         raise UsageError(f"outputs file {path} is empty.")
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()
     return [line.strip() for line in lines]
 
 

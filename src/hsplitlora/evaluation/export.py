@@ -11,12 +11,22 @@ from pathlib import Path
 from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.run_eval import load_run_model
 from hsplitlora.lora.attach import detach_lora
+from hsplitlora.reporting import check_output_folder, holds_run
 
 
-def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UsageError(f"export folder {out_dir} exists and is not empty; choose a new folder.")
+def check_export_folder(run_dir: str | Path, out_dir: str | Path, overwrite: bool) -> Path:
+    """An export goes to a new or empty folder, or (with `overwrite`) replaces an earlier export,
+    never a run folder."""
+    out_dir = check_output_folder(out_dir, "export folder")
+    if holds_run(out_dir) or out_dir.resolve() == Path(run_dir).resolve():
+        raise UsageError(f"export folder {out_dir} holds a run; choose a new folder for the export.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UsageError(f"export folder {out_dir} exists and is not empty; choose a new folder or give --overwrite.")
+    return out_dir
+
+
+def export_merged(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    out_dir = check_export_folder(run_dir, out_dir, overwrite)
     loaded, _ = load_run_model(run_dir)
     model = detach_lora(loaded.model)
     for param in model.parameters():
@@ -27,8 +37,8 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         loaded.tokenizer.save_pretrained(staging)
-        if out_dir.exists():
-            out_dir.rmdir()
+        if out_dir.exists():  # empty, or an earlier export that --overwrite replaces
+            shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
     finally:
         if staging.exists():
@@ -36,7 +46,7 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def export_adapter(run_dir: str | Path, out_dir: str | Path, rank: int) -> dict[str, float]:
+def export_adapter(run_dir: str | Path, out_dir: str | Path, rank: int, overwrite: bool = False) -> dict[str, float]:
     """The whole fine-tuning update as a standard peft LoRA adapter: per wrapped module, the
     accumulated dW = W_trained - W_base compressed by truncated SVD to `rank` (B = U_r S_r,
     A = V_r^T, alpha = r so the scale is 1). Returns each module's relative Frobenius error
@@ -51,13 +61,17 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, rank: int) -> dict[
 
     if rank < 1:
         raise UsageError(f"rank must be a positive integer, got {rank}.")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UsageError(f"export folder {out_dir} exists and is not empty; choose a new folder.")
+    out_dir = check_export_folder(run_dir, out_dir, overwrite)
     trained, config = load_run_model(run_dir)
     if config.get("strategy") == "ft":
         raise UsageError("a fully fine-tuned run changed every weight, not only LoRA targets; export it with --merged.")
     modules = {name: m for name, m in trained.model.named_modules() if isinstance(m, MultiLoRALayer)}
+    largest = max(min(m.base.weight.shape) for m in modules.values())
+    if rank > largest:
+        raise UsageError(
+            f"rank {rank} exceeds {largest}, the full rank min(d_in, d_out) of the largest adapted matrix of this "
+            f"model; use at most {largest}."
+        )
     if any(m.transposed for m in modules.values()) and not all(m.transposed for m in modules.values()):
         raise UsageError("the run mixes Linear and Conv1D targets; export them as a merged model instead.")
     base = load_model(config["model"], seed=config.get("seed", 0)).model

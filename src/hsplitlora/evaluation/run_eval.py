@@ -3,13 +3,11 @@ merged model on testset_w_refs.csv; writes predictions.txt and eval.json into th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from hsplitlora.data.e2e import collate, data_file, encode, read_e2e
 from hsplitlora.errors import UsageError
@@ -18,7 +16,7 @@ from hsplitlora.evaluation.generation import GenerationSettings, generate
 from hsplitlora.evaluation.perplexity import evaluate_loss, model_forward, perplexity
 from hsplitlora.lora.attach import attach_lora, set_active_adapter
 from hsplitlora.models.loading import LoadedModel, load_model
-from hsplitlora.reporting import write_json_atomic
+from hsplitlora.reporting import check_output_folder, read_json, read_tensors, refuse_clobbering, write_json_atomic
 
 
 def load_run_model(run_dir: str | Path) -> tuple[LoadedModel, dict]:
@@ -30,12 +28,14 @@ def load_run_model(run_dir: str | Path) -> tuple[LoadedModel, dict]:
             f"{run_dir} is not a finished run folder; it needs config.json and model.safetensors "
             "(written by hsplitlora run when its last round ends)."
         )
-    config = json.loads(config_path.read_text())
-    loaded = load_model(config["model"], seed=config.get("seed", 0))
-    candidates = attach_lora(loaded.model, config["targets"])
+    config = read_json(config_path, "run config")
+    if not isinstance(config.get("model"), str) or not isinstance(config.get("targets"), list):
+        raise UsageError(f"run config {config_path} names no model and targets; the file is damaged.")
+    tensors = read_tensors(weights_path, "run weights")
     with safe_open(weights_path, framework="pt") as handle:
         export_format = (handle.metadata() or {}).get("format", "candidates")
-    tensors = load_file(weights_path)
+    loaded = load_model(config["model"], seed=config.get("seed", 0))
+    candidates = attach_lora(loaded.model, config["targets"])
     with torch.no_grad():
         if export_format == "full":  # full fine-tuning changed every weight
             unexpected = loaded.model.load_state_dict(tensors, strict=False).unexpected_keys
@@ -46,7 +46,13 @@ def load_run_model(run_dir: str | Path) -> tuple[LoadedModel, dict]:
                 if name not in candidates:
                     raise UsageError(f"{weights_path} holds {name!r}, which this model does not have.")
                 candidate = candidates[name]
-                loaded.model.get_submodule(candidate.module).weight(candidate.slot).copy_(weight)
+                target = loaded.model.get_submodule(candidate.module).weight(candidate.slot)
+                if target.shape != weight.shape:
+                    raise UsageError(
+                        f"{weights_path} holds {name!r} of shape {tuple(weight.shape)}, but the model's is "
+                        f"{tuple(target.shape)}; the run folder and its config do not match."
+                    )
+                target.copy_(weight)
     set_active_adapter(loaded.model, None)
     return loaded, config
 
@@ -56,13 +62,22 @@ def evaluate_run(
     limit: int | None = None,
     settings: GenerationSettings | None = None,
     on_generated: Callable[[int, int], None] | None = None,
+    data_dir: str | Path | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Perplexity on the test references of the first `limit` MRs (all by default), beam-search
-    outputs for those MRs and their five E2E metrics."""
+    outputs for those MRs and their five E2E metrics, written to `output` (default: the run
+    folder); test data from `data_dir` (default: the run's)."""
     run_dir = Path(run_dir)
+    output = check_output_folder(Path(output) if output else run_dir, "eval output folder")
+    if not overwrite:
+        refuse_clobbering(output, ("eval.json", "predictions.txt"), "an evaluation",
+                          "give --overwrite to replace it, or --output DIR to write elsewhere.")  # fmt: skip
+    rows = read_e2e(data_file(data_dir, "test")) if data_dir else None
     loaded, config = load_run_model(run_dir)
     settings = settings or GenerationSettings()
-    rows = read_e2e(data_file(config.get("data_dir"), "test"))
+    rows = rows or read_e2e(data_file(config.get("data_dir"), "test"))
     grouped: dict[str, list[str]] = {}
     for row in rows:
         grouped.setdefault(row.mr, []).append(row.ref)
@@ -86,7 +101,8 @@ def evaluate_run(
     predictions = generate(loaded.model, loaded.tokenizer, mrs, settings, progress)
     references = [grouped[mr] for mr in mrs]
     scores = score_e2e(references, predictions)
-    (run_dir / "predictions.txt").write_text("\n".join(predictions) + "\n")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "predictions.txt").write_text("\n".join(predictions) + "\n")
     result = {
         "loss": loss,
         "perplexity": perplexity(loss),
@@ -97,5 +113,5 @@ def evaluate_run(
         "generation": vars(settings),
         "data": "testset_w_refs.csv (the model was trained on devset.csv)",
     }
-    write_json_atomic(run_dir / "eval.json", result)
-    return result
+    write_json_atomic(output / "eval.json", result)
+    return {**result, "output": str(output)}

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate
 from hsplitlora.losses import target_token_loss
 from hsplitlora.models.architectures import architecture_of
@@ -241,3 +242,15 @@ def measure_memory_model(
         norm_bytes=norm,
         head_tied=tied,
     )
+
+
+def check_ranks(memory: MemoryModel, fixed_ranks: list[int], levels: list[int]) -> None:
+    """A rank above min(d_in, d_out) adds nothing a full-rank update lacks: refuse fixed ranks and
+    rank levels above the full rank of the largest candidate."""
+    largest = max(min(shape.d_in, shape.d_out) for shape in memory.candidates.values())
+    for name, values in (("rank", fixed_ranks), ("rank_levels", levels)):
+        if values and max(values) > largest:
+            raise UsageError(
+                f"{name} {max(values)} exceeds {largest}, the full rank min(d_in, d_out) of the largest candidate "
+                f"matrix of this model; use at most {largest}."
+            )

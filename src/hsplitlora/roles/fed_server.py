@@ -22,6 +22,10 @@ MERGING = ("naa", "zero-pad")  # dW merged into every copy of W
 BROADCASTING = {"fedavg": fedavg_factors, "zero-pad-truncate": zero_padded_average, "svd": svd_average}
 
 
+class NonFiniteUpdate(ValueError):
+    """An aggregated update holds NaN or infinity (the run must stop, as for a NaN loss)."""
+
+
 class FedServer:
     """Aggregates with one of MERGING (NAA's exact stacked change, or the zero-padded average as
     the no-naa ablation) or BROADCASTING (averaged factors sent back for the holders to keep
@@ -57,7 +61,10 @@ class FedServer:
         grouped = self.by_candidate(uploads)
         if self.aggregator in BROADCASTING:
             average = BROADCASTING[self.aggregator]
-            return AdapterBroadcast(round_, {name: average(factors) for name, factors in grouped.items()})
+            averaged = {name: average(factors) for name, factors in grouped.items()}
+            for name, pair in averaged.items():
+                _check_finite(name, *pair)
+            return AdapterBroadcast(round_, averaged)
         deltas: dict[str, StackedDelta | torch.Tensor] = {}
         for name, factors in grouped.items():
             if self.aggregator == "naa":
@@ -65,6 +72,7 @@ class FedServer:
             else:  # no-naa: the zero-padded average, merged (its cross terms included)
                 a, b = zero_padded_average(factors)
                 stacked = StackedDelta(b, a)
+            _check_finite(name, stacked.a, stacked.b)
             d_out, d_in = stacked.b.shape[0], stacked.a.shape[1]
             # Send whichever is smaller: the stacked factors or the dense matrix.
             deltas[name] = stacked if stacked.numel() < d_out * d_in else stacked.dense()
@@ -85,3 +93,8 @@ class FedServer:
             client, name, part = key.split("/")
             if part == "A":
                 self.previous[(int(client), name)] = (tensors[key], tensors[f"{client}/{name}/B"])
+
+
+def _check_finite(name: str, *tensors: torch.Tensor) -> None:
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise NonFiniteUpdate(f"the aggregated update of {name} is not finite (NaN or infinity)")

@@ -87,9 +87,30 @@ class Strategy:
         """On resume: the cuts the run kept (strategies that choose cuts once remember them)."""
 
     def make_plan(self, importance: Mapping[str, float] | None) -> Plan:
-        result = self.plan(importance)
+        result = self.fixed_or_planned(importance)
         self.importance_at_last_plan = dict(importance or {})
         return result
+
+    def initial_cuts(self) -> list[int]:
+        """Each client's split point at the first plan (uniform importance): what a device loads.
+        Every strategy keeps its cuts across re-plans."""
+        planned = self.fixed_or_planned(dict.fromkeys(self.context.memory.candidates, 1.0))
+        return [p.split_point for p in sorted(planned.clients, key=lambda p: p.client)]
+
+    def fixed_or_planned(self, importance: Mapping[str, float] | None) -> Plan:
+        """The strategy's plan, with what the user fixed: a fixed cut replaces planning (at rank 8
+        unless a rank is fixed too); a fixed rank alone goes on every candidate at the planned
+        cut, or on every matrix for whole-model strategies."""
+        c = self.context
+        fixed_ranks = c.fixed_ranks or [8] * len(c.devices)
+        if c.fixed_split_points is not None and self.splits:
+            return self.fixed_plan(c.fixed_split_points, fixed_ranks)
+        planned = self.plan(importance)
+        if c.fixed_ranks is None or self.full_finetune:
+            return planned
+        if not self.splits:
+            return self.unsplit_plan(fixed_ranks[: len(planned.clients)])
+        return self.fixed_plan([p.split_point for p in sorted(planned.clients, key=lambda p: p.client)], fixed_ranks)
 
     # -- helpers shared by subclasses -----------------------------------------------------------
     def fixed_plan(self, split_points: list[int], ranks: list[int]) -> Plan:

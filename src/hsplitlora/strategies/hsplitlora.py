@@ -29,8 +29,6 @@ class HSplitLoRA(Strategy):
         """Cuts follow the devices: chosen once with uniform importance (the same whatever the
         warm-up measured, so actors can load their blocks first); ranks follow importance."""
         c = self.context
-        if c.fixed_split_points is not None and c.fixed_ranks is not None:
-            return self.fixed_plan(c.fixed_split_points, c.fixed_ranks)
         uniform = dict.fromkeys(c.memory.candidates, 1.0)
         if self.split_points is None:
             first = self.armsc(uniform)
