@@ -37,7 +37,15 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
 
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override its keys")
     parser.add_argument("--model", help="smollm2-135m (default), tiny, tiny-gpt2, or a local HF model folder")
-    parser.add_argument("--data-dir", help="folder holding devset.csv and testset_w_refs.csv")
+    parser.add_argument("--data", help="e2e (default), or a .jsonl/.json/.csv/.parquet file or save_to_disk folder "
+                        "of prompt/response, instruction/input/output or chat (messages) records")  # fmt: skip
+    parser.add_argument("--val-data", help="validation file (default: E2E's test set, or a held-out slice of --data)")
+    parser.add_argument("--client-data", metavar="DIR", help="one data file per client, in sorted name order "
+                        "(--clients is their number); never pooled")  # fmt: skip
+    parser.add_argument("--prompt-field", help="field of the prompt (default prompt)")
+    parser.add_argument("--response-field", help="field of the response (default response)")
+    parser.add_argument("--partition-field", help="--partition dirichlet on your data: the field whose values group it")
+    parser.add_argument("--data-dir", help="E2E's folder, holding devset.csv and testset_w_refs.csv")
     if one_run:
         parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default hsplitlora)")
     parser.add_argument("--clients", type=int, help="number of clients K (default 5)")
@@ -158,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 RUN_KEYS = (
-    "model", "data_dir", "strategy", "clients", "rounds", "local_steps", "budgets", "device_preset",
+    "model", "data", "val_data", "client_data", "prompt_field", "response_field", "partition_field", "data_dir",
+    "strategy", "clients", "rounds", "local_steps", "budgets", "device_preset",
     "server_budget", "server_flops", "split_point", "rank", "alpha", "targets", "partition", "dirichlet_alpha",
     "batch_size",
     "max_seq_len", "lr", "eval_every", "val_size", "output_dir", "seed", "threads", "engine", "ray_address",

@@ -25,7 +25,15 @@ class RunConfig:
     client or a list with one entry per client."""
 
     model: str = "smollm2-135m"
-    data_dir: str | None = None  # default: $HSPLITLORA_DATA_DIR or ../shared/data/e2e
+    # Training data: e2e (built in), or a JSONL/JSON/CSV/Parquet file or save_to_disk folder of
+    # prompt/response, instruction/input/output or chat (messages) records; or one file per client.
+    data: str = "e2e"
+    val_data: str | None = None  # default: E2E's test set, or a held-out slice of your data
+    client_data: str | None = None  # a folder with one data file per client, in sorted name order
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    partition_field: str | None = None  # Dirichlet over this field's values (E2E: eatType and food)
+    data_dir: str | None = None  # E2E's folder; default: $HSPLITLORA_DATA_DIR or ../shared/data/e2e
     strategy: str = "hsplitlora"
     clients: int = 5
     rounds: int = 2
@@ -177,6 +185,7 @@ class RunConfig:
             raise UsageError(f"engine {self.engine!r} is unknown; choose inprocess or ray.")
         if self.partition not in ("iid", "dirichlet"):
             raise UsageError(f"partition {self.partition!r} is unknown; choose iid or dirichlet.")
+        self._validate_data()
         if not self.dirichlet_alpha > 0:
             raise UsageError(f"dirichlet_alpha must be a positive number, got {self.dirichlet_alpha}.")
         if (
@@ -191,6 +200,33 @@ class RunConfig:
                 f"targets {self.targets} are not valid; choose a non-empty subset of {', '.join(ALL_TARGETS)}."
             )
         return self
+
+    def _validate_data(self) -> None:
+        own = self.data != "e2e"
+        if self.client_data is not None:
+            from hsplitlora.data.records import data_files
+
+            if own:
+                raise UsageError(
+                    "give data (one file split across clients) or client_data (a file per client), not both."
+                )
+            count = len(data_files(self.client_data))
+            if count != self.clients:
+                raise UsageError(
+                    f"client_data {self.client_data} holds {count} client files but clients is {self.clients}; "
+                    f"leave clients out (it is the number of files) or give {count}."
+                )
+            if self.partition != "iid" or self.partition_field is not None:
+                raise UsageError("client_data gives each client its own file, so partition settings do not apply.")
+        if self.partition_field is not None and not own and self.client_data is None:
+            raise UsageError("partition_field names a field of your own data; E2E's Dirichlet partition uses eatType "
+                             "and food.")  # fmt: skip
+        if own and self.partition == "dirichlet" and self.partition_field is None:
+            raise UsageError("partition dirichlet on your own data needs partition_field, the field whose values group "
+                             "the records.")  # fmt: skip
+        for name in ("prompt_field", "response_field"):
+            if not getattr(self, name).strip():
+                raise UsageError(f"{name} must name a field, got an empty name.")
 
     @property
     def tail(self) -> int | None:
@@ -272,6 +308,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if "steps" in values:  # the foundation's name for local_steps
         values["local_steps"] = values.pop("steps")
+    if values.get("client_data") and "clients" not in values and isinstance(values["client_data"], str):
+        from hsplitlora.data.records import data_files
+
+        values["clients"] = len(data_files(values["client_data"]))  # one client per file
     unknown = sorted(set(values) - set(config_fields()))
     if unknown:
         raise UsageError(f"unknown setting {unknown[0]!r}; valid settings are {', '.join(sorted(config_fields()))}.")

@@ -22,15 +22,8 @@ import numpy as np
 import torch
 
 from hsplitlora.config import RunConfig, config_fields
-from hsplitlora.data.e2e import (
-    IGNORE_INDEX,
-    collate,
-    data_file,
-    encode,
-    partition_dirichlet,
-    partition_iid,
-    read_e2e,
-)
+from hsplitlora.data.e2e import collate
+from hsplitlora.data.sources import load_training_data
 from hsplitlora.devices import DeviceProfile, resolve_devices
 from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.errors import UsageError
@@ -140,8 +133,11 @@ def prepare_paths(config: RunConfig, resume: bool = False, overwrite: bool = Fal
     """Resolve the paths a run stores (so that eval and resume work from any directory) and check
     the run folder before anything is computed: not a file, writable, and holding no other run
     unless `overwrite` (or `resume`) says so. Returns the run folder."""
-    if config.data_dir is not None:
-        config.data_dir = str(Path(config.data_dir).resolve())
+    for name in ("data_dir", "val_data", "client_data"):
+        if getattr(config, name) is not None:
+            setattr(config, name, str(Path(getattr(config, name)).resolve()))
+    if config.data != "e2e":
+        config.data = str(Path(config.data).resolve())
     if Path(config.model).is_dir():
         config.model = str(Path(config.model).resolve())
     output = Path(config.output_dir) if config.output_dir else default_output_dir(config.strategy)
@@ -183,13 +179,8 @@ def run(
     devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
     server_budget = parse_bytes(config.server_budget)
 
-    examples = read_e2e(data_file(config.data_dir, "train"))
-    encoded = [encode(e, tokenizer, config.max_seq_len) for e in examples]
-    examples, encoded, left_out = keep_trainable(examples, encoded, config.max_seq_len)
-    if config.partition == "dirichlet":
-        shards = partition_dirichlet(examples, config.clients, config.dirichlet_alpha, config.seed)
-    else:
-        shards = partition_iid(len(encoded), config.clients, config.seed)
+    data = load_training_data(config, tokenizer)
+    encoded, shards, validation, notes = data.items, data.shards, data.validation, list(data.notes)
     strategy_class = STRATEGIES[config.strategy]
     steps_per_round = config.local_steps
     workload = expected_workload(config, model, [encoded[i] for shard in shards for i in shard], tokenizer.pad_token_id)
@@ -197,13 +188,7 @@ def run(
         shards = [sorted(i for shard in shards for i in shard)]
         devices = [DeviceProfile(server_budget, config.server_flops, CENTRAL_BANDWIDTH)]
         steps_per_round = config.local_steps * config.clients
-    validation = [encode(e, tokenizer, config.max_seq_len) for e in read_e2e(data_file(config.data_dir, "test"))]
-    validation = validation[: config.val_size]
-    if not any(label != IGNORE_INDEX for item in validation for label in item.labels):
-        raise UsageError(
-            f"max_seq_len {config.max_seq_len} cuts every validation example before its reference starts, "
-            "so there is no token to measure perplexity on; use a larger max_seq_len (the default is 128)."
-        )
+        notes.append(f"{config.strategy} is a centralised reference: it pools every client's data on one trainer.")
     val_batches = [collate(validation[i : i + config.batch_size], tokenizer.pad_token_id)
                    for i in range(0, len(validation), config.batch_size)]  # fmt: skip
 
@@ -239,7 +224,7 @@ def run(
         engine = InProcessEngine(model, arch, candidates, clients, server, fed_server)
     reporter.engine_ready(engine)
     setup = _Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
-                   val_batches, fixed_ranks, steps_per_round, started, left_out)  # fmt: skip
+                   val_batches, fixed_ranks, steps_per_round, started, notes, data.description)  # fmt: skip
     try:
         return _run_rounds(setup, reporter, log, resume, overwrite)
     finally:
@@ -264,7 +249,8 @@ class _Setup:
     fixed_ranks: list | None
     steps_per_round: int
     started: float
-    left_out: str | None = None  # how many training examples max_seq_len left without a response token
+    notes: list[str] = field(default_factory=list)  # about the data, said once when the run starts
+    data_description: str = ""
 
 
 def _run_rounds(
@@ -336,12 +322,12 @@ def _run_rounds(
         folder.write_config({**config.to_dict(), "resolved": {
             "devices": [d.to_dict() for d in devices], "server_budget_bytes": server_budget,
             "shard_sizes": [len(s) for s in shards], "num_blocks": num_blocks, "memory_model": memory.to_dict(),
-            "candidates": len(candidates), "left_out_examples": setup.left_out,
+            "candidates": len(candidates), "data": setup.data_description, "data_notes": setup.notes,
         }})  # fmt: skip
         folder.rewrite_metrics([])
         log(f"run folder: {folder.path}")
-        if setup.left_out:
-            log(setup.left_out)
+        for note in setup.notes:
+            log(note)
         log(f"{config.partition} partition, samples per client: {[len(s) for s in shards]}")
 
     for round_ in range(start_round, config.rounds + 1):
@@ -473,7 +459,7 @@ def _run_rounds(
         "bytes_up": sum(m["bytes_up"] for m in metrics),
         "bytes_down": sum(m["bytes_down"] for m in metrics),
         "peak_client_predicted_bytes": max(c["predicted_bytes"] for m in metrics for c in m["clients"]),
-        "data": "E2E devset.csv for training (split across clients), testset_w_refs.csv for validation",
+        "data": setup.data_description,
     }
     from hsplitlora.reporting import write_json_atomic
 
@@ -509,22 +495,6 @@ def warn_over_budget(plan: Plan, strategy, log: Callable[[str], None]) -> None:
                 f"warning: the fixed plan needs {format_bytes(c.predicted_bytes)} on client {c.client}, above its "
                 f"budget of {format_bytes(c.budget_bytes)}; it runs as asked, but that device could not hold it."
             )
-
-
-def keep_trainable(examples: list, encoded: list, max_seq_len: int) -> tuple[list, list, str | None]:
-    """Leave out the examples that `max_seq_len` cuts before their first response token (they would
-    train on nothing and count as loss 0); the third value says how many, for the run to say once."""
-    kept = [i for i, item in enumerate(encoded) if any(label != IGNORE_INDEX for label in item.labels[1:])]
-    if not kept:
-        raise UsageError(
-            f"max_seq_len {max_seq_len} cuts every training example before its response starts, so nothing can "
-            "be trained; use a larger max_seq_len (the default is 128)."
-        )
-    note = None
-    if len(kept) < len(encoded):
-        note = (f"{len(encoded) - len(kept)} of {len(encoded)} training examples keep no response token within "
-                f"max_seq_len {max_seq_len}; they are left out (a larger max_seq_len keeps them).")  # fmt: skip
-    return [examples[i] for i in kept], [encoded[i] for i in kept], note
 
 
 def _hidden_size(model: torch.nn.Module) -> int:

@@ -179,17 +179,26 @@ def mr_attributes(mr: str) -> dict[str, str]:
 
 
 def partition_dirichlet(examples: Sequence[Example], clients: int, alpha: float, seed: int) -> list[list[int]]:
-    """Non-IID shards: examples are grouped by their (eatType, food) attributes and each group is
-    dealt to the clients in proportions drawn from Dirichlet(alpha) (small alpha: skewed)."""
+    """Non-IID E2E shards: examples grouped by their (eatType, food) attributes, see
+    `partition_groups`."""
+    keys = []
+    for example in examples:
+        attributes = mr_attributes(example.mr)
+        keys.append((attributes.get("eatType", ""), attributes.get("food", "")))
+    return partition_groups(keys, clients, alpha, seed)
+
+
+def partition_groups(keys: Sequence, clients: int, alpha: float, seed: int) -> list[list[int]]:
+    """Non-IID shards: the examples of each group (equal key) are dealt to the clients in
+    proportions drawn from Dirichlet(alpha) (small alpha: skewed); every client keeps at least one."""
     import numpy as np
 
-    if clients > len(examples):
-        raise UsageError(f"{clients} clients cannot share {len(examples)} examples; use at most {len(examples)}.")
+    if clients > len(keys):
+        raise UsageError(f"{clients} clients cannot share {len(keys)} examples; use at most {len(keys)}.")
     rng = np.random.default_rng(seed)
-    groups: dict[tuple[str, str], list[int]] = {}
-    for index, example in enumerate(examples):
-        attributes = mr_attributes(example.mr)
-        groups.setdefault((attributes.get("eatType", ""), attributes.get("food", "")), []).append(index)
+    groups: dict = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
     shards: list[list[int]] = [[] for _ in range(clients)]
     for key in sorted(groups):
         members = groups[key]

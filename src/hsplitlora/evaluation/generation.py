@@ -27,15 +27,18 @@ def generate(
     mrs: Sequence[str],
     settings: GenerationSettings | None = None,
     on_batch: Callable[[int], None] | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> list[str]:
-    """One output line per MR (decoded up to end-of-text, newlines folded into spaces)."""
+    """One output line per E2E MR, or per prompt of `prompts` as given (decoded up to
+    end-of-text, newlines folded into spaces)."""
+    prompts = list(prompts) if prompts is not None else [prompt_text(mr) for mr in mrs]
     settings = settings or GenerationSettings()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # prompts end where generation starts
     outputs: list[str] = []
     try:
-        for start in range(0, len(mrs), settings.batch_size):
-            chunk = [prompt_text(mr) for mr in mrs[start : start + settings.batch_size]]
+        for start in range(0, len(prompts), settings.batch_size):
+            chunk = prompts[start : start + settings.batch_size]
             encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             generated = model.generate(
                 **encoded,

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hsplitlora.data.e2e import collate, data_file, encode, read_e2e
+from hsplitlora.data.e2e import collate, data_file, encode, prompt_text, read_e2e
+from hsplitlora.data.records import prompt_of
+from hsplitlora.data.sources import load_training_data
 from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.e2e_metrics import score_e2e
 from hsplitlora.evaluation.generation import GenerationSettings, generate
@@ -77,13 +79,24 @@ def evaluate_run(
     rows = read_e2e(data_file(data_dir, "test")) if data_dir else None
     loaded, config = load_run_model(run_dir)
     settings = settings or GenerationSettings()
-    rows = rows or read_e2e(data_file(config.get("data_dir"), "test"))
-    grouped: dict[str, list[str]] = {}
-    for row in rows:
-        grouped.setdefault(row.mr, []).append(row.ref)
-    mrs = list(grouped)[:limit] if limit else list(grouped)
-    kept = set(mrs)
-    items = [encode(row, loaded.tokenizer, config.get("max_seq_len", 128)) for row in rows if row.mr in kept]
+    if config.get("data", "e2e") == "e2e" and not config.get("client_data"):
+        rows = rows or read_e2e(data_file(config.get("data_dir"), "test"))
+        grouped: dict[str, list[str]] = {}
+        for row in rows:
+            grouped.setdefault(row.mr, []).append(row.ref)
+        mrs = list(grouped)[:limit] if limit else list(grouped)
+        kept = set(mrs)
+        items = [encode(row, loaded.tokenizer, config.get("max_seq_len", 128)) for row in rows if row.mr in kept]
+        prompts = [prompt_text(mr) for mr in mrs]
+        references = [grouped[mr] for mr in mrs]
+        described = "testset_w_refs.csv (the model was trained on devset.csv)"
+    else:  # your own data: the run's validation records, each with its one response as reference
+        data = load_training_data(run_config(config), loaded.tokenizer)
+        records = data.validation_records[:limit] if limit else data.validation_records
+        items = data.validation[: len(records)]
+        prompts = [prompt_of(record, loaded.tokenizer) for record in records]
+        references = [[record.reference] for record in records]
+        described = data.description
     batch_size = config.get("batch_size", 8)
     batches = [
         collate(items[i : i + batch_size], loaded.tokenizer.pad_token_id) for i in range(0, len(items), batch_size)
@@ -96,10 +109,9 @@ def evaluate_run(
         nonlocal done
         done += count
         if on_generated is not None:
-            on_generated(done, len(mrs))
+            on_generated(done, len(prompts))
 
-    predictions = generate(loaded.model, loaded.tokenizer, mrs, settings, progress)
-    references = [grouped[mr] for mr in mrs]
+    predictions = generate(loaded.model, loaded.tokenizer, [], settings, progress, prompts=prompts)
     scores = score_e2e(references, predictions)
     output.mkdir(parents=True, exist_ok=True)
     (output / "predictions.txt").write_text("\n".join(predictions) + "\n")
@@ -108,10 +120,18 @@ def evaluate_run(
         "perplexity": perplexity(loss),
         "target_tokens": tokens,
         "references": len(items),
-        "mrs": len(mrs),
+        "mrs": len(prompts),
         "metrics": scores,
         "generation": vars(settings),
-        "data": "testset_w_refs.csv (the model was trained on devset.csv)",
+        "data": described,
     }
     write_json_atomic(output / "eval.json", result)
     return {**result, "output": str(output)}
+
+
+def run_config(saved: dict):
+    """The RunConfig a run folder's config.json describes (without its `resolved` block)."""
+    from hsplitlora.config import RunConfig, config_fields
+
+    known = config_fields()
+    return RunConfig(**{key: value for key, value in saved.items() if key in known})
