@@ -4,7 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from hsplitlora.data.e2e import collate, data_file, encode, read_e2e
 from hsplitlora.models.loading import byte_tokenizer, freeze, tiny_gpt2, tiny_llama
@@ -31,7 +46,20 @@ BUILDERS = {
     "qwen2-sliding": _tiny_from(
         Qwen2Config, Qwen2ForCausalLM, use_sliding_window=True, sliding_window=16, max_window_layers=2
     ),  # fmt: skip
-}
+    # The families of issue 15, each with what sets it apart: Qwen 3's and OLMo 2's q/k norms, Gemma's
+    # scaled embeddings, sliding and global layers mixed and soft-capped logits (Gemma 3: a rotary
+    # embedding per layer type), Phi-3's fused qkv and gate_up projections.
+    "qwen3": _tiny_from(Qwen3Config, Qwen3ForCausalLM, head_dim=16),
+    "olmo2": _tiny_from(Olmo2Config, Olmo2ForCausalLM, pad_token_id=None, bos_token_id=None, eos_token_id=256),
+    "gemma2": _tiny_from(Gemma2Config, Gemma2ForCausalLM, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                         final_logit_softcapping=30.0, pad_token_id=None, bos_token_id=None, eos_token_id=256),
+    "gemma3": lambda vocab_size, num_layers=4, seed=0: _tiny_from(
+        Gemma3TextConfig, Gemma3ForCausalLM, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+        final_logit_softcapping=30.0, pad_token_id=None, bos_token_id=None, eos_token_id=256,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+    )(vocab_size, num_layers, seed),
+    "phi3": _tiny_from(Phi3Config, Phi3ForCausalLM, pad_token_id=None, bos_token_id=None, eos_token_id=256),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")

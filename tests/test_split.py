@@ -45,10 +45,13 @@ def unsplit_reference(family: str, tokenizer, batch, num_layers: int):
     return model, reference.loss, expected
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "mistral", "qwen2-sliding"])
+@pytest.mark.parametrize(
+    "family", ["llama", "gpt2", "qwen2", "mistral", "qwen2-sliding", "qwen3", "olmo2", "gemma2", "gemma3", "phi3"]
+)
 def test_split_step_equals_unsplit_model(family, tokenizer, batch):
     model, reference_loss, expected = unsplit_reference(family, tokenizer, batch, num_layers=4)
-    assert len(expected) == 4 * 6 * 2  # 4 blocks x 6 candidates x (A, B)
+    fused = 7 if family == "phi3" else 6  # Phi-3's gate shares gate_up_proj with up: its slot gets one too
+    assert len(expected) == 4 * fused * 2  # 4 blocks x 6 candidates x (A, B)
 
     for split_point in (1, 2, 3):
         client, server = split_model(model, split_point)

@@ -27,7 +27,7 @@ from hsplitlora.training import build_federation
 from .test_split import adapter_grads, unsplit_reference
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2-sliding"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2-sliding", "qwen3", "olmo2", "gemma2", "gemma3", "phi3"])
 def test_u_split_step_equals_unsplit_model(family, tokenizer, batch):
     model, reference_loss, expected = unsplit_reference(family, tokenizer, batch, num_layers=5)
 

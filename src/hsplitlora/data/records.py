@@ -110,9 +110,8 @@ def read_rows(path: str | Path) -> list[dict]:
                                        cache_dir=str(_cache_dir()))  # fmt: skip
     except Exception as error:
         cause = error.__cause__ or error
-        raise UsageError(
-            f"data file {path} cannot be read as {path.suffix[1:]} ({(str(cause).splitlines() or [type(cause).__name__])[0]})."
-        ) from None
+        reason = (str(cause).splitlines() or [type(cause).__name__])[0]
+        raise UsageError(f"data file {path} cannot be read as {path.suffix[1:]} ({reason}).") from None
     return list(loaded)
 
 

@@ -1,8 +1,19 @@
 """Per-architecture knowledge: where the blocks, embeddings and head live, how a block is called,
 and which module (and which slice of it) each candidate matrix is.
 
-Two families are supported: the LLaMA family (LLaMA, SmolLM2, Qwen2, Mistral share its module
-naming) and GPT-2 (fused `c_attn`, `Conv1D` weights, learned absolute positions).
+Three families are supported:
+- the LLaMA family: LLaMA, SmolLM2, Qwen2, Qwen3, Mistral, OLMo 2, Gemma 2 and Gemma 3 share its
+  module naming (`model.layers`, `self_attn.q_proj`, `mlp.gate_proj`, ...); what differs is read
+  from the config (sliding-window and global layers mixed through `layer_types`, a rotary
+  embedding per layer type for Gemma 3, the final logit soft-capping of Gemma) or lives inside
+  the modules (Gemma's scaled embeddings, OLMo 2's and Qwen 3's norms);
+- Phi-3: the same layout with fused `qkv_proj` ([q | k | v]) and `gate_up_proj` ([gate | up]),
+  each split into slots so that every matrix is its own candidate;
+- GPT-2 (fused `c_attn`, `Conv1D` weights, learned absolute positions).
+
+Adding a family: map its `model_type` in `_FAMILIES` to the class whose module names it shares,
+or write a subclass naming its blocks, embeddings, head and targets; then add a tiny random
+config of it to the split-equivalence tests (tests/conftest.py BUILDERS).
 """
 
 from __future__ import annotations
@@ -28,6 +39,9 @@ class Target:
 
 class Architecture:
     """Base class: subclasses name the modules; the shared code cuts and calls them."""
+
+    def __init__(self, config: Any = None):
+        self.config = config
 
     name: str
     blocks_path: str
@@ -67,13 +81,19 @@ class _LlamaEmbedding(nn.Module):
 
 
 class _NormHead(nn.Module):
-    def __init__(self, norm: nn.Module, lm_head: nn.Module):
+    """The final norm and the LM head; Gemma caps the logits softly, cap * tanh(logits / cap)."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, softcap: float | None = None):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
+        self.softcap = softcap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        logits = self.lm_head(self.norm(hidden))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class _LlamaContext(nn.Module):
@@ -97,6 +117,11 @@ class _LlamaContext(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> dict:
         arguments = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
                      "past_key_values": None, "position_ids": position_ids}  # fmt: skip
+        layer_types = getattr(self.config, "layer_types", None) or ["full_attention"]
+        if self._rotary_per_layer_type():  # Gemma 3: local and global layers rotate differently
+            rotations = {kind: self.rotary_emb(hidden, position_ids, kind) for kind in sorted(set(layer_types))}
+        else:
+            rotations = self.rotary_emb(hidden, position_ids=position_ids)
         return {
             # Both kinds are cheap to build, and a part does not know which of its blocks need which.
             "masks": {
@@ -105,19 +130,25 @@ class _LlamaContext(nn.Module):
                 if getattr(self.config, "sliding_window", None)
                 else None,
             },
-            "position_embeddings": self.rotary_emb(hidden, position_ids=position_ids),
+            "position_embeddings": rotations,
             "position_ids": position_ids,
             "attention_type": self.attention_type,
         }
 
+    def _rotary_per_layer_type(self) -> bool:
+        import inspect
+
+        return "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
+
     @staticmethod
     def call_block(block: nn.Module, hidden: torch.Tensor, context: dict) -> torch.Tensor:
-        mask = context["masks"][context["attention_type"](block)]
+        kind = context["attention_type"](block)
+        rotations = context["position_embeddings"]
         out = block(
             hidden,
-            attention_mask=mask,
+            attention_mask=context["masks"][kind],
             position_ids=context["position_ids"],
-            position_embeddings=context["position_embeddings"],
+            position_embeddings=rotations[kind] if isinstance(rotations, dict) else rotations,
             use_cache=False,
         )
         return out[0] if isinstance(out, tuple) else out
@@ -143,10 +174,36 @@ class LlamaFamily(Architecture):
         return _LlamaEmbedding(model.model.embed_tokens)
 
     def head(self, model: nn.Module) -> nn.Module:
-        return _NormHead(model.model.norm, model.lm_head)
+        return _NormHead(model.model.norm, model.lm_head, getattr(model.config, "final_logit_softcapping", None))
 
     def block_context(self, model: nn.Module) -> nn.Module:
         return _LlamaContext(model.config, model.model.rotary_emb)
+
+
+class Phi3Family(LlamaFamily):
+    """Phi-3: the LLaMA layout with [q | k | v] fused in `qkv_proj` and [gate | up] in
+    `gate_up_proj`; each part is a slot with its own adapter."""
+
+    name = "phi3"
+    targets = {
+        "q": Target("self_attn.qkv_proj", "q"),
+        "k": Target("self_attn.qkv_proj", "k"),
+        "v": Target("self_attn.qkv_proj", "v"),
+        "o": Target("self_attn.o_proj"),
+        "gate": Target("mlp.gate_up_proj", "gate"),
+        "up": Target("mlp.gate_up_proj", "up"),
+        "down": Target("mlp.down_proj"),
+    }
+
+    def slot_sizes(self, module_path: str, module: nn.Module) -> dict[str, int] | None:
+        config = self.config
+        if module_path == "self_attn.qkv_proj":
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            kv = config.num_key_value_heads * head_dim
+            return {"q": config.num_attention_heads * head_dim, "k": kv, "v": kv}
+        if module_path == "mlp.gate_up_proj":
+            return {"gate": config.intermediate_size, "up": config.intermediate_size}
+        return None
 
 
 class _GPT2Embedding(nn.Module):
@@ -214,7 +271,12 @@ class GPT2Family(Architecture):
 _FAMILIES: dict[str, type[Architecture]] = {
     "llama": LlamaFamily,
     "qwen2": LlamaFamily,
+    "qwen3": LlamaFamily,
     "mistral": LlamaFamily,
+    "olmo2": LlamaFamily,
+    "gemma2": LlamaFamily,
+    "gemma3_text": LlamaFamily,
+    "phi3": Phi3Family,
     "gpt2": GPT2Family,
 }
 
@@ -226,4 +288,4 @@ def architecture_of(model: nn.Module) -> Architecture:
         raise UsageError(
             f"model type {model_type!r} is not supported; supported types are {', '.join(sorted(_FAMILIES))}."
         )
-    return _FAMILIES[model_type]()
+    return _FAMILIES[model_type](model.config)
