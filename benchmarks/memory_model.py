@@ -17,11 +17,16 @@ also loads the last T blocks, the final norm and the head, and each step runs th
 tail on activations of the middle's shape, the loss on random labels, the tail's backward and the
 front's backward. Predicted = the same memory model with `with_tail(T)`.
 
+`--dtype bfloat16` (or float16) loads the frozen weights in that dtype (adapters stay float32);
+`--anchored` gives every adapter an anchor (B0, A0), as persistent adapters keep across rounds.
+
     .venv/bin/python benchmarks/memory_model.py
     .venv/bin/python benchmarks/memory_model.py --tail 1
+    .venv/bin/python benchmarks/memory_model.py --dtype bfloat16
+    .venv/bin/python benchmarks/memory_model.py --anchored
 
 Last line: RESULT memory_model_max_rel_error=<max |pred - meas| / meas> (target <= 0.15), or
-RESULT memory_model_u_max_rel_error=... with --tail.
+RESULT memory_model_u_max_rel_error=... with --tail (_bfloat16, _anchored in the name with those).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def worker(split_point: int, rank: int, tail: int) -> None:
+def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool) -> None:
     """One client's training steps in this fresh process; `tail` < 0: the standard split."""
     import torch
 
@@ -62,18 +67,21 @@ def worker(split_point: int, rank: int, tail: int) -> None:
     del warm
     # The runtime a device needs whatever it trains (tokenizer, model code) is loaded before the
     # baseline too: what remains is the memory of fine-tuning.
-    runtime = load_part(MODEL, range(0), embedding=False, head=False)
+    runtime = load_part(MODEL, range(0), embedding=False, head=False, dtype=dtype)
     baseline = rss_kib("VmRSS")
     num_blocks = runtime.model.config.num_hidden_layers
     blocks = [*range(split_point), *(range(num_blocks - tail, num_blocks) if tail >= 0 else [])]
-    loaded = load_part(MODEL, blocks, embedding=True, head=tail >= 0, with_tokenizer=False)
+    loaded = load_part(MODEL, blocks, embedding=True, head=tail >= 0, with_tokenizer=False, dtype=dtype)
     model = loaded.model
     arch = architecture_of(model)
     candidates = attach_lora(model, ["q", "k", "v", "o"])
     client_side = {n: c for n, c in candidates.items() if c.block in blocks}
     generator = torch.Generator().manual_seed(0)
     for candidate in client_side.values():
-        model.get_submodule(candidate.module).set_adapter("c", candidate.slot, rank, 16.0, generator)
+        layer = model.get_submodule(candidate.module)
+        layer.set_adapter("c", candidate.slot, rank, 16.0, generator)
+        if anchored:
+            layer.set_anchor("c", candidate.slot)
     part = ClientPart(arch, model, split_point) if tail < 0 else UClientPart(arch, model, split_point, tail)
     set_active_adapter(part, "c")
     params = [p for n, p in part.named_parameters() if p.requires_grad]
@@ -89,7 +97,7 @@ def worker(split_point: int, rank: int, tail: int) -> None:
         if tail < 0:
             hidden = part(ids, mask)
             hidden.backward(torch.randn_like(hidden))
-        else:
+        else:  # (the gradient the main server sends has the activations' dtype)
             hidden = part.front(ids, mask)
             middle = torch.randn_like(hidden).requires_grad_(True)  # what the main server sends back
             total, count = target_token_loss(part.tail(middle, mask), labels)
@@ -106,31 +114,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=3, type=int, metavar=("SPLIT", "RANK", "TAIL"), help=argparse.SUPPRESS)
     parser.add_argument("--tail", type=int, help="measure U-shaped clients keeping the last TAIL blocks")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="the frozen weights' dtype (float32)")  # fmt: skip
+    parser.add_argument("--anchored", action="store_true", help="adapters keep an anchor (persistent adapters)")
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker)
+        worker(*args.worker, args.dtype, args.anchored)
         return
 
     from hsplitlora.lora.attach import attach_lora
     from hsplitlora.method.memory import measure_memory_model
     from hsplitlora.models.loading import load_model
 
-    model = load_model(MODEL).model
+    model = load_model(MODEL, dtype=args.dtype).model
     candidates = attach_lora(model, ["q", "k", "v", "o"])
-    memory = measure_memory_model(model, candidates, BATCH, SEQ).with_tail(args.tail)
+    memory = measure_memory_model(model, candidates, BATCH, SEQ).with_tail(args.tail).with_anchors(args.anchored)
     del model
     tail = -1 if args.tail is None else args.tail
     splits, ranks_tried = (SPLITS, RANKS) if args.tail is None else ((2, 8, 16), (2, 16))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")
     shape = "" if args.tail is None else f", U-shaped: the client also runs the last {args.tail} block(s) and the head"
-    print(f"{MODEL}, batch {BATCH} x {SEQ} tokens, float32, adapters on q,k,v,o of the client's blocks{shape}")
+    anchors = " with anchors" if args.anchored else ""
+    print(f"{MODEL}, batch {BATCH} x {SEQ} tokens, {args.dtype} weights, float32 adapters{anchors} on q,k,v,o of the "
+          f"client's blocks{shape}")  # fmt: skip
     print(f"A_block = {memory.block_activation_bytes / 2**20:.2f} MiB, P_block = {memory.block_bytes / 2**20:.2f} MiB, "
           f"P_emb = {memory.embedding_bytes / 2**20:.2f} MiB")  # fmt: skip
     print(f"{'split':>5} {'rank':>4} {'measured MiB':>13} {'predicted MiB':>14} {'rel. error':>10}")
     worst = 0.0
     for split_point in splits:
         for rank in ranks_tried:
-            command = [sys.executable, __file__, "--worker", str(split_point), str(rank), str(tail)]
+            command = [sys.executable, __file__, "--worker", str(split_point), str(rank), str(tail),
+                       "--dtype", args.dtype, *(["--anchored"] if args.anchored else [])]  # fmt: skip
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
             measured = json.loads(out.strip().splitlines()[-1])["measured_bytes"]
             ranks = {n: rank for n in memory.client_side(split_point)}
@@ -139,7 +153,8 @@ def main() -> None:
             worst = max(worst, abs(error))
             print(f"{split_point:>5} {rank:>4} {measured / 2**20:>13.1f} {predicted / 2**20:>14.1f} {error:>+10.3f}",
                   flush=True)  # fmt: skip
-    name = "memory_model_max_rel_error" if args.tail is None else "memory_model_u_max_rel_error"
+    name = "memory_model" + ("" if args.tail is None else "_u") + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    name += "_anchored_max_rel_error" if args.anchored else "_max_rel_error"
     print(f"RESULT {name}={worst:.3f}")
 
 

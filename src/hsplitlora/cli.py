@@ -46,6 +46,8 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
     parser.add_argument("--response-field", help="field of the response (default response)")
     parser.add_argument("--partition-field", help="--partition dirichlet on your data: the field whose values group it")
     parser.add_argument("--data-dir", help="E2E's folder, holding devset.csv and testset_w_refs.csv")
+    parser.add_argument("--dtype", help="frozen weights: float32 (default), bfloat16 or float16; adapters and "
+                        "optimizer state stay float32")  # fmt: skip
     if one_run:
         parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default hsplitlora)")
     parser.add_argument("--clients", type=int, help="number of clients K (default 5)")
@@ -99,6 +101,8 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="as for run")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="frozen weights' dtype, as for run (float32)")  # fmt: skip
     parser.add_argument("--budgets", required=True, help="client memory budgets: 800MB,1.5GB,2GiB or bytes")
     parser.add_argument("--server-budget", default="16GB", help="main server memory for all clients (16GB)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size b of the memory model (8)")
@@ -167,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 RUN_KEYS = (
     "model", "data", "val_data", "client_data", "prompt_field", "response_field", "partition_field", "data_dir",
-    "strategy", "clients", "rounds", "local_steps", "budgets", "device_preset",
+    "dtype", "strategy", "clients", "rounds", "local_steps", "budgets", "device_preset",
     "server_budget", "server_flops", "split_point", "rank", "alpha", "targets", "partition", "dirichlet_alpha",
     "batch_size",
     "max_seq_len", "lr", "eval_every", "val_size", "output_dir", "seed", "threads", "engine", "ray_address",
@@ -318,7 +322,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         leave_out_infeasible=args.leave_out_infeasible, seed=args.seed, tail_blocks=args.tail_blocks,
         split_rule=args.split_rule, local_steps=args.local_steps,
     )  # fmt: skip
-    loaded = load_model(args.model, seed=args.seed)
+    loaded = load_model(args.model, seed=args.seed, dtype=args.dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = make_plan(loaded, request)

@@ -37,12 +37,12 @@ class Packed:
         total = self.data.numel() * self.data.element_size()
         return total + (self.scale.numel() * self.scale.element_size() if self.scale is not None else 0)
 
-    def unpack(self) -> torch.Tensor:
-        """The float32 tensor the receiver computes with."""
+    def unpack(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor the receiver computes with, in its weights' dtype (float32 by default)."""
         if self.mode == "fp32":
-            return self.data
+            return self.data.to(dtype)
         values = self.data.float()
-        return values * self.scale if self.scale is not None else values
+        return (values * self.scale if self.scale is not None else values).to(dtype)
 
 
 def check_mode(mode: str) -> str:

@@ -34,6 +34,7 @@ class RunConfig:
     response_field: str = "response"
     partition_field: str | None = None  # Dirichlet over this field's values (E2E: eatType and food)
     data_dir: str | None = None  # E2E's folder; default: $HSPLITLORA_DATA_DIR or ../shared/data/e2e
+    dtype: str = "float32"  # the frozen weights: float32 | bfloat16 | float16 (adapters stay float32)
     strategy: str = "hsplitlora"
     clients: int = 5
     rounds: int = 2
@@ -186,6 +187,9 @@ class RunConfig:
         if self.partition not in ("iid", "dirichlet"):
             raise UsageError(f"partition {self.partition!r} is unknown; choose iid or dirichlet.")
         self._validate_data()
+        from hsplitlora.models.loading import torch_dtype
+
+        torch_dtype(self.dtype)
         if not self.dirichlet_alpha > 0:
             raise UsageError(f"dirichlet_alpha must be a positive number, got {self.dirichlet_alpha}.")
         if (

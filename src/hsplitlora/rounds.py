@@ -169,7 +169,7 @@ def run(
     seed_everything(config.seed)
     started = time.perf_counter()
 
-    loaded = loaded or load_model(config.model, seed=config.seed)
+    loaded = loaded or load_model(config.model, seed=config.seed, dtype=config.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = architecture_of(model)
     candidates = attach_lora(model, config.targets)
@@ -213,7 +213,7 @@ def run(
         cuts = strategy.initial_cuts()
         spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
                 "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
-                "compression": config.compression, "tail_blocks": config.tail,
+                "compression": config.compression, "tail_blocks": config.tail, "dtype": config.dtype,
                 # Steps are sequential (client, server, client), so each actor may use every core.
                 "threads": config.threads or os.cpu_count()}  # fmt: skip
         shard_items = [[encoded[i] for i in shard] for shard in shards]

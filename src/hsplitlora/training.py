@@ -50,7 +50,7 @@ def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Fe
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    loaded = loaded or load_model(config.model, seed=config.seed)
+    loaded = loaded or load_model(config.model, seed=config.seed, dtype=config.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = architecture_of(model)
     candidates = attach_lora(model, config.targets)

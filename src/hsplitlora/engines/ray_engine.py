@@ -42,7 +42,7 @@ class _Holder:
     def _load(self, spec: dict, blocks: Sequence[int], embedding: bool, head: bool) -> None:
         torch.set_num_threads(spec.get("threads") or 1)
         loaded = load_part(spec["model"], blocks, embedding=embedding, head=head, seed=spec["seed"],
-                           with_tokenizer=False)  # fmt: skip
+                           with_tokenizer=False, dtype=spec.get("dtype", "float32"))  # fmt: skip
         self.model = loaded.model
         self.arch = architecture_of(self.model)
         self.num_blocks = self.arch.num_blocks(self.model)

@@ -74,7 +74,7 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, rank: int, overwrit
         )
     if any(m.transposed for m in modules.values()) and not all(m.transposed for m in modules.values()):
         raise UsageError("the run mixes Linear and Conv1D targets; export them as a merged model instead.")
-    base = load_model(config["model"], seed=config.get("seed", 0)).model
+    base = load_model(config["model"], seed=config.get("seed", 0), dtype=config.get("dtype", "float32")).model
     peft_config = LoraConfig(
         r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=sorted(modules),
         fan_in_fan_out=all(m.transposed for m in modules.values()),

@@ -36,7 +36,7 @@ def load_run_model(run_dir: str | Path) -> tuple[LoadedModel, dict]:
     tensors = read_tensors(weights_path, "run weights")
     with safe_open(weights_path, framework="pt") as handle:
         export_format = (handle.metadata() or {}).get("format", "candidates")
-    loaded = load_model(config["model"], seed=config.get("seed", 0))
+    loaded = load_model(config["model"], seed=config.get("seed", 0), dtype=config.get("dtype", "float32"))
     candidates = attach_lora(loaded.model, config["targets"])
     with torch.no_grad():
         if export_format == "full":  # full fine-tuning changed every weight

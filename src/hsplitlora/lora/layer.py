@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 MAIN_SLOT = "main"
+ADAPTER_DTYPE = torch.float32  # adapters, their anchors and optimizer state, whatever the frozen W's dtype
 
 
 class MultiLoRALayer(nn.Module):
@@ -70,10 +71,10 @@ class MultiLoRALayer(nn.Module):
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         lo, hi = self.slot_bounds[slot]
-        weight = self.base.weight
-        a = torch.empty(rank, self.in_features, dtype=weight.dtype, device=weight.device)
+        device = self.base.weight.device
+        a = torch.empty(rank, self.in_features, dtype=ADAPTER_DTYPE, device=device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        b = torch.zeros(hi - lo, rank, dtype=weight.dtype, device=weight.device)
+        b = torch.zeros(hi - lo, rank, dtype=ADAPTER_DTYPE, device=device)
         self.lora_A[slot][name] = nn.Parameter(a)
         self.lora_B[slot][name] = nn.Parameter(b)
         self.scaling[(name, slot)] = alpha / rank
@@ -154,7 +155,7 @@ class MultiLoRALayer(nn.Module):
         found = self.factors(name, slot)
         lo, hi = self.slot_bounds[slot]
         if found is None:
-            return self.base.weight.new_zeros(hi - lo, self.in_features)
+            return torch.zeros(hi - lo, self.in_features, dtype=ADAPTER_DTYPE, device=self.base.weight.device)
         a, b, scale = found
         anchor = self.anchor(name, slot)
         return scale * (b @ a - (anchor[1] @ anchor[0] if anchor is not None else 0))
@@ -208,14 +209,15 @@ class MultiLoRALayer(nn.Module):
         if name is None:
             return out
         updates = {}
+        xa = x.to(ADAPTER_DTYPE)  # bfloat16 / float16 frozen weights: the adapters compute in float32
         for slot in self.slot_bounds:
             if name in self.lora_A[slot]:
                 a, b = self.lora_A[slot][name], self.lora_B[slot][name]
-                update = F.linear(F.linear(x, a), b)
+                update = F.linear(F.linear(xa, a), b)
                 anchor = self.anchors.get((name, slot))
                 if anchor is not None:  # the same ops on equal factors: exactly zero at the anchor
-                    update = update - F.linear(F.linear(x, anchor[0]), anchor[1])
-                updates[slot] = update * self.scaling[(name, slot)]
+                    update = update - F.linear(F.linear(xa, anchor[0]), anchor[1])
+                updates[slot] = (update * self.scaling[(name, slot)]).to(out.dtype)
         if not updates:
             return out
         if len(self.slot_bounds) == 1:

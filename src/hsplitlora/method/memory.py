@@ -35,6 +35,7 @@ from hsplitlora.losses import target_token_loss
 from hsplitlora.models.architectures import architecture_of
 
 ADAMW_STATES = 2
+ADAPTER_BYTES = 4  # adapters, their gradients, AdamW states and saved inputs are float32
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class MemoryModel:
         copies = 2 + ADAMW_STATES + (1 if self.anchored else 0)
         weights = rank * (shape.d_in + shape.d_out) * copies
         activations = self.batch_size * self.seq_len * (shape.d_in + rank * (2 if self.anchored else 1))
-        return self.dtype_bytes * (weights + activations)
+        return ADAPTER_BYTES * (weights + activations)  # float32 whatever the frozen weights' dtype
 
     def client_side(self, split_point: int) -> list[str]:
         """Candidates the client runs: blocks [0, s), and [L - t, L) in a U-shaped split."""

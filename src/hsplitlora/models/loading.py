@@ -177,7 +177,13 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def load_part(
-    name: str, blocks: range, embedding: bool, head: bool, seed: int = 0, with_tokenizer: bool = True
+    name: str,
+    blocks: range,
+    embedding: bool,
+    head: bool,
+    seed: int = 0,
+    with_tokenizer: bool = True,
+    dtype: str = "float32",
 ) -> LoadedModel:
     """A model whose only materialised weights are the given blocks and, if asked, the embeddings
     and/or the final norm and LM head; every other module stays on the meta device (no memory).
@@ -186,7 +192,7 @@ def load_part(
 
     hf_logging.disable_progress_bar()
     if name in TINY_MODELS:
-        loaded = load_model(name, seed=seed)
+        loaded = load_model(name, seed=seed, dtype=dtype)
         model = loaded.model
         arch = architecture_of(model)
         kept = {id(p) for path in _part_paths(arch, blocks, embedding, head)
@@ -199,7 +205,7 @@ def load_part(
     folder = _model_folder(name)
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     arch = architecture_of(model)
     tied = dict(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else {}
     wanted: dict[str, torch.nn.Parameter] = {}
@@ -227,7 +233,7 @@ def load_part(
             setattr(model.get_submodule(module_path), param_name, wanted[source])
     for path in arch.context_paths:  # weight-free helpers (rotary frequencies) are rebuilt on the CPU
         module = model.get_submodule(path)
-        model.set_submodule(path, type(module)(config=config))
+        model.set_submodule(path, type(module)(config=config))  # float32 frequencies, as from_pretrained keeps
     tokenizer = AutoTokenizer.from_pretrained(folder) if with_tokenizer else None
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -248,16 +254,27 @@ def held_parameter_names(model: torch.nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters(remove_duplicate=False) if not param.is_meta]
 
 
-def load_model(name: str = DEFAULT_MODEL, seed: int = 0) -> LoadedModel:
-    """`smollm2-135m` (default), `tiny` (LLaMA), `tiny-gpt2`, or a local Hugging Face model folder."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """float32 | bfloat16 | float16: the dtype of the frozen weights (adapters stay float32)."""
+    if name not in DTYPES:
+        raise UsageError(f"dtype {name!r} is unknown; choose one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def load_model(name: str = DEFAULT_MODEL, seed: int = 0, dtype: str = "float32") -> LoadedModel:
+    """`smollm2-135m` (default), `tiny` (LLaMA), `tiny-gpt2`, or a local Hugging Face model folder,
+    its weights in `dtype` (built or read in float32, then cast, so a seed gives the same weights)."""
     hf_logging.disable_progress_bar()  # our own progress display is the one a user should see
     if name in TINY_MODELS:
         tokenizer = byte_tokenizer()
         build = tiny_llama if name == "tiny" else tiny_gpt2
-        model = build(vocab_size=len(tokenizer), seed=seed)
+        model = build(vocab_size=len(tokenizer), seed=seed).to(torch_dtype(dtype))
     else:
         path = _model_folder(name)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -15,6 +15,15 @@ from hsplitlora.errors import UsageError
 from hsplitlora.models.architectures import Architecture, architecture_of
 
 
+def weights_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a part's frozen weights: what activations arriving at it are cast to (adapters
+    are float32 whatever it is)."""
+    for name, param in module.named_parameters():
+        if "lora_" not in name and param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids for right-padded batches: 0..T-1 on every row (padding sits after the text)."""
     return torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)

@@ -11,7 +11,7 @@ from hsplitlora.data.e2e import Batch
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
-from hsplitlora.models.split import ClientPart, UClientPart
+from hsplitlora.models.split import ClientPart, UClientPart, weights_dtype
 from hsplitlora.roles.adapters import AdapterHolder, adapter_name
 from hsplitlora.roles.messages import (
     ActivationGradient,
@@ -207,7 +207,7 @@ class Client:
         loss here, back-propagate through the tail and return dL/dh to the main server."""
         pending = self._expect(message)
         pending.traffic["activations_down"] = message.nbytes()
-        hidden = message.hidden.unpack().detach().requires_grad_(True)
+        hidden = message.hidden.unpack(weights_dtype(self.part.tail)).detach().requires_grad_(True)
         logits = self.part.tail(hidden, pending.batch.attention_mask)
         total, count = target_token_loss(logits, pending.batch.labels)
         loss = total / max(count, 1)
@@ -226,7 +226,7 @@ class Client:
         self._pending = None
         pending.traffic["gradients"] = message.nbytes()
         if pending.hidden.requires_grad:  # nothing to back-propagate without adapters or a probe
-            pending.hidden.backward(message.grad.unpack())
+            pending.hidden.backward(message.grad.unpack(pending.hidden.dtype))
         if self.probe is not None:
             self.probe.collect()
         if self.optimizer is not None:

@@ -12,7 +12,7 @@ from hsplitlora.compression import pack
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
-from hsplitlora.models.split import ServerPart
+from hsplitlora.models.split import ServerPart, weights_dtype
 from hsplitlora.roles.adapters import AdapterHolder, adapter_name
 from hsplitlora.roles.messages import (
     ActivationGradient,
@@ -145,7 +145,7 @@ class MainServer:
                                "whose middle it did not run")  # fmt: skip
         del self._middle[cid]
         if output.requires_grad:
-            output.backward(message.grad.unpack())
+            output.backward(message.grad.unpack(output.dtype))
         self._finish(cid)
         grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
         return ActivationGradient(cid, message.step, pack(grad, self.compression), None, 0)
@@ -154,7 +154,7 @@ class MainServer:
         cid = message.client_id
         part = self.parts[cid]
         set_active_adapter(part, adapter_name(cid))
-        hidden = message.hidden.unpack().detach().requires_grad_(True)
+        hidden = message.hidden.unpack(weights_dtype(part)).detach().requires_grad_(True)
         probe = self.probes.get(cid)
         if probe is not None:
             probe.start()
