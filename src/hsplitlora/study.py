@@ -197,7 +197,9 @@ def _same_config(run_dir: Path, config: RunConfig) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))
-    return all(saved.get(key) == value for key, value in wanted.items())
+    # A setting added since the run was written had its default then: a missing key means the default.
+    defaults = json.loads(json.dumps(dataclasses.asdict(RunConfig())))
+    return all(saved.get(key, defaults[key]) == value for key, value in wanted.items())
 
 
 def _run_one(config: RunConfig, log) -> None:
