@@ -48,6 +48,9 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
     parser.add_argument("--data-dir", help="E2E's folder, holding devset.csv and testset_w_refs.csv")
     parser.add_argument("--dtype", help="frozen weights: float32 (default), bfloat16 or float16; adapters and "
                         "optimizer state stay float32")  # fmt: skip
+    parser.add_argument("--device", help="cpu (default), cuda, cuda:N or mps, for every role")
+    parser.add_argument("--client-device", help="the clients' device (default: --device)")
+    parser.add_argument("--server-device", help="the main server's device (default: --device), e.g. cuda")
     if one_run:
         parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default hsplitlora)")
     parser.add_argument("--clients", type=int, help="number of clients K (default 5)")
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", help="folder holding testset_w_refs.csv (default: the run's)")
     evaluate.add_argument("--output", metavar="DIR", help="write predictions.txt and eval.json here (default: RUN_DIR)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier eval.json and predictions.txt")
+    evaluate.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:N or mps")
     export = commands.add_parser("export", help="a finished run's merged model as a Hugging Face folder")
     export.add_argument("run_dir", help="a run folder written by hsplitlora run")
     target = export.add_mutually_exclusive_group(required=True)
@@ -171,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 RUN_KEYS = (
     "model", "data", "val_data", "client_data", "prompt_field", "response_field", "partition_field", "data_dir",
-    "dtype", "strategy", "clients", "rounds", "local_steps", "budgets", "device_preset",
+    "dtype", "device", "client_device", "server_device", "strategy", "clients", "rounds", "local_steps", "budgets",
+    "device_preset",
     "server_budget", "server_flops", "split_point", "rank", "alpha", "targets", "partition", "dirichlet_alpha",
     "batch_size",
     "max_seq_len", "lr", "eval_every", "val_size", "output_dir", "seed", "threads", "engine", "ray_address",
@@ -404,7 +409,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         task = progress.add_task("generating", total=None)
         result = evaluate_run(args.run_dir, args.limit, settings,
                               lambda done, total: progress.update(task, completed=done, total=total),
-                              data_dir=args.data_dir, output=args.output, overwrite=args.overwrite)  # fmt: skip
+                              data_dir=args.data_dir, output=args.output, overwrite=args.overwrite,
+                              device=args.device)  # fmt: skip
     print(f"perplexity {result['perplexity']:.4f} over {result['target_tokens']} target tokens "
           f"({result['references']} references of {result['mrs']} MRs)")  # fmt: skip
     print(format_scores(result["metrics"]))

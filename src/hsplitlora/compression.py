@@ -37,12 +37,15 @@ class Packed:
         total = self.data.numel() * self.data.element_size()
         return total + (self.scale.numel() * self.scale.element_size() if self.scale is not None else 0)
 
-    def unpack(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor the receiver computes with, in its weights' dtype (float32 by default)."""
+    def unpack(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        """The tensor the receiver computes with: in its weights' dtype (float32 by default), on its
+        device (where it was sent from by default)."""
+        device = device if device is not None else self.data.device
         if self.mode == "fp32":
-            return self.data.to(dtype)
-        values = self.data.float()
-        return (values * self.scale if self.scale is not None else values).to(dtype)
+            return self.data.to(device=device, dtype=dtype)
+        values = self.data.to(device).float()
+        scale = self.scale.to(device) if self.scale is not None else None
+        return (values * scale if scale is not None else values).to(dtype)
 
 
 def check_mode(mode: str) -> str:

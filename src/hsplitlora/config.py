@@ -35,6 +35,9 @@ class RunConfig:
     partition_field: str | None = None  # Dirichlet over this field's values (E2E: eatType and food)
     data_dir: str | None = None  # E2E's folder; default: $HSPLITLORA_DATA_DIR or ../shared/data/e2e
     dtype: str = "float32"  # the frozen weights: float32 | bfloat16 | float16 (adapters stay float32)
+    device: str = "cpu"  # cpu | cuda | cuda:N | mps, for every role ...
+    client_device: str | None = None  # ... or the clients' and the main server's apart
+    server_device: str | None = None
     strategy: str = "hsplitlora"
     clients: int = 5
     rounds: int = 2
@@ -79,7 +82,8 @@ class RunConfig:
     tail_blocks: int = 1
     engine: str = "inprocess"  # inprocess | ray
     ray_address: str | None = None  # join this Ray cluster; default: a local instance on localhost
-    ray_client_resources: dict | None = None  # Ray actor options per client: num_cpus, memory, resources
+    ray_client_resources: dict | None = None  # Ray actor options per client: num_cpus, num_gpus, memory, resources
+    ray_server_resources: dict | None = None  # Ray actor options of the main server (e.g. num_gpus: 1)
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
@@ -190,6 +194,9 @@ class RunConfig:
         from hsplitlora.models.loading import torch_dtype
 
         torch_dtype(self.dtype)
+        from hsplitlora.placement import placement
+
+        placement(self.device, self.client_device, self.server_device, check=False)
         if not self.dirichlet_alpha > 0:
             raise UsageError(f"dirichlet_alpha must be a positive number, got {self.dirichlet_alpha}.")
         if (

@@ -74,7 +74,7 @@ def write_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, temporary,
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temporary,
               metadata={k: str(v) for k, v in (metadata or {}).items()})  # fmt: skip
     os.chmod(temporary, 0o644)
     os.replace(temporary, path)

@@ -9,6 +9,7 @@ importance -> aggregation at the fed server -> merge -> evaluation -> log and ch
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -40,6 +41,7 @@ from hsplitlora.method.planner import Plan
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point, check_tail_blocks
+from hsplitlora.placement import placement
 from hsplitlora.reporting import (
     RUN_FILES,
     RunFolder,
@@ -162,6 +164,7 @@ def run(
     replaces a run already in that folder (otherwise refused)."""
     config.validate()
     prepare_paths(config, resume, overwrite)
+    where = placement(config.device, config.client_device, config.server_device)
     reporter = reporter or Reporter()
     log = log or (lambda message: None)
     if config.threads:
@@ -214,14 +217,18 @@ def run(
         spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
                 "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
                 "compression": config.compression, "tail_blocks": config.tail, "dtype": config.dtype,
+                "client_device": str(where.client), "server_device": str(where.server),
                 # Steps are sequential (client, server, client), so each actor may use every core.
                 "threads": config.threads or os.cpu_count()}  # fmt: skip
         shard_items = [[encoded[i] for i in shard] for shard in shards]
         engine = RayEngine(spec, shard_items, cuts, candidates, fed_server, config.ray_address,
-                           config.ray_client_resources)  # fmt: skip
+                           config.ray_client_resources, config.ray_server_resources)  # fmt: skip
     else:
-        clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id)
-        engine = InProcessEngine(model, arch, candidates, clients, server, fed_server)
+        clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id, where)
+        # Placed once: the clients' copy, and the main server's own copy when it computes elsewhere.
+        server_model = copy.deepcopy(model).to(where.server) if where.separate else None
+        model.to(where.client)
+        engine = InProcessEngine(model, arch, candidates, clients, server, fed_server, server_model)
     reporter.engine_ready(engine)
     setup = _Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
                    val_batches, fixed_ranks, steps_per_round, started, notes, data.description)  # fmt: skip

@@ -15,6 +15,7 @@ from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point
+from hsplitlora.placement import Placement
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.main_server import MainServer
 from hsplitlora.roles.messages import RoundPlan
@@ -31,15 +32,22 @@ class Federation:
 
 
 def make_roles(
-    config: RunConfig, candidates: dict[str, Candidate], encoded: list, shards: list[list[int]], pad_id: int
+    config: RunConfig,
+    candidates: dict[str, Candidate],
+    encoded: list,
+    shards: list[list[int]],
+    pad_id: int,
+    placement: Placement | None = None,
 ) -> tuple[list[Client], MainServer]:
-    """One client per shard (its examples, its seeded batch order) and the main server."""
+    """One client per shard (its examples, its seeded batch order) and the main server, each on
+    its device."""
+    where = placement or Placement(torch.device("cpu"), torch.device("cpu"))
     clients = [
         Client(cid, Batcher([encoded[i] for i in shard], config.batch_size, pad_id, config.seed + cid),
-               candidates, config.lr, config.alpha, config.seed, config.compression)
+               candidates, config.lr, config.alpha, config.seed, config.compression, where.client)
         for cid, shard in enumerate(shards)
     ]  # fmt: skip
-    return clients, MainServer(candidates, config.lr, config.alpha, config.seed, config.compression)
+    return clients, MainServer(candidates, config.lr, config.alpha, config.seed, config.compression, where.server)
 
 
 def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Federation:

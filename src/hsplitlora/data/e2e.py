@@ -39,6 +39,12 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T), 1 on real tokens
     labels: torch.Tensor  # (B, T), IGNORE_INDEX on prompt and padding
 
+    def to(self, device: torch.device | str) -> Batch:
+        """This batch on `device` (itself when it is there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
     @property
     def num_target_tokens(self) -> int:
         # Each label predicts the next token, so the first position never counts.

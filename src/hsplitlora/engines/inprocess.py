@@ -1,6 +1,8 @@
 """The in-process engine: every role is an object in this process and a message is a function
 argument. Clients are logically parallel; the main server interleaves their steps. Clients and
-the main server share the model's modules here, so a merge is applied once to the shared copy."""
+the main server share the model's modules here, so a merge is applied once to the shared copy;
+when the main server computes on another device it holds a copy of its own (`server_model`),
+which takes every merge too."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from hsplitlora.evaluation.perplexity import evaluate_loss
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.method.importance import warmup_sums
 from hsplitlora.models.architectures import Architecture
-from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part
+from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part, weights_dtype
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
@@ -29,8 +31,10 @@ class InProcessEngine(TrafficLedger):
         clients: Sequence[Client],
         server: MainServer,
         fed_server: FedServer | None = None,
+        server_model: torch.nn.Module | None = None,
     ):
         self.model = model
+        self.server_model = server_model if server_model is not None else model
         self.arch = arch
         self.candidates = candidates
         self.clients = list(clients)
@@ -54,7 +58,7 @@ class InProcessEngine(TrafficLedger):
                 client.configure(plan, part, head=head, full_finetune_lr=full_finetune_lr)
                 continue
             client.configure(plan, client_part(self.arch, self.model, plan.split_point, plan.tail_blocks))
-            part = server_part(self.arch, self.model, plan.split_point, plan.tail_blocks)
+            part = server_part(self.arch, self.server_model, plan.split_point, plan.tail_blocks)
             self.server.configure(plan, part)
 
     def measure_importance(self, enabled: bool) -> None:
@@ -124,17 +128,22 @@ class InProcessEngine(TrafficLedger):
 
     @torch.no_grad()
     def _merge_once(self, update: ModelUpdate) -> None:
-        # Every client and the main server hold the very same tensors here: merge each once.
+        # Every client and the main server hold the very same tensors here: merge each once (per copy).
         for name, delta in update.deltas.items():
             candidate = self.candidates[name]
-            layer = self.model.get_submodule(candidate.module)
-            layer.merge(candidate.slot, delta if isinstance(delta, torch.Tensor) else delta.dense())
+            dense = delta if isinstance(delta, torch.Tensor) else delta.dense()
+            for model in self._copies():
+                model.get_submodule(candidate.module).merge(candidate.slot, dense)
+
+    def _copies(self) -> list[torch.nn.Module]:
+        return [self.model] if self.server_model is self.model else [self.model, self.server_model]
 
     # -- what the round loop needs from the roles, without reaching into them ------------------------
     def warmup_importance(self) -> list[tuple[dict[str, float], int]]:
         """Per client: sum_j w_j dL/dw_j over one of its batches on the frozen model (round 1's
         importance, before any training; equal to what client and main server would measure)."""
-        return [warmup_sums(self.model, self.candidates, [next(client.batches)]) for client in self.clients]
+        return [warmup_sums(self.model, self.candidates, [next(client.batches).to(client.device)])
+                for client in self.clients]  # fmt: skip
 
     def round_counters(self) -> list[dict[str, int]]:
         return [{"samples": client.samples, "tokens": client.tokens} for client in self.clients]
@@ -143,15 +152,34 @@ class InProcessEngine(TrafficLedger):
         """Mean target-token loss of the current model: merged weights, plus client `client_id`'s
         adapters for strategies whose adapters carry the update (None: merged weights only)."""
         adapter = None if client_id is None else self.clients[client_id].adapter
-        loss, _ = evaluate_loss(self.forward_with(adapter), batches)
+        split = client_id is not None and self.server_model is not self.model and not self.clients[client_id].local
+        # With a main server copy of its own, its adapters of this client live there: run the split.
+        loss, _ = evaluate_loss(self._split_forward(client_id) if split else self.forward_with(adapter), batches)
         return loss
+
+    def _split_forward(self, client_id: int) -> Callable:
+        client, part = self.clients[client_id], self.server.parts[client_id]
+        adapter = client.adapter
+
+        def forward(batch):
+            batch = batch.to(client.device)
+            set_active_adapter(client.part, adapter)
+            set_active_adapter(part, adapter)
+            front = client.part.front if client.u_shaped else client.part
+            hidden = front(batch.input_ids, batch.attention_mask)
+            out = part(hidden.to(self.server.device, weights_dtype(part)), batch.attention_mask.to(self.server.device))
+            if client.u_shaped:
+                out = client.part.tail(out.to(client.device, weights_dtype(client.part.tail)), batch.attention_mask)
+            return out
+
+        return forward
 
     def trained_weights(self, full_finetune: bool) -> dict[str, torch.Tensor]:
         """What training changed: every candidate's merged weight, or every weight under full FT."""
         if full_finetune:
-            return {n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_" not in n}
+            return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if "lora_" not in n}
         return {
-            name: self.model.get_submodule(c.module).weight(c.slot).detach().clone().contiguous()
+            name: self.model.get_submodule(c.module).weight(c.slot).detach().to("cpu", copy=True).contiguous()
             for name, c in self.candidates.items()
         }
 
@@ -188,13 +216,14 @@ class InProcessEngine(TrafficLedger):
     ) -> None:  # fmt: skip
         """Undo `state`: the inverse, given the plan the checkpointed round ran with."""
         self.configure(plans, full_finetune_lr=full_finetune_lr)  # adapters need their parts and shapes
-        if full_finetune_lr is not None:
-            for name, param in self.model.named_parameters():
-                if f"weight/{name}" in tensors:
-                    param.copy_(tensors[f"weight/{name}"])
-        else:
-            for name, c in self.candidates.items():
-                self.model.get_submodule(c.module).weight(c.slot).copy_(tensors[f"weight/{name}"])
+        for model in self._copies():
+            if full_finetune_lr is not None:
+                for name, param in model.named_parameters():
+                    if f"weight/{name}" in tensors:
+                        param.copy_(tensors[f"weight/{name}"])
+            else:
+                for name, c in self.candidates.items():
+                    model.get_submodule(c.module).weight(c.slot).copy_(tensors[f"weight/{name}"])
         for client, client_state in zip(self.clients, state["clients"], strict=True):
             client.load_state_dict(client_state, role_tensors(tensors, f"client/{client.client_id}/"))
         self.server.load_state_dict(role_tensors(tensors, "server/"))
@@ -203,8 +232,11 @@ class InProcessEngine(TrafficLedger):
     def forward_with(self, adapter: str | None) -> Callable:
         """The whole model's logits with one client's adapters active (None: merged weights only)."""
 
+        device = next(self.model.parameters()).device
+
         def forward(batch):
             set_active_adapter(self.model, adapter)
+            batch = batch.to(device)
             return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
         return forward

@@ -27,8 +27,8 @@ from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import attach_lora, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.models.architectures import architecture_of
-from hsplitlora.models.loading import held_parameter_names, load_part
-from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part
+from hsplitlora.models.loading import held_parameter_names, load_part, place
+from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part, weights_dtype
 from hsplitlora.roles.adapters import adapter_name
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
@@ -39,11 +39,12 @@ from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
 class _Holder:
     """What both actor kinds share: a partial model with LoRA layers on its candidates."""
 
-    def _load(self, spec: dict, blocks: Sequence[int], embedding: bool, head: bool) -> None:
+    def _load(self, spec: dict, blocks: Sequence[int], embedding: bool, head: bool, device: str = "cpu") -> None:
         torch.set_num_threads(spec.get("threads") or 1)
         loaded = load_part(spec["model"], blocks, embedding=embedding, head=head, seed=spec["seed"],
                            with_tokenizer=False, dtype=spec.get("dtype", "float32"))  # fmt: skip
-        self.model = loaded.model
+        self.device = torch.device(device)
+        self.model = place(loaded.model, self.device)  # the modules it does not hold stay on meta
         self.arch = architecture_of(self.model)
         self.num_blocks = self.arch.num_blocks(self.model)
         self.blocks = blocks
@@ -55,10 +56,10 @@ class _Holder:
 
     def weights(self, names: Sequence[str], full: bool = False) -> dict[str, torch.Tensor]:
         if full:
-            return {n: p.detach().clone() for n, p in self.model.named_parameters()
+            return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
                     if "lora_" not in n and not p.is_meta and any(n.startswith(k) for k in names)}  # fmt: skip
-        return {n: self.model.get_submodule(self.candidates[n].module).weight(self.candidates[n].slot).detach().clone()
-                for n in names if n in self.candidates}  # fmt: skip
+        return {n: self.model.get_submodule(self.candidates[n].module).weight(self.candidates[n].slot).detach()
+                .to("cpu", copy=True) for n in names if n in self.candidates}  # fmt: skip
 
     @torch.no_grad()
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -81,10 +82,11 @@ class ClientActor(_Holder):
     def __init__(self, spec: dict, client_id: int, items: list[Encoded], split_point: int, local: bool):
         self.tail_blocks = spec.get("tail_blocks")
         blocks = client_blocks(split_point, spec["num_blocks"], None if local else self.tail_blocks)
-        self._load(spec, blocks, embedding=True, head=local or self.tail_blocks is not None)
+        device = spec.get("client_device", "cpu")
+        self._load(spec, blocks, embedding=True, head=local or self.tail_blocks is not None, device=device)
         batches = Batcher(items, spec["batch_size"], spec["pad_id"], spec["seed"] + client_id)
         self.client = Client(client_id, batches, self.candidates, spec["lr"], spec["alpha"], spec["seed"],
-                             spec.get("compression", "fp32"))  # fmt: skip
+                             spec.get("compression", "fp32"), device)  # fmt: skip
 
     def configure(self, plan: RoundPlan, ft_lr: float | None) -> None:
         if plan.split_point >= self.num_blocks:
@@ -128,17 +130,20 @@ class ClientActor(_Holder):
     def eval_forward(self, input_ids, attention_mask, adapter: str | None):
         set_active_adapter(self.client.part, adapter)
         front = self.client.part.front if self.client.u_shaped else self.client.part
-        return front(input_ids, attention_mask)
+        return front(input_ids.to(self.device), attention_mask.to(self.device)).cpu()
 
     @torch.no_grad()
     def eval_tail_loss(self, hidden, attention_mask, labels, adapter: str | None):
         set_active_adapter(self.client.part, adapter)
-        total, count = target_token_loss(self.client.part.tail(hidden, attention_mask), labels)
+        hidden, attention_mask, labels = (t.to(self.device) for t in (hidden, attention_mask, labels))
+        total, count = target_token_loss(self.client.part.tail(hidden.to(weights_dtype(self.client.part.tail)),
+                                                               attention_mask), labels)  # fmt: skip
         return float(total), count
 
     @torch.no_grad()
     def eval_head_loss(self, hidden, attention_mask, labels, adapter: str | None):
         set_active_adapter(self.client.head, adapter)
+        hidden, attention_mask, labels = (t.to(self.device) for t in (hidden, attention_mask, labels))
         total, count = target_token_loss(self.client.head(hidden, attention_mask), labels)
         return float(total), count
 
@@ -156,9 +161,10 @@ class ServerActor(_Holder):
     def __init__(self, spec: dict, shallowest_split: int):
         self.tail_blocks = spec.get("tail_blocks")  # U-shaped: the server holds only the middle
         end = spec["num_blocks"] - (self.tail_blocks or 0)
-        self._load(spec, range(shallowest_split, end), embedding=False, head=self.tail_blocks is None)
+        device = spec.get("server_device", "cpu")
+        self._load(spec, range(shallowest_split, end), embedding=False, head=self.tail_blocks is None, device=device)
         self.server = MainServer(self.candidates, spec["lr"], spec["alpha"], spec["seed"],
-                                 spec.get("compression", "fp32"))  # fmt: skip
+                                 spec.get("compression", "fp32"), device)  # fmt: skip
 
     def configure(self, plan: RoundPlan) -> None:
         self.server.configure(plan, server_part(self.arch, self.model, plan.split_point, self.tail_blocks))
@@ -191,14 +197,15 @@ class ServerActor(_Holder):
     def eval_loss(self, client_id: int, hidden, attention_mask, labels, adapter: str | None):
         part = self.server.parts[client_id]
         set_active_adapter(part, adapter)
-        total, count = target_token_loss(part(hidden, attention_mask), labels)
+        hidden, attention_mask, labels = (t.to(self.device) for t in (hidden, attention_mask, labels))
+        total, count = target_token_loss(part(hidden.to(weights_dtype(part)), attention_mask), labels)
         return float(total), count
 
     @torch.no_grad()
     def eval_middle(self, client_id: int, hidden, attention_mask, adapter: str | None):
         part = self.server.parts[client_id]
         set_active_adapter(part, adapter)
-        return part(hidden, attention_mask)
+        return part(hidden.to(self.device, weights_dtype(part)), attention_mask.to(self.device)).cpu()
 
     def adapter_deltas(self, client_id: int) -> dict:
         return self.server.adapter_deltas(client_id)
@@ -222,6 +229,7 @@ class RayEngine(TrafficLedger):
         fed_server: FedServer,
         address: str | None = None,
         client_resources: dict | None = None,
+        server_resources: dict | None = None,
     ):
         import ray
 
@@ -246,7 +254,8 @@ class RayEngine(TrafficLedger):
         self.client_class = ray.remote(ClientActor).options(**(client_resources or {"num_cpus": 0}))
         self.actors = [self._start_client(cid) for cid in range(len(shards))]
         split = [s for s, local in zip(split_points, self.local, strict=True) if not local]
-        self.server = ray.remote(ServerActor).options(num_cpus=0).remote(spec, min(split)) if split else None
+        server_options = server_resources or {"num_cpus": 0}  # e.g. {"num_gpus": 1} with server_device cuda
+        self.server = ray.remote(ServerActor).options(**server_options).remote(spec, min(split)) if split else None
         self.dead: set[int] = set()
         self.snapshots: dict[int, dict] = {}
         self.plans: list[RoundPlan] = []

@@ -39,7 +39,7 @@ def generate(
     try:
         for start in range(0, len(prompts), settings.batch_size):
             chunk = prompts[start : start + settings.batch_size]
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             generated = model.generate(
                 **encoded,
                 do_sample=False,

@@ -67,6 +67,7 @@ def evaluate_run(
     data_dir: str | Path | None = None,
     output: str | Path | None = None,
     overwrite: bool = False,
+    device: str = "cpu",
 ) -> dict:
     """Perplexity on the test references of the first `limit` MRs (all by default), beam-search
     outputs for those MRs and their five E2E metrics, written to `output` (default: the run
@@ -77,7 +78,12 @@ def evaluate_run(
         refuse_clobbering(output, ("eval.json", "predictions.txt"), "an evaluation",
                           "give --overwrite to replace it, or --output DIR to write elsewhere.")  # fmt: skip
     rows = read_e2e(data_file(data_dir, "test")) if data_dir else None
+    from hsplitlora.placement import check_available, parse_device
+
+    where = parse_device(device)
+    check_available(where)
     loaded, config = load_run_model(run_dir)
+    loaded.model.to(where)
     settings = settings or GenerationSettings()
     if config.get("data", "e2e") == "e2e" and not config.get("client_data"):
         rows = rows or read_e2e(data_file(config.get("data_dir"), "test"))

@@ -171,14 +171,17 @@ class MultiLoRALayer(nn.Module):
     @torch.no_grad()
     def merge(self, slot: str, delta: torch.Tensor) -> None:
         """W <- W + delta for one slot; delta has shape (d_out_slot, d_in)."""
-        self.weight(slot).add_(delta.to(self.base.weight.dtype))
+        weight = self.base.weight
+        self.weight(slot).add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     # -- importance probe -----------------------------------------------------------------------
     def track_importance(self, enabled: bool) -> None:
         """Turn the unit gates on (a fresh zero gradient) or off."""
         if enabled:
             weight = self.base.weight
-            self.importance_gate = torch.ones(len(self.slot_bounds), dtype=weight.dtype, requires_grad=True)
+            self.importance_gate = torch.ones(
+                len(self.slot_bounds), dtype=weight.dtype, device=weight.device, requires_grad=True
+            )
         else:
             self.importance_gate = None
 
@@ -198,7 +201,7 @@ class MultiLoRALayer(nn.Module):
         weight, bias = self.base.weight, self.base.bias
         wx = x @ weight if self.transposed else F.linear(x, weight)
         sizes = [hi - lo for lo, hi in self.slot_bounds.values()]
-        scale = gate[0] if len(sizes) == 1 else torch.repeat_interleave(gate, torch.tensor(sizes))
+        scale = gate[0] if len(sizes) == 1 else torch.repeat_interleave(gate, torch.tensor(sizes, device=gate.device))
         out = wx * scale
         return out if bias is None else out + bias
 

@@ -240,6 +240,27 @@ def load_part(
     return LoadedModel(model=freeze(model), tokenizer=tokenizer, name=name)
 
 
+@torch.no_grad()
+def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """Move the weights and buffers a (partial) model holds to `device`; modules left on the meta
+    device (what this holder does not hold) stay there. Tied weights stay tied."""
+    device = torch.device(device)
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is None or tensor.is_meta or tensor.device == device:
+                    continue
+                if id(tensor) not in moved:
+                    data = tensor.data.to(device)
+                    moved[id(tensor)] = (
+                        torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
+                        if isinstance(tensor, torch.nn.Parameter) else data
+                    )  # fmt: skip
+                store[name] = moved[id(tensor)]
+    return model
+
+
 def _part_paths(arch, blocks: range, embedding: bool, head: bool) -> list[str]:
     paths = [f"{arch.blocks_path}.{i}" for i in blocks]
     if embedding:

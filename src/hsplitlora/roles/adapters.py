@@ -97,9 +97,10 @@ class AdapterHolder:
             a, b, scale = found
             status = self.anchor_status.get((name, candidate), "zero")
             anchor = layer.anchor(name, slot) if status == "sent" else None
+            # Uploads leave the holder's device: the fed server aggregates on the CPU.
             out[candidate] = AdapterFactors(
-                client_id, samples, a.detach().clone(), b.detach().clone(), scale, status,
-                *((anchor[0].clone(), anchor[1].clone()) if anchor is not None else (None, None)),
+                client_id, samples, _sent(a), _sent(b), scale, status,
+                *((_sent(anchor[0]), _sent(anchor[1])) if anchor is not None else (None, None)),
             )  # fmt: skip
         return out
 
@@ -147,7 +148,7 @@ class AdapterHolder:
 
     def deltas(self, part: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
         """What each adapter adds to its weight, (alpha/r)(B A - B0 A0), dense."""
-        return {candidate: layer.delta(name, self.candidates[candidate].slot).detach()
+        return {candidate: layer.delta(name, self.candidates[candidate].slot).detach().cpu()
                 for candidate, layer in self._layers(part).items()
                 if layer.factors(name, self.candidates[candidate].slot) is not None}  # fmt: skip
 
@@ -190,16 +191,23 @@ class AdapterHolder:
             a.copy_(tensors[f"{candidate}/A"])
             b.copy_(tensors[f"{candidate}/B"])
             if f"{candidate}/A0" in tensors:
-                layer.anchors[(name, slot)] = (tensors[f"{candidate}/A0"].clone(), tensors[f"{candidate}/B0"].clone())
+                layer.anchors[(name, slot)] = (tensors[f"{candidate}/A0"].to(a.device, copy=True),
+                                               tensors[f"{candidate}/B0"].to(b.device, copy=True))  # fmt: skip
             else:
                 layer.anchors.pop((name, slot), None)
             self.anchor_status[(name, candidate)] = ANCHOR_CODES[int(tensors[f"{candidate}/anchor"])]
             if optimizer is not None:
                 for key, param in (("A", a), ("B", b)):
-                    saved = {f: tensors[f"{candidate}/{key}.{f}"].clone() for f in ADAMW_FIELDS
-                             if f"{candidate}/{key}.{f}" in tensors}  # fmt: skip
+                    # AdamW keeps its step count on the CPU, its moments beside the parameter.
+                    saved = {f: tensors[f"{candidate}/{key}.{f}"].to("cpu" if f == "step" else param.device, copy=True)
+                             for f in ADAMW_FIELDS if f"{candidate}/{key}.{f}" in tensors}  # fmt: skip
                     if saved:
                         optimizer.state[param] = saved
+
+
+def _sent(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` as it leaves its holder: detached, on the CPU."""
+    return tensor.detach().to("cpu", copy=True)
 
 
 ANCHOR_CODES = ("zero", "held", "sent", "uploaded")

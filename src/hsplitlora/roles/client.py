@@ -50,8 +50,10 @@ class Client:
         alpha: float = 16.0,
         seed: int = 0,
         compression: str = "fp32",
+        device: torch.device | str = "cpu",
     ):
         self.client_id = client_id
+        self.device = torch.device(device)  # where its part computes; batches are moved here
         self.compression = compression  # of the activations this client sends
         self.adapter = adapter_name(client_id)
         self.batches = batches
@@ -163,7 +165,7 @@ class Client:
 
     def local_step(self) -> float:
         """A whole-model step on the client: forward, loss, backward, update. Nothing is sent."""
-        batch = next(self.batches)
+        batch = next(self.batches).to(self.device)
         set_active_adapter(self.part, self.adapter)
         set_active_adapter(self.head, self.adapter)
         logits = self.head(self.part(batch.input_ids, batch.attention_mask), batch.attention_mask)
@@ -182,7 +184,7 @@ class Client:
     def forward(self) -> Activations:
         """Run the client part (the front, in a U-shaped split) on the next private batch; keep the
         graph for `backward`. In a U-shaped split the labels stay here."""
-        batch = next(self.batches)
+        batch = next(self.batches).to(self.device)
         set_active_adapter(self.part, self.adapter)
         if self.probe is not None:
             self.probe.start()
@@ -207,7 +209,7 @@ class Client:
         loss here, back-propagate through the tail and return dL/dh to the main server."""
         pending = self._expect(message)
         pending.traffic["activations_down"] = message.nbytes()
-        hidden = message.hidden.unpack(weights_dtype(self.part.tail)).detach().requires_grad_(True)
+        hidden = message.hidden.unpack(weights_dtype(self.part.tail), self.device).detach().requires_grad_(True)
         logits = self.part.tail(hidden, pending.batch.attention_mask)
         total, count = target_token_loss(logits, pending.batch.labels)
         loss = total / max(count, 1)
@@ -226,7 +228,7 @@ class Client:
         self._pending = None
         pending.traffic["gradients"] = message.nbytes()
         if pending.hidden.requires_grad:  # nothing to back-propagate without adapters or a probe
-            pending.hidden.backward(message.grad.unpack(pending.hidden.dtype))
+            pending.hidden.backward(message.grad.unpack(pending.hidden.dtype, pending.hidden.device))
         if self.probe is not None:
             self.probe.collect()
         if self.optimizer is not None:

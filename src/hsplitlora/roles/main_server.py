@@ -29,9 +29,10 @@ from hsplitlora.roles.messages import (
 class MainServer:
     def __init__(
         self, candidates: Mapping[str, Candidate], lr: float, alpha: float = 16.0, seed: int = 0,
-        compression: str = "fp32",
+        compression: str = "fp32", device: torch.device | str = "cpu",
     ):  # fmt: skip
         self.lr = lr
+        self.device = torch.device(device)  # where its parts compute; arriving tensors are moved here
         self.compression = compression  # of the gradients sent back
         self.generator = torch.Generator().manual_seed(seed * 100_003 + 99_991)
         self.holder = AdapterHolder(candidates, alpha, lr, self.generator, seed)
@@ -121,7 +122,7 @@ class MainServer:
         if message.labels is None:
             raise RuntimeError(f"client {cid}'s activations carry no labels; a U-shaped step goes to forward_middle")
         hidden, output = self._forward(message)
-        loss_sum, count = target_token_loss(output, message.labels)
+        loss_sum, count = target_token_loss(output, message.labels.to(self.device))
         loss = loss_sum / max(count, 1)
         loss.backward()
         self._finish(cid)
@@ -145,7 +146,7 @@ class MainServer:
                                "whose middle it did not run")  # fmt: skip
         del self._middle[cid]
         if output.requires_grad:
-            output.backward(message.grad.unpack(output.dtype))
+            output.backward(message.grad.unpack(output.dtype, self.device))
         self._finish(cid)
         grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
         return ActivationGradient(cid, message.step, pack(grad, self.compression), None, 0)
@@ -154,13 +155,13 @@ class MainServer:
         cid = message.client_id
         part = self.parts[cid]
         set_active_adapter(part, adapter_name(cid))
-        hidden = message.hidden.unpack(weights_dtype(part)).detach().requires_grad_(True)
+        hidden = message.hidden.unpack(weights_dtype(part), self.device).detach().requires_grad_(True)
         probe = self.probes.get(cid)
         if probe is not None:
             probe.start()
         self.samples[cid] = self.samples.get(cid, 0) + message.hidden.shape[0]
         self.tokens[cid] = self.tokens.get(cid, 0) + int(message.attention_mask.sum())
-        return hidden, part(hidden, message.attention_mask)
+        return hidden, part(hidden, message.attention_mask.to(self.device))
 
     def _finish(self, cid: int) -> None:
         """After a backward pass: read the importance gates, step this client's optimizer."""
