@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hsplitlora.cli import main
 
@@ -283,3 +285,107 @@ def test_bad_csv_data_is_named_in_one_sentence(tmp_path, capsys, content, messag
     assert run_cli("run", *TINY, "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "run")) == 2
     one_sentence(capsys.readouterr().err, message)
     assert not (tmp_path / "run").exists()
+
+
+# -- issue 16 item 6: model folders, positions, memory, and fuzzed files ----------------------------------
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    from hsplitlora.models.loading import byte_tokenizer, tiny_llama
+
+    folder = tmp_path_factory.mktemp("models") / "good"
+    tiny_llama().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("no weights", "holds no .safetensors weights"),
+        ("config not json", "config.json is not valid JSON"),
+        ("unknown architecture", "holds a model of type 'bert', which is not supported"),
+        ("no tokenizer", "has no tokenizer"),
+        ("truncated weights", "not a readable safetensors file"),
+        ("garbled weights", "not a readable safetensors file"),
+    ],
+)
+def test_a_model_folder_that_cannot_load_is_one_sentence(model_folder, tmp_path, capsys, damage, message):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    weights = folder / "model.safetensors"
+    if damage == "no weights":
+        weights.unlink()
+    elif damage == "config not json":
+        (folder / "config.json").write_text("{not json")
+    elif damage == "unknown architecture":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    elif damage == "no tokenizer":
+        for path in folder.iterdir():
+            if "token" in path.name:
+                path.unlink()
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:5000])
+    else:
+        weights.write_bytes(b"garbage" * 100)
+    out = tmp_path / "run"
+    assert run_cli("run", "--model", str(folder), "--clients", "2", "--budgets", "5MB", "--output-dir", str(out)) == 2
+    one_sentence(capsys.readouterr().err, message)
+    assert not out.exists()
+
+
+def test_a_gpt2_sequence_beyond_its_positions_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("run", "--model", "tiny-gpt2", "--max-seq-len", "2000", "--output-dir", str(out)) == 2
+    one_sentence(capsys.readouterr().err, "max_seq_len 2000 exceeds the 512 positions this model learned")
+
+
+def test_memory_the_machine_cannot_hold_is_refused_before_training(tmp_path, capsys, monkeypatch, copy_of):
+    import hsplitlora.resources
+
+    monkeypatch.setattr(hsplitlora.resources, "available_memory", lambda: 10 * 2**20)
+    out = tmp_path / "new"
+    assert run_cli("run", *TINY, "--batch-size", "64", "--budgets", "1GB", "--output-dir", str(out)) == 2
+    one_sentence(capsys.readouterr().err, "simulating every client in this process needs about",
+                 "but this machine has 10.0 MiB available", "lower batch_size")  # fmt: skip
+    assert not (out / "metrics.jsonl").exists()
+    assert run_cli("eval", str(copy_of), "--beams", "64", "--batch-size", "64") == 2
+    one_sentence(capsys.readouterr().err, "beam search with 64 beams over batches of 64 needs about")
+    assert not (copy_of / "eval.json").exists()
+
+
+FILES = ["config.json", "metrics.jsonl", "checkpoint/state.json", "checkpoint/weights.safetensors"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(target=st.sampled_from(FILES), cut=st.floats(0, 1), noise=st.binary(max_size=40), command=st.sampled_from(
+    ["resume", "eval", "export"]))  # fmt: skip
+def test_fuzzed_run_files_give_a_sentence_or_work_never_a_traceback(finished_run, tmp_path_factory, target, cut, noise,
+                                                                     command):  # fmt: skip
+    folder = tmp_path_factory.mktemp("fuzz") / "run"
+    shutil.copytree(finished_run, folder)
+    path = folder / target
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)] + noise)
+    args = {"resume": ["run", "--resume", str(folder), "--rounds", "3"],
+            "eval": ["eval", str(folder), "--limit", "1", "--beams", "1", "--max-new-tokens", "2"],
+            "export": ["export", str(folder), "--merged", str(folder.parent / "merged")]}[command]  # fmt: skip
+    assert run_cli(*args) in (0, 2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)),
+       suffix=st.sampled_from([".jsonl", ".json", ".csv", ".parquet"]))  # fmt: skip
+def test_fuzzed_data_files_give_a_sentence_never_a_traceback(tmp_path_factory, content, suffix):
+    folder = tmp_path_factory.mktemp("data")
+    path = folder / f"data{suffix}"
+    path.write_bytes(content)
+    out = folder / "run"
+    assert run_cli("run", *TINY, "--rounds", "1", "--data", str(path), "--output-dir", str(out)) in (0, 2)
+    e2e = folder / "e2e"
+    e2e.mkdir()
+    (e2e / "devset.csv").write_bytes(content)
+    assert run_cli("run", *TINY, "--rounds", "1", "--data-dir", str(e2e), "--output-dir", str(folder / "run2")) in (
+        0,
+        2,
+    )

@@ -50,6 +50,7 @@ from hsplitlora.reporting import (
     refuse_clobbering,
     write_tensors_atomic,
 )
+from hsplitlora.resources import check_fits, simulation_bytes
 from hsplitlora.roles.fed_server import FedServer, NonFiniteUpdate
 from hsplitlora.roles.messages import RoundPlan
 from hsplitlora.strategies import STRATEGIES, StrategyContext
@@ -178,6 +179,7 @@ def run(
     candidates = attach_lora(model, config.targets)
     num_blocks = arch.num_blocks(model)
     check_tail_blocks(config.tail, num_blocks)
+    check_positions(model, config.max_seq_len)
     memory = measure_memory_model(model, candidates, config.batch_size, config.max_seq_len).with_tail(config.tail)
     devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
     server_budget = parse_bytes(config.server_budget)
@@ -324,6 +326,9 @@ def _run_rounds(
         first_plan = True
         if config.split_point is not None or config.rank is not None:
             warn_over_budget(plan, strategy, log)
+        if config.engine == "inprocess":
+            remedy = "lower batch_size or max_seq_len, use fewer clients, or --engine ray on several machines."
+            check_fits(simulation_bytes(memory, plan), "simulating every client in this process", remedy)
         if overwrite:
             folder.clear()
         folder.write_config({**config.to_dict(), "resolved": {
@@ -490,6 +495,15 @@ def expected_workload(config: RunConfig, model: torch.nn.Module, items: list, pa
         vocab_size=model.config.vocab_size, server_flops=config.server_flops,
         cut_value_bytes=VALUE_BYTES[config.compression], update_value_bytes=VALUE_BYTES[config.compression],
     )  # fmt: skip
+
+
+def check_positions(model: torch.nn.Module, max_seq_len: int) -> None:
+    """Learned absolute positions (GPT-2) end at n_positions: a longer sequence has no embedding."""
+    positions = getattr(model.config, "n_positions", None)
+    if positions is not None and max_seq_len > positions:
+        raise UsageError(
+            f"max_seq_len {max_seq_len} exceeds the {positions} positions this model learned; use at most {positions}."
+        )
 
 
 def warn_over_budget(plan: Plan, strategy, log: Callable[[str], None]) -> None:

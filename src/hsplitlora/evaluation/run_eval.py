@@ -83,8 +83,15 @@ def evaluate_run(
     where = parse_device(device)
     check_available(where)
     loaded, config = load_run_model(run_dir)
-    loaded.model.to(where)
     settings = settings or GenerationSettings()
+    if where.type == "cpu":
+        from hsplitlora.resources import check_fits, generation_bytes
+
+        needed = generation_bytes(loaded.model, settings.batch_size, settings.num_beams, config.get("max_seq_len", 128),
+                                  settings.max_new_tokens)  # fmt: skip
+        check_fits(needed, f"beam search with {settings.num_beams} beams over batches of {settings.batch_size}",
+                   "lower --beams or --batch-size.")  # fmt: skip
+    loaded.model.to(where)
     if config.get("data", "e2e") == "e2e" and not config.get("client_data"):
         rows = rows or read_e2e(data_file(config.get("data_dir"), "test"))
         grouped: dict[str, list[str]] = {}

@@ -193,10 +193,43 @@ def measure_memory_model(
         return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if "lora_" not in n)
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
+    block_index = 1 if len(blocks) > 1 else 0
+    if batch_size <= 2 or batch_size * seq_len <= 16384:
+        block_activation, head_activation = _activations(model, arch, block_index, weights, batch_size, seq_len)
+    else:  # affine in the batch size (to a few bytes): two small batches predict a large one without allocating it
+        one = _activations(model, arch, block_index, weights, 1, seq_len)
+        two = _activations(model, arch, block_index, weights, 2, seq_len)
+        block_activation, head_activation = (a + (batch_size - 1) * (b - a) for a, b in zip(one, two, strict=True))
+    embedding = sum(weight_bytes(model.get_submodule(p)) for p in arch.embedding_paths)
+    head = sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths)
+    norm = sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths[:-1])
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied:
+        head = max(head, norm + embedding)
+    return MemoryModel(
+        num_blocks=len(blocks),
+        dtype_bytes=dtype_bytes,
+        embedding_bytes=embedding,
+        block_bytes=weight_bytes(blocks[block_index]),
+        head_bytes=head,
+        block_activation_bytes=block_activation,
+        head_activation_bytes=head_activation,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        candidates={n: CandidateShape(c.block, c.d_in, c.d_out) for n, c in candidates.items()},
+        norm_bytes=norm,
+        head_tied=tied,
+    )
+
+
+def _activations(model: nn.Module, arch, block_index: int, weights: set[int], batch_size: int,
+                 seq_len: int) -> tuple[int, int]:  # fmt: skip
+    """(A_block, A_head) measured at one batch shape."""
+    blocks = arch.blocks(model)
+    param = next(p for p in blocks[0].parameters() if p.device.type != "meta")
     hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
     generator = torch.Generator().manual_seed(0)
     mask = torch.ones(batch_size, seq_len, dtype=torch.long)
-    block_index = 1 if len(blocks) > 1 else 0
     from hsplitlora.lora.attach import lora_layers
     from hsplitlora.models.split import ServerPart
 
@@ -223,26 +256,7 @@ def measure_memory_model(
     finally:
         for layer in lora_layers(part):
             layer.active_adapter = active[id(layer)]
-    embedding = sum(weight_bytes(model.get_submodule(p)) for p in arch.embedding_paths)
-    head = sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths)
-    norm = sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths[:-1])
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    if tied:
-        head = max(head, norm + embedding)
-    return MemoryModel(
-        num_blocks=len(blocks),
-        dtype_bytes=dtype_bytes,
-        embedding_bytes=embedding,
-        block_bytes=weight_bytes(blocks[block_index]),
-        head_bytes=head,
-        block_activation_bytes=block_activation,
-        head_activation_bytes=head_activation,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        candidates={n: CandidateShape(c.block, c.d_in, c.d_out) for n, c in candidates.items()},
-        norm_bytes=norm,
-        head_tied=tied,
-    )
+    return block_activation, head_activation
 
 
 def check_ranks(memory: MemoryModel, fixed_ranks: list[int], levels: list[int]) -> None:

@@ -281,6 +281,10 @@ _FAMILIES: dict[str, type[Architecture]] = {
 }
 
 
+def supported_model_types() -> list[str]:
+    return sorted(_FAMILIES)
+
+
 def architecture_of(model: nn.Module) -> Architecture:
     """The architecture family of a transformers causal LM, from its config's model_type."""
     model_type = getattr(model.config, "model_type", None)

@@ -166,7 +166,35 @@ def _model_folder(name: str) -> Path:
             f"unknown model {name!r}; use {DEFAULT_MODEL}, {', '.join(TINY_MODELS)}, "
             "or the path of a local Hugging Face model folder (with config.json)."
         )
+    check_model_folder(path)
     return path
+
+
+def check_model_folder(path: Path) -> None:
+    """One sentence for a folder that cannot load: its config.json not JSON or of an unsupported
+    type, no safetensors weights (pickled .bin files are not read), damaged weights, no tokenizer."""
+    import json
+
+    from hsplitlora.models.architectures import supported_model_types
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        raise UsageError(f"model folder {path}: config.json is not valid JSON; it is damaged.")
+    model_type = config.get("model_type")
+    if model_type not in supported_model_types():
+        raise UsageError(f"model folder {path} holds a model of type {model_type!r}, which is not supported; "
+                         f"supported types are {', '.join(supported_model_types())}.")  # fmt: skip
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error type for a damaged header
+            raise UsageError(f"model weights {file} are not a readable safetensors file ({error}).") from None
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise UsageError(f"model folder {path} has no tokenizer (tokenizer.json); save the tokenizer beside the model.")
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -295,8 +323,16 @@ def load_model(name: str = DEFAULT_MODEL, seed: int = 0, dtype: str = "float32")
         model = build(vocab_size=len(tokenizer), seed=seed).to(torch_dtype(dtype))
     else:
         path = _model_folder(name)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        except (OSError, ValueError, RuntimeError) as error:  # incl. safetensors' error for truncated data
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise UsageError(f"model folder {path} cannot be loaded ({reason}).") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, ImportError) as error:
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise UsageError(f"model folder {path} has no usable tokenizer ({reason}).") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=freeze(model), tokenizer=tokenizer, name=name)
