@@ -84,6 +84,31 @@ def test_a_killed_client_does_not_stop_the_run_and_comes_back(tmp_path):
     assert second["val_ppl"] is not None
 
 
+class KillServer(Reporter):
+    """Kills the main server's actor after the first step of round 2 (once)."""
+
+    def engine_ready(self, engine):
+        self.engine = engine
+        self.done = False
+
+    def step(self, round_, step, losses):
+        if round_ == 2 and step == 0 and not self.done:
+            self.done = True
+            ray.kill(self.engine.server)
+
+
+@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])
+def test_a_killed_main_server_restarts_and_the_run_equals_an_undisturbed_one(tmp_path, strategy):
+    undisturbed = run(config(tmp_path, "calm", engine="ray", rounds=3, local_steps=3, strategy=strategy)).metrics
+    killer = KillServer()
+    disturbed = run(config(tmp_path, "killed", engine="ray", rounds=3, local_steps=3, strategy=strategy),
+                    reporter=killer).metrics  # fmt: skip
+    assert killer.done and {"event": "server_restarted", "step": 2, "round": 2} in disturbed[1]["events"]
+    for a, b in zip(undisturbed, disturbed, strict=True):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["round"], key)
+
+
 class CheckHolders(Reporter):
     """After each round's aggregation: every actor holding a block has the same weight for it, and
     every adapter sits at its anchor (adds nothing), so all holders compute the merged W."""

@@ -217,6 +217,10 @@ class ServerActor(_Holder):
         self.server.load_state_dict(tensors)
 
 
+class _ServerLost(Exception):
+    """The main server's actor died during a step."""
+
+
 class RayEngine(TrafficLedger):
     """The engine interface of InProcessEngine, over Ray actors."""
 
@@ -236,6 +240,13 @@ class RayEngine(TrafficLedger):
         self.ray = ray
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
+            import signal
+            import threading
+
+            # ray.init installs its own SIGTERM handler (it exits 15 at once); the run's own handler
+            # stops it as Ctrl-C does, saying how to resume, so it is put back.
+            main_thread = threading.current_thread() is threading.main_thread()
+            handler = signal.getsignal(signal.SIGTERM) if main_thread else None
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:  # a local instance sized to this machine, listening on localhost only
@@ -243,6 +254,8 @@ class RayEngine(TrafficLedger):
 
                 ray.init(num_cpus=os.cpu_count(), object_store_memory=512 * 2**20, include_dashboard=False,
                          log_to_driver=False, _node_ip_address="127.0.0.1")  # fmt: skip
+            if main_thread and handler is not None:
+                signal.signal(signal.SIGTERM, handler)
         self.spec = spec
         self.shards = shards
         self.split_points = list(split_points)
@@ -254,8 +267,14 @@ class RayEngine(TrafficLedger):
         self.client_class = ray.remote(ClientActor).options(**(client_resources or {"num_cpus": 0}))
         self.actors = [self._start_client(cid) for cid in range(len(shards))]
         split = [s for s, local in zip(split_points, self.local, strict=True) if not local]
-        server_options = server_resources or {"num_cpus": 0}  # e.g. {"num_gpus": 1} with server_device cuda
-        self.server = ray.remote(ServerActor).options(**server_options).remote(spec, min(split)) if split else None
+        self.server_options = server_resources or {"num_cpus": 0}  # e.g. {"num_gpus": 1} with server_device cuda
+        self.shallowest = min(split) if split else None
+        self.server = self._start_server() if split else None
+        # The roles' state when the current round started, with the plans it was saved under: a main
+        # server lost mid-round comes back from it, and the round runs again from its start.
+        self.round_start: tuple | None = None
+        self.round_plans: tuple[list[RoundPlan], float | None] | None = None
+        self.importance_on = False
         self.dead: set[int] = set()
         self.snapshots: dict[int, dict] = {}
         self.plans: list[RoundPlan] = []
@@ -267,6 +286,16 @@ class RayEngine(TrafficLedger):
         tail = None if self.local[cid] else self.tail_blocks
         held = set(client_blocks(self.split_points[cid], self.num_blocks, tail))
         return {n for n, c in self.candidates.items() if c.block in held}
+
+    def _start_server(self):
+        return self.ray.remote(ServerActor).options(**self.server_options).remote(self.spec, self.shallowest)
+
+    def _server_alive(self) -> bool:
+        try:
+            self._get(self.server.held_parameter_names.remote())
+            return True
+        except self.ray.exceptions.RayActorError:
+            return False
 
     def _start_client(self, cid: int):
         return self.client_class.remote(self.spec, cid, self.shards[cid], self.split_points[cid], self.local[cid])
@@ -319,6 +348,9 @@ class RayEngine(TrafficLedger):
             if not self.local[plan.client_id]:
                 refs.append(self.server.configure.remote(plan))
         self.ray.get(refs)
+        self.round_plans = (list(plans), full_finetune_lr)
+        if self.round_start is None and plans and plans[0].round >= 1:  # the first round starts from here
+            self.round_start = (*self.state(full_finetune_lr is not None, keep=False), list(plans), full_finetune_lr)
         if self.last_broadcast is not None:  # a restarted client takes the aggregated adapters it missed
             for event in self.events:
                 if event["event"] == "client_restarted":
@@ -326,6 +358,7 @@ class RayEngine(TrafficLedger):
         self.snapshots = {cid: self._get(self.actors[cid].state_dict.remote(False)) for cid in self.live}
 
     def measure_importance(self, enabled: bool) -> None:
+        self.importance_on = enabled
         refs = [self.actors[cid].measure_importance.remote(enabled) for cid in self.live]
         if self.server is not None:
             refs.append(self.server.measure_importance.remote(enabled))
@@ -357,10 +390,34 @@ class RayEngine(TrafficLedger):
                 try:
                     loss = self._step(cid)
                 except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError):
+                    if self.server is not None and not self._server_alive():
+                        raise _ServerLost() from None
                     self.dead.add(cid)
                     self.events.append({"event": "client_lost", "client": cid, "step": self.round_steps})
             losses.append(loss)
         return losses
+
+    def local_steps(self, steps: int, on_step=None) -> list[list[float | None]]:
+        """As every engine does; a main server lost on the way is restarted from the state this round
+        started from, every role goes back to it, and the round's steps run again."""
+        try:
+            return super().local_steps(steps, on_step)
+        except _ServerLost:
+            if self.round_start is None:
+                raise
+            self._recover_server()
+            return super().local_steps(steps, on_step)
+
+    def _recover_server(self) -> None:
+        state, tensors, saved_plans, saved_lr = self.round_start
+        plans, full_finetune_lr = self.round_plans
+        events = [*self.events, {"event": "server_restarted", "step": self.round_steps}]
+        self.server = self._start_server()
+        self.load_state(state, tensors, saved_plans, saved_lr)  # every role as the round started
+        self.configure(plans, full_finetune_lr)  # then this round's plan, as before
+        self.measure_importance(self.importance_on)
+        self.reset_traffic()  # the round's counts start again with its steps
+        self.events = events
 
     def importance_reports(self) -> list[tuple[dict[str, float], int, int]]:
         reports = []
@@ -445,8 +502,9 @@ class RayEngine(TrafficLedger):
                 final[name] = final[name] + delta
         return final
 
-    def state(self, full_finetune: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-        """The checkpoint schema of InProcessEngine.state, gathered from the actors."""
+    def state(self, full_finetune: bool, keep: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The checkpoint schema of InProcessEngine.state, gathered from the actors. At a round's end
+        (`keep`) it is also where a lost main server restarts the next round from."""
         tensors = {f"weight/{n}": w for n, w in self.trained_weights(full_finetune).items()}
         states = []
         for cid, actor in enumerate(self.actors):
@@ -458,6 +516,8 @@ class RayEngine(TrafficLedger):
             server = self._get(self.server.state_dict.remote(not full_finetune))
             tensors.update({f"server/{k}": v for k, v in server.items()})
         tensors.update({f"fed/{k}": v for k, v in self.fed_server.state_dict().items()})
+        if keep and self.round_plans is not None:
+            self.round_start = ({"clients": states}, dict(tensors), *self.round_plans)
         return {"clients": states}, tensors
 
     def load_state(self, state, tensors, plans, full_finetune_lr: float | None) -> None:
