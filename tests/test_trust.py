@@ -389,3 +389,14 @@ def test_fuzzed_data_files_give_a_sentence_never_a_traceback(tmp_path_factory, c
         0,
         2,
     )
+
+
+def test_a_damaged_checkpoint_offers_an_earlier_complete_one(copy_of, capsys):
+    shutil.copytree(copy_of / "checkpoint", copy_of / ".checkpoint-old")  # as a crash between renames leaves it
+    (copy_of / "checkpoint" / "state.json").write_text("{garbled")
+    before = snapshot(copy_of)
+    assert run_cli("run", "--resume", str(copy_of), "--rounds", "3") == 2
+    one_sentence(
+        capsys.readouterr().err, "is not valid JSON", f"an earlier complete checkpoint is in {copy_of}/.checkpoint-old"
+    )
+    assert snapshot(copy_of) == before

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -170,7 +171,20 @@ class RunFolder:
         folder = self.checkpoint_folder()
         if folder is None:
             raise UsageError(f"{self.path} holds no checkpoint of a finished round to resume from.")
-        return read_json(folder / "state.json", "checkpoint state")
+        with self._offer_previous(folder):
+            return read_json(folder / "state.json", "checkpoint state")
+
+    @contextmanager
+    def _offer_previous(self, folder: Path):
+        """A damaged checkpoint's sentence names an earlier complete one where a crash left it."""
+        try:
+            yield
+        except UsageError as error:
+            previous = self.path / ".checkpoint-old"
+            if folder != previous and (previous / "state.json").is_file():
+                raise UsageError(f"{str(error).rstrip('.')}; an earlier complete checkpoint is in {previous}: rename "
+                                 "it to checkpoint to resume from the round before.") from None  # fmt: skip
+            raise
 
     def save_checkpoint(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         """checkpoint/ = weights.safetensors + state.json, replaced as a whole: a crash leaves the
@@ -190,7 +204,8 @@ class RunFolder:
 
     def load_checkpoint(self) -> tuple[dict, dict[str, torch.Tensor]]:
         state = self.checkpoint_state()
-        tensors = read_tensors(self.checkpoint_folder() / "weights.safetensors", "checkpoint weights")
+        with self._offer_previous(self.checkpoint_folder()):
+            tensors = read_tensors(self.checkpoint_folder() / "weights.safetensors", "checkpoint weights")
         for staging in self.path.glob(".checkpoint-*"):  # half-written by a killed run
             if staging.name != ".checkpoint-old" and staging.is_dir():
                 shutil.rmtree(staging)
