@@ -1,7 +1,7 @@
 """The round loop, one direction per round: (re)plan -> E local split steps per client ->
 importance -> aggregation at the fed server -> merge -> evaluation -> log and checkpoint.
 
-    from hsplitlora.config import RunConfig, config_fields
+    from hsplitlora.config import RunConfig
     from hsplitlora.rounds import run
     result = run(RunConfig(model="tiny", rounds=2, local_steps=3))
     result.metrics[-1]["val_ppl"], result.run_dir
@@ -9,9 +9,7 @@ importance -> aggregation at the fed server -> merge -> evaluation -> log and ch
 
 from __future__ import annotations
 
-import copy
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -23,24 +21,17 @@ import numpy as np
 import torch
 
 from hsplitlora.config import RunConfig, config_fields
-from hsplitlora.data.e2e import collate
-from hsplitlora.data.sources import load_training_data
-from hsplitlora.devices import DeviceProfile, resolve_devices
-from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.perplexity import perplexity
-from hsplitlora.lora.attach import Candidate, attach_lora
+from hsplitlora.lora.attach import Candidate
 from hsplitlora.method.importance import (
     SmoothedImportance,
     average_importance,
     importance,
     kendall_tau_distance,
 )
-from hsplitlora.method.memory import check_ranks, measure_memory_model
 from hsplitlora.method.planner import Plan
-from hsplitlora.models.architectures import architecture_of
-from hsplitlora.models.loading import LoadedModel, load_model
-from hsplitlora.models.split import check_split_point, check_tail_blocks
+from hsplitlora.models.loading import LoadedModel
 from hsplitlora.placement import placement
 from hsplitlora.reporting import (
     RUN_FILES,
@@ -48,15 +39,15 @@ from hsplitlora.reporting import (
     check_output_folder,
     read_json,
     refuse_clobbering,
+    write_json_atomic,
     write_tensors_atomic,
 )
 from hsplitlora.resources import check_fits, simulation_bytes
-from hsplitlora.roles.fed_server import FedServer, NonFiniteUpdate
+from hsplitlora.roles.fed_server import NonFiniteUpdate
 from hsplitlora.roles.messages import RoundPlan
-from hsplitlora.strategies import STRATEGIES, StrategyContext
-from hsplitlora.time_model import ClientRoundWork, Workload, round_time
-from hsplitlora.training import make_roles
-from hsplitlora.units import parse_bytes
+from hsplitlora.round_record import mean_present, round_line, run_summary
+from hsplitlora.setup import Setup, build_setup
+from hsplitlora.time_model import ClientRoundWork, round_time
 
 CENTRAL_BANDWIDTH = 1e12  # the centralised references move no data between machines
 
@@ -173,97 +164,18 @@ def run(
     seed_everything(config.seed)
     started = time.perf_counter()
 
-    loaded = loaded or load_model(config.model, seed=config.seed, dtype=config.dtype)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    arch = architecture_of(model)
-    candidates = attach_lora(model, config.targets)
-    num_blocks = arch.num_blocks(model)
-    check_tail_blocks(config.tail, num_blocks)
-    check_positions(model, config.max_seq_len)
-    memory = measure_memory_model(model, candidates, config.batch_size, config.max_seq_len).with_tail(config.tail)
-    devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
-    server_budget = parse_bytes(config.server_budget)
-
-    data = load_training_data(config, tokenizer)
-    encoded, shards, validation, notes = data.items, data.shards, data.validation, list(data.notes)
-    strategy_class = STRATEGIES[config.strategy]
-    steps_per_round = config.local_steps
-    workload = expected_workload(config, model, [encoded[i] for shard in shards for i in shard], tokenizer.pad_token_id)
-    if strategy_class.centralised:  # one trainer on the pooled data, as many samples per round
-        shards = [sorted(i for shard in shards for i in shard)]
-        devices = [DeviceProfile(server_budget, config.server_flops, CENTRAL_BANDWIDTH)]
-        steps_per_round = config.local_steps * config.clients
-        notes.append(f"{config.strategy} is a centralised reference: it pools every client's data on one trainer.")
-    val_batches = [collate(validation[i : i + config.batch_size], tokenizer.pad_token_id)
-                   for i in range(0, len(validation), config.batch_size)]  # fmt: skip
-
-    fixed_splits = config.split_points(num_blocks) if config.split_point is not None else None
-    for split_point in fixed_splits or []:
-        check_split_point(split_point, num_blocks, config.tail)
-    fixed_ranks = config.per_client("rank") if config.rank is not None else None
-    check_ranks(memory, fixed_ranks or [], config.rank_levels)
-    if fixed_splits is not None and fixed_ranks is None:
-        fixed_ranks = [8] * len(shards)  # a fixed cut alone keeps the foundation's default rank
-    context = StrategyContext(
-        memory, devices, server_budget, tuple(config.rank_levels), config.rho, config.s_min, config.replan_delta,
-        fixed_splits, fixed_ranks, config.split_rule, config.adapter_lifecycle, workload,
-    )  # fmt: skip
-    strategy = strategy_class(context)
-    memory = strategy.context.memory  # with the anchors the strategy's adapters keep
-    fed_server = FedServer(strategy.aggregator, config.compression)
-    if config.engine == "ray":
-        from hsplitlora.engines.ray_engine import RayEngine
-
-        # Cuts follow the budgets, not importance: a uniform plan tells each actor which blocks to load.
-        cuts = strategy.initial_cuts()
-        spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
-                "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
-                "compression": config.compression, "tail_blocks": config.tail, "dtype": config.dtype,
-                "client_device": str(where.client), "server_device": str(where.server),
-                # Steps are sequential (client, server, client), so each actor may use every core.
-                "threads": config.threads or os.cpu_count()}  # fmt: skip
-        shard_items = [[encoded[i] for i in shard] for shard in shards]
-        engine = RayEngine(spec, shard_items, cuts, candidates, fed_server, config.ray_address,
-                           config.ray_client_resources, config.ray_server_resources)  # fmt: skip
-    else:
-        clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id, where)
-        # Placed once: the clients' copy, and the main server's own copy when it computes elsewhere.
-        server_model = copy.deepcopy(model).to(where.server) if where.separate else None
-        model.to(where.client)
-        engine = InProcessEngine(model, arch, candidates, clients, server, fed_server, server_model)
+    setup = build_setup(config, where, loaded)
+    engine = setup.engine
     reporter.engine_ready(engine)
-    setup = _Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
-                   val_batches, fixed_ranks, steps_per_round, started, notes, data.description)  # fmt: skip
+    setup.started = started
     try:
         return _run_rounds(setup, reporter, log, resume, overwrite)
     finally:
         engine.shutdown()
 
 
-@dataclass
-class _Setup:
-    """Everything the rounds need, built once by `run`."""
-
-    config: RunConfig
-    engine: object
-    strategy: object
-    memory: object
-    devices: list
-    server_budget: int
-    shards: list
-    num_blocks: int
-    candidates: dict
-    model: torch.nn.Module
-    val_batches: list
-    fixed_ranks: list | None
-    steps_per_round: int
-    started: float
-    notes: list[str] = field(default_factory=list)  # about the data, said once when the run starts
-    data_description: str = ""
-
-
 def _run_rounds(
-    setup: _Setup, reporter: Reporter, log: Callable[[str], None], resume: bool, overwrite: bool = False
+    setup: Setup, reporter: Reporter, log: Callable[[str], None], resume: bool, overwrite: bool = False
 ) -> RunResult:
     config, engine, strategy, memory, devices = setup.config, setup.engine, setup.strategy, setup.memory, setup.devices
     server_budget, shards, num_blocks, candidates = (
@@ -403,46 +315,17 @@ def _run_rounds(
             for c in plan.clients
         ]  # fmt: skip
         timing = round_time(memory, plan.clients, devices, work, config.server_flops, model.config.vocab_size,
-                            _hidden_size(model))  # fmt: skip
+                            setup.hidden_size)  # fmt: skip
         sim_time += timing["round_s"]
-        train_loss = _mean([loss for losses in history for loss in losses])
-        counters = engine.round_counters()
-        line = {
-            "round": round_,
-            "strategy": config.strategy,
-            "split_mode": config.split_mode,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_ppl": val_ppl,
-            "sim_time_s": sim_time,
-            "round_sim_time_s": timing["round_s"],
-            "server_busy_s": timing["server_busy_s"],
-            "wall_time_s": wall_offset + time.perf_counter() - started,
-            "round_wall_time_s": time.perf_counter() - round_started,
-            "bytes_up": sum(engine.bytes_up.values()),
-            "bytes_down": sum(engine.bytes_down.values()),
-            "replanned": replanned,
-            "events": [dict(e, round=round_) for e in engine.events],
-            "kendall_distance": distance,
-            "smoothing_gamma": smoothed.gamma if strategy.uses_importance else None,
-            "clients": [
-                {
-                    "client": c.client,
-                    "split_point": c.split_point,
-                    "tail_blocks": config.tail,
-                    "client_rank_total": sum(c.ranks.values()),
-                    "client_adapters": sum(1 for r in c.ranks.values() if r),
-                    "server_rank_total": sum(c.server_ranks.values()),
-                    "predicted_bytes": c.predicted_bytes,
-                    "budget_bytes": c.budget_bytes,
-                    "samples": counters[c.client]["samples"],
-                    "train_loss": _mean([losses[c.client] for losses in history]),
-                    "sim_time_s": timing["client_s"][c.client],
-                    **{f"bytes_{k}": v for k, v in engine.traffic[c.client].items()},
-                }
-                for c in plan.clients
-            ],
-        }
+        train_loss = mean_present([loss for losses in history for loss in losses])
+        line = round_line(
+            config, round_, plan, history, engine, timing,
+            losses={"train_loss": train_loss, "val_loss": val_loss, "val_ppl": val_ppl},
+            times={"sim_time_s": sim_time, "wall_time_s": wall_offset + time.perf_counter() - started,
+                   "round_wall_time_s": time.perf_counter() - round_started},
+            planning={"replanned": replanned, "kendall_distance": distance,
+                      "smoothing_gamma": smoothed.gamma if strategy.uses_importance else None},
+        )  # fmt: skip
         metrics.append(line)
         folder.append_metrics(line)
         role_state, tensors = engine.state(strategy.full_finetune)
@@ -458,52 +341,10 @@ def _run_rounds(
     final = engine.export_weights(strategy.validation_client(plan), strategy.full_finetune)
     export_format = "full" if strategy.full_finetune else "candidates"
     write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": export_format})
-    evaluated = [m for m in metrics if m["val_ppl"] is not None]
-    summary = {
-        "strategy": config.strategy,
-        "model": config.model,
-        "rounds": config.rounds,
-        "final_val_loss": evaluated[-1]["val_loss"] if evaluated else None,
-        "final_val_ppl": evaluated[-1]["val_ppl"] if evaluated else None,
-        "best_val_ppl": min((m["val_ppl"] for m in evaluated), default=None),
-        "sim_time_s": sim_time,
-        "wall_time_s": metrics[-1]["wall_time_s"] if metrics else 0.0,
-        "bytes_up": sum(m["bytes_up"] for m in metrics),
-        "bytes_down": sum(m["bytes_down"] for m in metrics),
-        "peak_client_predicted_bytes": max(c["predicted_bytes"] for m in metrics for c in m["clients"]),
-        "data": setup.data_description,
-    }
-    from hsplitlora.reporting import write_json_atomic
-
+    summary = run_summary(config, metrics, sim_time, setup.data_description)
     write_json_atomic(folder.path / "summary.json", summary)
     plots = folder.plot(metrics)
     return RunResult(folder.path, metrics, summary, plots)
-
-
-def expected_workload(config: RunConfig, model: torch.nn.Module, items: list, pad_id: int) -> Workload:
-    """What a round is expected to do, for planning: E steps of batches like the clients' (mean
-    real tokens per step, and mean padded length from 64 sample batches)."""
-    from hsplitlora.compression import VALUE_BYTES
-    from hsplitlora.data.e2e import Batcher
-
-    lengths = [len(item.input_ids) for item in items] or [config.max_seq_len]
-    batcher = Batcher(items, config.batch_size, pad_id, config.seed) if items else None
-    padded = [next(batcher).input_ids.numel() for _ in range(64)] if batcher else [config.batch_size * lengths[0]]
-    return Workload(
-        steps=config.local_steps, tokens_per_step=config.batch_size * float(np.mean(lengths)),
-        padded_tokens_per_step=float(np.mean(padded)), hidden_size=_hidden_size(model),
-        vocab_size=model.config.vocab_size, server_flops=config.server_flops,
-        cut_value_bytes=VALUE_BYTES[config.compression], update_value_bytes=VALUE_BYTES[config.compression],
-    )  # fmt: skip
-
-
-def check_positions(model: torch.nn.Module, max_seq_len: int) -> None:
-    """Learned absolute positions (GPT-2) end at n_positions: a longer sequence has no embedding."""
-    positions = getattr(model.config, "n_positions", None)
-    if positions is not None and max_seq_len > positions:
-        raise UsageError(
-            f"max_seq_len {max_seq_len} exceeds the {positions} positions this model learned; use at most {positions}."
-        )
 
 
 def warn_over_budget(plan: Plan, strategy, log: Callable[[str], None]) -> None:
@@ -518,18 +359,8 @@ def warn_over_budget(plan: Plan, strategy, log: Callable[[str], None]) -> None:
             )
 
 
-def _hidden_size(model: torch.nn.Module) -> int:
-    return getattr(model.config, "hidden_size", None) or model.config.n_embd
-
-
 class TrainingDiverged(UsageError):
     """A non-finite loss: the run stops; the previous round's checkpoint stays as it was."""
-
-
-def _mean(values: list[float | None]) -> float | None:
-    """Mean over the losses that exist (a client lost during a round has none)."""
-    present = [v for v in values if v is not None]
-    return float(np.mean(present)) if present else None
 
 
 def _check_finite(round_: int, step: int, losses: list[float | None], plan: Plan, folder: RunFolder) -> None:

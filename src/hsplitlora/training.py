@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hsplitlora.config import RunConfig
-from hsplitlora.data.e2e import Batcher, data_file, encode, partition_iid, read_e2e
+from hsplitlora.data.e2e import Batcher
 from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.models.architectures import architecture_of
@@ -67,9 +67,10 @@ def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Fe
         check_split_point(split_point, arch.num_blocks(model), config.tail)
     ranks = config.per_client("rank") if config.rank is not None else [8] * config.clients
 
-    examples = read_e2e(data_file(config.data_dir, "train"))
-    encoded = [encode(example, tokenizer, config.max_seq_len) for example in examples]
-    shards = partition_iid(len(encoded), config.clients, config.seed)
+    from hsplitlora.data.sources import load_training_data
+
+    data = load_training_data(config, tokenizer)  # E2E by default, or the config's own data
+    encoded, shards = data.items, data.shards
     clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id)
     engine = InProcessEngine(model, arch, candidates, clients, server)
     plans = zip(split_points, ranks, strict=True)

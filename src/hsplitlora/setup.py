@@ -1,0 +1,159 @@
+"""The setup of a run, built once from its config: the model with LoRA attached, the memory
+model, the devices, the data and its shards, the strategy, the fed server and the engine that
+moves messages between the roles. `rounds.run` builds it; tests and benchmarks may too."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from hsplitlora.config import RunConfig
+from hsplitlora.data.e2e import Batch, collate
+from hsplitlora.data.sources import load_training_data
+from hsplitlora.devices import DeviceProfile, resolve_devices
+from hsplitlora.engines.inprocess import InProcessEngine
+from hsplitlora.errors import UsageError
+from hsplitlora.lora.attach import Candidate, attach_lora
+from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
+from hsplitlora.models.architectures import architecture_of
+from hsplitlora.models.loading import LoadedModel, load_model
+from hsplitlora.models.split import check_split_point, check_tail_blocks
+from hsplitlora.placement import Placement
+from hsplitlora.roles.fed_server import FedServer
+from hsplitlora.strategies import STRATEGIES, StrategyContext
+from hsplitlora.strategies.base import Strategy
+from hsplitlora.time_model import Workload
+from hsplitlora.training import make_roles
+from hsplitlora.units import parse_bytes
+
+CENTRAL_BANDWIDTH = 1e12  # the centralised references move no data between machines
+
+
+@dataclass
+class Setup:
+    """Everything the rounds need."""
+
+    config: RunConfig
+    engine: object  # InProcessEngine or RayEngine: the same interface
+    strategy: Strategy
+    memory: MemoryModel
+    devices: list[DeviceProfile]
+    server_budget: int
+    shards: list[list[int]]
+    num_blocks: int
+    candidates: dict[str, Candidate]
+    model: torch.nn.Module
+    val_batches: list[Batch]
+    fixed_ranks: list[int] | None
+    steps_per_round: int
+    notes: list[str] = field(default_factory=list)  # about the data, said once when the run starts
+    data_description: str = ""
+    started: float = 0.0  # perf_counter when the run began
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return hidden_size(self.model)
+
+
+def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None = None) -> Setup:
+    """Load, measure, read and place everything a run needs (every bad value is a sentence here,
+    before anything is trained or written)."""
+    loaded = loaded or load_model(config.model, seed=config.seed, dtype=config.dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    arch = architecture_of(model)
+    candidates = attach_lora(model, config.targets)
+    num_blocks = arch.num_blocks(model)
+    check_tail_blocks(config.tail, num_blocks)
+    check_positions(model, config.max_seq_len)
+    memory = measure_memory_model(model, candidates, config.batch_size, config.max_seq_len).with_tail(config.tail)
+    devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
+    server_budget = parse_bytes(config.server_budget)
+
+    data = load_training_data(config, tokenizer)
+    encoded, shards, validation, notes = data.items, data.shards, data.validation, list(data.notes)
+    strategy_class = STRATEGIES[config.strategy]
+    steps_per_round = config.local_steps
+    workload = expected_workload(config, model, [encoded[i] for shard in shards for i in shard], tokenizer.pad_token_id)
+    if strategy_class.centralised:  # one trainer on the pooled data, as many samples per round
+        shards = [sorted(i for shard in shards for i in shard)]
+        devices = [DeviceProfile(server_budget, config.server_flops, CENTRAL_BANDWIDTH)]
+        steps_per_round = config.local_steps * config.clients
+        notes.append(f"{config.strategy} is a centralised reference: it pools every client's data on one trainer.")
+    val_batches = [collate(validation[i : i + config.batch_size], tokenizer.pad_token_id)
+                   for i in range(0, len(validation), config.batch_size)]  # fmt: skip
+
+    fixed_splits = config.split_points(num_blocks) if config.split_point is not None else None
+    for split_point in fixed_splits or []:
+        check_split_point(split_point, num_blocks, config.tail)
+    fixed_ranks = config.per_client("rank") if config.rank is not None else None
+    check_ranks(memory, fixed_ranks or [], config.rank_levels)
+    if fixed_splits is not None and fixed_ranks is None:
+        fixed_ranks = [8] * len(shards)  # a fixed cut alone keeps the foundation's default rank
+    context = StrategyContext(
+        memory, devices, server_budget, tuple(config.rank_levels), config.rho, config.s_min, config.replan_delta,
+        fixed_splits, fixed_ranks, config.split_rule, config.adapter_lifecycle, workload,
+    )  # fmt: skip
+    strategy = strategy_class(context)
+    memory = strategy.context.memory  # with the anchors the strategy's adapters keep
+    fed_server = FedServer(strategy.aggregator, config.compression)
+    if config.engine == "ray":
+        from hsplitlora.engines.ray_engine import RayEngine
+
+        # Cuts follow the budgets, not importance: a uniform plan tells each actor which blocks to load.
+        cuts = strategy.initial_cuts()
+        spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
+                "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
+                "compression": config.compression, "tail_blocks": config.tail, "dtype": config.dtype,
+                "client_device": str(where.client), "server_device": str(where.server),
+                # Steps are sequential (client, server, client), so each actor may use every core.
+                "threads": config.threads or os.cpu_count()}  # fmt: skip
+        shard_items = [[encoded[i] for i in shard] for shard in shards]
+        engine = RayEngine(spec, shard_items, cuts, candidates, fed_server, config.ray_address,
+                           config.ray_client_resources, config.ray_server_resources)  # fmt: skip
+    else:
+        clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id, where)
+        # Placed once: the clients' copy, and the main server's own copy when it computes elsewhere.
+        server_model = copy.deepcopy(model).to(where.server) if where.separate else None
+        model.to(where.client)
+        engine = InProcessEngine(model, arch, candidates, clients, server, fed_server, server_model)
+    return Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
+                 val_batches, fixed_ranks, steps_per_round, notes, data.description)  # fmt: skip
+
+
+def check_positions(model: torch.nn.Module, max_seq_len: int) -> None:
+    """Learned absolute positions (GPT-2) end at n_positions: a longer sequence has no embedding."""
+    positions = getattr(model.config, "n_positions", None)
+    if positions is not None and max_seq_len > positions:
+        raise UsageError(
+            f"max_seq_len {max_seq_len} exceeds the {positions} positions this model learned; use at most {positions}."
+        )
+
+
+def expected_workload(config: RunConfig, model: torch.nn.Module, items: list, pad_id: int) -> Workload:
+    """What a round is expected to do, for planning: E steps of batches like the clients' (mean
+    real tokens per step, and mean padded length from 64 sample batches)."""
+    import numpy as np
+
+    from hsplitlora.compression import VALUE_BYTES
+    from hsplitlora.data.e2e import Batcher
+
+    lengths = [len(item.input_ids) for item in items] or [config.max_seq_len]
+    batcher = Batcher(items, config.batch_size, pad_id, config.seed) if items else None
+    padded = [next(batcher).input_ids.numel() for _ in range(64)] if batcher else [config.batch_size * lengths[0]]
+    return Workload(
+        steps=config.local_steps, tokens_per_step=config.batch_size * float(np.mean(lengths)),
+        padded_tokens_per_step=float(np.mean(padded)), hidden_size=hidden_size(model),
+        vocab_size=model.config.vocab_size, server_flops=config.server_flops,
+        cut_value_bytes=VALUE_BYTES[config.compression], update_value_bytes=VALUE_BYTES[config.compression],
+    )  # fmt: skip
+
+
+def hidden_size(model: torch.nn.Module) -> int:
+    return getattr(model.config, "hidden_size", None) or model.config.n_embd
