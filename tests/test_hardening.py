@@ -56,7 +56,9 @@ def test_a_malformed_config_file_exits_2_from_the_cli(tmp_path_factory, capsys, 
     flag=st.sampled_from(["--clients", "--rounds", "--steps", "--rank", "--split-point", "--lr", "--alpha", "--seed",
                           "--budgets", "--server-budget", "--batch-size", "--partition", "--strategy", "--targets",
                           "--device-preset", "--dirichlet-alpha", "--val-size", "--eval-every", "--compression",
-                          "--split-mode", "--tail-blocks"]),
+                          "--split-mode", "--tail-blocks", "--data", "--val-data", "--client-data", "--dtype",
+                          "--device", "--client-device", "--server-device", "--prompt-field", "--partition-field",
+                          "--split-rule", "--adapter-lifecycle"]),
     text=st.text(alphabet="-0123456789.,abcxyzGBMiK e", min_size=1, max_size=10),
 )  # fmt: skip
 def test_any_flag_text_exits_2_or_passes_validation(capsys, flag, text):
