@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
-from hsplitlora.config import ALL_TARGETS, load_config
+from hsplitlora.config import load_config
 from hsplitlora.errors import UsageError
 
 
@@ -31,75 +31,44 @@ def _names(text: str) -> list[str]:
 
 
 def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> None:
-    """The settings of a run; `one_run` adds --strategy and --resume (compare takes a list)."""
-    from hsplitlora.devices import PRESETS
-    from hsplitlora.strategies import STRATEGIES
+    """A flag for every setting of config.FLAGS (type from the field's hint, default shown from
+    RunConfig); `one_run` adds --strategy and --resume (compare takes a list of strategies)."""
+    import dataclasses
+    import typing
 
+    from hsplitlora.config import FLAGS, RunConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    defaults["targets"] = ",".join(RunConfig().targets)
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override its keys")
-    parser.add_argument("--model", help="smollm2-135m (default), tiny, tiny-gpt2, or a local HF model folder")
-    parser.add_argument("--data", help="e2e (default), or a .jsonl/.json/.csv/.parquet file or save_to_disk folder "
-                        "of prompt/response, instruction/input/output or chat (messages) records")  # fmt: skip
-    parser.add_argument("--val-data", help="validation file (default: E2E's test set, or a held-out slice of --data)")
-    parser.add_argument("--client-data", metavar="DIR", help="one data file per client, in sorted name order "
-                        "(--clients is their number); never pooled")  # fmt: skip
-    parser.add_argument("--prompt-field", help="field of the prompt (default prompt)")
-    parser.add_argument("--response-field", help="field of the response (default response)")
-    parser.add_argument("--partition-field", help="--partition dirichlet on your data: the field whose values group it")
-    parser.add_argument("--data-dir", help="E2E's folder, holding devset.csv and testset_w_refs.csv")
-    parser.add_argument("--dtype", help="frozen weights: float32 (default), bfloat16 or float16; adapters and "
-                        "optimizer state stay float32")  # fmt: skip
-    parser.add_argument("--device", help="cpu (default), cuda, cuda:N or mps, for every role")
-    parser.add_argument("--client-device", help="the clients' device (default: --device)")
-    parser.add_argument("--server-device", help="the main server's device (default: --device), e.g. cuda")
-    if one_run:
-        parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default hsplitlora)")
-    parser.add_argument("--clients", type=int, help="number of clients K (default 5)")
-    parser.add_argument("--rounds", type=int, help="aggregation rounds (default 2)")
-    parser.add_argument("--local-steps", "--steps", dest="local_steps", type=int,
-                        help="local steps E per client per round (default 10)")  # fmt: skip
-    parser.add_argument("--budgets", help="client memory budgets, e.g. 300MB,600MB,1.2GB (else the preset)")
-    parser.add_argument("--device-preset", help=f"named devices: {', '.join(PRESETS)} (default hetero5)")
-    parser.add_argument("--server-budget", help="main server memory for all clients (default 16GB)")
-    parser.add_argument("--server-flops", type=float, help="main server speed in FLOP/s for the time model (2e13)")
-    parser.add_argument("--split-point", type=_ints, help="fixed split point(s), overriding the planner")
-    parser.add_argument("--rank", type=_ints, help="fixed LoRA rank(s), overriding the planner")
-    parser.add_argument("--alpha", type=float, help="LoRA alpha (default 16)")
-    parser.add_argument("--targets", type=_names, help=f"candidate matrices, from {','.join(ALL_TARGETS)}")
-    parser.add_argument("--partition", help="iid (default) or dirichlet (non-IID over eatType/food)")
-    parser.add_argument("--dirichlet-alpha", type=float, help="Dirichlet concentration (default 0.5)")
-    parser.add_argument("--batch-size", type=int, help="examples per step (default 8)")
-    parser.add_argument("--max-seq-len", type=int, help="tokens per example at most (default 128)")
-    parser.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-4)")
-    parser.add_argument("--eval-every", type=int, help="validate every N rounds (default 1)")
-    parser.add_argument("--val-size", type=int, help="test-set rows for validation loss (default 128)")
-    parser.add_argument("--output-dir", help="run folder (default runs/<time>-<strategy>)")
+    for name, text in FLAGS.items():
+        if name == "strategy" and not one_run:
+            continue
+        hint = hints[name]
+        options = typing.get_args(hint) or (hint,)
+        if list[int] in options:
+            kind = _ints
+        elif hint == list[str]:
+            kind = _names
+        elif float in options:
+            kind = float
+        elif int in options:
+            kind = int
+        else:
+            kind = str
+        default = defaults.get(name)
+        help_text = text if default is None else f"{text} (default {default})"
+        flags = ["--" + name.replace("_", "-")] + (["--steps"] if name == "local_steps" else [])
+        parser.add_argument(*flags, dest=name, type=kind, help=help_text)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what an earlier run wrote in the output folder (refused without it)")  # fmt: skip
-    parser.add_argument("--compression", help="activations and gradients across the cut: fp32 (default), fp16, "
-                        "bf16 or int8 (per-token absmax scales)")  # fmt: skip
-    parser.add_argument("--split-mode", help="standard (default) or u: the client also keeps the last blocks, the "
-                        "head and the loss, so labels never leave it")  # fmt: skip
-    parser.add_argument("--tail-blocks", type=int, help="last blocks a client keeps with --split-mode u (default 1)")
-    parser.add_argument(
-        "--split-rule",
-        help="how ARMSC cuts: fastest (default; least predicted round time within "
-        "every budget) or deepest (the deepest cut the memory budget holds)",
-    )
-    parser.add_argument(
-        "--adapter-lifecycle",
-        help="hsplitlora's adapters across rounds: persist (default; kept "
-        "with optimizer state, measured from an anchor) or recreate (fresh every round)",
-    )
-    parser.add_argument("--engine", help="inprocess (default) or ray: clients and main server as Ray actors")
-    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one on localhost)")
     if one_run:
         parser.add_argument(
             "--resume",
             metavar="RUN_DIR",
             help="continue a run from its last checkpoint (only a larger --rounds may be given)",
         )
-    parser.add_argument("--seed", type=int, help="seed: the same seed gives the same numbers")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
@@ -173,15 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUN_KEYS = (
-    "model", "data", "val_data", "client_data", "prompt_field", "response_field", "partition_field", "data_dir",
-    "dtype", "device", "client_device", "server_device", "strategy", "clients", "rounds", "local_steps", "budgets",
-    "device_preset",
-    "server_budget", "server_flops", "split_point", "rank", "alpha", "targets", "partition", "dirichlet_alpha",
-    "batch_size",
-    "max_seq_len", "lr", "eval_every", "val_size", "output_dir", "seed", "threads", "engine", "ray_address",
-    "compression", "split_mode", "tail_blocks", "split_rule", "adapter_lifecycle",
-)  # fmt: skip
+def _run_keys() -> tuple[str, ...]:
+    from hsplitlora.config import FLAGS
+
+    return tuple(FLAGS)
+
+
+RUN_KEYS = _run_keys()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

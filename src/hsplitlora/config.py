@@ -248,6 +248,55 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# The settings a command-line flag sets (`--split-point` for split_point), with their help; the
+# CLI builds its flags from this table, their types from the fields' hints and the defaults from
+# RunConfig, so a setting is declared once. The others are config-file keys only.
+FLAGS: dict[str, str] = {
+    "model": "smollm2-135m, tiny, tiny-gpt2, or a local Hugging Face model folder",
+    "data": "e2e, or a .jsonl/.json/.csv/.parquet file or save_to_disk folder of prompt/response, "
+    "instruction/input/output or chat (messages) records",
+    "val_data": "validation file (default: E2E's test set, or a held-out slice of --data)",
+    "client_data": "a folder with one data file per client, in sorted name order (--clients is their number)",
+    "prompt_field": "the prompt's field in prompt/response records",
+    "response_field": "the response's field in prompt/response records",
+    "partition_field": "with --partition dirichlet on your own data: the field whose values group it",
+    "data_dir": "E2E's folder, holding devset.csv and testset_w_refs.csv",
+    "dtype": "the frozen weights: float32, bfloat16 or float16 (adapters and optimizer state stay float32)",
+    "device": "cpu, cuda, cuda:N or mps, for every role",
+    "client_device": "the clients' device (default: --device)",
+    "server_device": "the main server's device (default: --device), e.g. cuda",
+    "strategy": "the method or baseline: see README, Strategies",
+    "clients": "number of clients K",
+    "rounds": "aggregation rounds",
+    "local_steps": "local steps E per client per round (alias --steps)",
+    "budgets": "client memory budgets, e.g. 300MB,600MB,1.2GB (else the preset's)",
+    "device_preset": "named devices: hetero5 or homo5",
+    "server_budget": "the main server's memory for all clients",
+    "server_flops": "the main server's speed in FLOP/s, for the time model",
+    "split_point": "fixed split point(s), one or one per client, overriding the planner",
+    "rank": "fixed LoRA rank(s), one or one per client, overriding the planner",
+    "alpha": "LoRA alpha (the scale is alpha / rank)",
+    "targets": "candidate matrices, from q,k,v,o,gate,up,down",
+    "partition": "iid or dirichlet (non-IID: E2E's eatType/food, or --partition-field)",
+    "dirichlet_alpha": "Dirichlet concentration (small: skewed)",
+    "batch_size": "examples per step",
+    "max_seq_len": "tokens per example at most",
+    "lr": "AdamW learning rate of the adapters",
+    "eval_every": "validate every N rounds",
+    "val_size": "validation examples",
+    "output_dir": "run folder (default runs/<time>-<strategy>)",
+    "compression": "activations and gradients across the cut: fp32, fp16, bf16 or int8 (per-token absmax scales)",
+    "split_mode": "standard, or u: the client also keeps the last blocks, the head and the loss",
+    "tail_blocks": "last blocks a client keeps with --split-mode u",
+    "split_rule": "how ARMSC cuts: fastest (least predicted round time within every budget) or deepest",
+    "adapter_lifecycle": "hsplitlora's adapters across rounds: persist (kept, measured from an anchor) or recreate",
+    "engine": "inprocess, or ray: clients and the main server as Ray actors",
+    "ray_address": "join this Ray cluster (default: start a local one on localhost)",
+    "seed": "the same seed gives the same numbers",
+    "threads": "torch threads (default: torch's choice)",
+}
+
+
 def _describe(hint) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
