@@ -7,14 +7,10 @@ from pathlib import Path
 
 from hsplitlora.config import RunConfig
 from hsplitlora.errors import UsageError
+from hsplitlora.plots import whole_model
 from hsplitlora.reporting import check_output_folder, refuse_clobbering, write_json_atomic
 from hsplitlora.rounds import Reporter, RunResult, run
 from hsplitlora.strategies import STRATEGIES
-
-
-def whole_model(strategy: str) -> bool:
-    """Whether the strategy runs the whole model on every client (or one central trainer)."""
-    return not STRATEGIES[strategy].splits
 
 
 def time_to_target(metrics: list[dict], target: float) -> tuple[float | None, float | None]:
@@ -69,33 +65,7 @@ def compare(
         })  # fmt: skip
     summary = {"target_ppl": target, "rows": rows}
     write_json_atomic(output_dir / "comparison.json", summary)
+    from hsplitlora.plots import plot_comparison
+
     summary["plot"] = str(plot_comparison(results, target, output_dir / "comparison.png"))
     return summary
-
-
-def plot_comparison(results: dict[str, RunResult], target: float, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for strategy, result in results.items():
-        evaluated = [m for m in result.metrics if m["val_ppl"] is not None]
-        style = "--" if whole_model(strategy) else "-"
-        for ax, key in ((axes[0], "round"), (axes[1], "sim_time_s")):
-            ax.plot([m[key] for m in evaluated], [m["val_ppl"] for m in evaluated], style, marker="o", label=strategy)
-    for ax, label in ((axes[0], "round"), (axes[1], "simulated time (s)")):
-        ax.axhline(target, color="grey", linewidth=0.8, linestyle=":", label=f"target {target:.3f}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation perplexity")
-        ax.grid(alpha=0.3)
-    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figure.suptitle("Strategies on identical data, budgets and seed (dashed: whole model on every client, "
-                    "not limited by the budgets)", fontsize=10)  # fmt: skip
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
