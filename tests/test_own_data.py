@@ -187,3 +187,21 @@ def test_a_client_file_with_no_usable_record_is_named(tmp_path, capsys):
 def test_rows_come_back_as_written(tmp_path):
     rows = read_rows(make("parquet", tmp_path))
     assert rows[0] == {"prompt": PAIRS[0][0], "response": PAIRS[0][1]} and len(rows) == len(PAIRS)
+
+
+def test_one_file_split_by_dirichlet_over_a_field_covers_every_training_record_once(tmp_path):
+    from hsplitlora.config import load_config
+    from hsplitlora.data.sources import load_training_data
+
+    rows = [{"prompt": f"q{i} ", "response": f"a{i}", "topic": ["food", "travel", "sport"][i % 3]} for i in range(60)]
+    path = write_jsonl(tmp_path / "topics.jsonl", rows)
+    config = load_config(None, {"model": "tiny", "data": str(path), "clients": 3, "partition": "dirichlet",
+                                "partition_field": "topic", "dirichlet_alpha": 0.1, "val_size": 6})  # fmt: skip
+    tokenizer = byte_tokenizer()
+    data = load_training_data(config, tokenizer)
+    assert len(data.validation) == 6 and len(data.items) == 54
+    dealt = sorted(i for shard in data.shards for i in shard)
+    assert dealt == list(range(54))  # every training record on exactly one client
+    assert len(data.shards) == 3 and all(data.shards)
+    with pytest.raises(Exception, match="partition dirichlet on your own data needs partition_field"):
+        load_config(None, {"model": "tiny", "data": str(path), "partition": "dirichlet"})
