@@ -13,6 +13,7 @@ import torch
 from hsplitlora.compression import Packed
 from hsplitlora.config import RunConfig
 from hsplitlora.data.e2e import Batcher, data_file, encode, partition_iid, read_e2e
+from hsplitlora.data.sources import load_training_data
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import attach_lora, lora_layers, set_active_adapter
 from hsplitlora.losses import target_token_loss
@@ -121,9 +122,8 @@ def test_u_shaped_training_matches_unsplit_training():
     params = [p for layer in lora_layers(reference) for p in layer.adapter_parameters(name)]
     assert params and all(p.requires_grad for p in params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    examples = read_e2e(data_file(None, "train"))
-    encoded = [encode(e, federation.loaded.tokenizer, config.max_seq_len) for e in examples]
-    batcher = Batcher([encoded[i] for i in partition_iid(len(encoded), 1, config.seed)[0]], config.batch_size,
+    data = load_training_data(config, federation.loaded.tokenizer)  # the client's own examples, as it reads them
+    batcher = Batcher([data.items[i] for i in data.shards[0]], config.batch_size,
                       federation.loaded.tokenizer.pad_token_id, config.seed)  # fmt: skip
 
     losses = [step[0] for step in federation.engine.local_steps(4)]
