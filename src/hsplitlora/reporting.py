@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from hsplitlora.errors import UsageError
+from hsplitlora.errors import UsageError, read_text
 
 # What a run writes into its folder; a folder holding any of these holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoint", ".checkpoint-old")
@@ -79,15 +79,6 @@ def write_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata:
               metadata={k: str(v) for k, v in (metadata or {}).items()})  # fmt: skip
     os.chmod(temporary, 0o644)
     os.replace(temporary, path)
-
-
-def read_text(path: Path, what: str = "file") -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{what} {path} cannot be read as UTF-8 text ({error.__class__.__name__}).") from None
 
 
 def read_json(path: Path, what: str = "file", kind: type = dict):

@@ -33,14 +33,12 @@ def check_fits(needed: int, what: str, remedy: str, available: int | None = None
 def simulation_bytes(memory, plan) -> int:
     """One process simulating every role (the in-process engine): the whole model, one split step's
     activations at a time (the model's depth of them) and every client's adapters on both sides."""
-    weights = memory.embedding_bytes + memory.num_blocks * memory.block_bytes + memory.head_bytes
-    activations = memory.num_blocks * memory.block_activation_bytes + memory.head_activation_bytes
     adapters = sum(
         memory.adapter_bytes(name, rank)
         for client in plan.clients
         for name, rank in {**client.ranks, **client.server_ranks}.items()
     )
-    return weights + activations + adapters
+    return memory.unsplit_bytes() + adapters  # the whole model and one step's activations, once
 
 
 def generation_bytes(model, batch_size: int, beams: int, prompt_tokens: int, new_tokens: int) -> int:

@@ -49,8 +49,6 @@ from hsplitlora.round_record import mean_present, round_line, run_summary
 from hsplitlora.setup import Setup, build_setup
 from hsplitlora.time_model import ClientRoundWork, round_time
 
-CENTRAL_BANDWIDTH = 1e12  # the centralised references move no data between machines
-
 
 @dataclass
 class RunResult:
@@ -290,24 +288,15 @@ def _run_rounds(
                 engine.aggregate(round_)
             except NonFiniteUpdate as error:
                 raise TrainingDiverged(
-                    f"{error} at round {round_}; the run stopped and "
-                    + (
-                        f"the checkpoint of round {round_ - 1} in {folder.path} is intact (try a smaller lr or alpha, "
-                        "then --resume)."
-                        if round_ > 1
-                        else "no checkpoint was written (try a smaller lr or alpha)."
-                    )
+                    f"{error} at round {round_}; {_stopped(round_, folder, 'lr or alpha')}"
                 ) from None
 
         val_loss = val_ppl = None
         if round_ % config.eval_every == 0 or round_ == config.rounds:
             val_loss = engine.validation_loss(val_batches, strategy.validation_client(plan))
             if not math.isfinite(val_loss):
-                raise TrainingDiverged(
-                    f"the validation loss became {val_loss} after the aggregation of round {round_}; the run stopped "
-                    + (f"and the checkpoint of round {round_ - 1} in {folder.path} is intact (try a smaller lr or "
-                       "alpha, then --resume)." if round_ > 1 else "before any checkpoint (try a smaller lr or alpha).")
-                )  # fmt: skip
+                stopped = _stopped(round_, folder, "lr or alpha")
+                raise TrainingDiverged(f"the validation loss became {val_loss} after round {round_}; {stopped}")
             val_ppl = perplexity(val_loss)
         work = [
             ClientRoundWork(tokens[c.client], step_traffic[c.client],
@@ -367,10 +356,13 @@ def _check_finite(round_: int, step: int, losses: list[float | None], plan: Plan
     for position, loss in enumerate(losses):
         if loss is not None and not math.isfinite(loss):
             client = plan.clients[position].client
-            raise TrainingDiverged(
-                f"client {client}'s loss became {loss} at round {round_}, step {step + 1}; the run stopped and "
-                f"the checkpoint of round {round_ - 1} in {folder.path} is intact (try a smaller lr, then --resume)."
-                if round_ > 1 else
-                f"client {client}'s loss became {loss} at round 1, step {step + 1}; the run stopped before any "
-                "checkpoint (try a smaller lr)."
-            )  # fmt: skip
+            raise TrainingDiverged(f"client {client}'s loss became {loss} at round {round_}, step {step + 1}; "
+                                   f"{_stopped(round_, folder, 'lr')}")  # fmt: skip
+
+
+def _stopped(round_: int, folder: RunFolder, advice: str) -> str:
+    """The end of a divergence sentence: what is left to resume from, and what to try."""
+    if round_ > 1:
+        return (f"the run stopped and the checkpoint of round {round_ - 1} in {folder.path} is intact (try a smaller "
+                f"{advice}, then --resume).")  # fmt: skip
+    return f"the run stopped before any checkpoint (try a smaller {advice})."

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hsplitlora.data.e2e import IGNORE_INDEX, Encoded
-from hsplitlora.errors import UsageError
+from hsplitlora.errors import UsageError, read_text
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # A plain template for tokenizers without one (the tiny test models): "role: content" lines, each
@@ -123,10 +123,7 @@ def _cache_dir() -> Path:
 
 def _check_json(path: Path) -> None:
     """JSON errors with the line they are on (datasets reports neither)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise UsageError(f"data file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8.") from None
+    text = read_text(path, "data file")
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():

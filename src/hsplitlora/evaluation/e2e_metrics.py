@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from hsplitlora.errors import UsageError
+from hsplitlora.errors import UsageError, read_text
 
 NIST_ORDER = 5
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
@@ -34,7 +34,7 @@ def read_references(path: str | Path) -> list[list[str]]:
     """References per instance: an E2E CSV (`mr`, `ref`; rows of one MR grouped in order of first
     appearance) or plain text (one reference per line, instances separated by an empty line)."""
     path = Path(path)
-    text = _read_text(path, "references")
+    text = read_text(path, "references file")
     if path.suffix.lower() == ".csv":
         grouped: dict[str, list[str]] = {}
         rows = csv.DictReader(text.splitlines())
@@ -62,22 +62,13 @@ def read_outputs(path: str | Path) -> list[str]:
     """System outputs, one per line; an empty line is an empty (valid, if bad) output. The file's
     final line break ends the last output."""
     path = Path(path)
-    text = _read_text(path, "outputs")
+    text = read_text(path, "outputs file")
     if not text:
         raise UsageError(f"outputs file {path} is empty.")
     lines = text.split("\n")
     if text.endswith("\n"):
         lines.pop()
     return [line.strip() for line in lines]
-
-
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{what} file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{what} file {path} cannot be read as UTF-8 text ({error.__class__.__name__}).") from None
 
 
 def check_counts(references: Sequence[Sequence[str]], outputs: Sequence[str]) -> None:
