@@ -10,7 +10,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from hsplitlora.config import load_config
@@ -102,9 +102,17 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
+def _version() -> str:
+    """The installed package's version; a source tree on PYTHONPATH has no metadata."""
+    try:
+        return version("hsplitlora")
+    except PackageNotFoundError:
+        return "(source tree, not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsplitlora", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"hsplitlora {version('hsplitlora')}")
+    parser.add_argument("--version", action="version", version=f"hsplitlora {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="split LoRA fine-tuning across clients")
     _add_run_options(run)

@@ -24,6 +24,15 @@ MAIN_SLOT = "main"
 ADAPTER_DTYPE = torch.float32  # adapters, their anchors and optimizer state, whatever the frozen W's dtype
 
 
+def _kaiming_rows(rows: int, columns: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A fresh A: Kaiming-uniform rows drawn on the generator's device (the CPU for the seeded
+    generators the roles hold), so a seed gives the same A wherever the layer lives; the caller
+    moves it to the layer's device."""
+    a = torch.empty(rows, columns, dtype=ADAPTER_DTYPE, device=generator.device if generator is not None else "cpu")
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a
+
+
 class MultiLoRALayer(nn.Module):
     def __init__(self, base: nn.Module, slot_sizes: dict[str, int] | None = None):
         super().__init__()
@@ -72,8 +81,7 @@ class MultiLoRALayer(nn.Module):
             raise ValueError(f"rank must be >= 0, got {rank}")
         lo, hi = self.slot_bounds[slot]
         device = self.base.weight.device
-        a = torch.empty(rank, self.in_features, dtype=ADAPTER_DTYPE, device=device)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        a = _kaiming_rows(rank, self.in_features, generator).to(device)
         b = torch.zeros(hi - lo, rank, dtype=ADAPTER_DTYPE, device=device)
         self.lora_A[slot][name] = nn.Parameter(a)
         self.lora_B[slot][name] = nn.Parameter(b)
@@ -120,8 +128,7 @@ class MultiLoRALayer(nn.Module):
         a, b = self.lora_A[slot][name], self.lora_B[slot][name]
         old_scale, new_scale = self.scaling[(name, slot)], alpha / rank
         if rank > current:
-            extra = torch.empty(rank - current, self.in_features, dtype=a.dtype, device=a.device)
-            nn.init.kaiming_uniform_(extra, a=math.sqrt(5), generator=generator)
+            extra = _kaiming_rows(rank - current, self.in_features, generator).to(a.device)
             new_a = torch.cat([a.detach(), extra])
             new_b = torch.cat([b.detach() * (old_scale / new_scale), b.new_zeros(b.shape[0], rank - current)], dim=1)
         else:
