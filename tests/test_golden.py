@@ -1,0 +1,70 @@
+"""Behaviour pinned across refactors: fixed-seed tiny runs through both engines must give exactly
+the metrics committed in tests/golden/metrics.json (made on the tree before the round protocol was
+written once). Everything but wall-clock times is compared for equality.
+
+    .venv/bin/python tests/test_golden.py     # re-make the golden file (only for a deliberate change)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from hsplitlora.config import RunConfig
+from hsplitlora.rounds import run
+
+GOLDEN = Path(__file__).parent / "golden" / "metrics.json"
+WALL = ("wall_time_s", "round_wall_time_s")
+BASE = dict(model="tiny", clients=3, rounds=2, local_steps=2, budgets="5MB,8MB,20MB", val_size=16, batch_size=4)
+CASES = {
+    "inprocess/hsplitlora": {},
+    "inprocess/hsplitlora-deepest-replan": {"split_rule": "deepest", "replan_delta": 0.0, "rounds": 3},
+    "inprocess/hsplitlora-recreate": {"adapter_lifecycle": "recreate"},
+    "inprocess/splitlora-u": {"strategy": "splitlora", "split_mode": "u", "budgets": "8MB,16MB,32MB"},
+    "inprocess/hetlora": {"strategy": "hetlora"},
+    "inprocess/flora": {"strategy": "flora"},
+    "inprocess/flexlora": {"strategy": "flexlora"},
+    "inprocess/cenlora": {"strategy": "cenlora"},
+    "inprocess/ft": {"strategy": "ft", "lr": 1e-5},
+    "inprocess/no-naa": {"strategy": "no-naa"},
+    "ray/hsplitlora-deepest-replan": {"engine": "ray", "split_rule": "deepest", "replan_delta": 0.0, "rounds": 3},
+    "ray/splitlora-u": {"engine": "ray", "strategy": "splitlora", "split_mode": "u", "budgets": "8MB,16MB,32MB"},
+    "ray/hetlora": {"engine": "ray", "strategy": "hetlora"},
+    "ray/flexlora": {"engine": "ray", "strategy": "flexlora"},
+}
+
+
+def metrics_of(case: str, folder: Path) -> list[dict]:
+    config = RunConfig(**{**BASE, **CASES[case], "output_dir": str(folder / case.replace("/", "-"))})
+    return [{k: v for k, v in line.items() if k not in WALL} for line in run(config).metrics]
+
+
+def strip_wall(value):
+    """Wall-clock times nested in per-client records vary from run to run."""
+    if isinstance(value, dict):
+        return {k: strip_wall(v) for k, v in value.items() if k not in WALL}
+    if isinstance(value, list):
+        return [strip_wall(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_metrics_equal_the_golden_file(tmp_path, case):
+    if case.startswith("ray/"):
+        pytest.importorskip("ray")
+    golden = json.loads(GOLDEN.read_text())[case]
+    assert strip_wall(json.loads(json.dumps(metrics_of(case, tmp_path)))) == golden
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in CASES:
+            out[name] = strip_wall(json.loads(json.dumps(metrics_of(name, Path(folder)))))
+            print(name, [round(m["val_loss"], 6) for m in out[name]], file=sys.stderr)
+    GOLDEN.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
