@@ -8,7 +8,7 @@ docs/results.md. See `python benchmarks/reproduce.py --help`.
 
 import sys
 
-from hsplitlora.study import main
+from study import main  # benchmarks/study.py, beside this script
 
 if __name__ == "__main__":
     sys.exit(main())

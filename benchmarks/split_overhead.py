@@ -62,7 +62,7 @@ def main() -> None:
 
     def split_step(batch) -> None:
         client.batches = iter([batch])
-        federation.engine.split_step(client)
+        federation.engine.split_step(client.client_id)
 
     def peft_step(batch) -> None:
         logits = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from hsplitlora.study import ALL_LABELS, MAIN, QUICK, main, planned_runs, tables_in, tables_markdown, verdict
+from study import ALL_LABELS, MAIN, QUICK, main, planned_runs, tables_in, tables_markdown, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 

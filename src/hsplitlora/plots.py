@@ -8,7 +8,7 @@ from pathlib import Path
 from hsplitlora.strategies import STRATEGIES
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +26,7 @@ def plot_run(metrics: list[dict], folder: Path) -> list[Path]:
     """val_ppl vs round and vs simulated time; each client's split point and total rank."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    plt = pyplot()
     paths = []
     evaluated = [m for m in metrics if m.get("val_ppl") is not None]
     strategy = metrics[0]["strategy"] if metrics else ""
@@ -78,7 +78,7 @@ def plot_run(metrics: list[dict], folder: Path) -> list[Path]:
 def plot_comparison(results: dict, target: float, path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for strategy, result in results.items():
         evaluated = [m for m in result.metrics if m["val_ppl"] is not None]
@@ -98,66 +98,3 @@ def plot_comparison(results: dict, target: float, path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
-
-
-def plot_study(results: dict, results_dir: Path) -> list[Path]:
-    import statistics
-
-    from hsplitlora.study import (
-        ABLATIONS,
-        ALL_LABELS,
-        MAIN,
-        _mean_curve,
-        labels_in,
-        regime_names,
-        runs_of,
-        spread,
-        whole_model,
-    )
-
-    plt = _pyplot()
-    names = regime_names(results)
-    if not names:
-        return []
-    paths = []
-    for key, label, filename in (("sim_time_s", "simulated time (s)", "ppl_vs_simulated_time.png"),
-                                 ("wall_time_s", "measured wall time (s)", "ppl_vs_wall_time.png")):  # fmt: skip
-        figure, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), sharey=True, squeeze=False)
-        for ax, regime in zip(axes[0], names, strict=True):
-            for strategy in labels_in(results, regime):
-                runs = runs_of(results, regime, strategy)
-                xs, ys = _mean_curve(runs, key)
-                style = "--" if whole_model(strategy) else (":" if strategy in ABLATIONS else "-")
-                suffix = f" (mean of {len(runs)})" if len(runs) > 1 else ""
-                color = f"C{ALL_LABELS.index(strategy) % 10}"  # one colour per strategy in every panel
-                ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=strategy + suffix)
-            ax.axhline(results["targets"][regime], color="grey", linewidth=0.8, linestyle=":")
-            ax.set_title(f"regime {regime}")
-            ax.set_xlabel(label)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        axes[0][0].set_ylabel("validation perplexity")
-        figure.suptitle(f"{results['spec']['model']}, E2E, 5 clients: validation perplexity per round "
-                        "(grey: target perplexity)", fontsize=10)  # fmt: skip
-        figure.tight_layout()
-        figure.savefig(results_dir / filename, dpi=110)
-        plt.close(figure)
-        paths.append(results_dir / filename)
-
-    figure, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), sharey=True, squeeze=False)
-    for ax, regime in zip(axes[0], names, strict=True):
-        labels = labels_in(results, regime)
-        finals = [[r["final_val_ppl"] for r in runs_of(results, regime, s)] for s in labels]
-        means = [statistics.mean(f) for f in finals]
-        spreads = [spread(f) for f in finals]
-        ax.bar(labels, means, yerr=spreads, capsize=4, color=["C0" if s in MAIN else "C7" for s in labels])
-        low = min(means) - 3 * max(spreads + [0.05])
-        ax.set_ylim(max(0.0, low), max(m + s for m, s in zip(means, spreads, strict=True)) * 1.02)
-        ax.set_title(f"regime {regime}: final validation perplexity (mean ± std over seeds)", fontsize=9)
-        ax.tick_params(axis="x", rotation=45)
-        ax.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(results_dir / "final_ppl.png", dpi=110)
-    plt.close(figure)
-    paths.append(results_dir / "final_ppl.png")
-    return paths

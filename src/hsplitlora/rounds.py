@@ -175,35 +175,46 @@ def run(
 def _run_rounds(
     setup: Setup, reporter: Reporter, log: Callable[[str], None], resume: bool, overwrite: bool = False
 ) -> RunResult:
-    config, engine, strategy, memory, devices = setup.config, setup.engine, setup.strategy, setup.memory, setup.devices
-    server_budget, shards, num_blocks, candidates = (
-        setup.server_budget,
-        setup.shards,
-        setup.num_blocks,
-        setup.candidates,
-    )
-    model, val_batches, fixed_ranks, started = setup.model, setup.val_batches, setup.fixed_ranks, setup.started
-    steps_per_round = setup.steps_per_round
-    ft_lr = config.ft_lr if strategy.full_finetune else None
-    smoothed = SmoothedImportance(config.gamma_max, config.tau)
-
-    folder = RunFolder(config.output_dir)
-    current: dict[str, float] | None = None
-    importance_history: list[dict] = []  # per round: measured Theta_t and smoothed I_t
-    metrics: list[dict] = []
-    sim_time, wall_offset, start_round = 0.0, 0.0, 1
+    loop = _Loop(setup, reporter, log)
     if resume:
+        loop.resume()
+    else:
+        loop.start(overwrite)
+    for round_ in range(loop.start_round, setup.config.rounds + 1):
+        loop.run_round(round_)
+    return loop.finish()
+
+
+class _Loop:
+    """One run between rounds: the plan, the importance and its history, the metrics and the
+    simulated clock; and the steps of a round, in order."""
+
+    def __init__(self, setup: Setup, reporter: Reporter, log: Callable[[str], None]):
+        self.setup, self.reporter, self.log = setup, reporter, log
+        self.config, self.engine, self.strategy = setup.config, setup.engine, setup.strategy
+        self.ft_lr = self.config.ft_lr if self.strategy.full_finetune else None
+        self.smoothed = SmoothedImportance(self.config.gamma_max, self.config.tau)
+        self.folder = RunFolder(self.config.output_dir)
+        self.current: dict[str, float] | None = None
+        self.importance_history: list[dict] = []  # per round: measured Theta_t and smoothed I_t
+        self.metrics: list[dict] = []
+        self.sim_time, self.wall_offset, self.start_round = 0.0, 0.0, 1
+        self.plan: Plan | None = None
+        self.first_plan = False
+
+    def _messages(self, round_: int, plan_clients) -> list[RoundPlan]:
+        return [RoundPlan(c.client, round_, c.split_point, c.all_ranks(), self.config.tail, self.strategy.adapters)
+                for c in plan_clients]  # fmt: skip
+
+    def resume(self) -> None:
+        """Every role, the plan, the importance and the clock as the last checkpoint left them."""
+        config, strategy, folder = self.config, self.strategy, self.folder
         state, tensors = folder.load_checkpoint()
         try:
             saved = Plan.from_state(state["plan"]).clients
-            if sorted(c.client for c in saved) != list(range(len(saved))) or len(saved) > len(shards):
+            if sorted(c.client for c in saved) != list(range(len(saved))) or len(saved) > len(self.setup.shards):
                 raise ValueError("the plan's clients differ from the config's")
-            engine.load_state(
-                state, tensors,
-                [RoundPlan(c.client, state["round"], c.split_point, c.all_ranks(), config.tail, strategy.adapters)
-                 for c in saved],
-                ft_lr,
-            )  # fmt: skip
+            self.engine.load_state(state, tensors, self._messages(state["round"], saved), self.ft_lr)
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
             raise UsageError(
                 f"the checkpoint in {folder.path} does not fit the run's config.json (edited since the run, or "
@@ -214,73 +225,63 @@ def _run_rounds(
             folder.write_config({**written, "rounds": config.rounds})
         strategy.importance_at_last_plan = state["importance_at_last_plan"]
         strategy.resume_cuts([c.split_point for c in sorted(saved, key=lambda c: c.client)])
+        smoothed = self.smoothed
         smoothed.round, smoothed.value, smoothed.gamma = (state["smoothing"][k] for k in ("round", "value", "gamma"))
-        plan = Plan.from_state(state["plan"])
-        current = state["importance"]
-        importance_history = state["importance_history"]
-        start_round, sim_time, wall_offset = state["round"] + 1, state["sim_time_s"], state["wall_time_s"]
-        metrics = [m for m in folder.read_metrics() if m["round"] <= state["round"]]
-        folder.rewrite_metrics(metrics)  # drop a line written after the checkpoint by a crashed run
-        first_plan = False
-        log(f"resuming {folder.path} after round {state['round']}")
-    else:
-        # Round 1's importance: a warm-up pass of one batch per client on the frozen model.
-        if strategy.uses_importance and fixed_ranks is None:
-            per_client = [
-                importance(sums, batches, memory, config.r_ref) for sums, batches in engine.warmup_importance()
-            ]
-            current = smoothed.update(average_importance(per_client, [len(s) for s in shards]))
-            importance_history.append({"round": 0, "smoothed": current})
-        # The first plan comes before anything is written: an impossible budget stops the run here.
-        plan = strategy.make_plan(current)
-        first_plan = True
+        self.plan = Plan.from_state(state["plan"])
+        self.current = state["importance"]
+        self.importance_history = state["importance_history"]
+        self.start_round, self.sim_time, self.wall_offset = (
+            state["round"] + 1,
+            state["sim_time_s"],
+            state["wall_time_s"],
+        )
+        self.metrics = [m for m in folder.read_metrics() if m["round"] <= state["round"]]
+        folder.rewrite_metrics(self.metrics)  # drop a line written after the checkpoint by a crashed run
+        self.log(f"resuming {folder.path} after round {state['round']}")
+
+    def start(self, overwrite: bool) -> None:
+        """Round 1's importance (a warm-up pass of one batch per client on the frozen model) and
+        the first plan, before anything is written: an impossible budget stops the run here."""
+        setup, config, strategy = self.setup, self.config, self.strategy
+        if strategy.uses_importance and setup.fixed_ranks is None:
+            per_client = [importance(sums, batches, setup.memory, config.r_ref)
+                          for sums, batches in self.engine.warmup_importance()]  # fmt: skip
+            self.current = self.smoothed.update(average_importance(per_client, [len(s) for s in setup.shards]))
+            self.importance_history.append({"round": 0, "smoothed": self.current})
+        self.plan = strategy.make_plan(self.current)
+        self.first_plan = True
         if config.split_point is not None or config.rank is not None:
-            warn_over_budget(plan, strategy, log)
+            warn_over_budget(self.plan, strategy, self.log)
         if config.engine == "inprocess":
             remedy = "lower batch_size or max_seq_len, use fewer clients, or --engine ray on several machines."
-            check_fits(simulation_bytes(memory, plan), "simulating every client in this process", remedy)
+            check_fits(simulation_bytes(setup.memory, self.plan), "simulating every client in this process", remedy)
         if overwrite:
-            folder.clear()
-        folder.write_config({**config.to_dict(), "resolved": {
-            "devices": [d.to_dict() for d in devices], "server_budget_bytes": server_budget,
-            "shard_sizes": [len(s) for s in shards], "num_blocks": num_blocks, "memory_model": memory.to_dict(),
-            "candidates": len(candidates), "data": setup.data_description, "data_notes": setup.notes,
+            self.folder.clear()
+        self.folder.write_config({**config.to_dict(), "resolved": {
+            "devices": [d.to_dict() for d in setup.devices], "server_budget_bytes": setup.server_budget,
+            "shard_sizes": [len(s) for s in setup.shards], "num_blocks": setup.num_blocks,
+            "memory_model": setup.memory.to_dict(), "candidates": len(setup.candidates),
+            "data": setup.data_description, "data_notes": setup.notes,
         }})  # fmt: skip
-        folder.rewrite_metrics([])
-        log(f"run folder: {folder.path}")
+        self.folder.rewrite_metrics([])
+        self.log(f"run folder: {self.folder.path}")
         for note in setup.notes:
-            log(note)
-        log(f"{config.partition} partition, samples per client: {[len(s) for s in shards]}")
+            self.log(note)
+        self.log(f"{config.partition} partition, samples per client: {[len(s) for s in setup.shards]}")
 
-    for round_ in range(start_round, config.rounds + 1):
+    def run_round(self, round_: int) -> None:
+        """Plan, configure, E local steps, importance, aggregate, evaluate, record and checkpoint."""
         round_started = time.perf_counter()
-        distance = kendall_tau_distance(current, strategy.importance_at_last_plan) if (
-            current and strategy.importance_at_last_plan) else None  # fmt: skip
-        replanned = first_plan or strategy.wants_replan(round_, current)
-        if replanned and not first_plan:
-            plan = strategy.make_plan(current)
-        first_plan = False
-        messages = [RoundPlan(c.client, round_, c.split_point, c.all_ranks(), config.tail, strategy.adapters)
-                    for c in plan.clients]  # fmt: skip
-        engine.reset_traffic()
-        engine.configure(messages, full_finetune_lr=ft_lr)
-        engine.measure_importance(strategy.uses_importance)
-        reporter.round_started(round_, config.rounds, plan, replanned)
-
-        def on_step(step: int, losses: list[float], round_: int = round_, plan: Plan = plan) -> None:
-            _check_finite(round_, step, losses, plan, folder)
-            reporter.step(round_, step, losses)
-
-        history = engine.local_steps(steps_per_round, on_step)
-
+        strategy, engine = self.strategy, self.engine
+        distance = kendall_tau_distance(self.current, strategy.importance_at_last_plan) if (
+            self.current and strategy.importance_at_last_plan) else None  # fmt: skip
+        replanned = self.first_plan or strategy.wants_replan(round_, self.current)
+        if replanned and not self.first_plan:
+            self.plan = strategy.make_plan(self.current)
+        self.first_plan = False
+        history = self._train(round_, replanned)
         if strategy.uses_importance:
-            reports = engine.importance_reports()
-            theta = average_importance(
-                [importance(sums, batches, memory, config.r_ref) for sums, batches, _ in reports],
-                [samples for _, _, samples in reports],
-            )
-            current = smoothed.update(theta)
-            importance_history.append({"round": round_, "measured": theta, "smoothed": current})
+            self._update_importance(round_)
         tokens = [counters["tokens"] for counters in engine.round_counters()]
         step_traffic = {cid: engine.step_bytes(cid) for cid in engine.traffic}
         if not strategy.centralised:  # one trainer on pooled data has nothing to aggregate
@@ -288,52 +289,90 @@ def _run_rounds(
                 engine.aggregate(round_)
             except NonFiniteUpdate as error:
                 raise TrainingDiverged(
-                    f"{error} at round {round_}; {_stopped(round_, folder, 'lr or alpha')}"
+                    f"{error} at round {round_}; {_stopped(round_, self.folder, 'lr or alpha')}"
                 ) from None
-
-        val_loss = val_ppl = None
-        if round_ % config.eval_every == 0 or round_ == config.rounds:
-            val_loss = engine.validation_loss(val_batches, strategy.validation_client(plan))
-            if not math.isfinite(val_loss):
-                stopped = _stopped(round_, folder, "lr or alpha")
-                raise TrainingDiverged(f"the validation loss became {val_loss} after round {round_}; {stopped}")
-            val_ppl = perplexity(val_loss)
-        work = [
-            ClientRoundWork(tokens[c.client], step_traffic[c.client],
-                            engine.traffic[c.client]["adapters_up"] + engine.traffic[c.client]["adapters_down"])
-            for c in plan.clients
-        ]  # fmt: skip
-        timing = round_time(memory, plan.clients, devices, work, config.server_flops, model.config.vocab_size,
-                            setup.hidden_size)  # fmt: skip
-        sim_time += timing["round_s"]
-        train_loss = mean_present([loss for losses in history for loss in losses])
+        val_loss, val_ppl = self._evaluate(round_)
+        timing = self._time(tokens, step_traffic)
+        now = time.perf_counter()
         line = round_line(
-            config, round_, plan, history, engine, timing,
-            losses={"train_loss": train_loss, "val_loss": val_loss, "val_ppl": val_ppl},
-            times={"sim_time_s": sim_time, "wall_time_s": wall_offset + time.perf_counter() - started,
-                   "round_wall_time_s": time.perf_counter() - round_started},
+            self.config, round_, self.plan, history, engine, timing,
+            losses={"train_loss": mean_present([loss for losses in history for loss in losses]),
+                    "val_loss": val_loss, "val_ppl": val_ppl},
+            times={"sim_time_s": self.sim_time, "wall_time_s": self.wall_offset + now - self.setup.started,
+                   "round_wall_time_s": now - round_started},
             planning={"replanned": replanned, "kendall_distance": distance,
-                      "smoothing_gamma": smoothed.gamma if strategy.uses_importance else None},
+                      "smoothing_gamma": self.smoothed.gamma if strategy.uses_importance else None},
         )  # fmt: skip
-        metrics.append(line)
-        folder.append_metrics(line)
-        role_state, tensors = engine.state(strategy.full_finetune)
-        folder.save_checkpoint(
-            {"round": round_, "strategy": strategy.name, "plan": plan.to_state(), "importance": current,
-             "importance_history": importance_history, "importance_at_last_plan": strategy.importance_at_last_plan,
+        self.metrics.append(line)
+        self.folder.append_metrics(line)
+        self._checkpoint(round_, line)
+        self.reporter.round_finished(line)
+
+    def _train(self, round_: int, replanned: bool) -> list[list[float | None]]:
+        engine, plan, folder = self.engine, self.plan, self.folder
+        engine.reset_traffic()
+        engine.configure(self._messages(round_, plan.clients), full_finetune_lr=self.ft_lr)
+        engine.measure_importance(self.strategy.uses_importance)
+        self.reporter.round_started(round_, self.config.rounds, plan, replanned)
+
+        def on_step(step: int, losses: list[float]) -> None:
+            _check_finite(round_, step, losses, plan, folder)
+            self.reporter.step(round_, step, losses)
+
+        return engine.local_steps(self.setup.steps_per_round, on_step)
+
+    def _update_importance(self, round_: int) -> None:
+        reports = self.engine.importance_reports()
+        theta = average_importance(
+            [importance(sums, batches, self.setup.memory, self.config.r_ref) for sums, batches, _ in reports],
+            [samples for _, _, samples in reports],
+        )
+        self.current = self.smoothed.update(theta)
+        self.importance_history.append({"round": round_, "measured": theta, "smoothed": self.current})
+
+    def _evaluate(self, round_: int) -> tuple[float | None, float | None]:
+        config = self.config
+        if round_ % config.eval_every != 0 and round_ != config.rounds:
+            return None, None
+        val_loss = self.engine.validation_loss(self.setup.val_batches, self.strategy.validation_client(self.plan))
+        if not math.isfinite(val_loss):
+            stopped = _stopped(round_, self.folder, "lr or alpha")
+            raise TrainingDiverged(f"the validation loss became {val_loss} after round {round_}; {stopped}")
+        return val_loss, perplexity(val_loss)
+
+    def _time(self, tokens: list[int], step_traffic: dict[int, int]) -> dict:
+        """The round's simulated time under the time model; advances the clock."""
+        traffic, setup = self.engine.traffic, self.setup
+        work = [ClientRoundWork(tokens[c.client], step_traffic[c.client],
+                                traffic[c.client]["adapters_up"] + traffic[c.client]["adapters_down"])
+                for c in self.plan.clients]  # fmt: skip
+        timing = round_time(setup.memory, self.plan.clients, setup.devices, work, self.config.server_flops,
+                            setup.model.config.vocab_size, setup.hidden_size)  # fmt: skip
+        self.sim_time += timing["round_s"]
+        return timing
+
+    def _checkpoint(self, round_: int, line: dict) -> None:
+        strategy, smoothed = self.strategy, self.smoothed
+        role_state, tensors = self.engine.state(strategy.full_finetune)
+        self.folder.save_checkpoint(
+            {"round": round_, "strategy": strategy.name, "plan": self.plan.to_state(), "importance": self.current,
+             "importance_history": self.importance_history,
+             "importance_at_last_plan": strategy.importance_at_last_plan,
              "smoothing": {"round": smoothed.round, "value": smoothed.value, "gamma": smoothed.gamma},
-             "sim_time_s": sim_time, "wall_time_s": line["wall_time_s"], **role_state},
+             "sim_time_s": self.sim_time, "wall_time_s": line["wall_time_s"], **role_state},
             tensors,
         )  # fmt: skip
-        reporter.round_finished(line)
 
-    final = engine.export_weights(strategy.validation_client(plan), strategy.full_finetune)
-    export_format = "full" if strategy.full_finetune else "candidates"
-    write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": export_format})
-    summary = run_summary(config, metrics, sim_time, setup.data_description)
-    write_json_atomic(folder.path / "summary.json", summary)
-    plots = folder.plot(metrics)
-    return RunResult(folder.path, metrics, summary, plots)
+    def finish(self) -> RunResult:
+        """The final model (with the validation client's adapters folded in), summary and plots."""
+        strategy, config, folder = self.strategy, self.config, self.folder
+        final = self.engine.export_weights(strategy.validation_client(self.plan), strategy.full_finetune)
+        export_format = "full" if strategy.full_finetune else "candidates"
+        write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": export_format})
+        summary = run_summary(config, self.metrics, self.sim_time, self.setup.data_description)
+        write_json_atomic(folder.path / "summary.json", summary)
+        plots = folder.plot(self.metrics)
+        return RunResult(folder.path, self.metrics, summary, plots)
 
 
 def warn_over_budget(plan: Plan, strategy, log: Callable[[str], None]) -> None:

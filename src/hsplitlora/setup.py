@@ -103,11 +103,12 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     strategy = strategy_class(context)
     memory = strategy.context.memory  # with the anchors the strategy's adapters keep
     fed_server = FedServer(strategy.aggregator, config.compression)
+    # Cuts follow the budgets, not importance: a uniform plan tells each Ray actor which blocks to
+    # load, and where round 1's importance is measured.
+    cuts = strategy.initial_cuts()
     if config.engine == "ray":
         from hsplitlora.engines.ray_engine import RayEngine
 
-        # Cuts follow the budgets, not importance: a uniform plan tells each actor which blocks to load.
-        cuts = strategy.initial_cuts()
         spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
                 "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
                 "compression": config.compression, "tail_blocks": config.tail, "dtype": config.dtype,
@@ -122,7 +123,7 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
         # Placed once: the clients' copy, and the main server's own copy when it computes elsewhere.
         server_model = copy.deepcopy(model).to(where.server) if where.separate else None
         model.to(where.client)
-        engine = InProcessEngine(model, arch, candidates, clients, server, fed_server, server_model)
+        engine = InProcessEngine(model, arch, candidates, clients, server, fed_server, server_model, cuts, config.tail)
     return Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
                  val_batches, fixed_ranks, steps_per_round, notes, data.description)  # fmt: skip
 

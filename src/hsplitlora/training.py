@@ -72,7 +72,7 @@ def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Fe
     data = load_training_data(config, tokenizer)  # E2E by default, or the config's own data
     encoded, shards = data.items, data.shards
     clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id)
-    engine = InProcessEngine(model, arch, candidates, clients, server)
+    engine = InProcessEngine(model, arch, candidates, clients, server, cuts=split_points, tail_blocks=config.tail)
     plans = zip(split_points, ranks, strict=True)
     engine.configure([RoundPlan(cid, 1, s, dict.fromkeys(candidates, r), config.tail)
                       for cid, (s, r) in enumerate(plans)])  # fmt: skip

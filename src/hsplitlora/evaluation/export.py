@@ -63,7 +63,10 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, rank: int, overwrit
         raise UsageError(f"rank must be a positive integer, got {rank}.")
     out_dir = check_export_folder(run_dir, out_dir, overwrite)
     trained, config = load_run_model(run_dir)
-    if config.get("strategy") == "ft":
+    from hsplitlora.strategies import STRATEGIES
+
+    strategy = STRATEGIES.get(config.get("strategy"))
+    if strategy is not None and strategy.full_finetune:
         raise UsageError("a fully fine-tuned run changed every weight, not only LoRA targets; export it with --merged.")
     modules = {name: m for name, m in trained.model.named_modules() if isinstance(m, MultiLoRALayer)}
     largest = max(min(m.base.weight.shape) for m in modules.values())

@@ -13,6 +13,9 @@ Regimes (each stated in bytes and FLOP/s in results.json and the tables):
        links of 100-500 Mbit/s (on 20 Mbit/s links the weakest device's traffic bounds the round
        before the server does, even at 0.8 TFLOP/s).
 
+It lives beside benchmarks/reproduce.py, outside the library: the strategies it compares and the
+regimes it runs them in are the study's choices, not hsplitlora's.
+
 Finished runs are reused when their folder holds the same configuration, so an interrupted study
 continues where it stopped. Each run folder keeps config.json, metrics.jsonl, summary.json and
 eval.json, small enough to commit (weights and checkpoints are git-ignored)."""
@@ -140,9 +143,9 @@ QUICK = dataclasses.replace(
 def whole_model(label: str) -> bool:
     """Whether a label's strategy runs the whole model on every client (or one central trainer):
     budgets do not limit its memory."""
-    from hsplitlora.strategies import STRATEGIES
+    from hsplitlora.plots import whole_model as strategy_runs_whole
 
-    return not STRATEGIES[VARIANTS.get(label, (label, {}))[0]].splits
+    return strategy_runs_whole(VARIANTS.get(label, (label, {}))[0])
 
 
 def regime_of(spec: StudySpec, name: str) -> Regime:
@@ -305,8 +308,6 @@ def run_study(
     results["targets"] = {r.name: target_ppl(results, r.name) for r in spec.regimes}
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results_dir / "results.json", results)
-    from hsplitlora.plots import plot_study
-
     plot_study(results, results_dir)
     return results
 
@@ -531,3 +532,58 @@ def main(argv: list[str] | None = None) -> int:
     print(tables)
     print(f"results: {results_dir}/results.json, plots in {results_dir}; {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def plot_study(results: dict, results_dir: Path) -> list[Path]:
+    """The study's curves (perplexity against simulated and wall time, per regime) and final
+    perplexities (mean and spread over seeds)."""
+    import statistics
+
+    from hsplitlora.plots import pyplot
+
+    plt = pyplot()
+    names = regime_names(results)
+    if not names:
+        return []
+    paths = []
+    for key, label, filename in (("sim_time_s", "simulated time (s)", "ppl_vs_simulated_time.png"),
+                                 ("wall_time_s", "measured wall time (s)", "ppl_vs_wall_time.png")):  # fmt: skip
+        figure, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), sharey=True, squeeze=False)
+        for ax, regime in zip(axes[0], names, strict=True):
+            for strategy in labels_in(results, regime):
+                runs = runs_of(results, regime, strategy)
+                xs, ys = _mean_curve(runs, key)
+                style = "--" if whole_model(strategy) else (":" if strategy in ABLATIONS else "-")
+                suffix = f" (mean of {len(runs)})" if len(runs) > 1 else ""
+                color = f"C{ALL_LABELS.index(strategy) % 10}"  # one colour per strategy in every panel
+                ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=strategy + suffix)
+            ax.axhline(results["targets"][regime], color="grey", linewidth=0.8, linestyle=":")
+            ax.set_title(f"regime {regime}")
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("validation perplexity")
+        figure.suptitle(f"{results['spec']['model']}, E2E, 5 clients: validation perplexity per round "
+                        "(grey: target perplexity)", fontsize=10)  # fmt: skip
+        figure.tight_layout()
+        figure.savefig(results_dir / filename, dpi=110)
+        plt.close(figure)
+        paths.append(results_dir / filename)
+
+    figure, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), sharey=True, squeeze=False)
+    for ax, regime in zip(axes[0], names, strict=True):
+        labels = labels_in(results, regime)
+        finals = [[r["final_val_ppl"] for r in runs_of(results, regime, s)] for s in labels]
+        means = [statistics.mean(f) for f in finals]
+        spreads = [spread(f) for f in finals]
+        ax.bar(labels, means, yerr=spreads, capsize=4, color=["C0" if s in MAIN else "C7" for s in labels])
+        low = min(means) - 3 * max(spreads + [0.05])
+        ax.set_ylim(max(0.0, low), max(m + s for m, s in zip(means, spreads, strict=True)) * 1.02)
+        ax.set_title(f"regime {regime}: final validation perplexity (mean ± std over seeds)", fontsize=9)
+        ax.tick_params(axis="x", rotation=45)
+        ax.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(results_dir / "final_ppl.png", dpi=110)
+    plt.close(figure)
+    paths.append(results_dir / "final_ppl.png")
+    return paths

@@ -1,0 +1,217 @@
+"""Hosts: a role (Client or MainServer) with the modules it computes on. Every engine runs these
+same hosts and differs only in where their modules come from and how a call reaches them: in one
+process every host shares the model (the main server may hold a copy of its own on another
+device) and a call is a method call; under Ray each host is an actor that loaded only its blocks
+and a call goes through the object store (engines/transport.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from hsplitlora.lora.attach import Candidate, set_active_adapter
+from hsplitlora.losses import target_token_loss
+from hsplitlora.models.architectures import Architecture
+from hsplitlora.models.loading import held_parameter_names
+from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part, weights_dtype
+from hsplitlora.roles.client import Client
+from hsplitlora.roles.main_server import MainServer
+from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
+
+
+def client_blocks(split_point: int, num_blocks: int, tail_blocks: int | None) -> list[int]:
+    """The blocks a client holds: [0, s), and [L - t, L) in a U-shaped split (all when s = L)."""
+    tail = range(num_blocks - tail_blocks, num_blocks) if tail_blocks is not None and split_point < num_blocks else ()
+    return sorted({*range(min(split_point, num_blocks)), *tail})
+
+
+class Host:
+    """What both host kinds share: a (partial) model with LoRA layers on the candidates it holds."""
+
+    def __init__(self, model: torch.nn.Module, arch: Architecture, candidates: Mapping[str, Candidate], role):
+        self.model = model
+        self.arch = arch
+        self.num_blocks = arch.num_blocks(model)
+        self.candidates = dict(candidates)  # those in the blocks this host holds
+        self.role: Client | MainServer = role
+
+    def measure_importance(self, enabled: bool) -> None:
+        self.role.measure_importance(enabled)
+
+    def apply_update(self, update: ModelUpdate, merge: bool) -> None:
+        """Merge dW into this host's copy of the weights if it is the one to (`merge`), then move
+        the anchors of the role's persistent adapters."""
+        if merge:
+            self.merge(update)
+        self.role.apply_update(update, merge=False)
+
+    def apply_adapters(self, broadcast: AdapterBroadcast) -> None:
+        self.role.apply_adapters(broadcast)
+
+    def held_parameter_names(self) -> list[str]:
+        return held_parameter_names(self.model)
+
+    def weights(self, names: Sequence[str], full: bool = False, skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        """Current weights on the CPU: candidates by name, or (`full`) every frozen parameter whose
+        name starts with one of `names`, except those in `skip` (already found elsewhere)."""
+        if full:
+            skip = set(skip)
+            return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                    if "lora_" not in n and not p.is_meta and n not in skip
+                    and any(n.startswith(k) for k in names)}  # fmt: skip
+        return {n: self._weight(n).detach().to("cpu", copy=True).contiguous() for n in names if n in self.candidates}
+
+    def _weight(self, name: str) -> torch.Tensor:
+        candidate = self.candidates[name]
+        return self.model.get_submodule(candidate.module).weight(candidate.slot)
+
+    @torch.no_grad()
+    def set_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, weight in weights.items():
+            if name in self.candidates:
+                self._weight(name).copy_(weight)
+            elif name in params and not params[name].is_meta:
+                params[name].copy_(weight)
+
+    @torch.no_grad()
+    def merge(self, update: ModelUpdate) -> None:
+        """W += dW for every candidate this host holds (once per copy of the weights)."""
+        for name, delta in update.deltas.items():
+            candidate = self.candidates.get(name)
+            if candidate is not None:
+                dense = delta if isinstance(delta, torch.Tensor) else delta.dense()
+                self.model.get_submodule(candidate.module).merge(candidate.slot, dense)
+
+
+class ClientHost(Host):
+    def __init__(self, model: torch.nn.Module, arch: Architecture, candidates: Mapping[str, Candidate], client: Client):
+        super().__init__(model, arch, candidates, client)
+        self.client = client
+
+    def configure(self, plan: RoundPlan, full_finetune_lr: float | None) -> None:
+        """The round's part: blocks [0, s) (and the tail when U-shaped), or with s = L the whole
+        model and its head (no split)."""
+        if plan.split_point >= self.num_blocks:
+            head = ServerPart(self.arch, self.model, self.num_blocks)
+            part = ClientPart(self.arch, self.model, plan.split_point)
+            self.client.configure(plan, part, head=head, full_finetune_lr=full_finetune_lr)
+        else:
+            self.client.configure(plan, client_part(self.arch, self.model, plan.split_point, plan.tail_blocks))
+
+    def forward(self):
+        return self.client.forward()
+
+    def tail_step(self, middle):
+        return self.client.tail_step(middle)
+
+    def backward(self, gradient):
+        return self.client.backward(gradient)
+
+    def local_step(self) -> float:
+        return self.client.local_step()
+
+    def importance_report(self) -> tuple[dict[str, float], int]:
+        return self.client.importance_report()
+
+    def counters(self) -> dict[str, int]:
+        return {"samples": self.client.samples, "tokens": self.client.tokens}
+
+    def upload(self):
+        return self.client.upload()
+
+    def adapter_deltas(self) -> dict[str, torch.Tensor]:
+        return self.client.adapter_deltas()
+
+    def state_dict(self, adapters: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+        return self.client.state_dict(adapters)
+
+    def load_state_dict(self, state: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.client.load_state_dict(state, tensors)
+
+    # -- validation: the same split graph as training, without gradients ---------------------------
+    @torch.no_grad()
+    def eval_front(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str | None) -> torch.Tensor:
+        part = self.client.part
+        set_active_adapter(part, adapter)
+        front = part.front if self.client.u_shaped else part
+        return front(input_ids.to(self.client.device), attention_mask.to(self.client.device)).cpu()
+
+    @torch.no_grad()
+    def eval_tail_loss(self, hidden, attention_mask, labels, adapter: str | None) -> tuple[float, int]:
+        """U-shaped: the tail, head and loss on the middle's activations (labels stay here)."""
+        return self._loss(self.client.part.tail, hidden, attention_mask, labels, adapter)
+
+    @torch.no_grad()
+    def eval_head_loss(self, hidden, attention_mask, labels, adapter: str | None) -> tuple[float, int]:
+        """No split: the head and loss on the last block's output."""
+        return self._loss(self.client.head, hidden, attention_mask, labels, adapter)
+
+    def _loss(self, module, hidden, attention_mask, labels, adapter) -> tuple[float, int]:
+        set_active_adapter(module, adapter)
+        device = self.client.device
+        logits = module(hidden.to(device, weights_dtype(module)), attention_mask.to(device))
+        total, count = target_token_loss(logits, labels.to(device))
+        return float(total), count
+
+
+class ServerHost(Host):
+    def __init__(
+        self, model: torch.nn.Module, arch: Architecture, candidates: Mapping[str, Candidate], server: MainServer
+    ):
+        super().__init__(model, arch, candidates, server)
+        self.server = server
+
+    @property
+    def parts(self) -> dict[int, ServerPart]:
+        return self.server.parts
+
+    @property
+    def device(self) -> torch.device:
+        return self.server.device
+
+    def parameters(self, client_id: int) -> list[torch.nn.Parameter]:
+        return self.server.parameters(client_id)
+
+    def configure(self, plan: RoundPlan) -> None:
+        self.server.configure(plan, server_part(self.arch, self.model, plan.split_point, plan.tail_blocks))
+
+    def step(self, activations):
+        return self.server.step(activations)
+
+    def forward_middle(self, activations):
+        return self.server.forward_middle(activations)
+
+    def backward_middle(self, tail_gradient):
+        return self.server.backward_middle(tail_gradient)
+
+    def importance_report(self, client_id: int) -> tuple[dict[str, float], int]:
+        return self.server.importance_report(client_id)
+
+    def upload(self, client_id: int):
+        return self.server.upload(client_id)
+
+    def adapter_deltas(self, client_id: int) -> dict[str, torch.Tensor]:
+        return self.server.adapter_deltas(client_id)
+
+    def state_dict(self, adapters: bool) -> dict[str, torch.Tensor]:
+        return self.server.state_dict(adapters)
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.server.load_state_dict(tensors)
+
+    @torch.no_grad()
+    def eval_loss(self, client_id: int, hidden, attention_mask, labels, adapter: str | None) -> tuple[float, int]:
+        logits = self._run(client_id, hidden, attention_mask, adapter)
+        total, count = target_token_loss(logits, labels.to(self.device))
+        return float(total), count
+
+    @torch.no_grad()
+    def eval_middle(self, client_id: int, hidden, attention_mask, adapter: str | None) -> torch.Tensor:
+        return self._run(client_id, hidden, attention_mask, adapter).cpu()
+
+    def _run(self, client_id: int, hidden, attention_mask, adapter: str | None) -> torch.Tensor:
+        part = self.server.parts[client_id]
+        set_active_adapter(part, adapter)
+        return part(hidden.to(self.device, weights_dtype(part)), attention_mask.to(self.device))

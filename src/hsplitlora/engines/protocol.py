@@ -1,0 +1,344 @@
+"""The round protocol, written once: configure, the standard and U-shaped split steps, local
+steps, importance, aggregate and send back, validate, export, and the checkpoint's state. It
+talks to hosts (engines/hosts.py) through a transport (engines/transport.py): the in-process one
+calls them directly, the Ray one through actors that can be lost.
+
+A client host that is lost during a round does not stop the run: the round completes with the
+others (aggregation weights renormalise over them since only their uploads arrive), the event is
+logged, and the client comes back for the next round with the last aggregated weights of its
+blocks (taken from the hosts that kept them) and its state at the start of the round. A main
+server lost during a round comes back from the state the round started from, every host goes
+back to it, and the round's steps run again."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hsplitlora.engines.hosts import client_blocks
+from hsplitlora.engines.traffic import TrafficLedger
+from hsplitlora.engines.transport import Transport
+from hsplitlora.roles.adapters import adapter_name
+from hsplitlora.roles.fed_server import FedServer
+from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
+
+
+class ServerLost(Exception):
+    """The main server's host was lost during a step."""
+
+
+class Engine(TrafficLedger):
+    """Runs rounds over a transport's hosts; `cuts` are the split points before the first plan."""
+
+    def __init__(
+        self, transport: Transport, candidates: dict, fed_server: FedServer | None, num_blocks: int,
+        tail_blocks: int | None = None, cuts: Sequence[int] | None = None,
+    ):  # fmt: skip
+        self.transport = transport
+        self.candidates = candidates
+        self.fed_server = fed_server or FedServer()
+        self.num_blocks = num_blocks
+        self.tail_blocks = tail_blocks
+        self.split_points = list(cuts) if cuts is not None else [num_blocks] * len(transport.clients)
+        self.plans: list[RoundPlan] = []
+        self.full_finetune_lr: float | None = None
+        self.message_log: list | None = None  # a list here records every message of every split step
+        self.importance_on = False
+        self.dead: set[int] = set()
+        self.snapshots: dict[int, tuple] = {}  # each client's state when the round started
+        self.round_start: tuple | None = None  # every host's state when the round started
+        self.last_broadcast: AdapterBroadcast | None = None
+        self.start_ledger(range(len(transport.clients)))
+
+    # -- who is where ------------------------------------------------------------------------------
+    @property
+    def server(self):
+        return self.transport.server
+
+    @property
+    def actors(self) -> list:
+        return self.transport.clients
+
+    @property
+    def live(self) -> list[int]:
+        return [cid for cid in range(len(self.actors)) if cid not in self.dead]
+
+    def local(self, cid: int) -> bool:
+        """Whether client `cid` runs the whole model (no split)."""
+        return self.split_points[cid] >= self.num_blocks
+
+    def _tail(self, cid: int) -> int | None:
+        """The last blocks client `cid` also runs (U-shaped), else None."""
+        tail = self.plans[cid].tail_blocks if self.plans else self.tail_blocks
+        return None if self.local(cid) else tail
+
+    def u_shaped(self, cid: int) -> bool:
+        return self._tail(cid) is not None
+
+    def client_names(self, cid: int) -> set[str]:
+        """The candidates client `cid` holds."""
+        held = set(client_blocks(self.split_points[cid], self.num_blocks, self._tail(cid)))
+        return {n for n, c in self.candidates.items() if c.block in held}
+
+    def _call(self, host, method: str, *args):
+        return self.transport.call(host, method, *args)
+
+    def _get(self, reference):
+        return self.transport.get(reference)
+
+    def shutdown(self) -> None:
+        self.transport.shutdown()
+
+    # -- a round ---------------------------------------------------------------------------------
+    def configure(self, plans: Sequence[RoundPlan], full_finetune_lr: float | None = None) -> None:
+        """Give each client and the main server their parts for the round's cuts, and adapters.
+        A split point of L (every block) means no split: the client also holds the head. With a
+        plan's `tail_blocks` t the split is U-shaped: the server runs blocks [s, L - t) only."""
+        self.transport.check_plans(plans)
+        for cid in sorted(self.dead):
+            self._restart_client(cid)
+        self.plans, self.full_finetune_lr = list(plans), full_finetune_lr
+        self.split_points = [plan.split_point for plan in plans]
+        refs = []
+        for plan in plans:
+            refs.append(self._call(self.actors[plan.client_id], "configure", plan, full_finetune_lr))
+            if not self.local(plan.client_id):
+                refs.append(self._call(self.server, "configure", plan))
+        self._get(refs)
+        if self.transport.can_lose_hosts:
+            self._keep_round_start(plans)
+
+    def measure_importance(self, enabled: bool) -> None:
+        self.importance_on = enabled
+        refs = [self._call(self.actors[cid], "measure_importance", enabled) for cid in self.live]
+        if self.server is not None:
+            refs.append(self._call(self.server, "measure_importance", enabled))
+        self._get(refs)
+
+    def _cross(self, message):
+        """A message crossing between client and main server (kept when `message_log` is a list)."""
+        if self.message_log is not None:
+            self.message_log.append(message)
+        return message
+
+    def split_step(self, cid: int) -> float | None:
+        """One split step: client forward -> activations -> server forward, loss, backward and
+        update -> activation gradient -> client backward and update. U-shaped: client front ->
+        activations -> server middle -> its activations -> client tail, loss, backward -> their
+        gradient -> server backward -> activation gradient -> client front backward. Under Ray
+        the references chain the calls without a stop in the driver. The loss."""
+        client = self.actors[cid]
+        activations = self._cross(self._call(client, "forward"))
+        if self.u_shaped(cid):
+            middle = self._cross(self._call(self.server, "forward_middle", activations))
+            tail_gradient = self._cross(self._call(client, "tail_step", middle))
+            gradient = self._cross(self._call(self.server, "backward_middle", tail_gradient))
+        else:
+            gradient = self._cross(self._call(self.server, "step", activations))
+        record = self._get(self._call(client, "backward", gradient))
+        self.add_traffic(cid, record.traffic)
+        return record.loss
+
+    def step_all(self) -> list[float | None]:
+        """One local step of every living client (split ones interleaved on the main server); a
+        client whose host is lost during the step is marked lost (None)."""
+        losses: list[float | None] = []
+        for cid in range(len(self.actors)):
+            loss = None
+            if cid not in self.dead:
+                try:
+                    loss = self._get(self._call(self.actors[cid], "local_step")) if self.local(cid) else (
+                        self.split_step(cid))  # fmt: skip
+                except self.transport.lost:
+                    if not self.transport.server_alive():
+                        raise ServerLost() from None
+                    self.dead.add(cid)
+                    self.events.append({"event": "client_lost", "client": cid, "step": self.round_steps})
+            losses.append(loss)
+        return losses
+
+    def local_steps(self, steps: int, on_step=None) -> list[list[float | None]]:
+        """`steps` local steps of every client; a main server lost on the way comes back from the
+        state this round started from, and the round's steps run again."""
+        try:
+            return super().local_steps(steps, on_step)
+        except ServerLost:
+            if self.round_start is None:
+                raise
+            self._recover_server()
+            return super().local_steps(steps, on_step)
+
+    def importance_reports(self) -> list[tuple[dict[str, float], int, int]]:
+        """Per client: (sum_j w_j dL/dw_j per candidate over its batches, batches, samples)."""
+        reports = []
+        for cid in range(len(self.actors)):
+            if cid in self.dead:
+                reports.append(({}, 0, 0))
+                continue
+            client_sums, batches = self._get(self._call(self.actors[cid], "importance_report"))
+            server_sums = {} if self.local(cid) else self._get(self._call(self.server, "importance_report", cid))[0]
+            samples = self._get(self._call(self.actors[cid], "counters"))["samples"]
+            reports.append(({**client_sums, **server_sums}, batches, samples))
+        return reports
+
+    def round_counters(self) -> list[dict[str, int]]:
+        return [{"samples": 0, "tokens": 0} if cid in self.dead else self._get(self._call(self.actors[cid], "counters"))
+                for cid in range(len(self.actors))]  # fmt: skip
+
+    def aggregate(self, round_: int) -> ModelUpdate | AdapterBroadcast:
+        """Uploads of the living clients (weights renormalise over them) -> fed server -> its update
+        back to every holder: merged once per copy of the weights, or the averaged adapters."""
+        uploads = []
+        for cid in self.live:
+            upload = self._get(self._call(self.actors[cid], "upload"))
+            self.traffic[cid]["adapters_up"] += upload.nbytes()
+            uploads.append(upload)
+            if not self.local(cid):
+                uploads.append(self._get(self._call(self.server, "upload", cid)))
+        result = self.fed_server.aggregate(round_, uploads)
+        hosts = [self.actors[cid] for cid in self.live] + ([self.server] if self.server is not None else [])
+        for cid in self.live:
+            self.traffic[cid]["adapters_down"] += result.nbytes(self.client_names(cid))
+        if isinstance(result, ModelUpdate):
+            owners = {id(host) for host in self.transport.owners(self.live)}
+            self._get([self._call(host, "apply_update", result, id(host) in owners) for host in hosts])
+        else:
+            self._get([self._call(host, "apply_adapters", result) for host in hosts])
+            self.last_broadcast = result
+        return result
+
+    def validation_loss(self, batches: Sequence, client_id: int | None) -> float:
+        """Mean target-token loss of the current model, through the same split graph as training:
+        merged weights, plus client `client_id`'s adapters for strategies whose adapters carry the
+        update (None: merged weights only, seen through the first living client's cut)."""
+        cid = client_id if client_id in self.live else self.live[0]
+        adapter = None if client_id is None else adapter_name(cid)
+        client, total, count = self.actors[cid], 0.0, 0
+        for batch in batches:
+            mask, labels = batch.attention_mask, batch.labels
+            hidden = self._call(client, "eval_front", batch.input_ids, mask, adapter)
+            if self.local(cid):
+                reference = self._call(client, "eval_head_loss", hidden, mask, labels, adapter)
+            elif self.u_shaped(cid):  # the labels stay on the client
+                middle = self._call(self.server, "eval_middle", cid, hidden, mask, adapter)
+                reference = self._call(client, "eval_tail_loss", middle, mask, labels, adapter)
+            else:
+                reference = self._call(self.server, "eval_loss", cid, hidden, mask, labels, adapter)
+            loss_sum, n = self._get(reference)
+            total += loss_sum
+            count += n
+        return total / count if count else float("nan")
+
+    def warmup_importance(self) -> list[tuple[dict[str, float], int]]:
+        """Round 1's importance before any training: one split step per client on the frozen model
+        (no adapters yet) at the first cuts, client and main server measuring."""
+        self.configure([RoundPlan(cid, 0, s, {}, self.tail_blocks) for cid, s in enumerate(self.split_points)])
+        self.measure_importance(True)
+        self.local_steps(1)
+        reports = [(sums, batches) for sums, batches, _ in self.importance_reports()]
+        self.measure_importance(False)
+        return reports
+
+    # -- weights, export and the checkpoint ---------------------------------------------------------
+    def _gather(self, names: Sequence[str], exclude: int | None = None, full: bool = False) -> dict:
+        """Current weights by name from whoever holds them: the server, else a living client."""
+        found: dict = {}
+        if self.server is not None:
+            found.update(self._get(self._call(self.server, "weights", list(names), full)))
+        for cid in sorted(self.live, key=lambda c: -self.split_points[c]):
+            missing = [n for n in names if n not in found] if not full else list(names)
+            if cid == exclude or not missing:
+                continue
+            skip = sorted(found) if full else ()
+            found.update(self._get(self._call(self.actors[cid], "weights", missing, full, skip)))
+        return found
+
+    def trained_weights(self, full_finetune: bool) -> dict[str, torch.Tensor]:
+        """What training changed: every candidate's merged weight, or every weight under full FT."""
+        return self._gather([""], full=True) if full_finetune else self._gather(list(self.candidates))
+
+    def export_weights(self, client_id: int | None, full_finetune: bool) -> dict[str, torch.Tensor]:
+        """The final model's trained weights, with client `client_id`'s adapters folded in."""
+        final = self.trained_weights(full_finetune)
+        if client_id is not None and not full_finetune:
+            cid = client_id if client_id in self.live else self.live[0]
+            deltas = dict(self._get(self._call(self.actors[cid], "adapter_deltas")))
+            if not self.local(cid):
+                deltas.update(self._get(self._call(self.server, "adapter_deltas", cid)))
+            for name, delta in deltas.items():
+                final[name] = final[name] + delta
+        return final
+
+    def state(self, full_finetune: bool, keep: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Every host's state at a round boundary, in the one checkpoint schema: `weight/{name}`,
+        `client/{cid}/...` (generator, adapters with anchors and optimizer state), `server/...`,
+        `fed/...` (the fed server's held uploads); batch orders and steps as JSON. At a round's
+        end (`keep`) it is also where a lost main server restarts the next round from."""
+        tensors = {f"weight/{n}": w for n, w in self.trained_weights(full_finetune).items()}
+        states = []
+        for cid, host in enumerate(self.actors):
+            alive = cid not in self.dead
+            state, role = self._get(self._call(host, "state_dict", not full_finetune)) if alive else self.snapshots[cid]
+            states.append(state)
+            tensors.update({f"client/{cid}/{k}": v for k, v in role.items()})
+        if self.server is not None:
+            server = self._get(self._call(self.server, "state_dict", not full_finetune))
+            tensors.update({f"server/{k}": v for k, v in server.items()})
+        tensors.update({f"fed/{k}": v for k, v in self.fed_server.state_dict().items()})
+        if keep and self.transport.can_lose_hosts and self.plans:
+            self.round_start = ({"clients": states}, dict(tensors), self.plans, self.full_finetune_lr)
+        return {"clients": states}, tensors
+
+    def load_state(
+        self, state: dict, tensors: dict[str, torch.Tensor], plans: Sequence[RoundPlan],
+        full_finetune_lr: float | None,
+    ) -> None:  # fmt: skip
+        """Undo `state`: the inverse, given the plans the checkpointed round ran with."""
+        weights = role_tensors(tensors, "weight/")
+        self._get([self._call(host, "set_weights", weights) for host in self.transport.owners(self.live)])
+        self.configure(plans, full_finetune_lr=full_finetune_lr)  # adapters need their parts and shapes
+        refs = [self._call(host, "load_state_dict", state["clients"][cid], role_tensors(tensors, f"client/{cid}/"))
+                for cid, host in enumerate(self.actors)]  # fmt: skip
+        if self.server is not None:
+            refs.append(self._call(self.server, "load_state_dict", role_tensors(tensors, "server/")))
+        self._get(refs)
+        self.fed_server.load_state_dict(role_tensors(tensors, "fed/"))
+
+    # -- lost hosts ----------------------------------------------------------------------------------
+    def _keep_round_start(self, plans: Sequence[RoundPlan]) -> None:
+        """After configure, where hosts can be lost: the first round's starting state, the
+        aggregated adapters a restarted client missed, and each client's state as a snapshot."""
+        if self.round_start is None and plans and plans[0].round >= 1:
+            self.round_start = (*self.state(self.full_finetune_lr is not None, keep=False), self.plans,
+                                self.full_finetune_lr)  # fmt: skip
+        if self.last_broadcast is not None:
+            restarted = [e["client"] for e in self.events if e["event"] == "client_restarted"]
+            self._get([self._call(self.actors[cid], "apply_adapters", self.last_broadcast) for cid in restarted])
+        self.snapshots = {cid: self._get(self._call(self.actors[cid], "state_dict", False)) for cid in self.live}
+
+    def _restart_client(self, cid: int) -> None:
+        """A lost client comes back with the last aggregated weights of its blocks and its state."""
+        self.transport.restart_client(cid)
+        weights = self._gather(sorted(self.client_names(cid)), exclude=cid)
+        self._get(self._call(self.actors[cid], "set_weights", weights))
+        if cid in self.snapshots:
+            self._get(self._call(self.actors[cid], "load_state_dict", *self.snapshots[cid]))
+        self.dead.discard(cid)
+        self.events.append({"event": "client_restarted", "client": cid})
+
+    def _recover_server(self) -> None:
+        state, tensors, saved_plans, saved_lr = self.round_start
+        plans, full_finetune_lr = self.plans, self.full_finetune_lr
+        events = [*self.events, {"event": "server_restarted", "step": self.round_steps}]
+        self.transport.restart_server()
+        self.load_state(state, tensors, saved_plans, saved_lr)  # every host as the round started
+        self.configure(plans, full_finetune_lr)  # then this round's plan, as before
+        self.measure_importance(self.importance_on)
+        self.reset_traffic()  # the round's counts start again with its steps
+        self.events = events
+
+
+def role_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of one role in a checkpoint, without its prefix."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

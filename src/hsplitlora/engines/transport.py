@@ -1,0 +1,62 @@
+"""How a call reaches a host. The round protocol (engines/protocol.py) is written once against
+this interface; the in-process transport calls hosts directly, the Ray transport
+(engines/ray_engine.py) sends the call to an actor and can lose and restart one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hsplitlora.engines.hosts import ClientHost, ServerHost
+from hsplitlora.roles.messages import RoundPlan
+
+
+class Transport:
+    """The hosts and the way to reach them. `clients[cid]` and `server` are handles: the hosts
+    themselves here, actor handles under Ray."""
+
+    clients: list
+    server: Any
+    lost: tuple[type[Exception], ...] = ()  # what a call raises when its host is gone
+    can_lose_hosts = False
+
+    def call(self, host, method: str, *args):
+        """Start `host.method(*args)`; returns its result or a reference to it (see `get`)."""
+        return getattr(host, method)(*args)
+
+    def get(self, reference):
+        """The value behind `call`'s result (a list of them for a list)."""
+        return reference
+
+    def owners(self, live: Sequence[int]) -> list:
+        """The hosts that each hold a copy of the weights: those a merge or a weight load must reach."""
+        raise NotImplementedError
+
+    def check_plans(self, plans: Sequence[RoundPlan]) -> None:
+        """Refuse plans this transport cannot follow (nothing by default)."""
+
+    def server_alive(self) -> bool:
+        return True
+
+    def restart_client(self, cid: int) -> None:
+        raise NotImplementedError
+
+    def restart_server(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Release what the transport holds (nothing in one process)."""
+
+
+class InProcessTransport(Transport):
+    """Every host an object in this process sharing the model's modules, so a merge or a weight
+    load is applied once to the shared copy (and once to the main server's own copy when it
+    computes on another device)."""
+
+    def __init__(self, clients: Sequence[ClientHost], server: ServerHost):
+        self.clients = list(clients)
+        self.server = server
+
+    def owners(self, live: Sequence[int]) -> list:
+        separate = self.server.model is not self.clients[0].model
+        return [self.clients[0]] + ([self.server] if separate else [])
