@@ -1,5 +1,5 @@
 """The reproduction study (method.md section 9 at small scale): the main strategies on identical
-data, samples, seeds, learning rate and budgets in three device regimes, the ablations in the
+data, samples, seeds, learning rate and budgets in four regimes, the ablations in the
 paper's regime, E2E metrics on a fixed test subset; tables, a verdict per regime, and plots.
 
     python benchmarks/reproduce.py            # SmolLM2-135M, about 4 hours on 2 cores
@@ -11,7 +11,9 @@ Regimes (each stated in bytes and FLOP/s in results.json and the tables):
        LLaMA-2-7B's 13.5 GB), so the weakest device binds SplitLoRA's single configuration;
   iii  a main server that is the bottleneck: only three times faster than the strongest device, with
        links of 100-500 Mbit/s (on 20 Mbit/s links the weakest device's traffic bounds the round
-       before the server does, even at 0.8 TFLOP/s).
+       before the server does, even at 0.8 TFLOP/s);
+  iv   regime ii with non-IID shards (Dirichlet 0.5 over E2E's eatType and food, drawn per seed),
+       where the clients' adapters drift apart and exact aggregation has more to remove.
 
 It lives beside benchmarks/reproduce.py, outside the library: the strategies it compares and the
 regimes it runs them in are the study's choices, not hsplitlora's.
@@ -60,6 +62,7 @@ class Regime:
     # in at most 1/1.3 of the simulated time) or "not worse" (final perplexity not above the best
     # baseline's by more than the spread).
     goal: str = "win"
+    partition: str = "iid"  # the clients' shards: iid, or dirichlet (non-IID over E2E's eatType and food)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,16 @@ FULL = StudySpec(
             (100, 200, 300, 400, 500),
             server_flops=2.4e12,
         ),
+        # Regime ii with non-IID shards: each (eatType, food) group of E2E dealt to the clients in
+        # Dirichlet(0.5) proportions (drawn per seed), so the clients' adapters drift apart.
+        Regime(
+            "iv",
+            "regime ii with non-IID shards (Dirichlet 0.5 over eatType and food)",
+            PAPER_BUDGETS,
+            **SPEEDS,
+            server_flops=20e12,
+            partition="dirichlet",
+        ),
     ),  # fmt: skip
     rounds=4,
     local_steps=10,
@@ -133,6 +146,14 @@ QUICK = dataclasses.replace(
         Regime("i", "tiny budgets", QUICK_BUDGETS, **SPEEDS, server_flops=20e12, goal="not worse"),
         Regime("ii", "larger budgets", ("9MB", "12MB", "15MB", "20MB", "30MB"), **SPEEDS, server_flops=20e12),
         Regime("iii", "a slow server", QUICK_BUDGETS, **SPEEDS, server_flops=2.4e12),
+        Regime(
+            "iv",
+            "non-IID",
+            ("9MB", "12MB", "15MB", "20MB", "30MB"),
+            **SPEEDS,
+            server_flops=20e12,
+            partition="dirichlet",
+        ),
     ),  # fmt: skip
     rounds=2,
     local_steps=2,
@@ -164,7 +185,8 @@ def run_config(spec: StudySpec, regime: Regime, label: str, seed: int, output_di
     return RunConfig(
         model=spec.model, strategy=strategy, clients=len(regime.budgets), rounds=spec.rounds,
         local_steps=spec.local_steps, budgets=list(regime.budgets), devices=devices,
-        server_flops=regime.server_flops, targets=list(spec.targets), rank_levels=list(spec.rank_levels),
+        server_flops=regime.server_flops, partition=regime.partition, targets=list(spec.targets),
+        rank_levels=list(spec.rank_levels),
         rho=spec.rho, lr=spec.lr, batch_size=spec.batch_size, max_seq_len=spec.max_seq_len,
         val_size=spec.val_size, seed=seed, output_dir=str(output_dir), **{**spec.extra, **changes},
     ).validate()  # fmt: skip
@@ -182,7 +204,8 @@ def source_regime(spec: StudySpec, regime: Regime, label: str) -> Regime:
     def ranks(r: Regime) -> list[int]:
         return budget_proportional_ranks([parse_bytes(b) for b in r.budgets], spec.rank_levels)
 
-    same = (regime.gflops, regime.mbps, ranks(regime)) == (main.gflops, main.mbps, ranks(main))
+    same = (regime.gflops, regime.mbps, ranks(regime), regime.partition) == (
+        main.gflops, main.mbps, ranks(main), main.partition)  # fmt: skip
     return main if same else regime
 
 

@@ -12,7 +12,7 @@ from hsplitlora.config import RunConfig
 from hsplitlora.data.e2e import Example, mr_attributes, partition_dirichlet, partition_iid
 from hsplitlora.devices import PRESETS, resolve_devices
 from hsplitlora.errors import UsageError
-from hsplitlora.method.aggregation import dense_average
+from hsplitlora.method.aggregation import ExactChange, dense_average
 from hsplitlora.reporting import RunFolder
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.rounds import candidate_weights, run
@@ -213,7 +213,7 @@ def test_persistent_adapters_every_holder_starts_from_the_merged_weight_and_dw_i
     config = RunConfig(model="tiny", clients=3, split_point=[1, 2, 3], rank=[2, 4, 8], batch_size=4)
     federation = build_federation(config)
     engine, model, candidates = federation.engine, federation.loaded.model, federation.candidates
-    engine.fed_server = FedServer("naa")
+    engine.fed_server = FedServer(ExactChange())
 
     def holders(name):
         """(adapter, layer) of every holder of a candidate: the clients whose cut is past its block,

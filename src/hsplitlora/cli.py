@@ -72,33 +72,47 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
 
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="as for run")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="frozen weights' dtype, as for run (float32)")  # fmt: skip
+    """The settings `plan` shares with `run` take run's defaults (config.RunConfig)."""
+    from hsplitlora.config import RunConfig
+
+    run = RunConfig()
+    levels = ",".join(map(str, run.rank_levels))
+    parser.add_argument("--model", default=run.model, help=f"as for run ({run.model})")
+    parser.add_argument("--dtype", default=run.dtype, choices=("float32", "bfloat16", "float16"),
+                        help=f"frozen weights' dtype, as for run ({run.dtype})")  # fmt: skip
     parser.add_argument("--budgets", required=True, help="client memory budgets: 800MB,1.5GB,2GiB or bytes")
-    parser.add_argument("--server-budget", default="16GB", help="main server memory for all clients (16GB)")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size b of the memory model (8)")
-    parser.add_argument("--seq-len", type=int, default=128, help="sequence length T of the memory model (128)")
-    parser.add_argument("--targets", type=_names, default=["q", "k", "v", "o"], help="candidate matrices")
-    parser.add_argument("--levels", type=_ints, default=[0, 2, 4, 8, 16], help="rank levels Q (0,2,4,8,16)")
-    parser.add_argument("--rho", type=float, default=0.25, help="budget share kept for adapters (0.25)")
-    parser.add_argument("--s-min", type=int, default=1, help="shallowest allowed split point (1)")
+    parser.add_argument("--server-budget", default=run.server_budget,
+                        help=f"main server memory for all clients ({run.server_budget})")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=run.batch_size,
+                        help=f"batch size b of the memory model ({run.batch_size})")  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=run.max_seq_len,
+                        help=f"sequence length T of the memory model ({run.max_seq_len})")  # fmt: skip
+    parser.add_argument("--targets", type=_names, default=list(run.targets),
+                        help=f"candidate matrices ({','.join(run.targets)})")  # fmt: skip
+    parser.add_argument("--levels", type=_ints, default=list(run.rank_levels),
+                        help=f"rank levels Q, run's rank_levels ({levels})")  # fmt: skip
+    parser.add_argument("--rho", type=float, default=run.rho, help=f"budget share kept for adapters ({run.rho})")
+    parser.add_argument("--s-min", type=int, default=run.s_min, help=f"shallowest allowed split point ({run.s_min})")
     parser.add_argument("--tail-blocks", type=int, help="plan a U-shaped split: every client also keeps the last "
                         "N blocks, the head and the loss")  # fmt: skip
     parser.add_argument(
         "--split-rule",
-        default="fastest",
+        default=run.split_rule,
         choices=("fastest", "deepest"),
         help="fastest (as run: least predicted round time at the default device speeds and links, "
-        "within every budget) or deepest (the deepest cut each budget holds)",
+        f"within every budget) or deepest (the deepest cut each budget holds) ({run.split_rule})",
     )
-    parser.add_argument("--local-steps", type=int, default=10, help="local steps per round, for the time model (10)")
+    parser.add_argument("--local-steps", type=int, default=run.local_steps,
+                        help=f"local steps per round, for the time model ({run.local_steps})")  # fmt: skip
+    parser.add_argument("--server-flops", type=float, default=run.server_flops,
+                        help=f"the main server's FLOP/s, for the time model ({run.server_flops:g})")  # fmt: skip
     parser.add_argument("--uniform-importance", action="store_true", help="skip the warm-up importance pass")
-    parser.add_argument("--warmup-batches", type=int, default=2, help="batches of the warm-up pass (2)")
+    parser.add_argument("--warmup-batches", type=int, default=run.warmup_batches,
+                        help=f"batches of the warm-up pass ({run.warmup_batches})")  # fmt: skip
     parser.add_argument("--leave-out-infeasible", action="store_true",
                         help="leave out, with a warning, clients whose budget holds no cut")  # fmt: skip
     parser.add_argument("--data-dir", help="as for run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=run.seed)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -300,7 +314,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         targets=tuple(args.targets), levels=tuple(levels), rho=args.rho, s_min=args.s_min,
         uniform_importance=args.uniform_importance, warmup_batches=args.warmup_batches, data_dir=args.data_dir,
         leave_out_infeasible=args.leave_out_infeasible, seed=args.seed, tail_blocks=args.tail_blocks,
-        split_rule=args.split_rule, local_steps=args.local_steps,
+        split_rule=args.split_rule, local_steps=args.local_steps, server_flops=args.server_flops,
     )  # fmt: skip
     loaded = load_model(args.model, seed=args.seed, dtype=args.dtype)
     with warnings.catch_warnings(record=True) as caught:

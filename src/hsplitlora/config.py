@@ -177,7 +177,7 @@ class RunConfig:
             raise UsageError(
                 f"rank sets LoRA ranks, and {self.strategy} trains every weight, without adapters; drop it."
             )
-        if self.rank is not None and strategy.aggregator == "fedavg" and len(set(self.per_client("rank"))) > 1:
+        if self.rank is not None and strategy.aggregation.one_rank and len(set(self.per_client("rank"))) > 1:
             raise UsageError(
                 f"{self.strategy} averages the factors of all clients, so they need one rank; got ranks "
                 f"{self.per_client('rank')}: give one value."

@@ -6,37 +6,40 @@ from __future__ import annotations
 from contextlib import suppress
 from dataclasses import dataclass
 
+from hsplitlora.config import RunConfig
 from hsplitlora.data.e2e import Batcher, data_file, encode, read_e2e
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora
-from hsplitlora.method.importance import R_REF, importance, warmup_sums
+from hsplitlora.method.importance import importance, warmup_sums
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
-from hsplitlora.method.planner import DEFAULT_LEVELS, Plan, plan
+from hsplitlora.method.planner import Plan, plan
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.models.split import check_tail_blocks
+
+RUN = RunConfig()  # `plan` plans what `run` would, so its defaults are run's
 
 
 @dataclass
 class PlanRequest:
     budgets: list[int]
     server_budget: int
-    batch_size: int = 8
-    seq_len: int = 128
-    targets: tuple[str, ...] = ("q", "k", "v", "o")
-    levels: tuple[int, ...] = DEFAULT_LEVELS
-    rho: float = 0.25
-    s_min: int = 1
-    r_ref: int = R_REF
+    batch_size: int = RUN.batch_size
+    seq_len: int = RUN.max_seq_len
+    targets: tuple[str, ...] = tuple(RUN.targets)
+    levels: tuple[int, ...] = tuple(RUN.rank_levels)
+    rho: float = RUN.rho
+    s_min: int = RUN.s_min
+    r_ref: int = RUN.r_ref
     uniform_importance: bool = False
-    warmup_batches: int = 2
+    warmup_batches: int = RUN.warmup_batches
     data_dir: str | None = None
     leave_out_infeasible: bool = False
-    seed: int = 0
+    seed: int = RUN.seed
     tail_blocks: int | None = None  # plan a U-shaped split keeping the last t blocks on every client
-    split_rule: str = "fastest"  # as `hsplitlora run` cuts: fastest (time model) or deepest (memory only)
-    local_steps: int = 10  # E, for the time model
-    server_flops: float = 20e12
+    split_rule: str = RUN.split_rule  # as `hsplitlora run` cuts: fastest (time model) or deepest (memory only)
+    local_steps: int = RUN.local_steps  # E, for the time model
+    server_flops: float = RUN.server_flops
 
 
 @dataclass
@@ -94,7 +97,8 @@ def _hsplitlora(loaded: LoadedModel, memory: MemoryModel, request: PlanRequest):
     """HSplitLoRA as `run` builds it for these budgets: the default device speeds and links
     (what `run --budgets` gives), E steps of batches like the training data's, anchored adapters."""
     from hsplitlora.devices import resolve_devices
-    from hsplitlora.strategies import STRATEGIES, StrategyContext
+    from hsplitlora.strategies import StrategyContext
+    from hsplitlora.strategies.hsplitlora import HSplitLoRA
     from hsplitlora.time_model import Workload
 
     examples = read_e2e(data_file(request.data_dir, "train"))[:512]
@@ -109,4 +113,4 @@ def _hsplitlora(loaded: LoadedModel, memory: MemoryModel, request: PlanRequest):
     devices = resolve_devices(len(request.budgets), [str(b) for b in request.budgets])
     context = StrategyContext(memory, devices, request.server_budget, tuple(request.levels), request.rho,
                               request.s_min, 0.1, split_rule="fastest", workload=workload)  # fmt: skip
-    return STRATEGIES["hsplitlora"](context)
+    return HSplitLoRA(context)

@@ -102,7 +102,7 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     )  # fmt: skip
     strategy = strategy_class(context)
     memory = strategy.context.memory  # with the anchors the strategy's adapters keep
-    fed_server = FedServer(strategy.aggregator, config.compression)
+    fed_server = FedServer(strategy.aggregation, config.compression)
     # Cuts follow the budgets, not importance: a uniform plan tells each Ray actor which blocks to
     # load, and where round 1's importance is measured.
     cuts = strategy.initial_cuts()

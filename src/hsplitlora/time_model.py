@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hsplitlora.devices import DeviceProfile
+from hsplitlora.method.aggregation import Aggregation, ExactChange
 from hsplitlora.method.memory import MemoryModel
 from hsplitlora.method.planner import ClientPlan
 
@@ -82,10 +83,10 @@ class Workload:
     update_value_bytes: float = 4.0  # bytes per value of the update sent down
 
 
-def update_values(memory: MemoryModel, plans: Sequence[ClientPlan], aggregator: str, anchored: bool) -> dict:
-    """Values sent down per candidate after a round: NAA sends the stacked change (2 r_i rows per
-    anchored adapter, r_i otherwise) or the dense matrix, whichever is smaller; the averaging
-    aggregators send factors at the largest rank trained on the candidate."""
+def update_values(memory: MemoryModel, plans: Sequence[ClientPlan], aggregation: Aggregation, anchored: bool) -> dict:
+    """Values sent down per candidate after a round, as the strategy's aggregation sends them
+    (NAA: the stacked change or the dense matrix, whichever is smaller; the averaging rules:
+    factors at the largest rank trained on the candidate)."""
     ranks: dict[str, list[int]] = {}
     for plan in plans:
         for name, rank in plan.all_ranks().items():
@@ -94,13 +95,7 @@ def update_values(memory: MemoryModel, plans: Sequence[ClientPlan], aggregator: 
     values = {}
     for name, trained in ranks.items():
         shape = memory.candidates[name]
-        side = shape.d_in + shape.d_out
-        if aggregator == "naa":
-            stacked = sum(trained) * (2 if anchored else 1) * side
-            values[name] = min(stacked, shape.d_in * shape.d_out)
-        else:
-            values[name] = min(max(trained) * side, shape.d_in * shape.d_out) if aggregator == "zero-pad" else (
-                max(trained) * side)  # fmt: skip
+        values[name] = aggregation.values_down(shape.d_in, shape.d_out, trained, anchored)
     return values
 
 
@@ -109,13 +104,13 @@ def predicted_round_time(
     plans: Sequence[ClientPlan],
     devices: Sequence[DeviceProfile],
     workload: Workload,
-    aggregator: str = "naa",
+    aggregation: Aggregation | None = None,
     anchored: bool = False,
 ) -> float:
     """The round time `round_time` predicts for a plan before it runs: E steps per client, each
     crossing the cut with h and dL/dh (four tensors in a U-shaped split), then the client-side
     factors up and the update of every candidate it holds down."""
-    down = update_values(memory, plans, aggregator, anchored)
+    down = update_values(memory, plans, aggregation or ExactChange(), anchored)
     crossings = 4 if memory.u_shaped else 2
     work = []
     for plan in plans:

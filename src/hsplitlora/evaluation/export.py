@@ -3,14 +3,12 @@ folder (config, safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrain
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.run_eval import load_run_model
 from hsplitlora.lora.attach import detach_lora
+from hsplitlora.models.loading import save_pretrained_atomic
 from hsplitlora.reporting import check_output_folder, holds_run
 
 
@@ -31,18 +29,8 @@ def export_merged(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     model = detach_lora(loaded.model)
     for param in model.parameters():
         param.requires_grad_(False)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed into place: a crash leaves no half-written model.
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(staging)
-        if out_dir.exists():  # empty, or an earlier export that --overwrite replaces
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    # An earlier export that --overwrite allows is replaced.
+    save_pretrained_atomic(model, loaded.tokenizer, out_dir)
     return out_dir
 
 

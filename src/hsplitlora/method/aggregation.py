@@ -57,6 +57,9 @@ class StackedDelta:
     def numel(self) -> int:
         return self.a.numel() + self.b.numel()
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a, self.b
+
 
 def sample_weights(factors: Sequence[AdapterFactors]) -> list[float]:
     total = sum(f.samples for f in factors)
@@ -144,3 +147,72 @@ def zero_padded_average(factors: Sequence[AdapterFactors]) -> tuple[torch.Tensor
         a[: f.rank] += w * f.a
         b[:, : f.rank] += w * f.scale * f.b
     return a, b
+
+
+class Aggregation:
+    """How the fed server combines one candidate's adapters, and what travels back down; a
+    strategy owns one. `merges`: the result is a change dW that every holder of W merges (a
+    `StackedDelta`), else averaged factors (A, sB) that the holders keep training. `anchored`: the
+    change is measured from each adapter's anchor (NAA with persistent adapters). `one_rank`:
+    every client must train one rank (FedAvg of A and B)."""
+
+    merges = True
+    anchored = False
+    one_rank = False
+
+    def combine(
+        self, factors: Sequence[AdapterFactors], anchors: Sequence[tuple[torch.Tensor, torch.Tensor] | None]
+    ) -> StackedDelta | tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def values_down(self, d_in: int, d_out: int, trained: Sequence[int], anchored: bool) -> int:
+        """Values sent down for one candidate trained at ranks `trained` (for the time model)."""
+        raise NotImplementedError
+
+
+class ExactChange(Aggregation):
+    """NAA: the stacked change of every adapter (exact), merged into every copy of W; it goes down
+    as the stacked factors (2 r_i rows per anchored adapter, r_i otherwise) or the dense matrix,
+    whichever is smaller."""
+
+    anchored = True
+
+    def combine(self, factors, anchors):
+        return aggregate(factors, anchors)
+
+    def values_down(self, d_in, d_out, trained, anchored):
+        return min(sum(trained) * (2 if anchored else 1) * (d_in + d_out), d_in * d_out)
+
+
+class MergedZeroPad(Aggregation):
+    """The no-naa ablation with re-created adapters: the zero-padded average of the factors,
+    merged into W with its cross terms (the "noise" NAA removes)."""
+
+    def combine(self, factors, anchors):
+        a, b = zero_padded_average(factors)
+        return StackedDelta(b, a)
+
+    def values_down(self, d_in, d_out, trained, anchored):
+        return min(max(trained) * (d_in + d_out), d_in * d_out)
+
+
+class FactorAverage(Aggregation):
+    """Averaged factors at the largest rank trained, sent back for the holders to keep (each keeps
+    its first r rows / columns): FedAvg, HetLoRA's zero-padded average, FlexLoRA's SVD."""
+
+    merges = False
+
+    def __init__(self, average, one_rank: bool = False):
+        self.average = average
+        self.one_rank = one_rank
+
+    def combine(self, factors, anchors):
+        return self.average(factors)
+
+    def values_down(self, d_in, d_out, trained, anchored):
+        return max(trained) * (d_in + d_out)
+
+
+FEDAVG = FactorAverage(fedavg_factors, one_rank=True)
+ZERO_PAD_TRUNCATE = FactorAverage(zero_padded_average)
+SVD = FactorAverage(svd_average)

@@ -87,8 +87,13 @@ def prepare_smollm2(force: bool = False) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    return save_pretrained_atomic(model, tokenizer, target)
+
+
+def save_pretrained_atomic(model, tokenizer, target: Path) -> Path:
+    """A Hugging Face folder (safetensors) written into a temporary folder beside `target`, then
+    renamed into place (replacing what `target` held): a crash leaves no half-written folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary folder beside the target, then rename: a crash leaves no half cache.
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)

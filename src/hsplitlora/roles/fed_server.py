@@ -8,18 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from hsplitlora.method.aggregation import (
-    AdapterFactors,
-    StackedDelta,
-    aggregate,
-    fedavg_factors,
-    svd_average,
-    zero_padded_average,
-)
+from hsplitlora.method.aggregation import AdapterFactors, Aggregation, ExactChange
 from hsplitlora.roles.messages import AdapterBroadcast, AdapterUpload, ModelUpdate
-
-MERGING = ("naa", "zero-pad")  # dW merged into every copy of W
-BROADCASTING = {"fedavg": fedavg_factors, "zero-pad-truncate": zero_padded_average, "svd": svd_average}
 
 
 class NonFiniteUpdate(ValueError):
@@ -27,15 +17,14 @@ class NonFiniteUpdate(ValueError):
 
 
 class FedServer:
-    """Aggregates with one of MERGING (NAA's exact stacked change, or the zero-padded average as
-    the no-naa ablation) or BROADCASTING (averaged factors sent back for the holders to keep
-    training). For NAA it keeps every client's last upload: that is the adapter's anchor at the
-    next round, so clients upload only their current factors."""
+    """Aggregates with the strategy's rule (method/aggregation.py): a change merged into every copy
+    of W (NAA's exact stacked change, or the zero-padded average of the no-naa ablation), or
+    averaged factors broadcast for the holders to keep training. It keeps every client's last
+    upload: that is the adapter's anchor at the next round, so clients upload only their current
+    factors."""
 
-    def __init__(self, aggregator: str = "naa", compression: str = "fp32"):
-        if aggregator not in (*MERGING, *BROADCASTING):
-            raise ValueError(f"unknown aggregator {aggregator!r}")
-        self.aggregator = aggregator
+    def __init__(self, rule: Aggregation | None = None, compression: str = "fp32"):
+        self.rule = rule or ExactChange()
         self.compression = compression  # of the update sent down
         self.previous: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (client, name) -> (A, B)
 
@@ -59,20 +48,15 @@ class FedServer:
 
     def aggregate(self, round_: int, uploads: Sequence[AdapterUpload]) -> ModelUpdate | AdapterBroadcast:
         grouped = self.by_candidate(uploads)
-        if self.aggregator in BROADCASTING:
-            average = BROADCASTING[self.aggregator]
-            averaged = {name: average(factors) for name, factors in grouped.items()}
-            for name, pair in averaged.items():
-                _check_finite(name, *pair)
-            return AdapterBroadcast(round_, averaged)
-        deltas: dict[str, StackedDelta | torch.Tensor] = {}
+        results = {}
         for name, factors in grouped.items():
-            if self.aggregator == "naa":
-                stacked = aggregate(factors, [self.anchor_of(name, f) for f in factors])
-            else:  # no-naa: the zero-padded average, merged (its cross terms included)
-                a, b = zero_padded_average(factors)
-                stacked = StackedDelta(b, a)
-            _check_finite(name, stacked.a, stacked.b)
+            anchors = [self.anchor_of(name, f) if self.rule.anchored else None for f in factors]
+            results[name] = self.rule.combine(factors, anchors)
+            _check_finite(name, *(results[name].tensors() if self.rule.merges else results[name]))
+        if not self.rule.merges:
+            return AdapterBroadcast(round_, results)
+        deltas = {}
+        for name, stacked in results.items():
             d_out, d_in = stacked.b.shape[0], stacked.a.shape[1]
             # Send whichever is smaller: the stacked factors or the dense matrix.
             deltas[name] = stacked if stacked.numel() < d_out * d_in else stacked.dense()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from hsplitlora.devices import DeviceProfile
 from hsplitlora.errors import UsageError
+from hsplitlora.method.aggregation import Aggregation, ExactChange
 from hsplitlora.method.importance import should_replan
 from hsplitlora.method.memory import MemoryModel
 from hsplitlora.method.planner import ClientPlan, Plan, choose_split_point, plan
@@ -34,7 +35,7 @@ class StrategyContext:
 
 class Strategy:
     name: str = ""
-    aggregator: str = "naa"  # see FedServer: naa | zero-pad | fedavg | zero-pad-truncate | svd
+    aggregation: Aggregation = ExactChange()  # how the fed server combines updates (method/aggregation.py)
     adapters: str = "recreate"  # RoundPlan.adapters: recreate | anchor | overwrite
     uses_importance: bool = True
     centralised: bool = False  # one trainer on the pooled data (upper references)
@@ -70,7 +71,7 @@ class Strategy:
         if c.workload is None:
             raise ValueError("this strategy was built without a workload to predict round times")
         devices = [c.devices[p.client] for p in clients]
-        return predicted_round_time(c.memory, clients, devices, c.workload, self.aggregator, self.adapters == "anchor")
+        return predicted_round_time(c.memory, clients, devices, c.workload, self.aggregation, self.adapters == "anchor")
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         raise NotImplementedError

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from hsplitlora.method.aggregation import FEDAVG, SVD, ZERO_PAD_TRUNCATE, ExactChange
 from hsplitlora.method.planner import Plan
 from hsplitlora.strategies.base import Strategy
 
@@ -19,7 +20,7 @@ class FedLoRA(_Unsplit):
     """Federated LoRA, one rank for all (the largest level of Q); FedAvg of A and B; persistent."""
 
     name = "fedlora"
-    aggregator = "fedavg"
+    aggregation = FEDAVG
     adapters = "overwrite"
     uses_importance = False
 
@@ -42,7 +43,7 @@ class HetLoRA(_BudgetRanks):
     of the factors, truncated back to each client's rank; adapters persist."""
 
     name = "hetlora"
-    aggregator = "zero-pad-truncate"
+    aggregation = ZERO_PAD_TRUNCATE
     adapters = "overwrite"
 
 
@@ -51,7 +52,7 @@ class FLoRA(_BudgetRanks):
     adapter re-initialised each round."""
 
     name = "flora"
-    aggregator = "naa"
+    aggregation = ExactChange()
     adapters = "recreate"
 
 
@@ -60,7 +61,7 @@ class FlexLoRA(_BudgetRanks):
     rank by truncated SVD; adapters persist."""
 
     name = "flexlora"
-    aggregator = "svd"
+    aggregation = SVD
     adapters = "overwrite"
 
 
@@ -68,7 +69,7 @@ class CenLoRA(_Unsplit):
     """Centralised LoRA on the pooled data (upper reference): one trainer, rank r_max everywhere."""
 
     name = "cenlora"
-    aggregator = "fedavg"
+    aggregation = FEDAVG
     adapters = "overwrite"
     uses_importance = False
     centralised = True
@@ -81,7 +82,7 @@ class FullFineTuning(_Unsplit):
     """Centralised full fine-tuning on the pooled data: every weight trained, no adapters."""
 
     name = "ft"
-    aggregator = "fedavg"
+    aggregation = FEDAVG
     adapters = "overwrite"
     uses_importance = False
     centralised = True

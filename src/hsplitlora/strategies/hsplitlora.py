@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
+from hsplitlora.method.aggregation import ZERO_PAD_TRUNCATE, ExactChange, MergedZeroPad
 from hsplitlora.method.planner import ClientPlan, Plan
 from hsplitlora.strategies.base import Strategy, StrategyContext
 
@@ -15,7 +16,7 @@ class HSplitLoRA(Strategy):
     and an anchor (adapter_lifecycle persist), or are re-created every round (recreate)."""
 
     name = "hsplitlora"
-    aggregator = "naa"
+    aggregation = ExactChange()
 
     def __init__(self, context: StrategyContext):
         self.adapters = "anchor" if context.adapter_lifecycle == "persist" else "recreate"
@@ -82,6 +83,6 @@ class NoNAA(HSplitLoRA):
     def __init__(self, context: StrategyContext):
         super().__init__(context)
         persist = context.adapter_lifecycle == "persist"
-        self.aggregator = "zero-pad-truncate" if persist else "zero-pad"
+        self.aggregation = ZERO_PAD_TRUNCATE if persist else MergedZeroPad()
         self.adapters = "overwrite" if persist else "recreate"
         self.context = replace(self.context, memory=context.memory.with_anchors(False))

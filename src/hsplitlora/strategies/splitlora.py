@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from hsplitlora.method.aggregation import FEDAVG
 from hsplitlora.method.planner import Plan
 from hsplitlora.strategies.base import Strategy
 
 
 class SplitLoRA(Strategy):
     name = "splitlora"
-    aggregator = "fedavg"
+    aggregation = FEDAVG
     adapters = "overwrite"
     uses_importance = False
 
