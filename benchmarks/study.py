@@ -2,7 +2,7 @@
 data, samples, seeds, learning rate and budgets in four regimes, the ablations in the
 paper's regime, E2E metrics on a fixed test subset; tables, a verdict per regime, and plots.
 
-    python benchmarks/reproduce.py            # SmolLM2-135M, about 4 hours on 2 cores
+    python benchmarks/reproduce.py            # SmolLM2-135M, about 5.5 hours on 2 cores
     python benchmarks/reproduce.py --quick    # the tiny model, the same code path, a few minutes
 
 Regimes (each stated in bytes and FLOP/s in results.json and the tables):
@@ -616,17 +616,20 @@ def plot_study(results: dict, results_dir: Path) -> list[Path]:
         paths.append(results_dir / filename)
 
     figure, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), sharey=True, squeeze=False)
+    lows, highs = [], []  # the axes share one y range: it must hold every regime's bars
     for ax, regime in zip(axes[0], names, strict=True):
         labels = labels_in(results, regime)
         finals = [[r["final_val_ppl"] for r in runs_of(results, regime, s)] for s in labels]
         means = [statistics.mean(f) for f in finals]
         spreads = [spread(f) for f in finals]
         ax.bar(labels, means, yerr=spreads, capsize=4, color=["C0" if s in MAIN else "C7" for s in labels])
-        low = min(means) - 3 * max(spreads + [0.05])
-        ax.set_ylim(max(0.0, low), max(m + s for m, s in zip(means, spreads, strict=True)) * 1.02)
+        lows.append(min(means) - 3 * max(spreads + [0.05]))
+        highs.append(max(m + s for m, s in zip(means, spreads, strict=True)) * 1.02)
         ax.set_title(f"regime {regime}: final validation perplexity (mean ± std over seeds)", fontsize=9)
         ax.tick_params(axis="x", rotation=45)
         ax.grid(axis="y", alpha=0.3)
+    if lows:
+        axes[0][0].set_ylim(max(0.0, min(lows)), max(highs))
     figure.tight_layout()
     figure.savefig(results_dir / "final_ppl.png", dpi=110)
     plt.close(figure)
