@@ -152,12 +152,12 @@ def zero_padded_average(factors: Sequence[AdapterFactors]) -> tuple[torch.Tensor
 class Aggregation:
     """How the fed server combines one candidate's adapters, and what travels back down; a
     strategy owns one. `merges`: the result is a change dW that every holder of W merges (a
-    `StackedDelta`), else averaged factors (A, sB) that the holders keep training. `anchored`: the
-    change is measured from each adapter's anchor (NAA with persistent adapters). `one_rank`:
+    `StackedDelta`), else averaged factors (A, sB) that the holders keep training. `reads_anchors`:
+    the change is measured from each adapter's anchor, when it has one (NAA). `one_rank`:
     every client must train one rank (FedAvg of A and B)."""
 
     merges = True
-    anchored = False
+    reads_anchors = False
     one_rank = False
 
     def combine(
@@ -166,7 +166,8 @@ class Aggregation:
         raise NotImplementedError
 
     def values_down(self, d_in: int, d_out: int, trained: Sequence[int], anchored: bool) -> int:
-        """Values sent down for one candidate trained at ranks `trained` (for the time model)."""
+        """Values sent down for one candidate trained at ranks `trained` (for the time model);
+        `anchored`: the adapters keep an anchor (persistent), so each one's change has 2 r_i rows."""
         raise NotImplementedError
 
 
@@ -175,7 +176,7 @@ class ExactChange(Aggregation):
     as the stacked factors (2 r_i rows per anchored adapter, r_i otherwise) or the dense matrix,
     whichever is smaller."""
 
-    anchored = True
+    reads_anchors = True
 
     def combine(self, factors, anchors):
         return aggregate(factors, anchors)

@@ -50,7 +50,7 @@ class FedServer:
         grouped = self.by_candidate(uploads)
         results = {}
         for name, factors in grouped.items():
-            anchors = [self.anchor_of(name, f) if self.rule.anchored else None for f in factors]
+            anchors = [self.anchor_of(name, f) if self.rule.reads_anchors else None for f in factors]
             results[name] = self.rule.combine(factors, anchors)
             _check_finite(name, *(results[name].tensors() if self.rule.merges else results[name]))
         if not self.rule.merges:
