@@ -152,7 +152,7 @@ def test_splitlora_moves_its_cut_up_until_the_weakest_budget_holds_a_positive_un
     # A budget that fits the deepest cut with almost nothing left for adapters there.
     budget = memory.client_bytes(deepest) + 1
     context = StrategyContext(memory, [DeviceProfile(budget, 1e9, 1e6)] * 2, 16 * 10**9, (0, 2, 4, 8), 0.0, 1, 0.1)
-    plan = STRATEGIES["splitlora"](context).plan(None)
+    plan = STRATEGIES["splitlora-paper"](context).plan(None)
     cut = plan.clients[0].split_point
     rank = set(plan.clients[0].ranks.values())
     assert cut < deepest and len(rank) == 1 and rank.pop() > 0
@@ -187,13 +187,20 @@ def test_the_time_aware_plan_is_never_slower_than_the_deepest_fit_or_splitlora_p
     except InfeasibleClientError:
         return
     assert fastest.round_time(chosen.clients) <= fastest.round_time(deepest.armsc(uniform).clients) * (1 + 1e-9)
+    share = 20_000_000 // len(devices)
     try:
         uniform_plan = fastest.splitlora_plan()
     except UsageError:
         uniform_plan = None
-    if uniform_plan is not None:
+    # The paper's plan is a candidate of the best uniform one wherever it fits the server's share too.
+    if uniform_plan is not None and all(c.server_predicted_bytes <= share for c in uniform_plan.clients):
         assert fastest.round_time(chosen.clients) <= fastest.round_time(uniform_plan.clients) * (1 + 1e-9)
-    share = 20_000_000 // len(devices)
+    try:
+        best_uniform = fastest.best_uniform_plan()
+    except UsageError:
+        best_uniform = None
+    if best_uniform is not None:
+        assert fastest.round_time(chosen.clients) <= fastest.round_time(best_uniform.clients) * (1 + 1e-9)
     for client in chosen.clients:
         assert client.predicted_bytes <= client.budget_bytes
         assert client.server_predicted_bytes <= share
@@ -219,3 +226,67 @@ def test_replans_keep_the_cuts_and_move_only_ranks():
     second = strategy.make_plan(skewed)
     assert [c.split_point for c in first.clients] == [c.split_point for c in second.clients]
     assert [c.all_ranks() for c in first.clients] != [c.all_ranks() for c in second.clients]
+
+
+# -- the best uniform SplitLoRA (method.md section 7, revised) --------------------------------------
+def uniform_fits(strategy, split_point: int, rank: int) -> bool:
+    """Whether one cut and one rank for all fit ARMSC's cut rule and every budget, client and server."""
+    c, memory = strategy.context, strategy.context.memory
+    share = c.server_budget // len(c.devices)
+    plan = strategy.uniform_plan(split_point, rank)
+    return (
+        memory.server_bytes(split_point) <= share
+        and all(memory.client_bytes(split_point) <= (1 - c.rho) * p.budget_bytes for p in plan.clients)
+        and all(p.predicted_bytes <= p.budget_bytes and p.server_predicted_bytes <= share for p in plan.clients)
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(devices=devices_st, server_flops=st.floats(1e9, 1e14), server_budget=st.integers(2_000_000, 30_000_000))
+def test_the_best_uniform_plan_fits_every_budget_and_no_other_full_uniform_plan_is_predicted_faster(
+    devices, server_flops, server_budget
+):
+    strategy = strategy_for(devices, "fastest", name="splitlora", server_flops=server_flops,
+                            server_budget=server_budget)  # fmt: skip
+    fitting = [(s, r) for s in range(1, NUM_BLOCKS) for r in DEFAULT_LEVELS if r > 0 and uniform_fits(strategy, s, r)]
+    if not fitting:
+        with pytest.raises(UsageError, match="no single cut"):
+            strategy.plan(None)
+        return
+    chosen = strategy.plan(None)
+    cut, rank = chosen.clients[0].split_point, chosen.clients[0].ranks[NAMES[0]]
+    assert {c.split_point for c in chosen.clients} == {cut}
+    assert {r for c in chosen.clients for r in c.all_ranks().values()} == {rank}
+    assert uniform_fits(strategy, cut, rank)
+    # Each cut at the largest rank every budget holds there (as ARMSC fills the budget).
+    largest = {s: max(r for t, r in fitting if t == s) for s, _ in fitting}
+    assert rank == largest[cut]
+    seconds = strategy.round_time(chosen.clients)
+    for other_cut, other_rank in largest.items():
+        other = strategy.round_time(strategy.uniform_plan(other_cut, other_rank).clients)
+        assert seconds <= other * (1 + 1e-9)
+        if other <= seconds * (1 + 1e-9):  # a tie: the larger rank, then the shallower cut
+            assert (rank, -cut) >= (other_rank, -other_cut)
+
+
+def test_a_slow_link_moves_the_best_uniform_cut_and_the_paper_rule_keeps_the_weakest_deepest_cut():
+    # Slow devices on fast links: the best uniform cut is shallow; the paper's is the deepest fit.
+    devices = [(1_500_000, 1e8, 1e9), (3_000_000, 1e8, 1e9)]
+    best = strategy_for(devices, "fastest", name="splitlora").plan(None)
+    paper = strategy_for(devices, "fastest", name="splitlora-paper")
+    split_point, rank = paper.weakest_split_and_rank()
+    assert [c.split_point for c in paper.plan(None).clients] == [split_point] * 2
+    assert {r for c in paper.plan(None).clients for r in c.all_ranks().values()} == {rank}
+    assert best.clients[0].split_point < split_point
+    assert paper.round_time(best.clients) < paper.round_time(paper.plan(None).clients)
+
+
+def test_no_armsc_runs_the_best_uniform_plan_with_naa_memory():
+    devices = [(1_500_000, 1e9, 1e7), (3_000_000, 1e10, 1e8)]
+    no_armsc = strategy_for(devices, "fastest", name="no-armsc")
+    plan = no_armsc.plan(None)
+    split_point, rank = no_armsc.best_uniform_split_and_rank()
+    assert [c.split_point for c in plan.clients] == [split_point] * 2
+    assert {r for c in plan.clients for r in c.all_ranks().values()} == {rank}
+    assert rank == no_armsc.uniform_ranks()[split_point]  # the largest that fits with the anchors counted
+    assert all(c.predicted_bytes <= c.budget_bytes for c in plan.clients)

@@ -76,7 +76,7 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
         strategy = _hsplitlora(loaded, memory, request)
         memory, round_time = strategy.context.memory, strategy.round_time
         with suppress(UsageError):  # no uniform plan at all: the planner says why its own cuts fail
-            alternatives.append(strategy.splitlora_plan())
+            alternatives.append(strategy.best_uniform_plan())
     result = plan(
         scores,
         request.budgets,

@@ -3,13 +3,14 @@
 from hsplitlora.strategies.base import Strategy, StrategyContext
 from hsplitlora.strategies.federated import CenLoRA, FedLoRA, FlexLoRA, FLoRA, FullFineTuning, HetLoRA
 from hsplitlora.strategies.hsplitlora import HSplitLoRA, NoARMSC, NoIWI, NoNAA
-from hsplitlora.strategies.splitlora import SplitLoRA
+from hsplitlora.strategies.splitlora import SplitLoRA, SplitLoRAPaper
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (
         HSplitLoRA,
         SplitLoRA,
+        SplitLoRAPaper,
         HetLoRA,
         FLoRA,
         FlexLoRA,

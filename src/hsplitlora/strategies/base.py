@@ -41,6 +41,7 @@ class Strategy:
     centralised: bool = False  # one trainer on the pooled data (upper references)
     full_finetune: bool = False  # every weight trained, no adapters
     splits: bool = True  # cuts the model between client and main server (False: every client runs it whole)
+    adapter_lifecycles: bool = False  # follows adapter_lifecycle (persist | recreate); else its own fixed one
 
     def __init__(self, context: StrategyContext):
         # Anchored adapters hold (B0, A0) beside their factors: the memory model counts them.
@@ -156,7 +157,7 @@ class Strategy:
         return best
 
     def weakest_split_and_rank(self) -> tuple[int, int]:
-        """SplitLoRA's configuration: the deepest cut at which the weakest budget holds adapters of
+        """The paper's SplitLoRA configuration: the deepest cut at which the weakest budget holds adapters of
         one positive rank on all its candidates, and the largest such rank. (The deepest cut that
         merely fits, ARMSC's first step, can leave no room for even the smallest uniform rank:
         every adapter also keeps its input for backward, whatever its rank.)"""
@@ -180,21 +181,69 @@ class Strategy:
         return budget_proportional_ranks(self.budgets, self.context.levels)
 
     def splitlora_plan(self) -> Plan:
-        """SplitLoRA's plan: the weakest client's cut and uniform rank for everyone."""
+        """The paper's SplitLoRA plan: the weakest client's cut and uniform rank for everyone."""
         split_point, rank = self.weakest_split_and_rank()
+        return self.uniform_plan(split_point, rank)
+
+    def uniform_plan(self, split_point: int, rank: int) -> Plan:
+        """One cut and one rank for every client, on every candidate of both sides."""
         count = len(self.context.devices)
         return self.fixed_plan([split_point] * count, [rank] * count)
 
+    def uniform_ranks(self) -> dict[int, int]:
+        """Per cut s that ARMSC allows for every client (adapter-free memory within (1 - rho) M_i on
+        each client and within M_S / K on the server), the largest level of Q that every client's
+        budget and the server's per-client share hold on all candidates of their side; cuts where
+        no positive level fits are left out."""
+        c, memory = self.context, self.context.memory
+        share = c.server_budget // len(c.devices)
+        weakest = min(self.budgets)
+        ranks = {}
+        for split_point in range(c.s_min, memory.deepest_split_point + 1):
+            if memory.client_bytes(split_point) > (1 - c.rho) * weakest or memory.server_bytes(split_point) > share:
+                continue
+            rank = min(self.largest_uniform_rank(split_point, weakest),
+                       self.largest_uniform_rank(split_point, weakest, server_side=True))  # fmt: skip
+            if rank > 0:
+                ranks[split_point] = rank
+        return ranks
+
+    def best_uniform_split_and_rank(self) -> tuple[int, int]:
+        """The best uniform SplitLoRA (ARMSC restricted to one cut and one rank): at each allowed cut
+        the largest uniform rank that fits (as ARMSC fills the budget: a smaller rank would be
+        predicted faster but learns less), and of those (cut, rank) pairs the one with the least
+        predicted round time under this strategy's aggregation; ties go to the larger rank, then
+        the shallower cut."""
+        options = self.uniform_ranks()
+        if not options:
+            c = self.context
+            raise UsageError(
+                f"no single cut from {c.s_min} to {c.memory.deepest_split_point} holds adapters of one positive "
+                f"rank within the weakest budget of {format_bytes(min(self.budgets))} and the main server's "
+                f"per-client share of {format_bytes(c.server_budget // len(c.devices))}; give larger budgets or "
+                "smaller rank levels."
+            )
+        best: tuple[float, int, int] | None = None
+        for split_point, rank in options.items():  # shallow to deep: a tie keeps the shallower cut
+            seconds = self.round_time(self.uniform_plan(split_point, rank).clients)
+            if best is None or seconds < best[0] * (1 - 1e-9) or (seconds <= best[0] * (1 + 1e-9) and rank > best[2]):
+                best = (seconds, split_point, rank)
+        return best[1], best[2]
+
+    def best_uniform_plan(self) -> Plan:
+        """SplitLoRA's plan (method.md section 7, revised): the best uniform cut and rank for all."""
+        return self.uniform_plan(*self.best_uniform_split_and_rank())
+
     def armsc(self, importance: Mapping[str, float], split_points: list[int] | None = None) -> Plan:
         """ARMSC (method.md section 4): the cuts by the context's split rule (fastest: against the
-        deepest-fit and SplitLoRA's plans too), unless `split_points` fixes them; ranks by the
+        deepest-fit and the best uniform plans too), unless `split_points` fixes them; ranks by the
         importance greedy on both sides."""
         c = self.context
         fastest = c.split_rule == "fastest" and split_points is None
         alternatives = []
         if fastest:
             with suppress(UsageError):  # no uniform plan exists; the planner says why its own cuts fail, if they do
-                alternatives.append(self.splitlora_plan())
+                alternatives.append(self.best_uniform_plan())
         return plan(importance, self.budgets, c.memory, c.server_budget, c.levels, c.rho, c.s_min,
                     split_rule=c.split_rule, round_time=self.round_time if fastest else None,
                     split_points=split_points, alternatives=alternatives)  # fmt: skip

@@ -17,6 +17,7 @@ class HSplitLoRA(Strategy):
 
     name = "hsplitlora"
     aggregation = ExactChange()
+    adapter_lifecycles = True
 
     def __init__(self, context: StrategyContext):
         self.adapters = "anchor" if context.adapter_lifecycle == "persist" else "recreate"
@@ -64,13 +65,16 @@ class NoIWI(HSplitLoRA):
 
 
 class NoARMSC(HSplitLoRA):
-    """SplitLoRA's fixed cut and rank for everyone, keeping NAA (and its adapter life cycle)."""
+    """ARMSC replaced by the best uniform cut and rank (as `splitlora` chooses them), keeping NAA
+    and its adapter life cycle. The rank is the largest uniform level that fits with NAA's memory
+    (anchors included) and the cut the fastest under NAA's download, so it can differ from
+    splitlora's: the plan (metrics.jsonl, per client) says which it runs."""
 
     name = "no-armsc"
     uses_importance = False
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
-        return self.splitlora_plan()
+        return self.best_uniform_plan()
 
 
 class NoNAA(HSplitLoRA):
