@@ -108,7 +108,7 @@ def test_plan_table_and_warmup_importance(capsys):
     [
         ("1.5XB", "budget '1.5XB' is not a memory size"),
         ("2GB,,3GB", "has an empty entry"),
-        ("10KB,20MB", "client 0 cannot take part: its budget of 9.8 KiB lacks"),
+        ("10KB,20MB", "client 0 cannot take part: its budget of 10 kB lacks"),
     ],
 )
 def test_plan_bad_budgets_exit_2(budgets, message, capsys):

@@ -142,12 +142,15 @@ class RunConfig:
         from hsplitlora.units import parse_bytes
 
         parse_bytes(self.server_budget)
-        if self.budgets is None and self.device_preset not in PRESETS:
+        if self.device_preset not in PRESETS:
             raise UsageError(f"device preset {self.device_preset!r} is unknown; choose one of {', '.join(PRESETS)}.")
         resolve_devices(self.clients, self.budgets, self.device_preset, self.devices)
         for rank in self.per_client("rank") if self.rank is not None else []:
             if rank < 0:
                 raise UsageError(f"rank must be 0 (no adapter) or a positive integer, got {rank}.")
+        if self.rank is not None and max(self.per_client("rank")) == 0:
+            raise UsageError(f"rank {self.rank} gives no client an adapter, so nothing would be trained; give a "
+                             "positive rank (a 0 in a per-client list leaves one client out).")  # fmt: skip
         if self.split_point is not None:
             self.per_client("split_point")
         from hsplitlora.strategies import STRATEGIES
@@ -177,6 +180,11 @@ class RunConfig:
             raise UsageError(
                 f"rank sets LoRA ranks, and {self.strategy} trains every weight, without adapters; drop it."
             )
+        if self.rank is not None and strategy.centralised and len(set(self.per_client("rank"))) > 1:
+            raise UsageError(
+                f"{self.strategy} is a centralised reference: one trainer on the pooled data, with one rank; got "
+                f"ranks {self.per_client('rank')}: give one value."
+            )
         if self.rank is not None and strategy.aggregation.one_rank and len(set(self.per_client("rank"))) > 1:
             raise UsageError(
                 f"{self.strategy} averages the factors of all clients, so they need one rank; got ranks "
@@ -205,6 +213,9 @@ class RunConfig:
             or min(self.rank_levels) < 0
         ):
             raise UsageError(f"rank_levels {self.rank_levels} must be distinct non-negative integers including 0.")
+        if max(self.rank_levels) == 0 and self.rank is None and not strategy.full_finetune:
+            raise UsageError(f"rank_levels {self.rank_levels} hold no positive rank, so every adapter gets rank 0 and "
+                             "nothing would be trained; add positive levels, like 0,2,4,8,16.")  # fmt: skip
         bad = [t for t in self.targets if t not in ALL_TARGETS]
         if bad or not self.targets:
             raise UsageError(
@@ -303,7 +314,7 @@ def _describe(hint) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is list:
         return f"a list of {_describe(args[0]).replace('an ', '').replace('a ', '')}s"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+    return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", dict: "a mapping",
             type(None): "left out"}.get(hint, str(hint))  # fmt: skip
 
 
@@ -355,19 +366,23 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UsageError(f"config file {path} is a folder; give the path of a YAML file.")
         if not path.is_file():
             raise UsageError(f"config file {path} does not exist.")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as exc:
+            raise UsageError(f"config file {path} sets {exc.args[0]!r} twice; keep one.") from None
         except yaml.YAMLError as exc:
             raise UsageError(f"config file {path} is not valid YAML ({exc.__class__.__name__}).") from exc
         if not isinstance(loaded, dict):
             raise UsageError(f"config file {path} must hold a mapping of setting names to values.")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update(_file_settings(loaded, path))
     values = {k: _number_as_written(k, v) for k, v in values.items()}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if "steps" in values:  # the foundation's name for local_steps
-        values["local_steps"] = values.pop("steps")
+    overrides = {ALIASES.get(k, k): v for k, v in (overrides or {}).items()}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = set(values)  # what the file or a flag set, as opposed to a default
     if values.get("client_data") and "clients" not in values and isinstance(values["client_data"], str):
         from hsplitlora.data.records import data_files
 
@@ -379,4 +394,75 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         config = RunConfig(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the unknown-key check
         raise UsageError(str(exc)) from exc
-    return config.validate()
+    config.validate()
+    refuse_ignored(config, given)
+    return config
+
+
+ALIASES = {"steps": "local_steps"}  # the foundation's name for local_steps
+# Settings that hold a path: a config file's relative paths are taken from the file's folder.
+PATH_SETTINGS = ("data", "val_data", "client_data", "data_dir", "output_dir", "model")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise _DuplicateKey(key)
+            if isinstance(key, typing.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _file_settings(loaded: dict, path: Path) -> dict[str, Any]:
+    """A config file's keys as setting names (dashes, aliases), each set once; relative paths
+    taken from the file's folder, so a config file works from any directory."""
+    settings: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        name = ALIASES.get(name, name)
+        if name in spelled:
+            raise UsageError(f"config file {path} sets {name} twice, as {spelled[name]!r} and {str(key)!r}; keep one.")
+        spelled[name], settings[name] = str(key), value
+    for name in PATH_SETTINGS:
+        value = settings.get(name)
+        if not isinstance(value, str) or not value.strip() or (name == "data" and value == "e2e"):
+            continue
+        local = Path(value).expanduser()
+        if local.is_absolute() or (name == "model" and not (path.parent / local).is_dir()):
+            continue  # a model is a name (tiny, smollm2-135m) unless a folder by that path exists
+        settings[name] = str(path.parent / local)
+    return settings
+
+
+def refuse_ignored(config: RunConfig, given: set[str]) -> None:
+    """A setting given (in the file or as a flag) that would have no effect with the others is
+    refused with the reason, rather than recorded and ignored."""
+    from hsplitlora.data.sources import refuse_ignored_data_settings
+    from hsplitlora.strategies import STRATEGIES
+
+    refuse_ignored_data_settings(config, given)
+    if "tail_blocks" in given and config.split_mode != "u":
+        raise UsageError(f"tail_blocks {config.tail_blocks} sets the blocks a client keeps in a U-shaped split, and "
+                         f"split_mode is {config.split_mode}; add split_mode u or drop tail_blocks.")  # fmt: skip
+    for name in ("ray_address", "ray_client_resources", "ray_server_resources"):
+        if getattr(config, name) is not None and config.engine != "ray":
+            raise UsageError(f"{name} configures the Ray engine, and engine is {config.engine}; add engine ray or "
+                             f"drop {name}.")  # fmt: skip
+    if "device_preset" in given and config.budgets is not None:
+        raise UsageError(f"device_preset {config.device_preset} names whole devices, and budgets replaces them (at "
+                         "default speeds and links); give one of the two.")  # fmt: skip
+    if "adapter_lifecycle" in given and not STRATEGIES[config.strategy].adapter_lifecycles:
+        having = ", ".join(name for name, cls in STRATEGIES.items() if cls.adapter_lifecycles)
+        raise UsageError(f"adapter_lifecycle sets what HSplitLoRA's adapters do across rounds, and "
+                         f"{config.strategy} has a fixed life cycle of its own; drop adapter_lifecycle or choose one "
+                         f"of {having}.")  # fmt: skip

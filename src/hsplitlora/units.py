@@ -1,4 +1,5 @@
-"""Memory sizes as people write them (`800MB`, `1.5GB`, `2GiB`, bytes) and as people read them."""
+"""Memory sizes as people write them (`800MB`, `1.5GB`, `2GiB`, bytes; B is a byte, a lowercase b a
+bit, refused) and as people read them (decimal units)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def parse_bytes(text: str | int) -> int:
         value = float(number)
     except ValueError:
         value = float("nan")
+    written_unit = raw.replace(" ", "")[len(number) :]
+    if written_unit.endswith("b") and unit in _UNITS and math.isfinite(value) and value > 0:
+        bytes_unit = written_unit[:-1].upper().replace("I", "i") + "B"
+        raise UsageError(f"budget {raw!r} is in bits (a lowercase b means bits); memory sizes are in bytes: write "
+                         f"{number}{bytes_unit}.")  # fmt: skip
     if unit not in _UNITS or not math.isfinite(value) or value <= 0:
         raise UsageError(
             f"budget {raw!r} is not a memory size; write a positive number with an optional unit, "
@@ -38,7 +44,8 @@ def parse_budgets(text: str) -> list[int]:
 
 
 def format_bytes(value: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    """Decimal units, as budgets are written: 10GB reads back as `10 GB`, 1.5GB as `1.5 GB`."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if abs(value) >= size:
-            return f"{value / size:.1f} {unit}"
+            return f"{f'{value / size:.2f}'.rstrip('0').rstrip('.')} {unit}"
     return f"{int(value)} B"

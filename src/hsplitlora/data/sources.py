@@ -53,6 +53,25 @@ def client_files(config) -> list[Path]:
     return data_files(config.client_data)
 
 
+def refuse_ignored_data_settings(config, given: set[str]) -> None:
+    """Data settings the data given would ignore (`given`: the settings set explicitly), refused
+    with the reason."""
+    own = config.client_data or (config.data if config.data != "e2e" else None)
+    if config.val_data is not None and own is None:
+        raise UsageError("val_data validates a run on your own data, and E2E training validates on E2E's "
+                         "testset_w_refs.csv; drop val_data, or give data FILE.")  # fmt: skip
+    if config.data_dir is not None and own is not None:
+        raise UsageError(f"data_dir is E2E's folder, and this run reads your own data ({own}); drop data_dir.")
+    if config.client_data is not None and "dirichlet_alpha" in given:
+        raise UsageError("client_data gives each client its own file, so dirichlet_alpha does not apply; drop it.")
+    if config.partition_field is not None and config.partition != "dirichlet":
+        raise UsageError(f"partition_field groups records for partition dirichlet, and partition is "
+                         f"{config.partition}; add partition dirichlet or drop partition_field.")  # fmt: skip
+    if "dirichlet_alpha" in given and config.partition != "dirichlet":
+        raise UsageError(f"dirichlet_alpha shapes a Dirichlet partition, and partition is {config.partition}; add "
+                         "partition dirichlet or drop dirichlet_alpha.")  # fmt: skip
+
+
 # -- E2E ----------------------------------------------------------------------------------------------
 def _e2e(config, tokenizer) -> TrainingData:
     examples = read_e2e(data_file(config.data_dir, "train"))
