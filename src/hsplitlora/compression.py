@@ -72,3 +72,16 @@ def pack(tensor: torch.Tensor, mode: str = "fp32") -> Packed:
         return Packed(mode, torch.round(tensor / scale).clamp_(-127, 127).to(torch.int8), scale)
     check_mode(mode)
     raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def pack_with_scale(tensor: torch.Tensor, mode: str, scale: torch.Tensor | None) -> Packed:
+    """`pack`'s payload for a slice of a tensor whose scales `pack` already chose (fp16: the whole
+    tensor's; int8: the slice's rows'): a receiver that holds these values itself compresses them
+    exactly as the sender compressed the whole."""
+    tensor = tensor.detach()
+    if mode in ("fp32", "bf16"):
+        return pack(tensor, mode)
+    if mode == "fp16":
+        return Packed(mode, (tensor / scale).to(torch.float16), scale)
+    return Packed(mode, torch.round(tensor / scale).clamp_(-127, 127).to(torch.int8), scale)

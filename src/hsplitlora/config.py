@@ -76,6 +76,11 @@ class RunConfig:
     val_size: int = 128  # evaluation rows of testset_w_refs.csv used for validation loss
     output_dir: str | None = None
     compression: str = "fp32"  # activations and gradients across the cut: fp32 | fp16 | bf16 | int8
+    # NAA's update sent down: exact (stacked rows without the receiver's own term, or dense) | svd-ef
+    # (best rank-update_rank approximation with error feedback; update_energy may lower the rank)
+    update_form: str = "exact"
+    update_rank: int = 32
+    update_energy: float | None = None
     # standard: the main server runs blocks [s, L), the head and the loss (labels cross the cut);
     # u: the client also keeps the last `tail_blocks` blocks, the head and the loss (labels stay).
     split_mode: str = "standard"
@@ -194,6 +199,12 @@ class RunConfig:
             raise UsageError(f"split_rule {self.split_rule!r} is unknown; choose fastest or deepest.")
         if self.adapter_lifecycle not in ("persist", "recreate"):
             raise UsageError(f"adapter_lifecycle {self.adapter_lifecycle!r} is unknown; choose persist or recreate.")
+        if self.update_form not in ("exact", "svd-ef"):
+            raise UsageError(f"update_form {self.update_form!r} is unknown; choose exact or svd-ef.")
+        _positive("update_rank", self.update_rank)
+        if self.update_energy is not None and not 0 < self.update_energy <= 1:
+            raise UsageError(f"update_energy must be in (0, 1], the share of squared singular values kept; got "
+                             f"{self.update_energy}.")  # fmt: skip
         if self.engine not in ("inprocess", "ray"):
             raise UsageError(f"engine {self.engine!r} is unknown; choose inprocess or ray.")
         if self.partition not in ("iid", "dirichlet"):
@@ -297,6 +308,10 @@ FLAGS: dict[str, str] = {
     "val_size": "validation examples",
     "output_dir": "run folder (default runs/<time>-<strategy>)",
     "compression": "activations and gradients across the cut: fp32, fp16, bf16 or int8 (per-token absmax scales)",
+    "update_form": "NAA's update sent down: exact (without the receiver's own term) or svd-ef (rank-k with "
+    "error feedback)",
+    "update_rank": "k, the rank of the svd-ef update",
+    "update_energy": "svd-ef: the smallest rank up to update_rank keeping this share of squared singular values",
     "split_mode": "standard, or u: the client also keeps the last blocks, the head and the loss",
     "tail_blocks": "last blocks a client keeps with --split-mode u",
     "split_rule": "how ARMSC cuts: fastest (least predicted round time within every budget) or deepest",

@@ -17,6 +17,7 @@ from hsplitlora.devices import DeviceProfile, resolve_devices
 from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora
+from hsplitlora.method.aggregation import ExactChange, TruncatedChange
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
@@ -101,6 +102,13 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
         fixed_splits, fixed_ranks, config.split_rule, config.adapter_lifecycle, workload,
     )  # fmt: skip
     strategy = strategy_class(context)
+    if config.update_form == "svd-ef":
+        if type(strategy.aggregation) is not ExactChange:
+            raise UsageError(f"update_form svd-ef truncates NAA's exact change, and {config.strategy} aggregates "
+                             "otherwise; drop update_form or choose a strategy with NAA (hsplitlora and its "
+                             "no-iwi, no-armsc ablations).")  # fmt: skip
+        # The rule is the strategy's own from here: the time model prices what it sends.
+        strategy.aggregation = TruncatedChange(config.update_rank, config.update_energy)
     memory = strategy.context.memory  # with the anchors the strategy's adapters keep
     fed_server = FedServer(strategy.aggregation, config.compression)
     # Cuts follow the budgets, not importance: a uniform plan tells each Ray actor which blocks to
@@ -129,11 +137,13 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
 
 
 def check_positions(model: torch.nn.Module, max_seq_len: int) -> None:
-    """Learned absolute positions (GPT-2) end at n_positions: a longer sequence has no embedding."""
-    positions = getattr(model.config, "n_positions", None)
+    """Learned absolute positions (GPT-2) end at n_positions: a longer sequence has no embedding;
+    rotary models (Llama, Qwen2) were trained up to max_position_embeddings. Checked before any
+    tensor of that length is built."""
+    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if positions is not None and max_seq_len > positions:
         raise UsageError(
-            f"max_seq_len {max_seq_len} exceeds the {positions} positions this model learned; use at most {positions}."
+            f"max_seq_len {max_seq_len} exceeds the {positions} positions this model learned; use 1 to {positions}."
         )
 
 

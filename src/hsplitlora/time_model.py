@@ -83,19 +83,24 @@ class Workload:
     update_value_bytes: float = 4.0  # bytes per value of the update sent down
 
 
-def update_values(memory: MemoryModel, plans: Sequence[ClientPlan], aggregation: Aggregation, anchored: bool) -> dict:
+def update_values(
+    memory: MemoryModel, plans: Sequence[ClientPlan], aggregation: Aggregation, anchored: bool,
+    receiver: ClientPlan | None = None,
+) -> dict:  # fmt: skip
     """Values sent down per candidate after a round, as the strategy's aggregation sends them
-    (NAA: the stacked change or the dense matrix, whichever is smaller; the averaging rules:
-    factors at the largest rank trained on the candidate)."""
+    (NAA: the stacked change without the receiver's own term, or the dense matrix, whichever the
+    whole stack makes smaller; SVD-EF: rank-k factors; the averaging rules: factors at the largest
+    rank trained on the candidate). `receiver`: the client it goes to (None: one holding no term)."""
     ranks: dict[str, list[int]] = {}
     for plan in plans:
         for name, rank in plan.all_ranks().items():
             if rank:
                 ranks.setdefault(name, []).append(rank)
+    own = receiver.all_ranks() if receiver is not None else {}
     values = {}
     for name, trained in ranks.items():
         shape = memory.candidates[name]
-        values[name] = aggregation.values_down(shape.d_in, shape.d_out, trained, anchored)
+        values[name] = aggregation.values_down(shape.d_in, shape.d_out, trained, anchored, own.get(name, 0))
     return values
 
 
@@ -110,10 +115,10 @@ def predicted_round_time(
     """The round time `round_time` predicts for a plan before it runs: E steps per client, each
     crossing the cut with h and dL/dh (four tensors in a U-shaped split), then the client-side
     factors up and the update of every candidate it holds down."""
-    down = update_values(memory, plans, aggregation or ExactChange(), anchored)
     crossings = 4 if memory.u_shaped else 2
     work = []
     for plan in plans:
+        down = update_values(memory, plans, aggregation or ExactChange(), anchored, plan)
         split = plan.split_point < memory.num_blocks
         step_bytes = crossings * workload.padded_tokens_per_step * workload.hidden_size * workload.cut_value_bytes
         held = memory.client_side(plan.split_point) if split else list(memory.candidates)

@@ -12,12 +12,14 @@ import torch
 
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
+from hsplitlora.method.aggregation import term_rows
 from hsplitlora.models.architectures import Architecture
 from hsplitlora.models.loading import held_parameter_names
 from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part, weights_dtype
+from hsplitlora.roles.adapters import adapter_name
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.main_server import MainServer
-from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
+from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, OwnTerm, PartialStack, RoundPlan
 
 
 def client_blocks(split_point: int, num_blocks: int, tail_blocks: int | None) -> list[int]:
@@ -81,8 +83,20 @@ class Host:
         for name, delta in update.deltas.items():
             candidate = self.candidates.get(name)
             if candidate is not None:
+                if isinstance(delta, PartialStack):  # sent without the terms this copy holds: rebuild
+                    delta = delta.rebuild(lambda term, name=name: self.own_rows(name, term))
                 dense = delta if isinstance(delta, torch.Tensor) else delta.dense()
                 self.model.get_submodule(candidate.module).merge(candidate.slot, dense)
+
+    def own_rows(self, name: str, term: OwnTerm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of a term this host holds (client `term.client`'s adapter on `name`), computed
+        on the CPU from its factors and anchor as the fed server computes them."""
+        candidate = self.candidates[name]
+        layer = self.model.get_submodule(candidate.module)
+        a, b, scale = layer.factors(adapter_name(term.client), candidate.slot)
+        anchor = layer.anchor(adapter_name(term.client), candidate.slot) if term.anchored else None
+        cpu = [t.detach().to("cpu", copy=True) for t in (a, b, *(anchor or ()))]
+        return term_rows(term.weight, scale, cpu[0], cpu[1], (cpu[2], cpu[3]) if anchor is not None else None)
 
 
 class ClientHost(Host):

@@ -199,14 +199,48 @@ class Engine(TrafficLedger):
         result = self.fed_server.aggregate(round_, uploads)
         hosts = [self.actors[cid] for cid in self.live] + ([self.server] if self.server is not None else [])
         for cid in self.live:
-            self.traffic[cid]["adapters_down"] += result.nbytes(self.client_names(cid))
+            sent = self._update_for(result, [cid]) if isinstance(result, ModelUpdate) else result
+            self.traffic[cid]["adapters_down"] += sent.nbytes(self.client_names(cid))
         if isinstance(result, ModelUpdate):
-            owners = {id(host) for host in self.transport.owners(self.live)}
-            self._get([self._call(host, "apply_update", result, id(host) in owners) for host in hosts])
+            # Each copy gets the update without the terms its adapters hold, and rebuilds them; it
+            # merges before any anchor moves (the rebuild reads anchors).
+            messages = {id(host): self._update_for(result, roles, whole) for host, roles, whole in
+                        self.transport.copies(self.live)}  # fmt: skip
+            if self.server is not None and not self.local_only:
+                self.server_adapters_down = self._update_for(result, [None]).nbytes()
+            hosts.sort(key=lambda host: id(host) not in messages)
+            self._get([self._call(host, "apply_update", messages.get(id(host), result), id(host) in messages)
+                       for host in hosts])  # fmt: skip
         else:
             self._get([self._call(host, "apply_adapters", result) for host in hosts])
             self.last_broadcast = result
         return result
+
+    @property
+    def local_only(self) -> bool:
+        return all(self.local(cid) for cid in self.live)
+
+    def server_names(self) -> set[str]:
+        """The candidates the main server holds: every one some living split client does not."""
+        return {n for cid in self.live if not self.local(cid) for n in set(self.candidates) - self.client_names(cid)}
+
+    def _update_for(self, update: ModelUpdate, roles: Sequence[int | None], whole: bool = False) -> ModelUpdate:
+        """The update as sent to the copy of `roles` (client ids; None: the main server): the
+        candidates it holds (all if `whole`), each without the terms of the adapters it holds."""
+        held: dict[str, set[int]] = {}
+        names: set[str] = set()
+        for role in roles:
+            if role is None:
+                server = self.server_names()
+                names |= server
+                for cid in self.live:
+                    for name in server - self.client_names(cid) if not self.local(cid) else ():
+                        held.setdefault(name, set()).add(cid)
+            else:
+                names |= self.client_names(role)
+                for name in self.client_names(role):
+                    held.setdefault(name, set()).add(role)
+        return self.fed_server.update_for(update, None if whole else names, held)
 
     def validation_loss(self, batches: Sequence, client_id: int | None) -> float:
         """Mean target-token loss of the current model, through the same split graph as training:

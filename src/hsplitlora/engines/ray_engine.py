@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hsplitlora.data.e2e import Batcher, Encoded
+from hsplitlora.data.e2e import Encoded, client_batchers
 from hsplitlora.engines.hosts import ClientHost, ServerHost, client_blocks
 from hsplitlora.engines.protocol import Engine
 from hsplitlora.engines.transport import Transport
@@ -49,9 +49,9 @@ class ClientActor(ClientHost):
         blocks = client_blocks(split_point, spec["num_blocks"], tail)
         device = spec.get("client_device", "cpu")
         model, arch, candidates = _load(spec, blocks, embedding=True, head=local or tail is not None, device=device)
-        batches = Batcher(items, spec["batch_size"], spec["pad_id"], spec["seed"] + client_id)
+        batches, warmup = client_batchers(items, spec["batch_size"], spec["pad_id"], spec["seed"], client_id)
         client = Client(client_id, batches, candidates, spec["lr"], spec["alpha"], spec["seed"],
-                        spec.get("compression", "fp32"), device)  # fmt: skip
+                        spec.get("compression", "fp32"), device, warmup)  # fmt: skip
         super().__init__(model, arch, candidates, client)
 
 
@@ -124,6 +124,10 @@ class RayTransport(Transport):
 
     def owners(self, live: Sequence[int]) -> list:
         return [self.clients[cid] for cid in live] + ([self.server] if self.server is not None else [])
+
+    def copies(self, live: Sequence[int]) -> list[tuple[object, list[int | None], bool]]:
+        server = [(self.server, [None], False)] if self.server is not None else []
+        return [(self.clients[cid], [cid], False) for cid in live] + server
 
     def check_plans(self, plans: Sequence[RoundPlan]) -> None:
         if [p.split_point for p in plans] != self.split_points:

@@ -22,6 +22,7 @@ class TrafficLedger:
         self.traffic = {cid: dict.fromkeys(TRAFFIC, 0) for cid in client_ids}
         self.events = []  # what went wrong this round (the Ray engine logs lost clients)
         self.round_steps = 0  # local steps run this round
+        self.server_adapters_down = 0  # the update sent to the main server (its own link, outside the clients')
 
     @property
     def bytes_up(self) -> dict[int, int]:

@@ -32,6 +32,11 @@ class Transport:
         """The hosts that each hold a copy of the weights: those a merge or a weight load must reach."""
         raise NotImplementedError
 
+    def copies(self, live: Sequence[int]) -> list[tuple[Any, list[int | None], bool]]:
+        """Each owner with the roles whose adapters its copy holds (client ids; None: the main
+        server) and whether its copy holds every block: what the update sent to it may leave out."""
+        raise NotImplementedError
+
     def check_plans(self, plans: Sequence[RoundPlan]) -> None:
         """Refuse plans this transport cannot follow (nothing by default)."""
 
@@ -60,3 +65,9 @@ class InProcessTransport(Transport):
     def owners(self, live: Sequence[int]) -> list:
         separate = self.server.model is not self.clients[0].model
         return [self.clients[0]] + ([self.server] if separate else [])
+
+    def copies(self, live: Sequence[int]) -> list[tuple[Any, list[int | None], bool]]:
+        # The shared copy carries every client's adapters (and the server's unless it has its own).
+        separate = self.server.model is not self.clients[0].model
+        shared = [*live] + ([] if separate else [None])
+        return [(self.clients[0], shared, True)] + ([(self.server, [None], True)] if separate else [])

@@ -66,21 +66,43 @@ def sample_weights(factors: Sequence[AdapterFactors]) -> list[float]:
     return [f.samples / total for f in factors]
 
 
+def term_rows(
+    weight: float, scale: float, a: torch.Tensor, b: torch.Tensor, anchor: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adapter's term p s (B A - B0 A0) as stacked rows: ([p s B | -p s B0], [A; A0]). The fed
+    server and a receiver that holds the adapter compute it with this one function, bit for bit."""
+    if anchor is None:
+        return weight * scale * b, a
+    return torch.cat([weight * scale * b, -weight * scale * anchor[1]], dim=1), torch.cat([a, anchor[0]], dim=0)
+
+
+def stacked_terms(
+    factors: Sequence[AdapterFactors], anchors: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every adapter's term rows (`term_rows`), in the canonical order of `factors`."""
+    weights = sample_weights(factors)
+    anchors = anchors or [None] * len(factors)
+    return [term_rows(w, f.scale, f.a, f.b, anchor) for w, f, anchor in zip(weights, factors, anchors, strict=True)]
+
+
 def aggregate(
     factors: Sequence[AdapterFactors], anchors: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 ) -> StackedDelta:
     """NAA: stack p_i s_i B_i (and -p_i s_i B0_i) side by side and A_i (and A0_i) on top of each
     other (exact). `anchors[i]` is (A0_i, B0_i), or None for an anchor of zero."""
-    weights = sample_weights(factors)
-    anchors = anchors or [None] * len(factors)
-    bs, as_ = [], []
-    for w, f, anchor in zip(weights, factors, anchors, strict=True):
-        bs.append(w * f.scale * f.b)
-        as_.append(f.a)
-        if anchor is not None:
-            bs.append(-w * f.scale * anchor[1])
-            as_.append(anchor[0])
-    return StackedDelta(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+    terms = stacked_terms(factors, anchors)
+    return StackedDelta(torch.cat([b for b, _ in terms], dim=1), torch.cat([a for _, a in terms], dim=0))
+
+
+def best_low_rank(matrix: torch.Tensor, rank: int, energy: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with left @ right the best approximation of `matrix` (Eckart-Young) of rank
+    k = `rank`, or, with `energy`, the smallest k <= `rank` keeping that share of sum s^2."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    keep = min(rank, s.shape[0])
+    if energy is not None and keep > 0:
+        share = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum().clamp_min(1e-300)
+        keep = min(keep, int((share < energy).sum()) + 1)
+    return u[:, :keep] * s[:keep], vh[:keep]
 
 
 def dense_average(
@@ -165,24 +187,49 @@ class Aggregation:
     ) -> StackedDelta | tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def values_down(self, d_in: int, d_out: int, trained: Sequence[int], anchored: bool) -> int:
-        """Values sent down for one candidate trained at ranks `trained` (for the time model);
-        `anchored`: the adapters keep an anchor (persistent), so each one's change has 2 r_i rows."""
+    def values_down(self, d_in: int, d_out: int, trained: Sequence[int], anchored: bool, own: int = 0) -> int:
+        """Values sent down for one candidate trained at ranks `trained` (for the time model) to a
+        receiver whose own adapter on it has rank `own` (0: none); `anchored`: the adapters keep an
+        anchor (persistent), so each one's change has 2 r_i rows."""
         raise NotImplementedError
 
 
 class ExactChange(Aggregation):
     """NAA: the stacked change of every adapter (exact), merged into every copy of W; it goes down
     as the stacked factors (2 r_i rows per anchored adapter, r_i otherwise) or the dense matrix,
-    whichever is smaller."""
+    whichever is smaller. Stacked, a receiver is sent the other adapters' rows only and rebuilds
+    its own term (its weight p_i travels: 2 values)."""
 
     reads_anchors = True
+    error_feedback = False
 
     def combine(self, factors, anchors):
         return aggregate(factors, anchors)
 
-    def values_down(self, d_in, d_out, trained, anchored):
-        return min(sum(trained) * (2 if anchored else 1) * (d_in + d_out), d_in * d_out)
+    def values_down(self, d_in, d_out, trained, anchored, own=0):
+        rows = 2 if anchored else 1
+        if sum(trained) * rows * (d_in + d_out) >= d_in * d_out:
+            return d_in * d_out
+        return (sum(trained) - own) * rows * (d_in + d_out) + (2 if own else 0)
+
+
+class TruncatedChange(ExactChange):
+    """NAA's exact change sent as its best rank-k approximation with error feedback (method.md
+    section 6, `update_form: svd-ef`): the fed server keeps R per candidate, sends
+    U = best rank-k of (dW + R) and keeps R <- dW + R - U; every copy merges U. k = `rank`, or the
+    smallest k <= `rank` that keeps the share `energy` of (dW + R)'s squared singular values."""
+
+    error_feedback = True
+
+    def __init__(self, rank: int, energy: float | None = None):
+        self.rank = rank
+        self.energy = energy
+
+    def truncate(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return best_low_rank(matrix, self.rank, self.energy)
+
+    def values_down(self, d_in, d_out, trained, anchored, own=0):
+        return min(self.rank * (d_in + d_out), d_in * d_out)
 
 
 class MergedZeroPad(Aggregation):
@@ -193,7 +240,7 @@ class MergedZeroPad(Aggregation):
         a, b = zero_padded_average(factors)
         return StackedDelta(b, a)
 
-    def values_down(self, d_in, d_out, trained, anchored):
+    def values_down(self, d_in, d_out, trained, anchored, own=0):
         return min(max(trained) * (d_in + d_out), d_in * d_out)
 
 
@@ -210,7 +257,7 @@ class FactorAverage(Aggregation):
     def combine(self, factors, anchors):
         return self.average(factors)
 
-    def values_down(self, d_in, d_out, trained, anchored):
+    def values_down(self, d_in, d_out, trained, anchored, own=0):
         return max(trained) * (d_in + d_out)
 
 

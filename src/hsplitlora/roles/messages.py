@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from hsplitlora.compression import Packed, pack
+from hsplitlora.compression import Packed, pack, pack_with_scale
 from hsplitlora.method.aggregation import AdapterFactors, StackedDelta
 
 
@@ -107,13 +108,63 @@ class AdapterUpload:
 
 
 @dataclass
+class OwnTerm:
+    """A term of a stacked change that its receiver holds (client `client`'s adapter and anchor):
+    it is not sent; the receiver computes its rows with weight `weight` (p_i), with the anchor's
+    rows if `anchored`."""
+
+    client: int
+    weight: float
+    anchored: bool
+
+
+@dataclass
+class PartialStack:
+    """A stacked change dW = b @ a without the receiver's own terms (method.md section 6, down-link
+    forms): `pieces` in the canonical order, each the compressed payload of another adapter's
+    columns of b and rows of a (with a's row scales under int8), or an `OwnTerm`. `scale_b` and
+    `scale_a` are the whole stack's scales where `compression` shares one over terms (fp16: one per
+    tensor; int8: b's per output row), so that `rebuild` gives the whole stack bit for bit."""
+
+    mode: str
+    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | OwnTerm]
+    scale_b: torch.Tensor | None = None
+    scale_a: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in (self.scale_b, self.scale_a) if t is not None)
+        for piece in self.pieces:
+            tensors = [t for t in piece if t is not None] if isinstance(piece, tuple) else []
+            total += sum(t.numel() * t.element_size() for t in tensors) if tensors else 8  # an OwnTerm's float64 weight
+        return total
+
+    def rebuild(self, own_rows: Callable[[OwnTerm], tuple[torch.Tensor, torch.Tensor]]) -> StackedDelta:
+        """The whole stack as every receiver merges it, with the own terms' rows from `own_rows`
+        (`term_rows` of the held adapter), compressed as the sender compressed the whole."""
+        b_parts, a_parts, a_scales = [], [], []
+        for piece in self.pieces:
+            if isinstance(piece, OwnTerm):
+                b_rows, a_rows = own_rows(piece)
+                b_data = pack_with_scale(b_rows, self.mode, self.scale_b).data
+                packed_a = pack(a_rows, "int8") if self.mode == "int8" else pack_with_scale(a_rows, self.mode,
+                                                                                              self.scale_a)  # fmt: skip
+                piece = (b_data, packed_a.data, packed_a.scale if self.mode == "int8" else None)
+            b_parts.append(piece[0])
+            a_parts.append(piece[1])
+            a_scales.append(piece[2])
+        scale_a = torch.cat(a_scales) if self.mode == "int8" else self.scale_a
+        b = Packed(self.mode, torch.cat(b_parts, dim=1), self.scale_b).unpack()
+        return StackedDelta(b, Packed(self.mode, torch.cat(a_parts, dim=0), scale_a).unpack())
+
+
+@dataclass
 class ModelUpdate:
     """Fed server -> every holder of a block: dW per candidate, stacked factors or dense (whichever
     is smaller), to merge into W; then adapters move their anchors (persistent) or are re-created
     fresh. `sizes` are the bytes each delta takes on the wire (in the run's compression)."""
 
     round: int
-    deltas: dict[str, StackedDelta | torch.Tensor]
+    deltas: dict[str, StackedDelta | PartialStack | torch.Tensor]
     sizes: dict[str, int] | None = None
 
     @classmethod
