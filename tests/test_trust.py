@@ -120,8 +120,14 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite_and_never_a_run(copy
     (out / "old.txt").write_text("old")
     assert run_cli("export", str(copy_of), "--merged", str(out)) == 2
     one_sentence(capsys.readouterr().err, "not empty", "--overwrite")
+    # --overwrite replaces only an earlier export (issue 26: it used to delete old.txt with the folder).
+    assert run_cli("export", str(copy_of), "--merged", str(out), "--overwrite") == 2
+    one_sentence(capsys.readouterr().err, "no earlier export")
+    (out / "old.txt").unlink()
+    assert run_cli("export", str(copy_of), "--merged", str(out)) == 0
+    (out / "old.txt").write_text("old")
     assert run_cli("export", str(copy_of), "--merged", str(out), "--overwrite") == 0
-    assert (out / "config.json").is_file() and not (out / "old.txt").exists()
+    assert (out / "config.json").is_file() and (out / "old.txt").read_text() == "old"
     before = snapshot(copy_of)
     assert run_cli("export", str(copy_of), "--merged", str(copy_of), "--overwrite") == 2
     one_sentence(capsys.readouterr().err, "holds a run")

@@ -63,7 +63,8 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
         flags = ["--" + name.replace("_", "-")] + (["--steps"] if name == "local_steps" else [])
         parser.add_argument(*flags, dest=name, type=kind, help=help_text)
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace what an earlier run wrote in the output folder (refused without it)")  # fmt: skip
+                        help="replace what hsplitlora wrote in the output folder before: only the files its "
+                             "manifest lists, nothing else (refused without it)")  # fmt: skip
     if one_run:
         parser.add_argument(
             "--resume",
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8, help="MRs generated together (8)")
     evaluate.add_argument("--data-dir", help="folder holding testset_w_refs.csv (default: the run's)")
     evaluate.add_argument("--output", metavar="DIR", help="write predictions.txt and eval.json here (default: RUN_DIR)")
-    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier eval.json and predictions.txt")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace an earlier eval.json and predictions.txt that hsplitlora wrote")  # fmt: skip
     evaluate.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:N or mps")
     export = commands.add_parser("export", help="a finished run's merged model as a Hugging Face folder")
     export.add_argument("run_dir", help="a run folder written by hsplitlora run")
@@ -159,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--merged", metavar="OUT", help="write a Hugging Face model folder (new or empty)")
     target.add_argument("--adapter", metavar="OUT", help="write a peft LoRA adapter of the whole update")
     export.add_argument("--rank", type=int, default=16, help="rank of the --adapter export (truncated SVD, 16)")
-    export.add_argument("--overwrite", action="store_true", help="replace a folder an earlier export wrote")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in OUT (only the files it wrote; others stay)")  # fmt: skip
     prepare = commands.add_parser("prepare-model", help="convert the default model's GGUF into the cache")
     prepare.add_argument("--force", action="store_true", help="convert again even if cached")
     return parser
@@ -267,10 +270,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from hsplitlora.compare import compare
+    from hsplitlora.folders import check_output_name
     from hsplitlora.rounds import default_output_dir
     from hsplitlora.units import format_bytes
 
     config = load_config(args.config, {key: getattr(args, key, None) for key in RUN_KEYS})
+    check_output_name(config.output_dir, "--output-dir", "runs/<time>-compare")
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir("compare")
     console = Console(stderr=True)
     result = compare(config, args.strategies, output_dir, args.target_ppl, log=console.print, overwrite=args.overwrite)
@@ -411,7 +416,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hsplitlora.evaluation.export import export_adapter, export_merged
 
-    if args.merged:
+    if args.merged is not None:
         path = export_merged(args.run_dir, args.merged, args.overwrite)
         print(f"merged model written to {path} (load it with AutoModelForCausalLM.from_pretrained)")
         return 0

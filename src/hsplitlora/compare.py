@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from hsplitlora import folders
 from hsplitlora.config import RunConfig
 from hsplitlora.errors import UsageError
 from hsplitlora.plots import whole_model
-from hsplitlora.reporting import check_output_folder, refuse_clobbering, write_json_atomic
+from hsplitlora.reporting import check_output_folder, check_run_folder, refuse_clobbering, write_json_atomic
 from hsplitlora.rounds import Reporter, RunResult, run
 from hsplitlora.strategies import STRATEGIES
 
@@ -37,14 +38,24 @@ def compare(
     if len(set(strategies)) < len(strategies):
         raise UsageError(f"strategies {','.join(strategies)} name one strategy twice; list each once.")
     output_dir = check_output_folder(output_dir, "comparison folder")
+    folders.check_not_inside(output_dir, "comparison folder")
+    folders.check_kind(output_dir, "comparison", "comparison folder")
+    folders.check_foreign(
+        output_dir, folders.COMPARISON_FILES, "a comparison file", "choose another --output-dir, or move it away."
+    )
     if not overwrite:
         refuse_clobbering(output_dir, ("comparison.json", *strategies), "a comparison",
                           "give --overwrite to replace it, or another --output-dir.")  # fmt: skip
     configs = {
         s: dataclasses.replace(config, strategy=s, output_dir=str(output_dir / s)).validate() for s in strategies
     }
+    for strategy in strategies:
+        check_run_folder(output_dir / strategy, overwrite=overwrite)
+    if overwrite:  # the earlier comparison's files and runs, all of them (it may have had other strategies)
+        folders.clear(output_dir)
     results: dict[str, RunResult] = {}
     for strategy, one in configs.items():
+        folders.record(output_dir, "comparison", runs=[strategy])
         reporter = reporter_for(strategy) if reporter_for else Reporter()
         results[strategy] = run(one, reporter=reporter, log=log, overwrite=overwrite)
     finals = {s: r.summary["final_val_ppl"] for s, r in results.items()}
@@ -64,6 +75,7 @@ def compare(
             "run_dir": str(result.run_dir),
         })  # fmt: skip
     summary = {"target_ppl": target, "rows": rows}
+    folders.record(output_dir, "comparison", folders.COMPARISON_FILES)
     write_json_atomic(output_dir / "comparison.json", summary)
     from hsplitlora.plots import plot_comparison
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,12 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from hsplitlora import folders
 from hsplitlora.errors import UsageError, read_text
 
-# What a run writes into its folder; a folder holding any of these holds a run.
+# What a run writes into its folder: refused without --overwrite, replaced only where the tool wrote it.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoint", ".checkpoint-old")
-RUN_OUTPUTS = (*RUN_FILES, "val_ppl.png", "plan.png", "eval.json", "predictions.txt")
-RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoint", ".checkpoint-old")  # a run, not a model folder
+RUN_NAMES = (*RUN_FILES, ".checkpoint-new", "val_ppl.png", "plan.png")
 
 
 def finite_json(data):
@@ -50,8 +49,25 @@ def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
 
 
 def holds_run(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and any((path / name).exists() for name in RUN_MARKERS)
+    """A run's folder: its manifest says so, or (written before manifests) its complete set of files."""
+    return folders.kind_of(path) == "run"
+
+
+def check_run_folder(path: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """A run goes to a new folder, a folder of someone else's files it does not replace, or (with
+    --overwrite or --resume) a run's folder; never inside a run's or an export's folder, never into
+    a folder holding another run or another kind of the tool's folders."""
+    path = check_output_folder(path, "run folder")
+    if resume:
+        return path
+    folders.check_not_inside(path, "run folder")
+    folders.check_kind(path, "run", "run folder")
+    folders.check_holds_no_run(path, "run folder")
+    folders.check_foreign(path, RUN_NAMES, "a file", "choose another --output-dir, or move that file away.")
+    if not overwrite:
+        remedy = f"give --overwrite to replace it, --resume {path} to continue it, or another --output-dir."
+        refuse_clobbering(path, RUN_FILES, "a run's files", remedy)
+    return path
 
 
 def refuse_clobbering(path: str | Path, names: tuple[str, ...], what: str, remedy: str) -> None:
@@ -110,21 +126,31 @@ def read_tensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)  # created by the first write, not before
+        self.recorded: set[str] = set()
+
+    def record(self, *files: str) -> None:
+        """Names the run is about to write, added to the folder's manifest (once each)."""
+        new = [name for name in files if name not in self.recorded]
+        if new:
+            folders.record(self.path, "run", new)
+            self.recorded.update(new)
 
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
     def write_config(self, config: dict) -> None:
+        self.record("config.json")
         write_json_atomic(self.path / "config.json", config)
 
     def rewrite_metrics(self, lines: list[dict]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.record("metrics.jsonl")
         temporary = self.metrics_path.with_name(".metrics.jsonl.tmp")
         temporary.write_text("".join(json.dumps(finite_json(line)) + "\n" for line in lines))
         os.replace(temporary, self.metrics_path)
 
     def append_metrics(self, line: dict) -> None:
+        self.record("metrics.jsonl")
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(finite_json(line)) + "\n")
 
@@ -143,13 +169,9 @@ class RunFolder:
         return lines
 
     def clear(self) -> None:
-        """Remove what an earlier run wrote here (only a run's own files), for --overwrite."""
-        for name in RUN_OUTPUTS:
-            target = self.path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        """Remove what an earlier run wrote here (the files its manifest lists), for --overwrite."""
+        folders.clear(self.path)
+        self.recorded.clear()
 
     def checkpoint_folder(self) -> Path | None:
         folder = self.path / "checkpoint"
@@ -179,19 +201,24 @@ class RunFolder:
 
     def save_checkpoint(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         """checkpoint/ = weights.safetensors + state.json, replaced as a whole: a crash leaves the
-        previous complete checkpoint."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.path, prefix=".checkpoint-"))
-        os.chmod(staging, 0o755)
+        previous complete checkpoint. A file someone else put in checkpoint/ moves into the new one."""
+        self.record(*(f"{name}/{file}" for name in folders.CHECKPOINT_FOLDERS for file in folders.CHECKPOINT_FILES))
+        staging = self.path / ".checkpoint-new"
+        staging.mkdir(mode=0o755, exist_ok=True)  # one a killed run left is written again
         write_tensors_atomic(staging / "weights.safetensors", tensors)
         write_json_atomic(staging / "state.json", state)
         final = self.path / "checkpoint"
         previous = self.path / ".checkpoint-old"
+        for old in (previous, final):
+            if old.is_dir():
+                for entry in old.iterdir():
+                    if not _checkpoint_file(entry.name):
+                        os.replace(entry, staging / entry.name)  # not the tool's: it stays in the checkpoint
+        _discard_checkpoint(previous)  # left by a crash between the renames below
         if final.exists():
             os.replace(final, previous)
         os.replace(staging, final)
-        if previous.exists():
-            shutil.rmtree(previous)
+        _discard_checkpoint(previous)
 
     def load_checkpoint(self) -> tuple[dict, dict[str, torch.Tensor]]:
         state = self.checkpoint_state()
@@ -199,11 +226,28 @@ class RunFolder:
             tensors = read_tensors(self.checkpoint_folder() / "weights.safetensors", "checkpoint weights")
         for staging in self.path.glob(".checkpoint-*"):  # half-written by a killed run
             if staging.name != ".checkpoint-old" and staging.is_dir():
-                shutil.rmtree(staging)
+                _discard_checkpoint(staging)
         return state, tensors
 
     def plot(self, metrics: list[dict]) -> list[Path]:
         """val_ppl vs round and vs simulated time; each client's split point and total rank."""
         from hsplitlora.plots import plot_run
 
+        self.record("val_ppl.png", "plan.png")
         return plot_run(metrics, self.path)
+
+
+def _checkpoint_file(name: str) -> bool:
+    """A file the tool writes in a checkpoint folder (or the temporary file it renames into one)."""
+    return name in folders.CHECKPOINT_FILES or any(name.startswith(f".{file}.") for file in folders.CHECKPOINT_FILES)
+
+
+def _discard_checkpoint(folder: Path) -> None:
+    """Remove the tool's files from a checkpoint folder, and the folder once it is empty."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if _checkpoint_file(entry.name) and entry.is_file():
+            entry.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()

@@ -23,6 +23,7 @@ import torch
 from hsplitlora.config import RunConfig, config_fields
 from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.perplexity import perplexity
+from hsplitlora.folders import check_output_name
 from hsplitlora.lora.attach import Candidate
 from hsplitlora.method.importance import (
     SmoothedImportance,
@@ -34,11 +35,10 @@ from hsplitlora.method.planner import Plan
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.placement import placement
 from hsplitlora.reporting import (
-    RUN_FILES,
     RunFolder,
-    check_output_folder,
+    check_run_folder,
+    holds_run,
     read_json,
-    refuse_clobbering,
     write_json_atomic,
     write_tensors_atomic,
 )
@@ -98,6 +98,9 @@ def resume_config(run_dir: str | Path, rounds: int | None = None) -> RunConfig:
     path = folder.path / "config.json"
     if not path.is_file() or folder.checkpoint_folder() is None:
         raise UsageError(f"cannot resume {run_dir}: it holds no config.json and checkpoint of a started run.")
+    if not holds_run(run_dir):
+        raise UsageError(f"cannot resume {run_dir}: no manifest of hsplitlora says it is a run, and it lacks the "
+                         "metrics.jsonl an earlier run writes.")  # fmt: skip
     values = read_json(path, "run config")
     values.pop("resolved", None)
     unknown = sorted(set(values) - set(config_fields()))
@@ -132,11 +135,9 @@ def prepare_paths(config: RunConfig, resume: bool = False, overwrite: bool = Fal
         config.data = str(Path(config.data).resolve())
     if Path(config.model).is_dir():
         config.model = str(Path(config.model).resolve())
+    check_output_name(config.output_dir, "--output-dir", "runs/<time>-<strategy>")
     output = Path(config.output_dir) if config.output_dir else default_output_dir(config.strategy)
-    check_output_folder(output, "run folder")
-    if not resume and not overwrite:
-        remedy = f"give --overwrite to replace it, --resume {output} to continue it, or another --output-dir."
-        refuse_clobbering(output, RUN_FILES, "a run's files", remedy)
+    check_run_folder(output, resume, overwrite)
     config.output_dir = str(output)
     return output
 
@@ -368,6 +369,7 @@ class _Loop:
         strategy, config, folder = self.strategy, self.config, self.folder
         final = self.engine.export_weights(strategy.validation_client(self.plan), strategy.full_finetune)
         export_format = "full" if strategy.full_finetune else "candidates"
+        folder.record("model.safetensors", "summary.json")
         write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": export_format})
         summary = run_summary(config, self.metrics, self.sim_time, self.setup.data_description)
         write_json_atomic(folder.path / "summary.json", summary)

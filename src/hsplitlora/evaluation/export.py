@@ -7,19 +7,40 @@ from pathlib import Path
 
 from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.run_eval import load_run_model
+from hsplitlora.folders import (
+    check_holds_no_run,
+    check_kind,
+    check_not_inside,
+    check_output_name,
+    kind_of,
+    write_folder,
+)
 from hsplitlora.lora.attach import detach_lora
 from hsplitlora.models.loading import save_pretrained_atomic
 from hsplitlora.reporting import check_output_folder, holds_run
 
 
 def check_export_folder(run_dir: str | Path, out_dir: str | Path, overwrite: bool) -> Path:
-    """An export goes to a new or empty folder, or (with `overwrite`) replaces an earlier export,
-    never a run folder."""
+    """An export goes to a new or empty folder, or (with `overwrite`) to a folder an earlier export
+    wrote, where it replaces only the files that export's manifest lists; never a run's folder,
+    nor inside a run's or an export's folder, nor a folder holding a run."""
+    check_output_name(out_dir, "the export folder (--merged or --adapter)")
     out_dir = check_output_folder(out_dir, "export folder")
     if holds_run(out_dir) or out_dir.resolve() == Path(run_dir).resolve():
         raise UsageError(f"export folder {out_dir} holds a run; choose a new folder for the export.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UsageError(f"export folder {out_dir} exists and is not empty; choose a new folder or give --overwrite.")
+    check_not_inside(out_dir, "export folder")
+    check_holds_no_run(out_dir, "export folder")
+    check_kind(out_dir, "export", "export folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UsageError(
+                f"export folder {out_dir} exists and is not empty; choose a new folder or give --overwrite."
+            )
+        if kind_of(out_dir) != "export":
+            raise UsageError(
+                f"export folder {out_dir} holds files but no earlier export of hsplitlora (no manifest); "
+                "--overwrite replaces only an earlier export, so choose a new or empty folder."
+            )
     return out_dir
 
 
@@ -29,8 +50,8 @@ def export_merged(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     model = detach_lora(loaded.model)
     for param in model.parameters():
         param.requires_grad_(False)
-    # An earlier export that --overwrite allows is replaced.
-    save_pretrained_atomic(model, loaded.tokenizer, out_dir)
+    # An earlier export that --overwrite allows is replaced (its files only; the rest stays).
+    save_pretrained_atomic(model, loaded.tokenizer, out_dir, kind="export")
     return out_dir
 
 
@@ -87,7 +108,10 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, rank: int, overwrit
             target.lora_B["default"].weight.copy_(b)
             norm = torch.linalg.norm(delta.double())
             errors[name] = float(torch.linalg.norm(delta.double() - b @ a) / norm) if norm > 0 else 0.0
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out_dir)
-    write_json_atomic(out_dir / "approximation_error.json", {"rank": rank, "relative_frobenius_error": errors})
+
+    def write(staging: Path) -> None:
+        peft_model.save_pretrained(staging)
+        write_json_atomic(staging / "approximation_error.json", {"rank": rank, "relative_frobenius_error": errors})
+
+    write_folder(out_dir, "export", write, last="adapter_model.safetensors")
     return errors

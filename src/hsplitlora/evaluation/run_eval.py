@@ -16,9 +16,12 @@ from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.e2e_metrics import score_e2e
 from hsplitlora.evaluation.generation import GenerationSettings, generate
 from hsplitlora.evaluation.perplexity import evaluate_loss, model_forward, perplexity
+from hsplitlora.folders import check_foreign, check_kind, check_not_inside, check_output_name, kind_of, record
 from hsplitlora.lora.attach import attach_lora, set_active_adapter
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.reporting import check_output_folder, read_json, read_tensors, refuse_clobbering, write_json_atomic
+
+EVAL_FILES = ("eval.json", "predictions.txt")
 
 
 def load_run_model(run_dir: str | Path) -> tuple[LoadedModel, dict]:
@@ -73,9 +76,18 @@ def evaluate_run(
     outputs for those MRs and their five E2E metrics, written to `output` (default: the run
     folder); test data from `data_dir` (default: the run's)."""
     run_dir = Path(run_dir)
-    output = check_output_folder(Path(output) if output else run_dir, "eval output folder")
+    check_output_name(output, "--output", str(run_dir))
+    output = check_output_folder(Path(output) if output is not None else run_dir, "eval output folder")
+    own = output.resolve() == run_dir.resolve()
+    if not own:
+        check_not_inside(output, "eval output folder")
+        if kind_of(output) == "run":
+            raise UsageError(f"eval output folder {output} is the folder of another run, not of {run_dir}; choose a "
+                             f"folder of its own (or leave --output out to write into {run_dir}).")  # fmt: skip
+        check_kind(output, "eval", "eval output folder")
+    check_foreign(output, EVAL_FILES, "an evaluation file", "give --output DIR to write elsewhere, or move it away.")
     if not overwrite:
-        refuse_clobbering(output, ("eval.json", "predictions.txt"), "an evaluation",
+        refuse_clobbering(output, EVAL_FILES, "an evaluation",
                           "give --overwrite to replace it, or --output DIR to write elsewhere.")  # fmt: skip
     rows = read_e2e(data_file(data_dir, "test")) if data_dir else None
     from hsplitlora.placement import check_available, parse_device
@@ -126,7 +138,7 @@ def evaluate_run(
 
     predictions = generate(loaded.model, loaded.tokenizer, [], settings, progress, prompts=prompts)
     scores = score_e2e(references, predictions)
-    output.mkdir(parents=True, exist_ok=True)
+    record(output, "run" if own else "eval", EVAL_FILES)
     (output / "predictions.txt").write_text("\n".join(predictions) + "\n")
     result = {
         "loss": loss,

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +74,8 @@ def gguf_file() -> Path:
 
 def prepare_smollm2(force: bool = False) -> Path:
     """Convert the GGUF to a safetensors folder once; later loads read the folder (<1 s)."""
+    from hsplitlora.folders import read_manifest, record
+
     target = smollm2_cache_path()
     if (target / "model.safetensors").is_file() and not force:
         return target
@@ -87,24 +87,22 @@ def prepare_smollm2(force: bool = False) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    if target.is_dir() and read_manifest(target) is None:  # converted before manifests: the cache is the tool's
+        record(target, "model", [str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()])
     return save_pretrained_atomic(model, tokenizer, target)
 
 
-def save_pretrained_atomic(model, tokenizer, target: Path) -> Path:
+def save_pretrained_atomic(model, tokenizer, target: Path, kind: str = "model") -> Path:
     """A Hugging Face folder (safetensors) written into a temporary folder beside `target`, then
-    renamed into place (replacing what `target` held): a crash leaves no half-written folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
+    moved into place (folders.write_folder): a crash leaves no half-written folder, and in a folder
+    that already holds files only those the tool wrote there (its manifest) are replaced."""
+    from hsplitlora.folders import write_folder
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return target
+
+    return write_folder(target, kind, write)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
