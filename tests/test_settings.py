@@ -114,3 +114,108 @@ def test_relative_paths_in_a_config_file_are_taken_from_its_folder(tmp_path, rec
     assert Path(config.output_dir).resolve() == (tmp_path / "conf" / "runs" / "one").resolve()
     monkeypatch.chdir(tmp_path)
     assert load_config(path, {"data": "own.jsonl"}).data == "own.jsonl"  # a flag is taken from the working directory
+
+
+# -- refusals name the right cause (and what to do); what works is not refused -----------------------------
+def test_csv_fields_are_text_as_written_with_a_bom_and_crlf_line_ends(tmp_path):
+    from hsplitlora.data.records import Fields, read_rows, to_records
+
+    path = tmp_path / "numbers.csv"
+    path.write_bytes(b'\xef\xbb\xbfprompt,response\r\nWhat is 6 x 7?,42\r\n"Say ""hi""",007\r\n')
+    records = to_records(read_rows(path), path, Fields(), "<eos>")
+    assert [r.reference for r in records] == ["42", "007"]  # text, leading zero kept
+    assert records[1].pieces[0][0] == 'Say "hi"'
+
+
+def test_a_save_to_disk_dataset_dict_reads_its_train_split(tmp_path):
+    import datasets
+
+    from hsplitlora.data.records import read_rows
+
+    splits = {"train": {"prompt": ["a", "b"], "response": ["1", "2"]}, "test": {"prompt": ["c"], "response": ["3"]}}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()}).save_to_disk(tmp_path / "dd")
+    assert read_rows(tmp_path / "dd") == [{"prompt": "a", "response": "1"}, {"prompt": "b", "response": "2"}]
+
+
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (lambda d: (d / "h.csv").write_text("prompt,response\n"), ["--data", "h.csv"],
+         "h.csv holds a header line but no records"),
+        (lambda d: (d / "one.jsonl").write_text('{"prompt": "a", "response": "b"}\n'),
+         ["--data", "one.jsonl", "--clients", "1"], "1 of them are held out for validation (no --val-data given)"),
+        (None, ["--data", "own.jsonl", "--clients", "2", "--max-seq-len", "1"],
+         "max_seq_len 1 leaves no response token to learn in any record"),
+        (None, ["--max-seq-len", "1"], "max_seq_len 1 cuts every training example before its response starts"),
+        (None, ["--strategy", "cenlora", "--clients", "3", "--rank", "2,4,8"],
+         "cenlora is a centralised reference: one trainer on the pooled data, with one rank"),
+        (None, ["--alpha", "-inf"], "alpha must be a finite number, got -inf"),
+        (None, ["--budgets", "-5MB"], "budget '-5MB' is not a memory size"),
+        (None, ["--lr", "-1e-3"], "lr must be a positive number, got -0.001"),
+        (None, ["--budgets", "5Mb"], "budget '5Mb' is in bits (a lowercase b means bits)"),
+        (lambda d: (d / "conf").mkdir(), ["--config", "conf"], "config file conf is a folder"),
+    ],
+)  # fmt: skip
+def test_a_refusal_names_the_right_cause_and_leaves_no_files(tmp_path, records, capsys, monkeypatch, make, args,
+                                                             message):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    if make:
+        make(tmp_path)
+    assert run_cli("run", "--model", "tiny", "--budgets", "5MB", "--output-dir", "out", *args) == 2
+    one_sentence(capsys.readouterr().err, message)
+    assert not (tmp_path / "out").exists()  # nothing that would block the corrected rerun
+
+
+def test_negative_looking_values_reach_our_validation_in_plan_too(capsys):
+    assert run_cli("plan", "--model", "tiny", "--budgets", "5MB", "--levels", "-2,0,4", "--uniform-importance") == 2
+    err = capsys.readouterr().err
+    assert "expected one argument" not in err and "[-2, 0, 4]" in err
+
+
+def test_sizes_are_bytes_read_and_printed_in_the_units_people_write():
+    from hsplitlora.units import format_bytes, parse_bytes
+
+    assert format_bytes(parse_bytes("10GB")) == "10 GB" and format_bytes(parse_bytes("1.5GB")) == "1.5 GB"
+    assert format_bytes(parse_bytes("300MB")) == "300 MB" and parse_bytes("2GiB") == 2 * 2**30
+    for bits in ("5Mb", "5mb", "1gib"):
+        with pytest.raises(UsageError, match="in bits"):
+            parse_bytes(bits)
+
+
+# -- resume and eval check the data files the run started with ---------------------------------------------
+def test_an_e2e_run_records_both_of_its_files():
+    from hsplitlora.data.fingerprint import data_paths
+
+    assert [p.name for p in data_paths(load_config(None, {"model": "tiny"}))] == ["devset.csv", "testset_w_refs.csv"]
+
+
+def test_resume_and_eval_refuse_naming_a_data_file_that_changed(tmp_path, records, capsys):
+    folder = tmp_path / "clients"
+    folder.mkdir()
+    lines = records.read_text().splitlines(keepends=True)
+    (folder / "a.jsonl").write_text("".join(lines[:12]))
+    (folder / "b.jsonl").write_text("".join(lines[12:24]))
+    out = tmp_path / "run"
+    assert run_cli("run", "--model", "tiny", "--client-data", str(folder), "--budgets", "5MB", "--rounds", "1",
+                   "--steps", "1", "--val-size", "4", "--output-dir", str(out)) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "one file per client, samples per client" in err and "iid partition" not in err
+    recorded = json.loads((out / "config.json").read_text())["resolved"]["data_files"]
+    assert sorted(Path(name).name for name in recorded) == ["a.jsonl", "b.jsonl"]
+    assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in recorded.values())
+
+    assert run_cli("eval", str(out), "--data-dir", str(tmp_path), "--limit", "1") == 2
+    one_sentence(capsys.readouterr().err, "--data-dir names E2E's test set", "drop --data-dir")
+
+    original = (folder / "b.jsonl").read_text()
+    (folder / "b.jsonl").write_text(original.replace("answer 13", "answer 99"))  # same size, other data
+    assert run_cli("run", "--resume", str(out), "--rounds", "2") == 2
+    one_sentence(capsys.readouterr().err, f"data file {(folder / 'b.jsonl').resolve()} changed since the run started")
+    assert run_cli("eval", str(out), "--limit", "1", "--beams", "1") == 2
+    one_sentence(capsys.readouterr().err, f"data file {(folder / 'b.jsonl').resolve()} changed", "evaluate")
+    assert not (out / "eval.json").exists() and json.loads((out / "config.json").read_text())["rounds"] == 1
+
+    (folder / "b.jsonl").write_text(original)  # restored: both go on
+    assert run_cli("eval", str(out), "--limit", "1", "--beams", "1", "--max-new-tokens", "4") == 0
+    assert run_cli("run", "--resume", str(out), "--rounds", "2") == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hsplitlora.config import RunConfig, config_fields
+from hsplitlora.data.fingerprint import check_fingerprints, fingerprints
 from hsplitlora.errors import UsageError
 from hsplitlora.evaluation.perplexity import perplexity
 from hsplitlora.folders import check_output_name
@@ -102,7 +103,7 @@ def resume_config(run_dir: str | Path, rounds: int | None = None) -> RunConfig:
         raise UsageError(f"cannot resume {run_dir}: no manifest of hsplitlora says it is a run, and it lacks the "
                          "metrics.jsonl an earlier run writes.")  # fmt: skip
     values = read_json(path, "run config")
-    values.pop("resolved", None)
+    resolved = values.pop("resolved", None)
     unknown = sorted(set(values) - set(config_fields()))
     if unknown:
         raise UsageError(
@@ -118,6 +119,7 @@ def resume_config(run_dir: str | Path, rounds: int | None = None) -> RunConfig:
         raise UsageError(
             f"{run_dir} has finished all {done} of its rounds; give --rounds N with N above {done} to extend it."
         )
+    check_fingerprints(resolved.get("data_files") if isinstance(resolved, dict) else None, "resume")
     values["output_dir"] = str(run_dir)
     if rounds is not None:
         values["rounds"] = rounds
@@ -262,13 +264,14 @@ class _Loop:
             "devices": [d.to_dict() for d in setup.devices], "server_budget_bytes": setup.server_budget,
             "shard_sizes": [len(s) for s in setup.shards], "num_blocks": setup.num_blocks,
             "memory_model": setup.memory.to_dict(), "candidates": len(setup.candidates),
-            "data": setup.data_description, "data_notes": setup.notes,
+            "data": setup.data_description, "data_notes": setup.notes, "data_files": fingerprints(config),
         }})  # fmt: skip
         self.folder.rewrite_metrics([])
         self.log(f"run folder: {self.folder.path}")
         for note in setup.notes:
             self.log(note)
-        self.log(f"{config.partition} partition, samples per client: {[len(s) for s in setup.shards]}")
+        shared = "one file per client" if config.client_data is not None else f"{config.partition} partition"
+        self.log(f"{shared}, samples per client: {[len(s) for s in setup.shards]}")
 
     def run_round(self, round_: int) -> None:
         """Plan, configure, E local steps, importance, aggregate, evaluate, record and checkpoint."""

@@ -69,7 +69,9 @@ def data_files(path: str | Path) -> list[Path]:
 
 
 def _saved(path: Path) -> bool:
-    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file())
+    """A save_to_disk folder: of one dataset (dataset_info.json, state.json) or of a DatasetDict."""
+    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+    return path.is_dir() and any((path / name).is_file() for name in markers)
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -103,6 +105,8 @@ def read_rows(path: str | Path) -> list[dict]:
         )
     if not path.read_bytes().strip():
         raise UsageError(f"data file {path} holds no records.")
+    if path.suffix == ".csv":
+        return _csv_rows(path)
     if path.suffix in (".jsonl", ".json"):
         _check_json(path)
     try:
@@ -113,6 +117,23 @@ def read_rows(path: str | Path) -> list[dict]:
         reason = (str(cause).splitlines() or [type(cause).__name__])[0]
         raise UsageError(f"data file {path} cannot be read as {path.suffix[1:]} ({reason}).") from None
     return list(loaded)
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    """A CSV file's rows with every field as text, as written: a response "42" stays "42" (a type
+    guess would make it a number); a byte-order mark and CRLF line ends are fine."""
+    import csv
+    import io
+
+    text = read_text(path, "data file").removeprefix("\ufeff")
+    csv.field_size_limit(2**31 - 1)  # a long response is one field, not an error
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as error:
+        raise UsageError(f"data file {path} cannot be read as csv ({error}).") from None
+    if not rows:
+        raise UsageError(f"data file {path} holds a header line but no records.")
+    return rows
 
 
 def _cache_dir() -> Path:

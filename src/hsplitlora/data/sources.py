@@ -95,17 +95,34 @@ def _e2e(config, tokenizer) -> TrainingData:
         shards = partition_iid(len(encoded), config.clients, config.seed)
     validation = [encode(e, tokenizer, config.max_seq_len) for e in read_e2e(data_file(config.data_dir, "test"))]
     validation = validation[: config.val_size]
-    if not any(label != IGNORE_INDEX for item in validation for label in item.labels):
-        raise UsageError(
-            f"max_seq_len {config.max_seq_len} cuts every validation example before its reference starts, "
-            "so there is no token to measure perplexity on; use a larger max_seq_len (the default is 128)."
-        )
+    _check_validation_tokens(validation, config, "E2E's validation examples")
     description = "E2E devset.csv for training (split across clients), testset_w_refs.csv for validation"
     return TrainingData(encoded, shards, validation, description, notes)
 
 
 def _trains(item: Encoded) -> bool:
+    """Whether an example has a target token to learn: the first token is never predicted."""
     return any(label != IGNORE_INDEX for label in item.labels[1:])
+
+
+def _keep_trainable(records: list[Record], encoded: list[Encoded], where: str, config,
+                    notes: list[str]) -> tuple[list[Record], list[Encoded]]:  # fmt: skip
+    """The records that keep a response token to learn within max_seq_len (refused if none)."""
+    kept = [i for i, item in enumerate(encoded) if _trains(item)]
+    if not kept:
+        raise UsageError(f"max_seq_len {config.max_seq_len} leaves no response token to learn in any record of "
+                         f"{where}; use a larger max_seq_len (the default is 128).")  # fmt: skip
+    if len(kept) < len(encoded):
+        notes.append(f"{len(encoded) - len(kept)} of {len(encoded)} records of {where} keep no response token "
+                     f"within max_seq_len {config.max_seq_len}; they are left out (a larger max_seq_len keeps "
+                     "them).")  # fmt: skip
+    return [records[i] for i in kept], [encoded[i] for i in kept]
+
+
+def _check_validation_tokens(validation: list[Encoded], config, where: str) -> None:
+    if not any(_trains(item) for item in validation):
+        raise UsageError(f"max_seq_len {config.max_seq_len} leaves no response token of {where} to measure "
+                         "perplexity on; use a larger max_seq_len (the default is 128).")  # fmt: skip
 
 
 # -- your own data --------------------------------------------------------------------------------------
@@ -143,7 +160,9 @@ def _held_out(count: int, val_size: int, seed: int) -> tuple[list[int], list[int
 
 def _validation_file(config, tokenizer, counts: dict) -> tuple[list[Encoded], list[Record]]:
     records = _records(Path(config.val_data), config, tokenizer)[: config.val_size]
-    return _encode_all(records, tokenizer, config, counts), records
+    validation = _encode_all(records, tokenizer, config, counts)
+    _check_validation_tokens(validation, config, f"validation file {config.val_data}")
+    return validation, records
 
 
 def _truncation_note(counts: dict, max_seq_len: int) -> list[str]:
@@ -158,7 +177,8 @@ def _one_file(config, tokenizer) -> TrainingData:
     records = _records(path, config, tokenizer)
     counts = {"truncated": 0, "total": 0}
     encoded = _encode_all(records, tokenizer, config, counts)
-    notes = []
+    notes: list[str] = []
+    records, encoded = _keep_trainable(records, encoded, str(path), config, notes)
     if config.val_data is not None:
         validation, validation_records = _validation_file(config, tokenizer, counts)
         train = list(range(len(encoded)))
@@ -168,6 +188,12 @@ def _one_file(config, tokenizer) -> TrainingData:
         validation, validation_records = [encoded[i] for i in held], [records[i] for i in held]
         said = f"validation on {len(held)} records held out of {path} (seed {config.seed}), not trained on"
         notes.append(f"{said}; give --val-data FILE to validate on a file of your own.")
+        if len(train) < config.clients:
+            raise UsageError(
+                f"data file {path} holds {len(encoded)} usable record(s) and {len(held)} of them are held out for "
+                f"validation (no --val-data given), which leaves {len(train)} to train {config.clients} client(s); "
+                "give more records, fewer clients, or --val-data FILE."
+            )
     items = [encoded[i] for i in train]
     if config.partition == "dirichlet":
         shards = partition_groups([records[i].group for i in train], config.clients, config.dirichlet_alpha,
@@ -187,9 +213,11 @@ def _per_client(config, tokenizer) -> TrainingData:
     validation: list[Encoded] = []
     validation_records: list[Record] = []
     per_client_val = max(1, config.val_size // len(files))
+    notes: list[str] = []
     for index, path in enumerate(files):
         records = _records(path, config, tokenizer)
         encoded = _encode_all(records, tokenizer, config, counts)
+        records, encoded = _keep_trainable(records, encoded, f"client file {path}", config, notes)
         if config.val_data is None:
             if len(encoded) < 2:
                 raise UsageError(
@@ -202,7 +230,6 @@ def _per_client(config, tokenizer) -> TrainingData:
             encoded = [encoded[i] for i in train]
         shards.append(list(range(len(items), len(items) + len(encoded))))
         items += encoded
-    notes = []
     if config.val_data is not None:
         validation, validation_records = _validation_file(config, tokenizer, counts)
         said = f"validation on {config.val_data}"

@@ -89,6 +89,7 @@ def evaluate_run(
     if not overwrite:
         refuse_clobbering(output, EVAL_FILES, "an evaluation",
                           "give --overwrite to replace it, or --output DIR to write elsewhere.")  # fmt: skip
+    check_eval_data(run_dir, data_dir)
     rows = read_e2e(data_file(data_dir, "test")) if data_dir else None
     from hsplitlora.placement import check_available, parse_device
 
@@ -152,6 +153,25 @@ def evaluate_run(
     }
     write_json_atomic(output / "eval.json", result)
     return {**result, "output": str(output)}
+
+
+def check_eval_data(run_dir: Path, data_dir: str | Path | None) -> None:
+    """Before the model loads: --data-dir (E2E's test set) only for a run on E2E, and no data file
+    eval reads changed since the run started."""
+    from hsplitlora.data.fingerprint import check_fingerprints
+
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        return  # load_run_model says what a finished run folder needs
+    config = read_json(config_path, "run config")
+    own = config.get("client_data") or (config.get("data") if config.get("data", "e2e") != "e2e" else None)
+    if data_dir is not None and own:
+        raise UsageError(f"--data-dir names E2E's test set, and {run_dir} trained on your own data ({own}), which "
+                         "eval validates on as the run did; drop --data-dir.")  # fmt: skip
+    resolved = config.get("resolved")
+    if data_dir is None or own:  # a --data-dir of the user's choice replaces the run's test file
+        check_fingerprints(resolved.get("data_files") if isinstance(resolved, dict) else None, "evaluate",
+                           only_e2e_test=not own)  # fmt: skip
 
 
 def run_config(saved: dict):
