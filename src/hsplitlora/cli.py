@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace an earlier export in OUT (only the files it wrote; others stay)")  # fmt: skip
     prepare = commands.add_parser("prepare-model", help="convert the default model's GGUF into the cache")
     prepare.add_argument("--force", action="store_true", help="convert again even if cached")
+    leakage = commands.add_parser("leakage", help="the main server's attack on what a run's clients send at the cut")
+    leakage.add_argument("run_dir", help="a run folder written by hsplitlora run (of a strategy that splits)")
+    leakage.add_argument("--cuts", help="split points to measure, e.g. 1,2,4 (default: the run's fixed cut, else 1)")
+    leakage.add_argument("--batches", type=int, default=4, help="each client's first N training batches (4)")
+    leakage.add_argument("--public-rows", type=int, default=400, help="public passages the attacker trains on (400)")
+    leakage.add_argument("--public-text", help="the attacker's text, a passage a line (E2E: its test set)")
+    leakage.add_argument("--attack-steps", type=int, default=400, help="training steps of each cut's decoder (400)")
+    leakage.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     return parser
 
 
@@ -428,6 +436,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leakage(args: argparse.Namespace) -> int:
+    from hsplitlora.privacy.leakage import format_report, measure_leakage, parse_cuts, write_report
+
+    for name in ("batches", "public_rows", "attack_steps", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"{name.replace('_', '-')} must be a positive integer, got {value}.")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cuts = parse_cuts(args.cuts) if args.cuts is not None else None
+    report = measure_leakage(args.run_dir, cuts, args.batches, args.public_rows, args.public_text, args.attack_steps)
+    print(format_report(report))
+    print(f"wrote {write_report(args.run_dir, report)}")
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     from hsplitlora.models.loading import prepare_smollm2
 
@@ -444,6 +470,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "export": cmd_export,
     "prepare-model": cmd_prepare_model,
+    "leakage": cmd_leakage,
 }
 
 
