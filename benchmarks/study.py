@@ -41,8 +41,10 @@ from hsplitlora.reporting import write_json_atomic
 from hsplitlora.units import parse_bytes
 
 # Labels of the study's runs: a strategy, or a strategy with a setting changed.
-MAIN = ("hsplitlora", "splitlora", "hetlora", "flora", "flexlora")  # several seeds in every regime
-ABLATIONS = ("no-iwi", "no-armsc", "no-naa", "hsplitlora-recreate")  # one seed, in the paper's regime
+# splitlora is the best uniform configuration (method.md section 7, revised); splitlora-paper the
+# paper's rule, which the study's first runs (as "splitlora") used.
+MAIN = ("hsplitlora", "splitlora", "splitlora-paper", "hetlora", "flora", "flexlora")  # several seeds, every regime
+ABLATIONS = ("no-iwi", "no-armsc", "no-armsc-paper", "no-naa", "hsplitlora-recreate")  # one seed, paper's regime
 REFERENCES = ("fedlora", "cenlora")  # one seed, in the paper's regime, if the budget allows
 ALL_LABELS = MAIN + ABLATIONS + REFERENCES
 VARIANTS = {"hsplitlora-recreate": ("hsplitlora", {"adapter_lifecycle": "recreate"})}
@@ -280,6 +282,7 @@ def _collect(run_dir: Path, regime: str, label: str, seed: int, clients: int) ->
         "bytes_per_client": per_client,
         "peak_client_bytes": summary["peak_client_predicted_bytes"],
         "split_points": [c["split_point"] for c in last],
+        "client_predicted_bytes": [c["predicted_bytes"] for c in last],
         "client_rank_totals": [c["client_rank_total"] for c in last],
         "curve": [
             {
@@ -377,6 +380,32 @@ def target_ppl(results: dict, regime: str) -> float | None:
     return max(means) if means else None
 
 
+def over_budget(results: dict, regime: str, label: str) -> list[tuple[int, int, int]]:
+    """(client, predicted bytes, budget) of every client whose budget in this regime is below what a
+    whole-model strategy needs on it (the largest over seeds): such a strategy "does not fit" there.
+    Centralised references run on one trainer, not on the clients: they are never over."""
+    from hsplitlora.strategies import STRATEGIES
+
+    strategy = VARIANTS.get(label, (label, {}))[0]
+    if not whole_model(label) or STRATEGIES[strategy].centralised:
+        return []
+    budgets = results["budgets_bytes"][regime]
+    needs: dict[int, int] = {}
+    for run in runs_of(results, regime, label):
+        for client, need in enumerate(run.get("client_predicted_bytes", [])):
+            if client < len(budgets):
+                needs[client] = max(need, needs.get(client, 0))
+    return [(client, need, budgets[client]) for client, need in sorted(needs.items()) if need > budgets[client]]
+
+
+def _does_not_fit(over: list[tuple[int, int, int]]) -> str:
+    clients = ", ".join(str(client) for client, _, _ in over)
+    needs = sorted(need for _, need, _ in over)
+    budgets = sorted(budget for _, _, budget in over)
+    return (f"it does not fit: it needs {needs[0] / 1e6:.0f}-{needs[-1] / 1e6:.0f} MB on client(s) {clients}, whose "
+            f"budgets are {budgets[0] / 1e6:.0f}-{budgets[-1] / 1e6:.0f} MB")  # fmt: skip
+
+
 def time_to(curve: list[dict], target: float, key: str) -> float | None:
     for point in curve:
         if point["val_ppl"] <= target:
@@ -426,7 +455,7 @@ def verdict(results: dict, regime: str) -> list[str]:
     """hsplitlora against each other main strategy, as the regime's goal is stated: "win", final
     perplexity lower by more than the spread over seeds (the larger of the two) and the target
     reached in at most 1/1.3 of the other's simulated time; "not worse", final perplexity not
-    higher by more than the spread."""
+    higher by more than the spread. A strategy that does not fit the regime's budgets is left out."""
     ours = runs_of(results, regime, "hsplitlora")
     target = results["targets"][regime]
     if not ours or target is None:
@@ -437,6 +466,10 @@ def verdict(results: dict, regime: str) -> list[str]:
     for label in MAIN[1:]:
         theirs = runs_of(results, regime, label)
         if not theirs:
+            continue
+        over = over_budget(results, regime, label)
+        if over:
+            lines.append(f"- vs {label}: left out, {_does_not_fit(over)}")
             continue
         their_ppl = [r["final_val_ppl"] for r in theirs]
         gap = statistics.mean(their_ppl) - statistics.mean(our_ppl)
@@ -501,7 +534,7 @@ def tables_markdown(results: dict) -> str:
             first = runs[0]
             sent = [statistics.mean(r["bytes_per_client"]) / 1e6 for r in runs]
             most = max(max(r["bytes_per_client"]) for r in runs) / 1e6
-            whole = " *" if whole_model(label) else ""
+            whole = (" *" if whole_model(label) else "") + (" ‡" if over_budget(results, name, label) else "")
             shared = " †" if any(r.get("run_of_regime", name) != name for r in runs) else ""
             lines.append(
                 f"| {label}{shared} | {len(runs)} | {_mean_spread([r['final_val_ppl'] for r in runs], 3)} "
@@ -526,7 +559,9 @@ def tables_markdown(results: dict) -> str:
     lines.append(
         "\\* the whole model on every client (or one central trainer): memory is reported, not limited by the "
         "budgets. † the same runs as in the main regime: this regime gives the strategy the same ranks and device "
-        "speeds, and the main server's speed does not enter a run without split."
+        "speeds, and the main server's speed does not enter a run without split. ‡ does not fit: some client's "
+        "budget in this regime is below the memory this strategy needs on it; its numbers are shown, and it is left "
+        "out of every verdict."
     )
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,18 @@ def _ints(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 else values
 
 
+def _count_or_fraction(text: str) -> int | float:
+    """`3` (a count) or `0.5` (a fraction): an integer stays one, so 1 is one client and 1.0 all."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count or a fraction") from None
+
+
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -52,6 +64,8 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
             kind = _ints
         elif hint == list[str]:
             kind = _names
+        elif int in options and float in options:
+            kind = _count_or_fraction
         elif float in options:
             kind = float
         elif int in options:
@@ -229,7 +243,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             self.progress.console.print(f"round {round_}: {state}, split points {cuts}{shape}, client ranks {ranks}")
 
         def step(self, round_, step, losses):
-            self.progress.update(self.task, advance=1, loss=f"{sum(losses) / len(losses):.4f}")
+            present = [loss for loss in losses if loss is not None]  # clients not sampled (or lost) have none
+            self.progress.update(self.task, advance=1, loss=f"{sum(present) / max(len(present), 1):.4f}")
 
         def round_finished(self, line):
             ppl = f"{line['val_ppl']:.3f}" if line["val_ppl"] is not None else "-"

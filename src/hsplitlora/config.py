@@ -40,6 +40,8 @@ class RunConfig:
     server_device: str | None = None
     strategy: str = "hsplitlora"
     clients: int = 5
+    # Clients that train each round: a count (1..clients) or a fraction in (0, 1]; None: every client.
+    clients_per_round: int | float | None = None
     rounds: int = 2
     local_steps: int = 10  # E: local steps per client per round (flag alias: --steps)
     # Devices: explicit budgets ("800MB,1.5GB,..."), else a named preset; per-client overrides
@@ -115,6 +117,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check every value that does not need the model; raise UsageError on the first bad one."""
         hints = typing.get_type_hints(RunConfig)
+        _check_clients_per_round(self.clients_per_round, self.clients)  # before the type check: nan is named here
         for item in dataclasses.fields(self):
             _check_type(item.name, getattr(self, item.name), hints[item.name])
         _positive("clients", self.clients)
@@ -289,6 +292,8 @@ FLAGS: dict[str, str] = {
     "server_device": "the main server's device (default: --device), e.g. cuda",
     "strategy": "the method or baseline: see README, Strategies",
     "clients": "number of clients K",
+    "clients_per_round": "clients that train each round: a count, or a fraction of K (Flower's fraction-fit); "
+    "default every client",
     "rounds": "aggregation rounds",
     "local_steps": "local steps E per client per round (alias --steps)",
     "budgets": "client memory budgets, e.g. 300MB,600MB,1.2GB (else the preset's)",
@@ -353,6 +358,20 @@ def _matches(value, hint) -> bool:
 def _check_type(name: str, value, hint) -> None:
     if not _matches(value, hint):
         raise UsageError(f"{name} must be {_describe(hint)}, got {value!r}.")
+
+
+def _check_clients_per_round(value: Any, clients: Any) -> None:
+    """A count of clients from 1 to K or a fraction in (0, 1]; other types are the type check's."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if not isinstance(clients, int) or isinstance(clients, bool) or clients < 1:
+        return  # clients' own check names it
+    count = isinstance(value, int) and 1 <= value <= clients
+    fraction = isinstance(value, float) and 0 < value <= 1  # nan fails both comparisons
+    if not (count or fraction):
+        raise UsageError(
+            f"clients_per_round must be a count of clients from 1 to {clients} or a fraction in (0, 1], got {value!r}."
+        )
 
 
 def _positive(name: str, value: int) -> None:

@@ -2,7 +2,7 @@
 
 from hsplitlora.strategies.base import Strategy, StrategyContext
 from hsplitlora.strategies.federated import CenLoRA, FedLoRA, FlexLoRA, FLoRA, FullFineTuning, HetLoRA
-from hsplitlora.strategies.hsplitlora import HSplitLoRA, NoARMSC, NoIWI, NoNAA
+from hsplitlora.strategies.hsplitlora import HSplitLoRA, NoARMSC, NoARMSCPaper, NoIWI, NoNAA
 from hsplitlora.strategies.splitlora import SplitLoRA, SplitLoRAPaper
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -19,6 +19,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         FullFineTuning,
         NoIWI,
         NoARMSC,
+        NoARMSCPaper,
         NoNAA,
     )  # fmt: skip
 }

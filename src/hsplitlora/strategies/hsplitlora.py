@@ -77,6 +77,16 @@ class NoARMSC(HSplitLoRA):
         return self.best_uniform_plan()
 
 
+class NoARMSCPaper(NoARMSC):
+    """ARMSC replaced by the paper SplitLoRA's rule (the weakest budget's deepest cut and largest
+    uniform rank, with NAA's memory: anchors included, so often a lower rank than splitlora-paper's)."""
+
+    name = "no-armsc-paper"
+
+    def plan(self, importance: Mapping[str, float] | None) -> Plan:
+        return self.splitlora_plan()
+
+
 class NoNAA(HSplitLoRA):
     """HSplitLoRA with zero-padded averaging of the factors instead of NAA: the averaged factors
     sent back and truncated to each holder's rank (persist), or merged with their cross terms
