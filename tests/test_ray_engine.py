@@ -137,3 +137,12 @@ def test_after_aggregation_every_ray_holder_has_the_same_effective_weight(tmp_pa
     check = CheckHolders()
     run(config(tmp_path, "holders", engine="ray", split_rule="deepest", replan_delta=0.0), reporter=check)
     assert check.checked == 2
+
+
+def test_the_ray_warm_up_draws_its_own_batches_so_training_batches_match_a_run_without_warm_up(tmp_path):
+    from hsplitlora.reporting import RunFolder
+
+    warmed = run(config(tmp_path, "ray", engine="ray", rounds=1))  # hsplitlora: a warm-up pass first
+    plain = run(config(tmp_path, "plain", strategy="no-iwi", rounds=1))  # no warm-up, in process
+    streams = [[c["batcher"] for c in RunFolder(r.run_dir).checkpoint_state()["clients"]] for r in (warmed, plain)]
+    assert streams[0] == streams[1]  # the same training batches drawn, so the same stream state after them

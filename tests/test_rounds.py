@@ -15,7 +15,7 @@ from hsplitlora.errors import UsageError
 from hsplitlora.method.aggregation import ExactChange, dense_average
 from hsplitlora.reporting import RunFolder
 from hsplitlora.roles.fed_server import FedServer
-from hsplitlora.rounds import candidate_weights, run
+from hsplitlora.rounds import Reporter, candidate_weights, run
 from hsplitlora.strategies import STRATEGIES
 from hsplitlora.training import build_federation
 
@@ -261,3 +261,49 @@ def test_factor_averaging_strategies_start_every_client_from_the_same_adapter():
     a = [candidate_layers(c.part, candidates)[name].lora_A[slot][c.adapter] for c in federation.clients]
     assert [x.shape[0] for x in a] == [2, 4, 8]
     assert torch.equal(a[0], a[2][:2]) and torch.equal(a[1], a[2][:4])  # a rank-r A: the first r rows
+
+
+class Recorded:
+    """A client's real batch stream, recording the unpadded rows of every batch it serves."""
+
+    def __init__(self, batcher, served: list):
+        self.batcher, self.served = batcher, served
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batcher)
+        self.served.append(tuple(tuple(row[mask.bool()].tolist()) for row, mask in
+                                 zip(batch.input_ids, batch.attention_mask, strict=True)))  # fmt: skip
+        return batch
+
+    def __getattr__(self, name):  # state(), load_state(), items: the Batcher's own
+        return getattr(self.batcher, name)
+
+
+class RecordBatches(Reporter):
+    """Records what every client's training and warm-up streams serve during a run."""
+
+    def engine_ready(self, engine):
+        self.served, self.shards = {}, {}
+        for host in engine.transport.clients:
+            client = host.client
+            self.shards[client.client_id] = {tuple(item.input_ids) for item in client.batches.items}
+            client.batches = Recorded(client.batches, self.served.setdefault((client.client_id, "train"), []))
+            client.warmup_batches = Recorded(client.warmup_batches,
+                                             self.served.setdefault((client.client_id, "warm-up"), []))  # fmt: skip
+
+
+def test_one_seed_gives_every_strategy_the_same_training_batches_and_the_warm_up_draws_its_own(tmp_path):
+    changes = dict(clients=3, budgets="8MB,16MB,32MB", seed=5)
+    with_warm_up, without = RecordBatches(), RecordBatches()
+    run(tiny_config(tmp_path / "h", **changes), reporter=with_warm_up)
+    run(tiny_config(tmp_path / "s", strategy="splitlora", **changes), reporter=without)
+    for cid in range(3):
+        trained = with_warm_up.served[(cid, "train")]
+        assert len(trained) == 2 * 2  # rounds x local steps: the warm-up took none of them
+        assert trained == without.served[(cid, "train")]
+        warm_up = with_warm_up.served[(cid, "warm-up")]
+        assert len(warm_up) == 1 and without.served[(cid, "warm-up")] == []
+        assert all(row in with_warm_up.shards[cid] for row in warm_up[0])  # the client's own shard: private

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hsplitlora.config import RunConfig
-from hsplitlora.data.e2e import Batcher
+from hsplitlora.data.e2e import client_batchers
 from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.models.architectures import architecture_of
@@ -42,11 +42,11 @@ def make_roles(
     """One client per shard (its examples, its seeded batch order) and the main server, each on
     its device."""
     where = placement or Placement(torch.device("cpu"), torch.device("cpu"))
-    clients = [
-        Client(cid, Batcher([encoded[i] for i in shard], config.batch_size, pad_id, config.seed + cid),
-               candidates, config.lr, config.alpha, config.seed, config.compression, where.client)
-        for cid, shard in enumerate(shards)
-    ]  # fmt: skip
+    clients = []
+    for cid, shard in enumerate(shards):
+        batches, warmup = client_batchers([encoded[i] for i in shard], config.batch_size, pad_id, config.seed, cid)
+        clients.append(Client(cid, batches, candidates, config.lr, config.alpha, config.seed, config.compression,
+                              where.client, warmup))  # fmt: skip
     return clients, MainServer(candidates, config.lr, config.alpha, config.seed, config.compression, where.server)
 
 

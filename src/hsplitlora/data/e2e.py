@@ -140,7 +140,7 @@ class Batcher:
     cut into pools of `pool` batches whose items are sorted by length (similar lengths share a
     batch, so little padding), and the batches of a pool are served in shuffled order."""
 
-    def __init__(self, items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int, pool: int = 16):
+    def __init__(self, items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int | str, pool: int = 16):
         if not items:
             raise UsageError("a client has no training examples; use fewer clients or more data.")
         self.items = list(items)
@@ -177,6 +177,16 @@ class Batcher:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self._queue = [list(b) for b in state["queue"]]
+
+
+def client_batchers(
+    items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int, client_id: int
+) -> tuple[Batcher, Batcher]:
+    """A client's two batch streams over its own shard: training (seeded `seed + client_id`) and
+    the importance warm-up's own (a separate seed), so the warm-up takes no training batch and
+    every strategy with one seed trains on the same batches in the same order."""
+    training = Batcher(items, batch_size, pad_id, seed + client_id)
+    return training, Batcher(items, batch_size, pad_id, f"warm-up/{seed}/{client_id}")
 
 
 def mr_attributes(mr: str) -> dict[str, str]:

@@ -129,6 +129,9 @@ class ClientHost(Host):
     def importance_report(self) -> tuple[dict[str, float], int]:
         return self.client.importance_report()
 
+    def warm_up(self, enabled: bool) -> None:
+        self.client.warm_up(enabled)
+
     def counters(self) -> dict[str, int]:
         return {"samples": self.client.samples, "tokens": self.client.tokens}
 

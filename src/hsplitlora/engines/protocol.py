@@ -266,10 +266,13 @@ class Engine(TrafficLedger):
 
     def warmup_importance(self) -> list[tuple[dict[str, float], int]]:
         """Round 1's importance before any training: one split step per client on the frozen model
-        (no adapters yet) at the first cuts, client and main server measuring."""
+        (no adapters yet) at the first cuts, client and main server measuring, on a batch of the
+        client's warm-up stream (its own shard, not the training stream: one batch order per seed)."""
         self.configure([RoundPlan(cid, 0, s, {}, self.tail_blocks) for cid, s in enumerate(self.split_points)])
         self.measure_importance(True)
+        self._get([self._call(self.actors[cid], "warm_up", True) for cid in self.live])
         self.local_steps(1)
+        self._get([self._call(self.actors[cid], "warm_up", False) for cid in self.live])
         reports = [(sums, batches) for sums, batches, _ in self.importance_reports()]
         self.measure_importance(False)
         return reports

@@ -51,12 +51,15 @@ class Client:
         seed: int = 0,
         compression: str = "fp32",
         device: torch.device | str = "cpu",
+        warmup_batches: Iterator[Batch] | None = None,
     ):
         self.client_id = client_id
         self.device = torch.device(device)  # where its part computes; batches are moved here
         self.compression = compression  # of the activations this client sends
         self.adapter = adapter_name(client_id)
         self.batches = batches
+        self.warmup_batches = warmup_batches  # the importance warm-up's own stream, over the same shard
+        self.warming_up = False
         self.lr = lr
         self.generator = torch.Generator().manual_seed(seed * 100_003 + client_id)
         self.holder = AdapterHolder(candidates, alpha, lr, self.generator, seed)
@@ -110,6 +113,16 @@ class Client:
 
     def importance_report(self) -> tuple[dict[str, float], int]:
         return self.probe.report() if self.probe is not None else ({}, 0)
+
+    def warm_up(self, enabled: bool) -> None:
+        """Draw the next steps' batches from the warm-up stream (not the training one)."""
+        if enabled and self.warmup_batches is None:
+            raise RuntimeError(f"client {self.client_id} was built without warm-up batches")
+        self.warming_up = enabled
+
+    def next_batch(self) -> Batch:
+        """The next private batch, from the warm-up stream while warming up, on this client's device."""
+        return next(self.warmup_batches if self.warming_up else self.batches).to(self.device)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """This client's trainable parameters: its adapters on the blocks it runs."""
@@ -165,7 +178,7 @@ class Client:
 
     def local_step(self) -> float:
         """A whole-model step on the client: forward, loss, backward, update. Nothing is sent."""
-        batch = next(self.batches).to(self.device)
+        batch = self.next_batch()
         set_active_adapter(self.part, self.adapter)
         set_active_adapter(self.head, self.adapter)
         logits = self.head(self.part(batch.input_ids, batch.attention_mask), batch.attention_mask)
@@ -184,7 +197,7 @@ class Client:
     def forward(self) -> Activations:
         """Run the client part (the front, in a U-shaped split) on the next private batch; keep the
         graph for `backward`. In a U-shaped split the labels stay here."""
-        batch = next(self.batches).to(self.device)
+        batch = self.next_batch()
         set_active_adapter(self.part, self.adapter)
         if self.probe is not None:
             self.probe.start()
