@@ -91,16 +91,28 @@ def update_values(
     (NAA: the stacked change without the receiver's own term, or the dense matrix, whichever the
     whole stack makes smaller; SVD-EF: rank-k factors; the averaging rules: factors at the largest
     rank trained on the candidate). `receiver`: the client it goes to (None: one holding no term)."""
+    return _values(memory, trained_ranks(plans), aggregation, anchored, receiver)
+
+
+def trained_ranks(plans: Sequence[ClientPlan]) -> dict[str, list[int]]:
+    """Every candidate's ranks over the clients that train it."""
     ranks: dict[str, list[int]] = {}
     for plan in plans:
         for name, rank in plan.all_ranks().items():
             if rank:
                 ranks.setdefault(name, []).append(rank)
+    return ranks
+
+
+def _values(
+    memory: MemoryModel, ranks: dict[str, list[int]], aggregation: Aggregation, anchored: bool,
+    receiver: ClientPlan | None, names: Sequence[str] | None = None,
+) -> dict:  # fmt: skip
     own = receiver.all_ranks() if receiver is not None else {}
     values = {}
-    for name, trained in ranks.items():
+    for name in ranks if names is None else [n for n in names if n in ranks]:
         shape = memory.candidates[name]
-        values[name] = aggregation.values_down(shape.d_in, shape.d_out, trained, anchored, own.get(name, 0))
+        values[name] = aggregation.values_down(shape.d_in, shape.d_out, ranks[name], anchored, own.get(name, 0))
     return values
 
 
@@ -116,14 +128,15 @@ def predicted_round_time(
     crossing the cut with h and dL/dh (four tensors in a U-shaped split), then the client-side
     factors up and the update of every candidate it holds down."""
     crossings = 4 if memory.u_shaped else 2
+    ranks = trained_ranks(plans)
     work = []
     for plan in plans:
-        down = update_values(memory, plans, aggregation or ExactChange(), anchored, plan)
         split = plan.split_point < memory.num_blocks
         step_bytes = crossings * workload.padded_tokens_per_step * workload.hidden_size * workload.cut_value_bytes
         held = memory.client_side(plan.split_point) if split else list(memory.candidates)
+        down = _values(memory, ranks, aggregation or ExactChange(), anchored, plan, held)
         up = 4 * adapter_params(memory, plan.ranks)
-        adapters = up + workload.update_value_bytes * sum(down.get(name, 0) for name in held)
+        adapters = up + workload.update_value_bytes * sum(down.values())
         work.append(ClientRoundWork(
             int(workload.steps * workload.tokens_per_step), int(workload.steps * step_bytes) if split else 0,
             int(adapters),
