@@ -35,6 +35,9 @@ class RunConfig:
     partition_field: str | None = None  # Dirichlet over this field's values (E2E: eatType and food)
     data_dir: str | None = None  # E2E's folder; default: $HSPLITLORA_DATA_DIR or ../shared/data/e2e
     dtype: str = "float32"  # the frozen weights: float32 | bfloat16 | float16 (adapters stay float32)
+    # Frozen block weights held in 8 or 4 bits (none | int8 | nf4): the clients' blocks, the main server's.
+    client_quant: str = "none"
+    server_quant: str = "none"
     device: str = "cpu"  # cpu | cuda | cuda:N | mps, for every role ...
     client_device: str | None = None  # ... or the clients' and the main server's apart
     server_device: str | None = None
@@ -216,6 +219,7 @@ class RunConfig:
         from hsplitlora.models.loading import torch_dtype
 
         torch_dtype(self.dtype)
+        self._validate_quant(strategy)
         from hsplitlora.placement import placement
 
         placement(self.device, self.client_device, self.server_device, check=False)
@@ -236,6 +240,20 @@ class RunConfig:
                 f"targets {self.targets} are not valid; choose a non-empty subset of {', '.join(ALL_TARGETS)}."
             )
         return self
+
+    def _validate_quant(self, strategy) -> None:
+        from hsplitlora.lora.quant import check_quant
+
+        check_quant(self.client_quant, "client_quant")
+        check_quant(self.server_quant, "server_quant")
+        quantized = [n for n in ("client_quant", "server_quant") if getattr(self, n) != "none"]
+        if quantized and strategy.full_finetune:
+            raise UsageError(f"{quantized[0]} {getattr(self, quantized[0])} holds the frozen weights in fewer bits, "
+                             f"and {self.strategy} trains every weight; drop {quantized[0]} or choose a LoRA "
+                             "strategy.")  # fmt: skip
+        if quantized and self.engine == "ray":
+            raise UsageError(f"{quantized[0]} is not available with engine ray yet; use engine inprocess or drop "
+                             f"{quantized[0]}.")  # fmt: skip
 
     def _validate_data(self) -> None:
         own = self.data != "e2e"
@@ -287,6 +305,8 @@ FLAGS: dict[str, str] = {
     "partition_field": "with --partition dirichlet on your own data: the field whose values group it",
     "data_dir": "E2E's folder, holding devset.csv and testset_w_refs.csv",
     "dtype": "the frozen weights: float32, bfloat16 or float16 (adapters and optimizer state stay float32)",
+    "client_quant": "the clients' frozen block weights: none, int8 or nf4 (adapters and optimizer state stay float32)",
+    "server_quant": "the main server's frozen block weights: none, int8 or nf4",
     "device": "cpu, cuda, cuda:N or mps, for every role",
     "client_device": "the clients' device (default: --device)",
     "server_device": "the main server's device (default: --device), e.g. cuda",

@@ -16,7 +16,7 @@ from hsplitlora.data.sources import load_training_data
 from hsplitlora.devices import DeviceProfile, resolve_devices
 from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.errors import UsageError
-from hsplitlora.lora.attach import Candidate, attach_lora
+from hsplitlora.lora.attach import Candidate, attach_lora, wrap_frozen_linears
 from hsplitlora.method.aggregation import ExactChange, TruncatedChange
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
 from hsplitlora.models.architectures import architecture_of
@@ -70,10 +70,13 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = architecture_of(model)
     candidates = attach_lora(model, config.targets)
+    if config.client_quant != "none" or config.server_quant != "none":
+        wrap_frozen_linears(model)
     num_blocks = arch.num_blocks(model)
     check_tail_blocks(config.tail, num_blocks)
     check_positions(model, config.max_seq_len)
     memory = measure_memory_model(model, candidates, config.batch_size, config.max_seq_len).with_tail(config.tail)
+    memory = memory.with_quant(config.client_quant, config.server_quant)
     devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
     server_budget = parse_bytes(config.server_budget)
 
@@ -132,8 +135,19 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
         server_model = copy.deepcopy(model).to(where.server) if where.separate else None
         model.to(where.client)
         engine = InProcessEngine(model, arch, candidates, clients, server, fed_server, server_model, cuts, config.tail)
+        set_quant(engine, config.client_quant, config.server_quant)
     return Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
                  val_batches, fixed_ranks, steps_per_round, notes, data.description)  # fmt: skip
+
+
+def set_quant(engine: InProcessEngine, client_quant: str, server_quant: str) -> None:
+    """Clients compute their blocks from `client_quant` weights, the main server from `server_quant`.
+    In one process they share the float weights (the master every merge goes into); each kind in
+    use keeps a quantized copy of the blocks computed with it, re-quantized after each merge."""
+    for host in engine.transport.clients:
+        host.quant = client_quant
+    engine.transport.server.quant = server_quant
+    engine.quantized = client_quant != "none" or server_quant != "none"
 
 
 def check_positions(model: torch.nn.Module, max_seq_len: int) -> None:

@@ -37,6 +37,7 @@ class Host:
         self.num_blocks = arch.num_blocks(model)
         self.candidates = dict(candidates)  # those in the blocks this host holds
         self.role: Client | MainServer = role
+        self.quant = "none"  # how this role's blocks compute W x: client_quant or server_quant
 
     def measure_importance(self, enabled: bool) -> None:
         self.role.measure_importance(enabled)
@@ -54,9 +55,14 @@ class Host:
     def held_parameter_names(self) -> list[str]:
         return held_parameter_names(self.model)
 
-    def weights(self, names: Sequence[str], full: bool = False, skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    def weights(
+        self, names: Sequence[str], full: bool = False, skip: Sequence[str] = (), as_computed: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Current weights on the CPU: candidates by name, or (`full`) every frozen parameter whose
-        name starts with one of `names`, except those in `skip` (already found elsewhere)."""
+        name starts with one of `names`, except those in `skip` (already found elsewhere). With
+        `as_computed`, candidates as this role computes them: dequantized when it quantizes."""
+        if as_computed and self.quant != "none":
+            return {n: self._computed_weight(n) for n in names if n in self.candidates}
         if full:
             skip = set(skip)
             return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
@@ -68,12 +74,18 @@ class Host:
         candidate = self.candidates[name]
         return self.model.get_submodule(candidate.module).weight(candidate.slot)
 
+    def _computed_weight(self, name: str) -> torch.Tensor:
+        candidate = self.candidates[name]
+        lo, hi = (layer := self.model.get_submodule(candidate.module)).slot_bounds[candidate.slot]
+        return layer.quantized(self.quant).dequantize()[lo:hi].to("cpu", copy=True).contiguous()
+
     @torch.no_grad()
     def set_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
         for name, weight in weights.items():
             if name in self.candidates:
-                self._weight(name).copy_(weight)
+                candidate = self.candidates[name]
+                self.model.get_submodule(candidate.module).set_weight(candidate.slot, weight)
             elif name in params and not params[name].is_meta:
                 params[name].copy_(weight)
 
@@ -110,9 +122,12 @@ class ClientHost(Host):
         if plan.split_point >= self.num_blocks:
             head = ServerPart(self.arch, self.model, self.num_blocks)
             part = ClientPart(self.arch, self.model, plan.split_point)
+            part.quant = self.quant
             self.client.configure(plan, part, head=head, full_finetune_lr=full_finetune_lr)
         else:
-            self.client.configure(plan, client_part(self.arch, self.model, plan.split_point, plan.tail_blocks))
+            part = client_part(self.arch, self.model, plan.split_point, plan.tail_blocks)
+            part.quant = self.quant
+            self.client.configure(plan, part)
 
     def forward(self):
         return self.client.forward()
@@ -192,7 +207,9 @@ class ServerHost(Host):
         return self.server.parameters(client_id)
 
     def configure(self, plan: RoundPlan) -> None:
-        self.server.configure(plan, server_part(self.arch, self.model, plan.split_point, plan.tail_blocks))
+        part = server_part(self.arch, self.model, plan.split_point, plan.tail_blocks)
+        part.quant = self.quant
+        self.server.configure(plan, part)
 
     def step(self, activations):
         return self.server.step(activations)

@@ -49,6 +49,7 @@ class Engine(TrafficLedger):
         self.snapshots: dict[int, tuple] = {}  # each client's state when the round started
         self.round_start: tuple | None = None  # every host's state when the round started
         self.last_broadcast: AdapterBroadcast | None = None
+        self.quantized = False  # some role computes its blocks from quantized weights (setup.set_quant)
         self.start_ledger(range(len(transport.clients)))
 
     # -- who is where ------------------------------------------------------------------------------
@@ -298,6 +299,13 @@ class Engine(TrafficLedger):
     def export_weights(self, client_id: int | None, full_finetune: bool) -> dict[str, torch.Tensor]:
         """The final model's trained weights, with client `client_id`'s adapters folded in."""
         final = self.trained_weights(full_finetune)
+        if self.quantized and not full_finetune:  # the weights the adapters were trained on: dequantized
+            cid = client_id if client_id in self.live else self.live[0]
+            holders = [(self.actors[cid], self.client_names(cid))]
+            if not self.local(cid):
+                holders.insert(0, (self.server, self.server_names()))
+            for host, names in holders:  # the client's blocks last: they override the server's
+                final.update(self._get(self._call(host, "weights", sorted(names), False, (), True)))
         if client_id is not None and not full_finetune:
             cid = client_id if client_id in self.live else self.live[0]
             deltas = dict(self._get(self._call(self.actors[cid], "adapter_deltas")))

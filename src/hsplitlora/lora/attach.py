@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.layer import MAIN_SLOT, MultiLoRALayer
@@ -52,6 +53,18 @@ def attach_lora(model: nn.Module, targets: Iterable[str]) -> dict[str, Candidate
                 name, block_index, kind, module_path, target.module, slot, layer.in_features, hi - lo
             )
     return candidates
+
+
+def wrap_frozen_linears(model: nn.Module) -> None:
+    """Wrap every other nn.Linear and Conv1D of every block (the MLP when only q, k, v, o are
+    targets) in an adapter-less MultiLoRALayer, so a quantized part computes all its block's
+    products from quantized weights. Only when quantizing: their parameter names gain `.base`."""
+    for block in architecture_of(model).blocks(model):
+        for name, module in list(block.named_modules()):
+            inside = any(name.startswith(f"{wrapped}.") for wrapped, m in block.named_modules()
+                         if isinstance(m, MultiLoRALayer))  # fmt: skip
+            if isinstance(module, nn.Linear | Conv1D) and not inside:
+                block.set_submodule(name, MultiLoRALayer(module))
 
 
 def lora_layers(module: nn.Module) -> list[MultiLoRALayer]:

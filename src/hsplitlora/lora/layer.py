@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from hsplitlora.lora.quant import QuantizedWeight, quantize, quantized_linear
+
 MAIN_SLOT = "main"
 ADAPTER_DTYPE = torch.float32  # adapters, their anchors and optimizer state, whatever the frozen W's dtype
 
@@ -63,6 +65,12 @@ class MultiLoRALayer(nn.Module):
         # Importance probe: one unit gate g per slot, y = g * (W x) + b. Its gradient is
         # dL/dg = sum over tokens <dL/dy, W x> = sum_j w_j dL/dw_j, without any weight gradient.
         self.importance_gate: torch.Tensor | None = None
+        # How the next forward computes W x: none (the float W) or int8 / nf4 (W quantized). The
+        # part that runs the layer sets it, as it sets the active adapter: holders of a shared
+        # block may differ (a client's nf4 front, the main server's float copy of the same block).
+        self.quant = "none"
+        self._quantized: dict[str, tuple[tuple, QuantizedWeight]] = {}  # kind -> (W's version, Q(W))
+        self.held: QuantizedWeight | None = None  # W kept only quantized (hold_quantized): no float W
 
     # -- adapters -------------------------------------------------------------------------------
     def set_adapter(
@@ -169,8 +177,11 @@ class MultiLoRALayer(nn.Module):
 
     # -- the frozen weight ----------------------------------------------------------------------
     def weight(self, slot: str) -> torch.Tensor:
-        """The frozen weight of one slot as a (d_out_slot, d_in) view."""
+        """The frozen weight of one slot as a (d_out_slot, d_in) view (a dequantized copy when the
+        layer holds W only quantized)."""
         lo, hi = self.slot_bounds[slot]
+        if self.held is not None:
+            return self.held.dequantize()[lo:hi]
         if self.transposed:
             return self.base.weight[:, lo:hi].T
         return self.base.weight[lo:hi]
@@ -179,7 +190,55 @@ class MultiLoRALayer(nn.Module):
     def merge(self, slot: str, delta: torch.Tensor) -> None:
         """W <- W + delta for one slot; delta has shape (d_out_slot, d_in)."""
         weight = self.base.weight
+        if self.held is not None:  # dequantize, add, quantize again: each merge rounds anew
+            self.set_weight(slot, self.weight(slot) + delta.to(device=weight.device, dtype=self.held.dtype))
+            return
         self.weight(slot).add_(delta.to(device=weight.device, dtype=weight.dtype))
+
+    @torch.no_grad()
+    def set_weight(self, slot: str, value: torch.Tensor) -> None:
+        """W[slot] <- value, (d_out_slot, d_in)."""
+        if self.held is None:
+            self.weight(slot).copy_(value)
+            return
+        lo, hi = self.slot_bounds[slot]
+        full = self.held.dequantize()
+        full[lo:hi] = value.to(device=full.device, dtype=full.dtype)
+        self.held = quantize(full, self.held.kind)
+
+    # -- quantized W -----------------------------------------------------------------------------
+    def quantized(self, kind: str) -> QuantizedWeight:
+        """W (d_out, d_in) in `kind` bits: the held weight, or the float W quantized when it last
+        changed (a merge or a weight load bumps its version; re-quantized from the float W, so no
+        rounding accumulates over rounds)."""
+        if self.held is not None:
+            if self.held.kind != kind:
+                raise ValueError(f"this layer holds its weight as {self.held.kind}, not {kind}")
+            return self.held
+        weight = self.base.weight
+        key = (weight._version, weight.data_ptr(), weight.device)
+        cached = self._quantized.get(kind)
+        if cached is None or cached[0] != key:
+            cached = (key, quantize(weight.detach().T if self.transposed else weight.detach(), kind))
+            self._quantized[kind] = cached
+        return cached[1]
+
+    @torch.no_grad()
+    def hold_quantized(self, kind: str) -> None:
+        """Keep W only in `kind` bits and free the float W: what a device whose every role computes
+        with `kind` holds. Merges then dequantize, add and quantize again."""
+        if self.held is not None:
+            return
+        self.held = self.quantized(kind)
+        self._quantized.clear()
+        self.base.weight = nn.Parameter(self.base.weight.new_empty(0), requires_grad=False)
+        self.quant = kind
+
+    def frozen_bytes(self) -> int:
+        """Bytes of W as this layer holds it: float, or only quantized, plus its cached quantized copies."""
+        weight = self.base.weight
+        own = self.held.nbytes if self.held is not None else weight.numel() * weight.element_size()
+        return own + sum(q.nbytes for _, q in self._quantized.values())
 
     # -- importance probe -----------------------------------------------------------------------
     def track_importance(self, enabled: bool) -> None:
@@ -203,10 +262,16 @@ class MultiLoRALayer(nn.Module):
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.importance_gate
-        if gate is None:
+        kind = self.held.kind if self.held is not None else self.quant
+        if gate is None and kind == "none":
             return self.base(x)
         weight, bias = self.base.weight, self.base.bias
-        wx = x @ weight if self.transposed else F.linear(x, weight)
+        if kind != "none":
+            wx = quantized_linear(x, self.quantized(kind))
+            if gate is None:
+                return wx if bias is None else wx + bias
+        else:
+            wx = x @ weight if self.transposed else F.linear(x, weight)
         sizes = [hi - lo for lo, hi in self.slot_bounds.values()]
         scale = gate[0] if len(sizes) == 1 else torch.repeat_interleave(gate, torch.tensor(sizes, device=gate.device))
         out = wx * scale

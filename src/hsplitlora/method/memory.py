@@ -19,6 +19,10 @@ loss, plus the largest temporaries of backward (for the head: two logits-sized g
 once, that of the log-probabilities and that of the logits). The main
 server's frozen weights (blocks from the shallowest split on, and the head) are shared by all
 clients and reported apart from the per-client memory.
+
+Quantized frozen blocks (`client_quant`, `server_quant`: int8 or nf4) replace P_block by its
+quantized bytes (every linear weight: int8 d_out d_in + 4 d_out, nf4 d_out d_in / 2 + 4 d_out d_in
+/ 64; norms and biases as they are) plus the one weight dequantized at a time while it computes.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate
+from hsplitlora.lora.layer import MultiLoRALayer
+from hsplitlora.lora.quant import quantized_bytes
 from hsplitlora.losses import target_token_loss
 from hsplitlora.models.architectures import architecture_of
 
@@ -61,6 +68,12 @@ class MemoryModel:
     head_tied: bool = False  # the LM head shares the embeddings' weight
     tail_blocks: int | None = None  # U-shaped split: the client also runs the last t blocks and the head
     anchored: bool = False  # adapters keep an anchor (B0, A0) across rounds (method.md section 6)
+    # Quantized frozen blocks: P_block held as int8 / nf4 (its linear weights quantized, norms and
+    # biases as they are), and the largest linear weight dequantized at once while it computes.
+    quant_block_bytes: dict[str, int] = field(default_factory=dict)
+    dequantized_bytes: int = 0
+    client_quant: str = "none"
+    server_quant: str = "none"
 
     @property
     def u_shaped(self) -> bool:
@@ -80,6 +93,18 @@ class MemoryModel:
         """This model for a U-shaped split keeping the last `tail_blocks` on the client (None: the
         ordinary split)."""
         return replace(self, tail_blocks=tail_blocks)
+
+    def with_quant(self, client_quant: str, server_quant: str) -> MemoryModel:
+        """This model for clients holding their blocks as `client_quant` and the main server its
+        blocks as `server_quant` (none, int8, nf4)."""
+        return replace(self, client_quant=client_quant, server_quant=server_quant)
+
+    def block_bytes_as(self, kind: str) -> int:
+        """P_block held as `kind`, plus the one weight dequantized while it computes."""
+        return self.block_bytes if kind == "none" else self.quant_block_bytes[kind]
+
+    def _frozen_blocks(self, blocks: int, kind: str) -> int:
+        return blocks * self.block_bytes_as(kind) + (self.dequantized_bytes if kind != "none" and blocks else 0)
 
     def with_anchors(self, anchored: bool) -> MemoryModel:
         """This model for adapters that keep an anchor (B0, A0) beside their factors."""
@@ -114,7 +139,7 @@ class MemoryModel:
         blocks, the head and the loss) with these ranks."""
         ranks = ranks or {}
         blocks = self.client_blocks(split_point)
-        frozen = self.embedding_bytes + blocks * self.block_bytes
+        frozen = self.embedding_bytes + self._frozen_blocks(blocks, self.client_quant)
         activations = blocks * self.block_activation_bytes
         if self.u_shaped:
             frozen += self.norm_bytes if self.head_tied else self.head_bytes
@@ -133,7 +158,7 @@ class MemoryModel:
         """One device running the whole model and its loss (the baselines without split). Full
         fine-tuning adds a gradient and two AdamW states for every weight."""
         ranks = ranks or {}
-        weights = self.embedding_bytes + self.num_blocks * self.block_bytes
+        weights = self.embedding_bytes + self._frozen_blocks(self.num_blocks, self.client_quant)
         activations = self.num_blocks * self.block_activation_bytes + self.head_activation_bytes
         adapters = sum(self.adapter_bytes(n, ranks.get(n, 0)) for n in self.candidates)
         return weights + activations + adapters + (3 * weights if full_finetune else 0)
@@ -142,7 +167,7 @@ class MemoryModel:
         """Weights the main server holds once for everyone: blocks [s_min_used, L) and the head,
         or only the middle blocks [s_min_used, L - t) in a U-shaped split."""
         head = 0 if self.u_shaped else self.head_bytes
-        return self.server_blocks(shallowest_split) * self.block_bytes + head
+        return self._frozen_blocks(self.server_blocks(shallowest_split), self.server_quant) + head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +231,7 @@ def measure_memory_model(
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     if tied:
         head = max(head, norm + embedding)
+    linear_shapes = [shape for m in blocks[block_index].modules() if (shape := _linear_shape(m)) is not None]
     return MemoryModel(
         num_blocks=len(blocks),
         dtype_bytes=dtype_bytes,
@@ -219,7 +245,32 @@ def measure_memory_model(
         candidates={n: CandidateShape(c.block, c.d_in, c.d_out) for n, c in candidates.items()},
         norm_bytes=norm,
         head_tied=tied,
+        quant_block_bytes={kind: quantized_block_bytes(blocks[block_index], kind) for kind in ("int8", "nf4")},
+        dequantized_bytes=4 * max((d_out * d_in for d_out, d_in in linear_shapes), default=0),  # float32
     )
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(d_out, d_in) of a frozen linear map (nn.Linear, Conv1D, or the one a LoRA layer wraps)."""
+    if isinstance(module, MultiLoRALayer):
+        return None  # its base is counted
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1], module.weight.shape[0]
+    return None
+
+
+def quantized_block_bytes(block: nn.Module, kind: str) -> int:
+    """P_block with every linear weight held as `kind` (norms and biases in their own dtype)."""
+    linear = {id(m.weight): _linear_shape(m) for m in block.modules() if _linear_shape(m) is not None}
+    total = 0
+    for name, param in block.named_parameters():
+        if "lora_" in name:
+            continue
+        shape = linear.get(id(param))
+        total += param.numel() * param.element_size() if shape is None else quantized_bytes(*shape, kind, 0)
+    return total
 
 
 def _activations(model: nn.Module, arch, block_index: int, weights: set[int], batch_size: int,

@@ -24,6 +24,14 @@ def weights_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def set_quant(blocks: nn.Module, kind: str) -> None:
+    """Make every LoRA layer in `blocks` compute W x as `kind` (none, int8, nf4) from now on."""
+    from hsplitlora.lora.attach import lora_layers
+
+    for layer in lora_layers(blocks):
+        layer.quant = kind
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids for right-padded batches: 0..T-1 on every row (padding sits after the text)."""
     return torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
@@ -41,8 +49,10 @@ class ClientPart(nn.Module):
         all_blocks = arch.blocks(model)
         self.blocks = nn.ModuleList(all_blocks[i] for i in range(split_point))
         self.block_indices = list(range(split_point))
+        self.quant = "none"  # how this part's blocks compute W x: none, int8 or nf4 (client_quant)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        set_quant(self.blocks, self.quant)  # shared blocks: another holder may compute them otherwise
         position_ids = positions(attention_mask)
         hidden = self.embedding(input_ids, position_ids)
         context = self.context(hidden, attention_mask, position_ids)
@@ -65,8 +75,10 @@ class ServerPart(nn.Module):
         self.blocks = nn.ModuleList(all_blocks[i] for i in range(split_point, self.end))
         self.block_indices = list(range(split_point, self.end))
         self.head = arch.head(model) if end is None else None
+        self.quant = "none"  # how this part's blocks compute W x (server_quant; client_quant for a client's tail)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        set_quant(self.blocks, self.quant)
         context = self.context(hidden, attention_mask, positions(attention_mask))
         for block in self.blocks:
             hidden = self.context.call_block(block, hidden, context)
@@ -90,6 +102,14 @@ class UClientPart(nn.Module):
     @property
     def blocks(self) -> list[nn.Module]:
         return [*self.front.blocks, *self.tail.blocks]
+
+    @property
+    def quant(self) -> str:
+        return self.front.quant
+
+    @quant.setter
+    def quant(self, kind: str) -> None:
+        self.front.quant = self.tail.quant = kind
 
     @property
     def block_indices(self) -> list[int]:
