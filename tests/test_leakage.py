@@ -124,3 +124,14 @@ def test_the_command_writes_a_curve_and_bad_input_is_one_sentence(standard_run, 
         assert run_cli("leakage", *args) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("split_mode", ["standard", "u"])
+def test_a_standard_split_run_on_own_data_says_the_main_server_receives_the_labels(split_mode, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}:", "response": w}) + "\n" for w in ["yes", "no"] * 8))
+    assert run_cli("run", "--model", "tiny", "--clients", "2", "--rounds", "1", "--steps", "1", "--threads", "1",
+                   "--split-point", "1", "--split-mode", split_mode, "--data", str(data),
+                   "--output-dir", str(tmp_path / "run")) == 0  # fmt: skip
+    said = capsys.readouterr().err.count("the main server receives the labels")
+    assert said == (1 if split_mode == "standard" else 0)

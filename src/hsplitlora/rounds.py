@@ -270,6 +270,10 @@ class _Loop:
         self.log(f"run folder: {self.folder.path}")
         for note in setup.notes:
             self.log(note)
+        if (config.data != "e2e" or config.client_data is not None) and self.strategy.splits and (
+                config.split_mode == "standard") and not self.strategy.centralised:  # fmt: skip
+            self.log("standard split: the main server receives the labels, the response text of every training "
+                     "example (docs/security.md); --split-mode u keeps them on the client.")  # fmt: skip
         shared = "one file per client" if config.client_data is not None else f"{config.partition} partition"
         self.log(f"{shared}, samples per client: {[len(s) for s in setup.shards]}")
 
