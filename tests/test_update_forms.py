@@ -95,14 +95,17 @@ def tiny(tmp_path, name: str, **changes) -> RunConfig:
     return RunConfig(**{**values, **changes})
 
 
-@pytest.mark.parametrize("engine", ["inprocess", "ray"])
-def test_every_merged_weight_is_bit_identical_without_the_own_terms(tmp_path, monkeypatch, engine):
+@pytest.mark.parametrize(
+    ("engine", "changes"),
+    [("inprocess", {}), ("inprocess", {"split_mode": "u", "split_point": [1, 2, 2]}), ("ray", {})],
+)
+def test_every_merged_weight_is_bit_identical_without_the_own_terms(tmp_path, monkeypatch, engine, changes):
     if engine == "ray":
         pytest.importorskip("ray")
-    own_free = run(tiny(tmp_path, "own-free", engine=engine))
+    own_free = run(tiny(tmp_path, "own-free", engine=engine, **changes))
     with monkeypatch.context() as patch:  # the reference: every copy sent the whole stack, as before
         patch.setattr(FedServer, "update_for", lambda self, update, names, held: update)
-        whole = run(tiny(tmp_path, "whole", engine=engine))
+        whole = run(tiny(tmp_path, "whole", engine=engine, **changes))
     weights = load_file(own_free.run_dir / "model.safetensors")
     reference = load_file(whole.run_dir / "model.safetensors")
     assert weights.keys() == reference.keys()
@@ -144,3 +147,18 @@ def test_a_bad_update_setting_is_refused_with_one_sentence(changes, message):
 def test_svd_ef_is_refused_for_a_strategy_that_averages_factors(tmp_path):
     with pytest.raises(UsageError, match="update_form svd-ef truncates NAA's exact change, and hetlora"):
         run(RunConfig(model="tiny", strategy="hetlora", update_form="svd-ef", output_dir=str(tmp_path / "h")))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--update-form", "svd"), "update_form 'svd' is unknown; choose exact or svd-ef."),
+        (("--strategy", "hetlora", "--update-form", "svd-ef"), "and hetlora aggregates otherwise"),
+    ],
+)
+def test_the_cli_refuses_a_bad_update_setting_with_exit_2(args, message, capsys, tmp_path):
+    from hsplitlora.cli import main
+
+    assert main(["run", "--model", "tiny", "--steps", "1", "--output-dir", str(tmp_path / "run"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
