@@ -16,11 +16,13 @@ def mean_present(values: list[float | None]) -> float | None:
 
 def round_line(
     config: RunConfig, round_: int, plan: Plan, history: list[list[float | None]], engine, timing: dict,
-    losses: dict, times: dict, planning: dict,
+    losses: dict, times: dict, planning: dict, sampled: list[int] | None = None,
 ) -> dict:  # fmt: skip
     """The round's metrics.jsonl line: losses, simulated and wall time, bytes, what went wrong, and
-    per client its cut, ranks, memory, samples, loss, time and bytes."""
+    per client its cut, ranks, memory, samples, loss, time and bytes; with client sampling on
+    (`sampled`: the clients that trained), which clients those were."""
     counters = engine.round_counters()
+    drawn = {} if sampled is None else {"sampled_clients": list(sampled)}  # absent: every client trained
     return {
         "round": round_,
         "strategy": config.strategy,
@@ -37,6 +39,7 @@ def round_line(
         "events": [dict(e, round=round_) for e in engine.events],
         "kendall_distance": planning["kendall_distance"],
         "smoothing_gamma": planning["smoothing_gamma"],
+        **drawn,
         "clients": [
             {
                 "client": c.client,

@@ -33,6 +33,7 @@ from hsplitlora.method.importance import (
     kendall_tau_distance,
 )
 from hsplitlora.method.planner import Plan
+from hsplitlora.method.sampling import per_round, sample_clients
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.placement import placement
 from hsplitlora.reporting import (
@@ -204,6 +205,7 @@ class _Loop:
         self.sim_time, self.wall_offset, self.start_round = 0.0, 0.0, 1
         self.plan: Plan | None = None
         self.first_plan = False
+        self.sampled: list[int] | None = None  # this round's training clients (None: every one)
 
     def _messages(self, round_: int, plan_clients) -> list[RoundPlan]:
         return [RoundPlan(c.client, round_, c.split_point, c.all_ranks(), self.config.tail, self.strategy.adapters)
@@ -310,6 +312,7 @@ class _Loop:
                    "round_wall_time_s": now - round_started},
             planning={"replanned": replanned, "kendall_distance": distance,
                       "smoothing_gamma": self.smoothed.gamma if strategy.uses_importance else None},
+            sampled=self.sampled if self.config.clients_per_round is not None else None,
         )  # fmt: skip
         self.metrics.append(line)
         self.folder.append_metrics(line)
@@ -319,6 +322,8 @@ class _Loop:
     def _train(self, round_: int, replanned: bool) -> list[list[float | None]]:
         engine, plan, folder = self.engine, self.plan, self.folder
         engine.reset_traffic()
+        self.sampled = self._sample(round_)
+        engine.sample(self.sampled)
         engine.configure(self._messages(round_, plan.clients), full_finetune_lr=self.ft_lr)
         engine.measure_importance(self.strategy.uses_importance)
         self.reporter.round_started(round_, self.config.rounds, plan, replanned)
@@ -328,6 +333,15 @@ class _Loop:
             self.reporter.step(round_, step, losses)
 
         return engine.local_steps(self.setup.steps_per_round, on_step)
+
+    def _sample(self, round_: int) -> list[int] | None:
+        """The round's training clients, drawn from (seed, round) so a resumed run draws the same;
+        None (every client) by default, and for a centralised reference (one trainer)."""
+        config = self.config
+        if config.clients_per_round is None or self.strategy.centralised:
+            return None
+        clients = len(self.plan.clients)
+        return sample_clients(config.seed, round_, clients, per_round(config.clients_per_round, clients))
 
     def _update_importance(self, round_: int) -> None:
         reports = self.engine.importance_reports()
@@ -349,13 +363,19 @@ class _Loop:
         return val_loss, perplexity(val_loss)
 
     def _time(self, tokens: list[int], step_traffic: dict[int, int]) -> dict:
-        """The round's simulated time under the time model; advances the clock."""
+        """The round's simulated time under the time model, over the sampled clients (the main
+        server is shared by them alone); advances the clock. A client not sampled has no time (None):
+        it only takes the update, which does not hold up the round."""
         traffic, setup = self.engine.traffic, self.setup
+        trained = [c for c in self.plan.clients if self.sampled is None or c.client in self.sampled]
         work = [ClientRoundWork(tokens[c.client], step_traffic[c.client],
                                 traffic[c.client]["adapters_up"] + traffic[c.client]["adapters_down"])
-                for c in self.plan.clients]  # fmt: skip
-        timing = round_time(setup.memory, self.plan.clients, setup.devices, work, self.config.server_flops,
-                            setup.model.config.vocab_size, setup.hidden_size)  # fmt: skip
+                for c in trained]  # fmt: skip
+        timing = round_time(setup.memory, trained, [setup.devices[c.client] for c in trained], work,
+                            self.config.server_flops, setup.model.config.vocab_size, setup.hidden_size)  # fmt: skip
+        if self.sampled is not None:
+            seconds = dict(zip([c.client for c in trained], timing["client_s"], strict=True))
+            timing["client_s"] = [seconds.get(c.client) for c in self.plan.clients]
         self.sim_time += timing["round_s"]
         return timing
 

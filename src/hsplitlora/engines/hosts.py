@@ -42,12 +42,12 @@ class Host:
     def measure_importance(self, enabled: bool) -> None:
         self.role.measure_importance(enabled)
 
-    def apply_update(self, update: ModelUpdate, merge: bool) -> None:
+    def apply_update(self, update: ModelUpdate, merge: bool, sampled: Sequence[int] | None = None) -> None:
         """Merge dW into this host's copy of the weights if it is the one to (`merge`), then move
-        the anchors of the role's persistent adapters."""
+        the anchors of the role's persistent adapters of the `sampled` clients (None: all)."""
         if merge:
             self.merge(update)
-        self.role.apply_update(update, merge=False)
+        self.role.apply_update(update, merge=False, sampled=sampled)
 
     def apply_adapters(self, broadcast: AdapterBroadcast) -> None:
         self.role.apply_adapters(broadcast)

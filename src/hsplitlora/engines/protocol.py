@@ -49,6 +49,7 @@ class Engine(TrafficLedger):
         self.snapshots: dict[int, tuple] = {}  # each client's state when the round started
         self.round_start: tuple | None = None  # every host's state when the round started
         self.last_broadcast: AdapterBroadcast | None = None
+        self.sampled: set[int] | None = None  # the clients that train this round (None: every one)
         self.quantized = False  # some role computes its blocks from quantized weights (setup.set_quant)
         self.start_ledger(range(len(transport.clients)))
 
@@ -64,6 +65,15 @@ class Engine(TrafficLedger):
     @property
     def live(self) -> list[int]:
         return [cid for cid in range(len(self.actors)) if cid not in self.dead]
+
+    def sample(self, clients: Sequence[int] | None) -> None:
+        """The clients that train and upload from now on (None: every one); the others are
+        configured, take the update and keep their adapters and optimizer state."""
+        self.sampled = None if clients is None else set(clients)
+
+    def trains(self, cid: int) -> bool:
+        """Whether client `cid` runs local steps and uploads this round: sampled and not lost."""
+        return cid not in self.dead and (self.sampled is None or cid in self.sampled)
 
     def local(self, cid: int) -> bool:
         """Whether client `cid` runs the whole model (no split)."""
@@ -147,7 +157,7 @@ class Engine(TrafficLedger):
         losses: list[float | None] = []
         for cid in range(len(self.actors)):
             loss = None
-            if cid not in self.dead:
+            if self.trains(cid):
                 try:
                     loss = self._get(self._call(self.actors[cid], "local_step")) if self.local(cid) else (
                         self.split_step(cid))  # fmt: skip
@@ -174,7 +184,7 @@ class Engine(TrafficLedger):
         """Per client: (sum_j w_j dL/dw_j per candidate over its batches, batches, samples)."""
         reports = []
         for cid in range(len(self.actors)):
-            if cid in self.dead:
+            if not self.trains(cid):
                 reports.append(({}, 0, 0))
                 continue
             client_sums, batches = self._get(self._call(self.actors[cid], "importance_report"))
@@ -188,10 +198,11 @@ class Engine(TrafficLedger):
                 for cid in range(len(self.actors))]  # fmt: skip
 
     def aggregate(self, round_: int) -> ModelUpdate | AdapterBroadcast:
-        """Uploads of the living clients (weights renormalise over them) -> fed server -> its update
-        back to every holder: merged once per copy of the weights, or the averaged adapters."""
+        """Uploads of the living sampled clients (weights renormalise over them) -> fed server -> its
+        update back to every holder, sampled or not: merged once per copy of the weights (only the
+        sampled clients' anchors move), or the averaged adapters."""
         uploads = []
-        for cid in self.live:
+        for cid in filter(self.trains, self.live):
             upload = self._get(self._call(self.actors[cid], "upload"))
             self.traffic[cid]["adapters_up"] += upload.nbytes()
             uploads.append(upload)
@@ -210,7 +221,8 @@ class Engine(TrafficLedger):
             if self.server is not None and not self.local_only:
                 self.server_adapters_down = self._update_for(result, [None]).nbytes()
             hosts.sort(key=lambda host: id(host) not in messages)
-            self._get([self._call(host, "apply_update", messages.get(id(host), result), id(host) in messages)
+            sampled = sorted(self.sampled) if self.sampled is not None else None
+            self._get([self._call(host, "apply_update", messages.get(id(host), result), id(host) in messages, sampled)
                        for host in hosts])  # fmt: skip
         else:
             self._get([self._call(host, "apply_adapters", result) for host in hosts])

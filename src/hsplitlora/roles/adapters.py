@@ -134,7 +134,9 @@ class AdapterHolder:
 
     @torch.no_grad()
     def overwrite(self, part: torch.nn.Module, name: str, broadcast: AdapterBroadcast) -> None:
-        """Take the aggregated adapters, truncated to this holder's own rank of each."""
+        """Take the aggregated adapters, truncated to this holder's own rank of each. A holder of a
+        higher rank than the broadcast's (a client not sampled this round) takes its rows and zeroes
+        the rest of B, so that its product is the aggregate's, as everyone's."""
         for candidate, layer in self._layers(part).items():
             slot = self.candidates[candidate].slot
             found = layer.factors(name, slot)
@@ -142,9 +144,10 @@ class AdapterHolder:
                 continue
             a, b, scale = found
             avg_a, avg_scaled_b = broadcast.factors[candidate]
-            rank = a.shape[0]
-            a.copy_(avg_a[:rank])
-            b.copy_(avg_scaled_b[:, :rank] / scale)
+            rank = min(a.shape[0], avg_a.shape[0])
+            a[:rank].copy_(avg_a[:rank])
+            b[:, :rank].copy_(avg_scaled_b[:, :rank] / scale)
+            b[:, rank:].zero_()  # A keeps its rows there, so they can train again (B = 0, as a new adapter)
 
     def deltas(self, part: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
         """What each adapter adds to its weight, (alpha/r)(B A - B0 A0), dense."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -132,12 +132,13 @@ class Client:
         return AdapterUpload(self.client_id, self.samples,
                              self.holder.upload(self.part, self.adapter, self.client_id, self.samples))  # fmt: skip
 
-    def apply_update(self, update: ModelUpdate, merge: bool = True) -> None:
+    def apply_update(self, update: ModelUpdate, merge: bool = True, sampled: Sequence[int] | None = None) -> None:
         """Merge dW into the blocks this client holds (unless a shared copy already took it), then
-        move the anchors of persistent adapters."""
+        move the anchors of persistent adapters if this client trained (`sampled`; None: all): an
+        unsampled client's factors still sit at their anchor, which the fed server holds."""
         if merge:
             self.holder.merge(self.part, update)
-        if self.lifecycle == "anchor":
+        if self.lifecycle == "anchor" and (sampled is None or self.client_id in sampled):
             self.holder.advance_anchors(self.part, self.adapter)
 
     def apply_adapters(self, broadcast: AdapterBroadcast) -> None:

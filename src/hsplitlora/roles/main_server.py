@@ -4,7 +4,7 @@ logits or the loss."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -79,14 +79,16 @@ class MainServer:
         factors = self.holder.upload(self.parts[client_id], adapter_name(client_id), client_id, samples)
         return AdapterUpload(client_id, samples, factors)
 
-    def apply_update(self, update: ModelUpdate, merge: bool = True) -> None:
+    def apply_update(self, update: ModelUpdate, merge: bool = True, sampled: Sequence[int] | None = None) -> None:
         """Merge into every server-side block once (the parts of different clients share blocks),
-        unless a shared copy already took it; then move the anchors of persistent adapters."""
+        unless a shared copy already took it; then move the anchors of the persistent adapters of
+        the clients that trained (`sampled`; None: all)."""
         if merge and self.parts:  # the part of the shallowest cut holds every server-side block
             self.holder.merge(min(self.parts.values(), key=lambda part: part.split_point), update)
         if self.lifecycle == "anchor":
             for cid, part in self.parts.items():
-                self.holder.advance_anchors(part, adapter_name(cid))
+                if sampled is None or cid in sampled:
+                    self.holder.advance_anchors(part, adapter_name(cid))
 
     def adapter_deltas(self, client_id: int) -> dict[str, torch.Tensor]:
         """What client `client_id`'s server-side adapters add to their weights, dense."""
