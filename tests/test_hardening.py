@@ -69,3 +69,42 @@ def test_any_flag_text_exits_2_or_passes_validation(capsys, flag, text):
     assert code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip()
+
+
+FLAG_TEXT = st.text(alphabet="-0123456789.,abcxyzGBMiK enaqvf", min_size=0, max_size=10)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    flag=st.sampled_from(["--budgets", "--server-budget", "--batch-size", "--seq-len", "--targets", "--levels", "--rho",
+                          "--s-min", "--tail-blocks", "--split-rule", "--local-steps", "--server-flops",
+                          "--warmup-batches", "--seed", "--dtype", "--max-seq-len", "--rank-levels"]),
+    text=FLAG_TEXT,
+)  # fmt: skip
+def test_any_plan_flag_text_exits_2_or_passes_validation(capsys, flag, text):
+    budgets = [] if flag == "--budgets" else ["--budgets", "20MB"]
+    try:
+        code = main(["plan", "--model", "no-such-model", *budgets, flag, text])  # valid values stop at the model
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    flag=st.sampled_from(["--strategies", "--target-ppl", "--clients", "--rounds", "--steps", "--budgets", "--seed",
+                          "--rank", "--split-point", "--targets", "--lr", "--split-mode", "--compression"]),
+    text=FLAG_TEXT,
+)  # fmt: skip
+def test_any_compare_flag_text_exits_2_or_passes_validation(tmp_path_factory, capsys, flag, text):
+    strategies = [] if flag == "--strategies" else ["--strategies", "hsplitlora,splitlora"]
+    out = tmp_path_factory.mktemp("compare") / "out"
+    try:
+        code = main(["compare", "--model", "no-such-model", *strategies, "--output-dir", str(out), flag, text])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip()

@@ -7,6 +7,7 @@ the file. Bad values stop with one sentence and exit status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import signal
 import sys
@@ -101,11 +102,11 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help=f"main server memory for all clients ({run.server_budget})")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=run.batch_size,
                         help=f"batch size b of the memory model ({run.batch_size})")  # fmt: skip
-    parser.add_argument("--seq-len", type=int, default=run.max_seq_len,
-                        help=f"sequence length T of the memory model ({run.max_seq_len})")  # fmt: skip
+    parser.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, default=run.max_seq_len,
+                        help=f"length T of the memory model, run's max_seq_len ({run.max_seq_len})")  # fmt: skip
     parser.add_argument("--targets", type=_names, default=list(run.targets),
                         help=f"candidate matrices ({','.join(run.targets)})")  # fmt: skip
-    parser.add_argument("--levels", type=_ints, default=list(run.rank_levels),
+    parser.add_argument("--levels", "--rank-levels", dest="levels", type=_ints, default=list(run.rank_levels),
                         help=f"rank levels Q, run's rank_levels ({levels})")  # fmt: skip
     parser.add_argument("--rho", type=float, default=run.rho, help=f"budget share kept for adapters ({run.rho})")
     parser.add_argument("--s-min", type=int, default=run.s_min, help=f"shallowest allowed split point ({run.s_min})")
@@ -119,16 +120,20 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
         f"within every budget) or deepest (the deepest cut each budget holds) ({run.split_rule})",
     )
     parser.add_argument("--local-steps", type=int, default=run.local_steps,
-                        help=f"local steps per round, for the time model ({run.local_steps})")  # fmt: skip
+                        help=f"with --split-rule fastest: local steps per round, for the time model "
+                        f"({run.local_steps})")  # fmt: skip
     parser.add_argument("--server-flops", type=float, default=run.server_flops,
-                        help=f"the main server's FLOP/s, for the time model ({run.server_flops:g})")  # fmt: skip
+                        help=f"with --split-rule fastest: the main server's FLOP/s, for the time model "
+                        f"({run.server_flops:g})")  # fmt: skip
     parser.add_argument("--uniform-importance", action="store_true", help="skip the warm-up importance pass")
     parser.add_argument("--warmup-batches", type=int, default=run.warmup_batches,
-                        help=f"batches of the warm-up pass ({run.warmup_batches})")  # fmt: skip
+                        help=f"without --uniform-importance: batches of the warm-up pass "
+                        f"({run.warmup_batches})")  # fmt: skip
     parser.add_argument("--leave-out-infeasible", action="store_true",
                         help="leave out, with a warning, clients whose budget holds no cut")  # fmt: skip
-    parser.add_argument("--data-dir", help="as for run")
-    parser.add_argument("--seed", type=int, default=run.seed)
+    parser.add_argument("--data-dir", help="E2E's folder, for the warm-up pass and the time model's batch lengths, "
+                        "as for run")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=run.seed, help=f"as for run ({run.seed})")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -146,11 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="split LoRA fine-tuning across clients")
     _add_run_options(run)
-    comparison = commands.add_parser("compare", help="several strategies on identical data, budgets and seed")
+    comparison = commands.add_parser(
+        "compare", help="several strategies on identical data, budgets and seed",
+        description="Runs every strategy of --strategies with run's settings (every run flag but --strategy and "
+        "--resume applies to each of them), then compares time to a target perplexity.",
+    )  # fmt: skip
     comparison.add_argument("--strategies", type=_names, required=True, help="e.g. hsplitlora,splitlora,hetlora")
     comparison.add_argument("--target-ppl", type=float, help="perplexity for time-to-target (default: the worst final)")
     _add_run_options(comparison, one_run=False)
-    planner = commands.add_parser("plan", help="split points and ranks from device memory budgets (ARMSC)")
+    planner = commands.add_parser(
+        "plan", help="split points and ranks from device memory budgets (ARMSC)",
+        description="The split points and ranks `run` would start from (strategy hsplitlora, one client per budget). "
+        "Settings shared with run take run's defaults and are checked exactly as run checks them.",
+    )  # fmt: skip
     _add_plan_options(planner)
     score = commands.add_parser("score", help="the five E2E metrics, as the official E2E scorer computes them")
     score.add_argument("refs", help="references: E2E plain text (instances separated by an empty line) or CSV")
@@ -297,6 +310,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from hsplitlora.rounds import default_output_dir
     from hsplitlora.units import format_bytes
 
+    if args.target_ppl is not None and not (math.isfinite(args.target_ppl) and args.target_ppl >= 1):
+        raise UsageError(f"target-ppl must be a perplexity, a finite number of at least 1, got {args.target_ppl}.")
     config = load_config(args.config, {key: getattr(args, key, None) for key in RUN_KEYS})
     check_output_name(config.output_dir, "--output-dir", "runs/<time>-compare")
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir("compare")
@@ -330,21 +345,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from hsplitlora.models.loading import load_model
     from hsplitlora.planning import PlanRequest, make_plan
-    from hsplitlora.units import format_bytes, parse_budgets, parse_bytes
+    from hsplitlora.units import format_bytes, parse_budgets
 
-    budgets = parse_budgets(args.budgets)
-    server_budget = parse_bytes(args.server_budget)
-    for name in ("batch_size", "seq_len", "warmup_batches", "local_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"{name} must be a positive integer, got {getattr(args, name)}.")
-    levels = args.levels if isinstance(args.levels, list) else [args.levels]
-    request = PlanRequest(
-        budgets=budgets, server_budget=server_budget, batch_size=args.batch_size, seq_len=args.seq_len,
-        targets=tuple(args.targets), levels=tuple(levels), rho=args.rho, s_min=args.s_min,
-        uniform_importance=args.uniform_importance, warmup_batches=args.warmup_batches, data_dir=args.data_dir,
-        leave_out_infeasible=args.leave_out_infeasible, seed=args.seed, tail_blocks=args.tail_blocks,
-        split_rule=args.split_rule, local_steps=args.local_steps, server_flops=args.server_flops,
-    )  # fmt: skip
+    budgets = parse_budgets(args.budgets)  # one client per budget listed
+    settings = {
+        "model": args.model, "dtype": args.dtype, "clients": len(budgets), "budgets": args.budgets,
+        "server_budget": args.server_budget, "batch_size": args.batch_size, "max_seq_len": args.seq_len,
+        "targets": args.targets, "rank_levels": args.levels if isinstance(args.levels, list) else [args.levels],
+        "rho": args.rho, "s_min": args.s_min, "split_rule": args.split_rule, "local_steps": args.local_steps,
+        "server_flops": args.server_flops, "warmup_batches": args.warmup_batches, "data_dir": args.data_dir,
+        "seed": args.seed,
+    }  # fmt: skip
+    if args.tail_blocks is not None:
+        settings.update(split_mode="u", tail_blocks=args.tail_blocks)
+    config = load_config(None, settings)  # run's validation, so plan refuses exactly what run refuses
+    request = PlanRequest.from_config(config, args.uniform_importance, args.leave_out_infeasible)
+    server_budget = request.server_budget
     loaded = load_model(args.model, seed=args.seed, dtype=args.dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -420,6 +436,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"limit must be a positive integer, got {args.limit}.")
+    if not math.isfinite(args.length_penalty):  # beam search scores divide by length ** penalty
+        raise UsageError(f"length-penalty must be a finite number (0 ignores length, larger favours longer outputs), "
+                         f"got {args.length_penalty}.")  # fmt: skip
     settings = GenerationSettings(args.beams, args.length_penalty, args.no_repeat_ngram, args.max_new_tokens,
                                   args.batch_size)  # fmt: skip
     columns = [TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -523,17 +542,32 @@ def attach_negative_values(parser: argparse.ArgumentParser, argv: Sequence[str])
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(attach_negative_values(parser, sys.argv[1:] if argv is None else list(argv)))
+    from hsplitlora.interrupts import exit_promptly_on_signals
+
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return COMMANDS[args.command](args)
+        with exit_promptly_on_signals():
+            return COMMANDS[args.command](args)
     except UsageError as error:
         print(f"hsplitlora {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interruption:
         print("interrupted", file=sys.stderr)
         return 143 if isinstance(interruption, Terminated) else 130
+    except BrokenPipeError:  # the reader of our output (`| head`) stopped reading: nothing to tell it
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail again."""
+    import os
+    from contextlib import suppress
+
+    with suppress(OSError, ValueError, AttributeError):  # stdout replaced (tests) or already closed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from hsplitlora.errors import UsageError
+from hsplitlora.errors import UsageError, read_text
 
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -239,6 +239,9 @@ class RunConfig:
             raise UsageError(
                 f"targets {self.targets} are not valid; choose a non-empty subset of {', '.join(ALL_TARGETS)}."
             )
+        repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if repeated:
+            raise UsageError(f"targets {self.targets} name {repeated[0]} more than once; name each matrix once.")
         return self
 
     def _validate_quant(self, strategy) -> None:
@@ -300,10 +303,10 @@ FLAGS: dict[str, str] = {
     "instruction/input/output or chat (messages) records",
     "val_data": "validation file (default: E2E's test set, or a held-out slice of --data)",
     "client_data": "a folder with one data file per client, in sorted name order (--clients is their number)",
-    "prompt_field": "the prompt's field in prompt/response records",
-    "response_field": "the response's field in prompt/response records",
+    "prompt_field": "with your own --data, --val-data or --client-data: the prompt's field in prompt/response records",
+    "response_field": "with your own data: the response's field in prompt/response records",
     "partition_field": "with --partition dirichlet on your own data: the field whose values group it",
-    "data_dir": "E2E's folder, holding devset.csv and testset_w_refs.csv",
+    "data_dir": "with --data e2e: E2E's folder, holding devset.csv and testset_w_refs.csv",
     "dtype": "the frozen weights: float32, bfloat16 or float16 (adapters and optimizer state stay float32)",
     "client_quant": "the clients' frozen block weights: none, int8 or nf4 (adapters and optimizer state stay float32)",
     "server_quant": "the main server's frozen block weights: none, int8 or nf4",
@@ -317,7 +320,7 @@ FLAGS: dict[str, str] = {
     "rounds": "aggregation rounds",
     "local_steps": "local steps E per client per round (alias --steps)",
     "budgets": "client memory budgets, e.g. 300MB,600MB,1.2GB (else the preset's)",
-    "device_preset": "named devices: hetero5 or homo5",
+    "device_preset": "named devices when --budgets is not given: hetero5 or homo5",
     "server_budget": "the main server's memory for all clients",
     "server_flops": "the main server's speed in FLOP/s, for the time model",
     "split_point": "fixed split point(s), one or one per client, overriding the planner",
@@ -325,7 +328,7 @@ FLAGS: dict[str, str] = {
     "alpha": "LoRA alpha (the scale is alpha / rank)",
     "targets": "candidate matrices, from q,k,v,o,gate,up,down",
     "partition": "iid or dirichlet (non-IID: E2E's eatType/food, or --partition-field)",
-    "dirichlet_alpha": "Dirichlet concentration (small: skewed)",
+    "dirichlet_alpha": "with --partition dirichlet: the concentration (small: skewed)",
     "batch_size": "examples per step",
     "max_seq_len": "tokens per example at most",
     "lr": "AdamW learning rate of the adapters",
@@ -342,7 +345,7 @@ FLAGS: dict[str, str] = {
     "split_rule": "how ARMSC cuts: fastest (least predicted round time within every budget) or deepest",
     "adapter_lifecycle": "hsplitlora's adapters across rounds: persist (kept, measured from an anchor) or recreate",
     "engine": "inprocess, or ray: clients and the main server as Ray actors",
-    "ray_address": "join this Ray cluster (default: start a local one on localhost)",
+    "ray_address": "with --engine ray: join this Ray cluster at host:port (default: start a local one on localhost)",
     "seed": "the same seed gives the same numbers",
     "threads": "torch threads (default: torch's choice)",
 }
@@ -422,10 +425,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         path = Path(path)
         if path.is_dir():
             raise UsageError(f"config file {path} is a folder; give the path of a YAML file.")
-        if not path.is_file():
-            raise UsageError(f"config file {path} does not exist.")
         try:
-            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+            loaded = yaml.load(read_text(path, "config file"), Loader=_UniqueKeyLoader) or {}
         except _DuplicateKey as exc:
             raise UsageError(f"config file {path} sets {exc.args[0]!r} twice; keep one.") from None
         except yaml.YAMLError as exc:

@@ -12,10 +12,11 @@ from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.method.importance import importance, warmup_sums
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
-from hsplitlora.method.planner import Plan, plan
+from hsplitlora.method.planner import Plan, _infeasible, plan
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.models.split import check_tail_blocks
+from hsplitlora.setup import check_positions
 
 RUN = RunConfig()  # `plan` plans what `run` would, so its defaults are run's
 
@@ -41,6 +42,23 @@ class PlanRequest:
     local_steps: int = RUN.local_steps  # E, for the time model
     server_flops: float = RUN.server_flops
 
+    @classmethod
+    def from_config(cls, config: RunConfig, uniform_importance: bool = False,
+                    leave_out_infeasible: bool = False) -> PlanRequest:  # fmt: skip
+        """What `run` with this (validated) config would plan: `plan` and `run` share one validation."""
+        from hsplitlora.devices import resolve_devices
+        from hsplitlora.units import parse_bytes
+
+        devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
+        return cls(
+            budgets=[device.budget_bytes for device in devices], server_budget=parse_bytes(config.server_budget),
+            batch_size=config.batch_size, seq_len=config.max_seq_len, targets=tuple(config.targets),
+            levels=tuple(config.rank_levels), rho=config.rho, s_min=config.s_min, r_ref=config.r_ref,
+            uniform_importance=uniform_importance, warmup_batches=config.warmup_batches, data_dir=config.data_dir,
+            leave_out_infeasible=leave_out_infeasible, seed=config.seed, tail_blocks=config.tail,
+            split_rule=config.split_rule, local_steps=config.local_steps, server_flops=config.server_flops,
+        )  # fmt: skip
+
 
 @dataclass
 class PlanResult:
@@ -64,6 +82,7 @@ def warmup_importance(
 def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
     candidates = attach_lora(loaded.model, request.targets)
     check_tail_blocks(request.tail_blocks, architecture_of(loaded.model).num_blocks(loaded.model))
+    check_positions(loaded.model, request.seq_len)
     memory = measure_memory_model(loaded.model, candidates, request.batch_size, request.seq_len)
     check_ranks(memory, [], list(request.levels))
     memory = memory.with_tail(request.tail_blocks).with_anchors(True)  # hsplitlora's adapters keep an anchor
@@ -90,6 +109,10 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
         round_time=round_time,
         alternatives=alternatives,
     )
+    if not result.clients:  # every client left out: an empty plan would read as a plan
+        largest = request.budgets.index(max(request.budgets))
+        reason = _infeasible(largest, request.budgets[largest], memory, request.rho, request.s_min)
+        raise UsageError(f"no client's budget holds a cut, so there is nothing to plan: {reason}")
     return PlanResult(result, memory, scores, candidates)
 
 

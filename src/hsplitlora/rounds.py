@@ -22,7 +22,7 @@ import torch
 
 from hsplitlora.config import RunConfig, config_fields
 from hsplitlora.data.fingerprint import check_fingerprints, fingerprints
-from hsplitlora.errors import UsageError
+from hsplitlora.errors import UsageError, check_regular_file
 from hsplitlora.evaluation.perplexity import perplexity
 from hsplitlora.folders import check_output_name
 from hsplitlora.lora.attach import Candidate
@@ -131,6 +131,9 @@ def prepare_paths(config: RunConfig, resume: bool = False, overwrite: bool = Fal
     """Resolve the paths a run stores (so that eval and resume work from any directory) and check
     the run folder before anything is computed: not a file, writable, and holding no other run
     unless `overwrite` (or `resume`) says so. Returns the run folder."""
+    for path in (config.data if config.data != "e2e" else None, config.val_data):
+        if path is not None and not Path(path).is_dir():  # named as given, before a link is resolved away
+            check_regular_file(path, "data file")
     for name in ("data_dir", "val_data", "client_data"):
         if getattr(config, name) is not None:
             setattr(config, name, str(Path(getattr(config, name)).resolve()))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hsplitlora.errors import UsageError
+from hsplitlora.errors import UsageError, check_regular_file
 
 SEPARATOR = " ||"
 IGNORE_INDEX = -100
@@ -70,8 +70,7 @@ def data_file(data_dir: str | Path | None, split: str) -> Path:
 def read_e2e(path: str | Path) -> list[Example]:
     """Rows of an E2E CSV with `mr` and `ref` columns."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"data file {path} does not exist; set data_dir to a folder holding {FILES['train']}.")
+    check_regular_file(path, "data file", f"; set data_dir to a folder holding {FILES['train']}")
     examples = []
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)

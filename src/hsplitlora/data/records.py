@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hsplitlora.data.e2e import IGNORE_INDEX, Encoded
-from hsplitlora.errors import UsageError, read_text
+from hsplitlora.errors import UsageError, check_regular_file, read_text
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # A plain template for tokenizers without one (the tiny test models): "role: content" lines, each
@@ -96,8 +96,7 @@ def read_rows(path: str | Path) -> list[dict]:
                 )
             loaded = loaded["train"]
         return list(loaded)
-    if not path.is_file():
-        raise UsageError(f"data file {path} does not exist.")
+    check_regular_file(path, "data file")
     if path.suffix not in SUFFIXES:
         raise UsageError(
             f"data file {path} has the suffix {path.suffix!r}; use .jsonl, .json, .csv or .parquet, or a "

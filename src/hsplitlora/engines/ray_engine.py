@@ -11,10 +11,13 @@ and knowing that a lost actor raised; the protocol decides what a lost host mean
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
+import socket
 import threading
 from collections.abc import Sequence
+from contextlib import suppress
 
 import torch
 
@@ -67,6 +70,58 @@ class ServerActor(ServerHost):
         super().__init__(model, arch, candidates, server)
 
 
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """One sentence within `timeout_s` when nothing accepts a connection at a Ray address
+    (`host:port` or `ray://host:port`; `auto` and `local` are Ray's to resolve)."""
+    if address in ("auto", "local"):
+        return
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 address in brackets
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"ray_address {address!r} is not host:port (like 10.0.0.5:6379) or ray://host:port.")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"no Ray cluster answers at {address} within {timeout_s:g} s ({error.strerror or error}); start one "
+            f"there (ray start --head --port {port}) or leave out ray_address to start a local one."
+        ) from None
+
+
+JOIN_TIMEOUT_S = 20.0  # Ray's own connection loop adds up to 30 s before Python can stop it
+
+
+def join_within(ray, address: str, timeout_s: float) -> None:
+    """ray.init(address) that gives up, with one sentence, when the cluster has not answered in
+    `timeout_s` (something listens at the port, but no Ray head Ray can reach there)."""
+    gave_up = threading.Event()
+
+    def give_up() -> None:
+        gave_up.set()
+        _thread.interrupt_main()  # raised in ray.init's loop, the next time it runs Python
+
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except KeyboardInterrupt:
+        if not gave_up.is_set():
+            raise
+        with suppress(Exception):
+            ray.shutdown()
+        raise UsageError(
+            f"the Ray cluster at {address} accepted a connection but did not answer within {timeout_s:g} s; check "
+            "that it is the head node's address (ray status prints it) and that Ray reaches it from this machine."
+        ) from None
+    finally:
+        timer.cancel()
+
+
 def start_ray(address: str | None) -> bool:
     """Join the cluster at `address`, or start a local instance sized to this machine listening on
     localhost only; whether this run started Ray (and so shuts it down)."""
@@ -79,7 +134,8 @@ def start_ray(address: str | None) -> bool:
     main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     if address:
-        ray.init(address=address, log_to_driver=False)
+        check_reachable(address)  # ray.init retries an address nobody answers at forever
+        join_within(ray, address, JOIN_TIMEOUT_S)
     else:
         ray.init(num_cpus=os.cpu_count(), object_store_memory=512 * 2**20, include_dashboard=False,
                  log_to_driver=False, _node_ip_address="127.0.0.1")  # fmt: skip

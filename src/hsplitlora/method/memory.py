@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -219,12 +220,7 @@ def measure_memory_model(
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
     block_index = 1 if len(blocks) > 1 else 0
-    if batch_size <= 2 or batch_size * seq_len <= 16384:
-        block_activation, head_activation = _activations(model, arch, block_index, weights, batch_size, seq_len)
-    else:  # affine in the batch size (to a few bytes): two small batches predict a large one without allocating it
-        one = _activations(model, arch, block_index, weights, 1, seq_len)
-        two = _activations(model, arch, block_index, weights, 2, seq_len)
-        block_activation, head_activation = (a + (batch_size - 1) * (b - a) for a, b in zip(one, two, strict=True))
+    block_activation, head_activation = _activations_at(model, arch, block_index, weights, batch_size, seq_len)
     embedding = sum(weight_bytes(model.get_submodule(p)) for p in arch.embedding_paths)
     head = sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths)
     norm = sum(weight_bytes(model.get_submodule(p)) for p in arch.head_paths[:-1])
@@ -271,6 +267,31 @@ def quantized_block_bytes(block: nn.Module, kind: str) -> int:
         shape = linear.get(id(param))
         total += param.numel() * param.element_size() if shape is None else quantized_bytes(*shape, kind, 0)
     return total
+
+
+LONGEST_MEASURED = 1024  # longer sequences are predicted from three short ones, never run
+LENGTH_STEP = 128  # ... of LENGTH_STEP, 2 LENGTH_STEP and 3 LENGTH_STEP tokens
+
+
+def _activations_at(model: nn.Module, arch, block_index: int, weights: set[int], batch_size: int,
+                    seq_len: int) -> tuple[int, int]:  # fmt: skip
+    """(A_block, A_head) at a batch shape without allocating a large one: saved tensors grow
+    affinely in b at a given T and at most with T^2 (attention weights) at a given b, so two small
+    batches and three short lengths predict a large, long batch exactly."""
+    if batch_size > 2 and (batch_size * seq_len > 16384 or seq_len > LONGEST_MEASURED):
+        one = _activations_at(model, arch, block_index, weights, 1, seq_len)
+        two = _activations_at(model, arch, block_index, weights, 2, seq_len)
+        return tuple(a + (batch_size - 1) * (b - a) for a, b in zip(one, two, strict=True))
+    if seq_len > LONGEST_MEASURED:
+        points = [_activations(model, arch, block_index, weights, batch_size, n * LENGTH_STEP) for n in (1, 2, 3)]
+        x = Fraction(seq_len, LENGTH_STEP)
+        return tuple(_quadratic_through(points[0][i], points[1][i], points[2][i], x) for i in range(2))
+    return _activations(model, arch, block_index, weights, batch_size, seq_len)
+
+
+def _quadratic_through(y1: int, y2: int, y3: int, x: Fraction) -> int:
+    """The parabola through (1, y1), (2, y2), (3, y3), at x (Lagrange's form, in exact fractions)."""
+    return round(y1 * (x - 2) * (x - 3) / 2 - y2 * (x - 1) * (x - 3) + y3 * (x - 1) * (x - 2) / 2)
 
 
 def _activations(model: nn.Module, arch, block_index: int, weights: set[int], batch_size: int,
