@@ -158,9 +158,14 @@ def test_a_sampled_run_records_who_trained_and_times_only_them(tmp_path):
     assert metrics[0]["server_busy_s"] < everyone["server_busy_s"]  # the server is shared by 2 of 5
 
 
-@pytest.mark.parametrize("strategy", ["hsplitlora", "hetlora"])
-def test_a_sampled_run_stopped_and_resumed_equals_an_uninterrupted_one(strategy, tmp_path):
-    changes = dict(strategy=strategy, clients_per_round=0.4, replan_delta=0.0)
+@pytest.mark.parametrize(
+    "strategy, extra",
+    [("hsplitlora", {}), ("hetlora", {}), ("hsplitlora", {"update_form": "svd-ef", "update_rank": 2})],
+)
+def test_a_sampled_run_stopped_and_resumed_equals_an_uninterrupted_one(strategy, extra, tmp_path):
+    # hsplitlora's anchors move for the sampled clients only; hetlora's unsampled clients of a higher
+    # rank take the broadcast; svd-ef's residual comes back from the checkpoint.
+    changes = dict(strategy=strategy, clients_per_round=0.4, replan_delta=0.0, **extra)
     straight = _run(tmp_path, "straight", rounds=4, **changes).metrics
     _run(tmp_path, "split", rounds=2, **changes)
     resumed = run(resume_config(tmp_path / "split", rounds=4), resume=True).metrics
