@@ -99,12 +99,13 @@ def test_a_ray_address_nobody_answers_at_ends_in_seconds_with_a_sentence(tmp_pat
 LONG_KERNEL = textwrap.dedent("""
     import sys, torch
     from hsplitlora.cli import _terminate
-    from hsplitlora.interrupts import exit_promptly_on_signals
+    from hsplitlora import interrupts
     import signal
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, _terminate)
     a = torch.ones(6000, 6000)
-    with exit_promptly_on_signals(grace_s=1.0):
+    with interrupts.exit_promptly_on_signals(grace_s=1.0):
+        interrupts.exit_note = lambda: "interrupted; what the command says on leaving"
         print("computing", flush=True)
         for _ in range(20):
             a @ a  # one kernel of seconds: Python's own handler waits for it to return
@@ -128,7 +129,9 @@ def test_a_signal_during_one_long_computation_ends_the_process_promptly(signum, 
         process.kill()
     assert process.returncode == status
     assert waited < 6  # 1 s of grace, not the 20 products' minute
-    assert "finished" not in process.stdout.read() and "Traceback" not in process.stderr.read()
+    err = process.stderr.read()
+    assert "finished" not in process.stdout.read() and "Traceback" not in err
+    assert "interrupted; what the command says on leaving" in err
 
 
 # -- tracebacks: files that are not regular files, non-UTF-8 config files, broken pipes -----------

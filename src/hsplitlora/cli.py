@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from hsplitlora import interrupts
 from hsplitlora.config import load_config
 from hsplitlora.errors import UsageError
 
@@ -233,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hsplitlora.rounds import prepare_paths
 
     prepare_paths(config, bool(args.resume), args.overwrite)  # names the folder now, so an interruption can say it
+    interrupts.exit_note = lambda: _interrupted_run(Path(config.output_dir))  # also after a hard exit
     console = Console(stderr=True)
     columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]  # fmt: skip
@@ -272,12 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGTERM (Terminated)
         if reporter.progress is not None:
             reporter.progress.stop()
-        folder = Path(config.output_dir)
-        if (folder / "checkpoint").exists() or (folder / ".checkpoint-old").exists():
-            print(f"interrupted; the last finished round is saved in {folder}: continue with "
-                  f"hsplitlora run --resume {folder}", file=sys.stderr)  # fmt: skip
-        else:
-            print(f"interrupted before the first round finished; nothing to resume in {folder}.", file=sys.stderr)
+        print(_interrupted_run(Path(config.output_dir)), file=sys.stderr)
         return 143 if isinstance(interruption, Terminated) else 130
     finally:
         if reporter.progress is not None:
@@ -297,6 +294,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"results: {result.run_dir} (metrics.jsonl, summary.json, model.safetensors, checkpoint/)")
     print(f"plots:   {', '.join(str(p) for p in result.plots)}")
     return 0
+
+
+def _interrupted_run(folder: Path) -> str:
+    if (folder / "checkpoint").exists() or (folder / ".checkpoint-old").exists():
+        resume = f"hsplitlora run --resume {folder}"
+        return f"interrupted; the last finished round is saved in {folder}: continue with {resume}"
+    return f"interrupted before the first round finished; nothing to resume in {folder}."
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -12,11 +12,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 
 GRACE_S = 10.0  # time for the ordinary handler (cleanup, "resume with ..." advice) before the hard exit
 EXIT_STATUS = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal's number, as shells report
+exit_note: Callable[[], str] | None = None  # what to tell on a hard exit (a run: how to resume); a command sets it
 
 
 @contextmanager
@@ -42,7 +43,9 @@ def exit_promptly_on_signals(grace_s: float = GRACE_S) -> Iterator[None]:
     try:
         yield
     finally:
+        global exit_note
         finished.set()
+        exit_note = None
         signal.set_wakeup_fd(previous)
         os.close(write_fd)  # the watcher reads the end of the pipe and returns
         watcher.join(timeout=5)
@@ -72,5 +75,8 @@ def _watch(read_fd: int, finished: threading.Event, grace_s: float) -> None:
 
 
 def _exit(status: int) -> None:
-    print("interrupted", file=sys.stderr, flush=True)
+    message = "interrupted"
+    with suppress(Exception):  # the note reads the file system; the exit must happen whatever it finds
+        message = exit_note() if exit_note is not None else message
+    print(message, file=sys.stderr, flush=True)
     os._exit(status)
