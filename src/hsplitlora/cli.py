@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume applies to each of them), then compares time to a target perplexity.",
     )  # fmt: skip
     comparison.add_argument("--strategies", type=_names, required=True, help="e.g. hsplitlora,splitlora,hetlora")
-    comparison.add_argument("--target-ppl", type=float, help="perplexity for time-to-target (default: the worst final)")
+    comparison.add_argument("--target-ppl", type=float,
+                            help="perplexity for time-to-target, at least 1 (default: the worst final)")  # fmt: skip
     _add_run_options(comparison, one_run=False)
     planner = commands.add_parser(
         "plan", help="split points and ranks from device memory budgets (ARMSC)",
