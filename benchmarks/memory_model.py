@@ -19,14 +19,18 @@ front's backward. Predicted = the same memory model with `with_tail(T)`.
 
 `--dtype bfloat16` (or float16) loads the frozen weights in that dtype (adapters stay float32);
 `--anchored` gives every adapter an anchor (B0, A0), as persistent adapters keep across rounds.
+`--quant int8` (or nf4) holds every linear weight of the client's blocks only quantized (the float
+weights freed after quantizing, before the peak is reset; bitsandbytes is imported and warmed up
+before the baseline); predicted = the memory model `with_quant`.
 
     .venv/bin/python benchmarks/memory_model.py
     .venv/bin/python benchmarks/memory_model.py --tail 1
     .venv/bin/python benchmarks/memory_model.py --dtype bfloat16
     .venv/bin/python benchmarks/memory_model.py --anchored
+    .venv/bin/python benchmarks/memory_model.py --quant nf4
 
 Last line: RESULT memory_model_max_rel_error=<max |pred - meas| / meas> (target <= 0.15), or
-RESULT memory_model_u_max_rel_error=... with --tail (_bfloat16, _anchored in the name with those).
+RESULT memory_model_u_max_rel_error=... with --tail (_bfloat16, _anchored, _int8, _nf4 in the name with those).
 """
 
 from __future__ import annotations
@@ -51,11 +55,12 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool) -> None:
+def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool, quant: str = "none") -> None:
     """One client's training steps in this fresh process; `tail` < 0: the standard split."""
     import torch
 
-    from hsplitlora.lora.attach import attach_lora, set_active_adapter
+    from hsplitlora.lora.attach import attach_lora, lora_layers, set_active_adapter, wrap_frozen_linears
+    from hsplitlora.lora.quant import quantize
     from hsplitlora.losses import target_token_loss
     from hsplitlora.models.architectures import architecture_of
     from hsplitlora.models.loading import load_part
@@ -65,6 +70,8 @@ def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool) -
     warm = torch.nn.Linear(64, 64)  # load kernels and allocator code before the baseline
     warm(torch.randn(4, 64, requires_grad=True)).sum().backward()
     del warm
+    if quant != "none":  # the quantization library's code and first kernels, before the baseline too
+        quantize(torch.randn(64, 64), quant).dequantize()
     # The runtime a device needs whatever it trains (tokenizer, model code) is loaded before the
     # baseline too: what remains is the memory of fine-tuning.
     runtime = load_part(MODEL, range(0), embedding=False, head=False, dtype=dtype)
@@ -76,6 +83,11 @@ def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool) -
     arch = architecture_of(model)
     candidates = attach_lora(model, ["q", "k", "v", "o"])
     client_side = {n: c for n, c in candidates.items() if c.block in blocks}
+    if quant != "none":
+        wrap_frozen_linears(model)
+        for index in blocks:
+            for layer in lora_layers(arch.blocks(model)[index]):
+                layer.hold_quantized(quant)
     generator = torch.Generator().manual_seed(0)
     for candidate in client_side.values():
         layer = model.get_submodule(candidate.module)
@@ -83,6 +95,7 @@ def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool) -
         if anchored:
             layer.set_anchor("c", candidate.slot)
     part = ClientPart(arch, model, split_point) if tail < 0 else UClientPart(arch, model, split_point, tail)
+    part.quant = quant
     set_active_adapter(part, "c")
     params = [p for n, p in part.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -117,9 +130,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="the frozen weights' dtype (float32)")  # fmt: skip
     parser.add_argument("--anchored", action="store_true", help="adapters keep an anchor (persistent adapters)")
+    parser.add_argument("--quant", default="none", choices=("none", "int8", "nf4"),
+                        help="hold the client's block weights quantized (none)")  # fmt: skip
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker, args.dtype, args.anchored)
+        worker(*args.worker, args.dtype, args.anchored, args.quant)
         return
 
     from hsplitlora.lora.attach import attach_lora
@@ -129,22 +144,26 @@ def main() -> None:
     model = load_model(MODEL, dtype=args.dtype).model
     candidates = attach_lora(model, ["q", "k", "v", "o"])
     memory = measure_memory_model(model, candidates, BATCH, SEQ).with_tail(args.tail).with_anchors(args.anchored)
+    memory = memory.with_quant(args.quant, "none")
     del model
     tail = -1 if args.tail is None else args.tail
     splits, ranks_tried = (SPLITS, RANKS) if args.tail is None else ((2, 8, 16), (2, 16))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")
     shape = "" if args.tail is None else f", U-shaped: the client also runs the last {args.tail} block(s) and the head"
     anchors = " with anchors" if args.anchored else ""
+    anchors += "" if args.quant == "none" else f", blocks held as {args.quant}"
     print(f"{MODEL}, batch {BATCH} x {SEQ} tokens, {args.dtype} weights, float32 adapters{anchors} on q,k,v,o of the "
           f"client's blocks{shape}")  # fmt: skip
-    print(f"A_block = {memory.block_activation_bytes / 2**20:.2f} MiB, P_block = {memory.block_bytes / 2**20:.2f} MiB, "
+    print(f"A_block = {memory.block_activation_bytes / 2**20:.2f} MiB, "
+          f"P_block = {memory.block_bytes_as(args.quant) / 2**20:.2f} MiB, "
           f"P_emb = {memory.embedding_bytes / 2**20:.2f} MiB")  # fmt: skip
     print(f"{'split':>5} {'rank':>4} {'measured MiB':>13} {'predicted MiB':>14} {'rel. error':>10}")
     worst = 0.0
     for split_point in splits:
         for rank in ranks_tried:
             command = [sys.executable, __file__, "--worker", str(split_point), str(rank), str(tail),
-                       "--dtype", args.dtype, *(["--anchored"] if args.anchored else [])]  # fmt: skip
+                       "--dtype", args.dtype, "--quant", args.quant,
+                       *(["--anchored"] if args.anchored else [])]  # fmt: skip
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
             measured = json.loads(out.strip().splitlines()[-1])["measured_bytes"]
             ranks = {n: rank for n in memory.client_side(split_point)}
@@ -154,6 +173,7 @@ def main() -> None:
             print(f"{split_point:>5} {rank:>4} {measured / 2**20:>13.1f} {predicted / 2**20:>14.1f} {error:>+10.3f}",
                   flush=True)  # fmt: skip
     name = "memory_model" + ("" if args.tail is None else "_u") + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    name += "" if args.quant == "none" else f"_{args.quant}"
     name += "_anchored_max_rel_error" if args.anchored else "_max_rel_error"
     print(f"RESULT {name}={worst:.3f}")
 

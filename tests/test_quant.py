@@ -174,3 +174,16 @@ def test_memory_model_counts_quantized_blocks_and_the_planner_cuts_deeper(kind, 
     budget = int(plain.client_bytes(2) / 0.75) + 1  # the planner keeps rho = 0.25 of it for adapters
     assert choose_split_point(plain, budget, 0.25, 1) == 2
     assert choose_split_point(quant, budget, 0.25, 1) > 2
+
+
+def test_plan_counts_quantized_blocks_and_refuses_a_bad_kind(capsys):
+    from .test_settings import one_sentence, run_cli
+
+    args = ("plan", "--model", "tiny", "--budgets", "6MB", "--uniform-importance", "--split-rule", "deepest")
+    assert run_cli(*args) == 0
+    plain = capsys.readouterr().out
+    assert run_cli(*args, "--client-quant", "nf4") == 0
+    quantized = capsys.readouterr().out
+    assert plain != quantized  # the nf4 client's blocks are predicted smaller
+    assert run_cli(*args, "--client-quant", "int3") == 2
+    one_sentence(capsys.readouterr().err, "client_quant 'int3' is unknown; choose none, int8 or nf4.")

@@ -98,6 +98,8 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=run.model, help=f"as for run ({run.model})")
     parser.add_argument("--dtype", default=run.dtype, choices=("float32", "bfloat16", "float16"),
                         help=f"frozen weights' dtype, as for run ({run.dtype})")  # fmt: skip
+    parser.add_argument("--client-quant", default=run.client_quant, help="clients' block weights: none, int8 or nf4")
+    parser.add_argument("--server-quant", default=run.server_quant, help="main server's block weights, likewise")
     parser.add_argument("--budgets", required=True, help="client memory budgets: 800MB,1.5GB,2GiB or bytes")
     parser.add_argument("--server-budget", default=run.server_budget,
                         help=f"main server memory for all clients ({run.server_budget})")  # fmt: skip
@@ -355,6 +357,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     budgets = parse_budgets(args.budgets)  # one client per budget listed
     settings = {
         "model": args.model, "dtype": args.dtype, "clients": len(budgets), "budgets": args.budgets,
+        "client_quant": args.client_quant, "server_quant": args.server_quant,
         "server_budget": args.server_budget, "batch_size": args.batch_size, "max_seq_len": args.seq_len,
         "targets": args.targets, "rank_levels": args.levels if isinstance(args.levels, list) else [args.levels],
         "rho": args.rho, "s_min": args.s_min, "split_rule": args.split_rule, "local_steps": args.local_steps,

@@ -41,6 +41,8 @@ class PlanRequest:
     split_rule: str = RUN.split_rule  # as `hsplitlora run` cuts: fastest (time model) or deepest (memory only)
     local_steps: int = RUN.local_steps  # E, for the time model
     server_flops: float = RUN.server_flops
+    client_quant: str = RUN.client_quant  # clients' blocks held as int8 / nf4: more of them fit a budget
+    server_quant: str = RUN.server_quant
 
     @classmethod
     def from_config(cls, config: RunConfig, uniform_importance: bool = False,
@@ -57,6 +59,7 @@ class PlanRequest:
             uniform_importance=uniform_importance, warmup_batches=config.warmup_batches, data_dir=config.data_dir,
             leave_out_infeasible=leave_out_infeasible, seed=config.seed, tail_blocks=config.tail,
             split_rule=config.split_rule, local_steps=config.local_steps, server_flops=config.server_flops,
+            client_quant=config.client_quant, server_quant=config.server_quant,
         )  # fmt: skip
 
 
@@ -86,6 +89,7 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
     memory = measure_memory_model(loaded.model, candidates, request.batch_size, request.seq_len)
     check_ranks(memory, [], list(request.levels))
     memory = memory.with_tail(request.tail_blocks).with_anchors(True)  # hsplitlora's adapters keep an anchor
+    memory = memory.with_quant(request.client_quant, request.server_quant)
     if request.uniform_importance:
         scores = dict.fromkeys(candidates, 1.0)
     else:
