@@ -129,7 +129,7 @@ def test_bad_quantization_is_refused_in_one_sentence(tmp_path, capsys):
         RunConfig(model="tiny", client_quant="nf4", strategy="ft").validate()
 
 
-def test_quantized_run_resumes_exactly_and_plans_deeper_cuts(tmp_path):
+def test_quantized_run_resumes_exactly_and_exports_the_weights_it_computed_with(tmp_path):
     from hsplitlora.rounds import resume_config, run
 
     values = dict(model="tiny", local_steps=2, clients=2, budgets="8MB,12MB", val_size=8, batch_size=4,
@@ -142,6 +142,20 @@ def test_quantized_run_resumes_exactly_and_plans_deeper_cuts(tmp_path):
     for a, b in zip(straight, resumed, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-9)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-9)
+    # The export holds what each holder computed with: the float master dequantized through the
+    # first client's nf4 (its blocks, block 0 among them) or the main server's int8 (the rest).
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "straight" / "model.safetensors")
+    master = {k.removeprefix("weight/"): v for k, v in
+              load_file(tmp_path / "straight" / "checkpoint" / "weights.safetensors").items()
+              if k.startswith("weight/")}  # fmt: skip
+    kinds = {}
+    for name, weight in exported.items():
+        kinds[name] = [k for k in ("nf4", "int8") if torch.equal(weight, quantize(master[name], k).dequantize())]
+        assert len(kinds[name]) == 1, name
+    assert all(kinds[n] == ["nf4"] for n in exported if ".layers.0." in n)
+    assert any(kind == ["int8"] for kind in kinds.values())
     plain = run(RunConfig(rounds=3, output_dir=str(tmp_path / "float"), **{**values, "client_quant": "none",
                                                                           "server_quant": "none"})).metrics  # fmt: skip
     assert straight[-1]["val_loss"] != plain[-1]["val_loss"]  # the quantized blocks were used
