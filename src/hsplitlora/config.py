@@ -254,9 +254,6 @@ class RunConfig:
             raise UsageError(f"{quantized[0]} {getattr(self, quantized[0])} holds the frozen weights in fewer bits, "
                              f"and {self.strategy} trains every weight; drop {quantized[0]} or choose a LoRA "
                              "strategy.")  # fmt: skip
-        if quantized and self.engine == "ray":
-            raise UsageError(f"{quantized[0]} is not available with engine ray yet; use engine inprocess or drop "
-                             f"{quantized[0]}.")  # fmt: skip
 
     def _validate_data(self) -> None:
         own = self.data != "e2e"

@@ -123,12 +123,14 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
         spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
                 "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
                 "compression": config.compression, "tail_blocks": config.tail, "dtype": config.dtype,
+                "client_quant": config.client_quant, "server_quant": config.server_quant,
                 "client_device": str(where.client), "server_device": str(where.server),
                 # Steps are sequential (client, server, client), so each actor may use every core.
                 "threads": config.threads or os.cpu_count()}  # fmt: skip
         shard_items = [[encoded[i] for i in shard] for shard in shards]
         engine = RayEngine(spec, shard_items, cuts, candidates, fed_server, config.ray_address,
                            config.ray_client_resources, config.ray_server_resources)  # fmt: skip
+        engine.quantized = config.client_quant != "none" or config.server_quant != "none"
     else:
         clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id, where)
         # Placed once: the clients' copy, and the main server's own copy when it computes elsewhere.

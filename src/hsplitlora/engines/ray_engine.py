@@ -26,7 +26,7 @@ from hsplitlora.engines.hosts import ClientHost, ServerHost, client_blocks
 from hsplitlora.engines.protocol import Engine
 from hsplitlora.engines.transport import Transport
 from hsplitlora.errors import UsageError
-from hsplitlora.lora.attach import attach_lora
+from hsplitlora.lora.attach import attach_lora, wrap_frozen_linears
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import load_part, place
 from hsplitlora.roles.client import Client
@@ -43,6 +43,8 @@ def _load(spec: dict, blocks: Sequence[int], embedding: bool, head: bool, device
                        with_tokenizer=False, dtype=spec.get("dtype", "float32"))  # fmt: skip
     model = place(loaded.model, torch.device(device))
     candidates = {n: c for n, c in attach_lora(model, spec["targets"]).items() if c.block in blocks}
+    if spec.get("client_quant", "none") != "none" or spec.get("server_quant", "none") != "none":
+        wrap_frozen_linears(model)  # as in one process: every block's linear weights can be quantized
     return model, architecture_of(model), candidates
 
 
@@ -56,6 +58,7 @@ class ClientActor(ClientHost):
         client = Client(client_id, batches, candidates, spec["lr"], spec["alpha"], spec["seed"],
                         spec.get("compression", "fp32"), device, warmup)  # fmt: skip
         super().__init__(model, arch, candidates, client)
+        self.quant = spec.get("client_quant", "none")  # its float blocks stay the master merges go into
 
 
 class ServerActor(ServerHost):
@@ -68,6 +71,7 @@ class ServerActor(ServerHost):
         server = MainServer(candidates, spec["lr"], spec["alpha"], spec["seed"], spec.get("compression", "fp32"),
                             device)  # fmt: skip
         super().__init__(model, arch, candidates, server)
+        self.quant = spec.get("server_quant", "none")
 
 
 CONNECT_TIMEOUT_S = 10.0
