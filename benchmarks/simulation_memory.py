@@ -14,9 +14,16 @@ bytes x 4 (weights, gradients, two AdamW moments), client and server side.
     extra per client = (RSS(K=50) - RSS(K=1)) / 49
 
     .venv/bin/python benchmarks/simulation_memory.py
+    .venv/bin/python benchmarks/simulation_memory.py --clients 1,100 --plan-clients 100 --round-clients 100
 
 Last line: RESULT extra_mb_per_client=<MB> (target: <= mean adapter state per client + 10 MB;
 the line before it states the target for this configuration).
+
+`--plan-clients N` also times ARMSC for N clients of the hetero5 preset (cycled), as a run plans
+round 1 (the memory model measured once beforehand, uniform importance, the fastest split rule):
+RESULT plan_seconds_k<N>=<s> (target < 2 s for 100). `--round-clients N` also runs one round of
+hsplitlora with N clients, `--sampled` (10) of them sampled, 2 local steps, in a fresh process:
+RESULT round_seconds_k<N>_sampled<M>=<wall s> and its peak resident set.
 """
 
 from __future__ import annotations
@@ -72,13 +79,76 @@ def worker(clients: int) -> None:
     }))  # fmt: skip
 
 
+def plan_seconds(clients: int) -> float:
+    """Wall seconds of ARMSC's round-1 plan for `clients` clients (the memory model is measured
+    before the clock starts, as a run measures it once)."""
+    import time
+
+    import torch
+
+    from hsplitlora.config import RunConfig
+    from hsplitlora.devices import resolve_devices
+    from hsplitlora.lora.attach import attach_lora
+    from hsplitlora.method.memory import measure_memory_model
+    from hsplitlora.models.loading import load_model
+    from hsplitlora.strategies import StrategyContext
+    from hsplitlora.strategies.hsplitlora import HSplitLoRA
+    from hsplitlora.time_model import Workload
+    from hsplitlora.units import parse_bytes
+
+    torch.set_num_threads(2)
+    run = RunConfig()
+    model = load_model(MODEL).model
+    candidates = attach_lora(model, run.targets)
+    memory = measure_memory_model(model, candidates, run.batch_size, run.max_seq_len)
+    tokens = run.batch_size * 60.0  # E2E's mean length at this tokenizer, about 60 tokens
+    workload = Workload(steps=run.local_steps, tokens_per_step=tokens, padded_tokens_per_step=tokens,
+                        hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size,
+                        server_flops=run.server_flops)  # fmt: skip
+    context = StrategyContext(memory, resolve_devices(clients, preset="hetero5"), parse_bytes(run.server_budget),
+                              tuple(run.rank_levels), run.rho, run.s_min, run.replan_delta,
+                              split_rule="fastest", workload=workload)  # fmt: skip
+    strategy = HSplitLoRA(context)
+    started = time.perf_counter()
+    plan = strategy.make_plan(dict.fromkeys(candidates, 1.0))
+    seconds = time.perf_counter() - started
+    cuts = sorted({c.split_point for c in plan.clients})
+    print(f"ARMSC for {clients} clients of hetero5 (cycled): {seconds:.2f} s; cuts used {cuts}")
+    return seconds
+
+
+def round_worker(clients: int, sampled: int) -> None:
+    """One round of hsplitlora with `clients` clients, `sampled` of them sampled (this process)."""
+    import tempfile
+    import time
+
+    from hsplitlora.config import RunConfig
+    from hsplitlora.rounds import run
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = RunConfig(model=MODEL, clients=clients, clients_per_round=sampled, rounds=1, local_steps=2,
+                           val_size=16, output_dir=f"{folder}/run", threads=2)  # fmt: skip
+        started = time.perf_counter()
+        metrics = run(config).metrics[-1]
+        seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "peak_bytes": rss_bytes("VmHWM"), "val_ppl": metrics["val_ppl"],
+                      "sampled": metrics.get("sampled_clients")}))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", type=int, metavar="K", help=argparse.SUPPRESS)
+    parser.add_argument("--round-worker", type=int, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--clients", default=",".join(map(str, KS)), help="client counts (1,10,50)")
+    parser.add_argument("--plan-clients", type=int, help="also time ARMSC for this many clients")
+    parser.add_argument("--round-clients", type=int, help="also run one round with this many clients")
+    parser.add_argument("--sampled", type=int, default=10, help="clients sampled in that round (10)")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
+        return
+    if args.round_worker:
+        round_worker(*args.round_worker)
         return
     counts = sorted({int(k) for k in args.clients.split(",")})
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")
@@ -101,6 +171,16 @@ def main() -> None:
         f"target <= {state / 1e6 + 10:.2f} MB ({'met' if extra <= state + 10e6 else 'NOT met'})"
     )
     print(f"RESULT extra_mb_per_client={extra / 1e6:.2f}")
+    if args.plan_clients:
+        print(f"RESULT plan_seconds_k{args.plan_clients}={plan_seconds(args.plan_clients):.2f}")
+    if args.round_clients:
+        command = [sys.executable, __file__, "--round-worker", str(args.round_clients), str(args.sampled)]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        print(f"one round, {args.round_clients} clients, {args.sampled} sampled, 2 local steps: {row['seconds']:.1f} s "
+              f"wall, peak RSS {row['peak_bytes'] / 2**30:.2f} GiB, val ppl {row['val_ppl']:.2f}, "
+              f"sampled {row['sampled']}")  # fmt: skip
+        print(f"RESULT round_seconds_k{args.round_clients}_sampled{args.sampled}={row['seconds']:.1f}")
 
 
 if __name__ == "__main__":

@@ -192,3 +192,27 @@ def test_ray_and_in_process_engines_agree_with_sampling(tmp_path):
         assert a["sampled_clients"] == b["sampled_clients"]
         for key in ("train_loss", "val_loss", "sim_time_s", "bytes_up", "bytes_down"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["round"], key)
+
+
+def test_only_round_ones_sampled_clients_run_the_importance_warm_up(tmp_path, monkeypatch):
+    from hsplitlora.engines.protocol import Engine
+
+    warmed: list[int] = []
+    original = Engine.warmup_importance
+
+    def recording(self):
+        real_split_step = self.split_step
+
+        def split_step(cid):
+            warmed.append(cid)
+            return real_split_step(cid)
+
+        self.split_step = split_step
+        try:
+            return original(self)
+        finally:
+            del self.split_step
+
+    monkeypatch.setattr(Engine, "warmup_importance", recording)
+    run(RunConfig(**TINY, clients=5, clients_per_round=2, rounds=1, output_dir=str(tmp_path / "run")))
+    assert warmed == sample_clients(0, 1, 5, 2)  # round 1's two clients, once each

@@ -252,9 +252,15 @@ class _Loop:
         the first plan, before anything is written: an impossible budget stops the run here."""
         setup, config, strategy = self.setup, self.config, self.strategy
         if strategy.uses_importance and setup.fixed_ranks is None:
-            per_client = [importance(sums, batches, setup.memory, config.r_ref)
-                          for sums, batches in self.engine.warmup_importance()]  # fmt: skip
-            self.current = self.smoothed.update(average_importance(per_client, [len(s) for s in setup.shards]))
+            # Round 1's sampled clients warm up, as later rounds' importance comes from those sampled:
+            # with 100 clients and 10 a round, a warm-up step of all 100 would cost 10 rounds' steps.
+            warm = self._sample(self.start_round)
+            self.engine.sample(warm)
+            reports = self.engine.warmup_importance()
+            chosen = range(len(reports)) if warm is None else warm
+            per_client = [importance(*reports[cid], setup.memory, config.r_ref) for cid in chosen]
+            sizes = [len(setup.shards[cid]) for cid in chosen]
+            self.current = self.smoothed.update(average_importance(per_client, sizes))
             self.importance_history.append({"round": 0, "smoothed": self.current})
         self.plan = strategy.make_plan(self.current)
         self.first_plan = True
@@ -343,7 +349,7 @@ class _Loop:
         config = self.config
         if config.clients_per_round is None or self.strategy.centralised:
             return None
-        clients = len(self.plan.clients)
+        clients = len(self.setup.shards)
         return sample_clients(config.seed, round_, clients, per_round(config.clients_per_round, clients))
 
     def _update_importance(self, round_: int) -> None:

@@ -300,8 +300,9 @@ def _activations(model: nn.Module, arch, block_index: int, weights: set[int], ba
     blocks = arch.blocks(model)
     param = next(p for p in blocks[0].parameters() if p.device.type != "meta")
     hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
-    generator = torch.Generator().manual_seed(0)
-    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    device = param.device  # measured where the model computes: a GPU's attention saves other tensors
+    generator = torch.Generator(device).manual_seed(0)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
     from hsplitlora.lora.attach import lora_layers
     from hsplitlora.models.split import ServerPart
 
@@ -310,12 +311,12 @@ def _activations(model: nn.Module, arch, block_index: int, weights: set[int], ba
     for layer in lora_layers(part):
         layer.active_adapter = None  # measure the frozen block alone; adapters are C(W, r)
     try:
-        hidden = torch.randn(batch_size, seq_len, hidden_size, generator=generator, dtype=param.dtype)
+        hidden = torch.randn(batch_size, seq_len, hidden_size, generator=generator, dtype=param.dtype, device=device)
         hidden.requires_grad_(True)
-        context = part.context(hidden, mask, torch.arange(seq_len).unsqueeze(0))
+        context = part.context(hidden, mask, torch.arange(seq_len, device=device).unsqueeze(0))
         block_activation = _saved_bytes(lambda: part.context.call_block(part.blocks[0], hidden, context), weights)
 
-        labels = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
+        labels = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator, device=device)
 
         def head_and_loss() -> None:
             target_token_loss(part.head(hidden), labels)
