@@ -69,7 +69,8 @@ def quantize(weight: torch.Tensor, kind: str) -> QuantizedWeight:
     source = weight.detach().to(torch.float32).contiguous()
     shape = (source.shape[0], source.shape[1])
     if kind == "int8":
-        data, scales, _ = functional.int8_vectorwise_quant(source)
+        # float16 in: bitsandbytes' CUDA kernel takes nothing else (CPU and GPU then agree to one rounding step)
+        data, scales, _ = functional.int8_vectorwise_quant(source.to(torch.float16))
         return QuantizedWeight(kind, data, scales, None, shape, weight.dtype)
     if kind == "nf4":
         # One flat row: bitsandbytes 0.50.2's CPU path misquantizes 2-D weights whose rows are not a
