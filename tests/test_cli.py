@@ -216,7 +216,7 @@ def test_a_seed_outside_0_to_2_32_is_refused(seed, capsys, tmp_path):
 
 
 def test_numbers_written_as_people_write_them_in_yaml(tmp_path):
-    from hsplitlora.config import load_config
+    from hsplitlora.checks import load_config
 
     config = tmp_path / "run.yaml"
     config.write_text("model: tiny\nlr: 1e-3\nalpha: 32\nserver_flops: 5e12\n")  # PyYAML reads 1e-3 as a string

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hsplitlora.checks import check
 from hsplitlora.compression import MODES, pack
 from hsplitlora.config import RunConfig
 from hsplitlora.errors import UsageError
@@ -83,4 +84,4 @@ def test_byte_counts_match_the_tensors_sent_and_training_still_learns(mode):
 
 def test_unknown_compression_is_refused_with_the_choices():
     with pytest.raises(UsageError, match="compression 'int4' is unknown; choose one of fp32, fp16, bf16, int8"):
-        RunConfig(model="tiny", compression="int4").validate()
+        check(RunConfig(model="tiny", compression="int4"))

@@ -67,7 +67,7 @@ def test_a_bfloat16_run_exports_and_evaluates_in_bfloat16(tmp_path):
 
 
 def test_an_unknown_dtype_is_refused():
-    from hsplitlora.config import load_config
+    from hsplitlora.checks import load_config
     from hsplitlora.errors import UsageError
 
     with pytest.raises(UsageError, match="dtype 'float8' is unknown; choose one of float32, bfloat16, float16"):

@@ -9,8 +9,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hsplitlora.checks import load_config
 from hsplitlora.cli import main
-from hsplitlora.config import RunConfig, load_config
+from hsplitlora.config import RunConfig
 from hsplitlora.errors import UsageError
 
 FIELDS = [f.name for f in dataclasses.fields(RunConfig)]

@@ -111,7 +111,7 @@ def test_long_records_keep_the_prompt_end_and_the_response_start(tmp_path):
 
 
 def test_one_file_per_client_gives_each_client_exactly_its_records(tmp_path):
-    from hsplitlora.config import load_config
+    from hsplitlora.checks import load_config
     from hsplitlora.data.sources import load_training_data
 
     folder = tmp_path / "clients"
@@ -190,7 +190,7 @@ def test_rows_come_back_as_written(tmp_path):
 
 
 def test_one_file_split_by_dirichlet_over_a_field_covers_every_training_record_once(tmp_path):
-    from hsplitlora.config import load_config
+    from hsplitlora.checks import load_config
     from hsplitlora.data.sources import load_training_data
 
     rows = [{"prompt": f"q{i} ", "response": f"a{i}", "topic": ["food", "travel", "sport"][i % 3]} for i in range(60)]

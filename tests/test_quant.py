@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hsplitlora.checks import check
 from hsplitlora.config import RunConfig
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import lora_layers, set_active_adapter, wrap_frozen_linears
@@ -122,11 +123,11 @@ def test_bad_quantization_is_refused_in_one_sentence(tmp_path, capsys):
     one_sentence(capsys.readouterr().err, "client_quant 'int4' is unknown; choose none, int8 or nf4.")
     assert not (tmp_path / "r").exists()
     with pytest.raises(UsageError, match=r"^client_quant 'int4' is unknown; choose none, int8 or nf4\.$"):
-        RunConfig(model="tiny", client_quant="int4").validate()
+        check(RunConfig(model="tiny", client_quant="int4"))
     with pytest.raises(UsageError, match=r"^server_quant 'fp8' is unknown; choose none, int8 or nf4\.$"):
-        RunConfig(model="tiny", server_quant="fp8").validate()
+        check(RunConfig(model="tiny", server_quant="fp8"))
     with pytest.raises(UsageError, match=r"client_quant nf4 .* ft trains every weight"):
-        RunConfig(model="tiny", client_quant="nf4", strategy="ft").validate()
+        check(RunConfig(model="tiny", client_quant="nf4", strategy="ft"))
 
 
 def test_quantized_run_resumes_exactly_and_exports_the_weights_it_computed_with(tmp_path):

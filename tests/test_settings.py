@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from hsplitlora.checks import load_config
 from hsplitlora.cli import main
-from hsplitlora.config import load_config
 from hsplitlora.errors import UsageError
 
 

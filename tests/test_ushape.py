@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from hsplitlora.checks import check
 from hsplitlora.compression import Packed
 from hsplitlora.config import RunConfig
 from hsplitlora.data.e2e import Batcher, data_file, encode, partition_iid, read_e2e
@@ -185,7 +186,7 @@ def test_u_shaped_rounds_plan_aggregate_and_evaluate(engine, tmp_path):
 
 def test_u_shape_is_refused_where_it_cannot_apply(tmp_path):
     with pytest.raises(UsageError, match="split_mode u needs a strategy that splits"):
-        RunConfig(model="tiny", strategy="hetlora", split_mode="u").validate()
+        check(RunConfig(model="tiny", strategy="hetlora", split_mode="u"))
     with pytest.raises(UsageError, match="split_mode 'w' is unknown"):
         RunConfig(model="tiny", split_mode="w").validate()
     with pytest.raises(UsageError, match=r"tail_blocks 3 is out of range.*\[0, 2\]"):

@@ -16,7 +16,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from hsplitlora import interrupts
-from hsplitlora.config import load_config
 from hsplitlora.errors import UsageError
 
 
@@ -221,6 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from hsplitlora.checks import load_config
     from hsplitlora.rounds import Reporter, resume_config, run
 
     if args.resume:
@@ -312,6 +312,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from hsplitlora.checks import load_config
     from hsplitlora.compare import compare
     from hsplitlora.folders import check_output_name
     from hsplitlora.rounds import default_output_dir
@@ -350,6 +351,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from hsplitlora.checks import load_config
     from hsplitlora.models.loading import load_model
     from hsplitlora.planning import PlanRequest, make_plan
     from hsplitlora.units import format_bytes, parse_budgets

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from hsplitlora import folders
+from hsplitlora.checks import check
 from hsplitlora.config import RunConfig
 from hsplitlora.errors import UsageError
 from hsplitlora.plots import whole_model
@@ -46,9 +47,7 @@ def compare(
     if not overwrite:
         refuse_clobbering(output_dir, ("comparison.json", *strategies), "a comparison",
                           "give --overwrite to replace it, or another --output-dir.")  # fmt: skip
-    configs = {
-        s: dataclasses.replace(config, strategy=s, output_dir=str(output_dir / s)).validate() for s in strategies
-    }
+    configs = {s: check(dataclasses.replace(config, strategy=s, output_dir=str(output_dir / s))) for s in strategies}
     for strategy in strategies:
         check_run_folder(output_dir / strategy, overwrite=overwrite)
     if overwrite:  # the earlier comparison's files and runs, all of them (it may have had other strategies)

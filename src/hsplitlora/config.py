@@ -13,10 +13,14 @@ from typing import Any
 import yaml
 
 from hsplitlora.errors import UsageError, read_text
+from hsplitlora.units import parse_bytes
 
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 SPLIT_MODES = ("standard", "u")
+ENGINES = ("inprocess", "ray")
+DEFAULT_RANK = 8  # a client's rank when its cut is fixed and its rank is not (the foundation's)
+DEFAULT_COMPRESSION = "fp32"  # nothing compressed across the cut
 
 
 @dataclass
@@ -80,7 +84,7 @@ class RunConfig:
     eval_every: int = 1
     val_size: int = 128  # evaluation rows of testset_w_refs.csv used for validation loss
     output_dir: str | None = None
-    compression: str = "fp32"  # activations and gradients across the cut: fp32 | fp16 | bf16 | int8
+    compression: str = DEFAULT_COMPRESSION  # activations and gradients across the cut: fp32 | fp16 | bf16 | int8
     # NAA's update sent down: exact (stacked rows without the receiver's own term, or dense) | svd-ef
     # (best rank-update_rank approximation with error feedback; update_energy may lower the rank)
     update_form: str = "exact"
@@ -90,7 +94,7 @@ class RunConfig:
     # u: the client also keeps the last `tail_blocks` blocks, the head and the loss (labels stay).
     split_mode: str = "standard"
     tail_blocks: int = 1
-    engine: str = "inprocess"  # inprocess | ray
+    engine: str = ENGINES[0]  # inprocess | ray
     ray_address: str | None = None  # join this Ray cluster; default: a local instance on localhost
     ray_client_resources: dict | None = None  # Ray actor options per client: num_cpus, num_gpus, memory, resources
     ray_server_resources: dict | None = None  # Ray actor options of the main server (e.g. num_gpus: 1)
@@ -118,44 +122,26 @@ class RunConfig:
         return self.per_client("split_point")
 
     def validate(self) -> RunConfig:
-        """Check every value that does not need the model; raise UsageError on the first bad one."""
+        """Check every value on its own terms (types, ranges, names); the checks that need the
+        strategies, the data, the devices or torch are `checks.check`'s. Raises UsageError on the
+        first bad value."""
         hints = typing.get_type_hints(RunConfig)
         _check_clients_per_round(self.clients_per_round, self.clients)  # before the type check: nan is named here
         for item in dataclasses.fields(self):
             _check_type(item.name, getattr(self, item.name), hints[item.name])
-        _positive("clients", self.clients)
-        _positive("rounds", self.rounds)
-        _positive("local_steps", self.local_steps)
-        _positive("eval_every", self.eval_every)
-        _positive("val_size", self.val_size)
-        _positive("batch_size", self.batch_size)
-        _positive("max_seq_len", self.max_seq_len)
-        if not self.lr > 0:
-            raise UsageError(f"lr must be a positive number, got {self.lr}.")
-        if not self.alpha > 0:
-            raise UsageError(f"alpha must be a positive number, got {self.alpha}.")
+        for name in POSITIVE_INTEGERS + (("threads",) if self.threads is not None else ()):
+            _positive(name, getattr(self, name))
+        for name in ("lr", "alpha", "tau", "ft_lr", "server_flops", "dirichlet_alpha"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"{name} must be a positive number, got {getattr(self, name)}.")
         for name in ("rho", "gamma_max"):
             if not 0 <= getattr(self, name) < 1:
                 raise UsageError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
-        for name in ("tau", "ft_lr", "server_flops"):
-            if not getattr(self, name) > 0:
-                raise UsageError(f"{name} must be a positive number, got {getattr(self, name)}.")
         if not 0 <= self.replan_delta <= 1:
             raise UsageError(f"replan_delta must be in [0, 1], got {self.replan_delta}.")
-        _positive("s_min", self.s_min)
-        _positive("r_ref", self.r_ref)
-        _positive("warmup_batches", self.warmup_batches)
-        if self.threads is not None:
-            _positive("threads", self.threads)
         if not 0 <= self.seed <= 2**32 - 1:
             raise UsageError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed}.")
-        from hsplitlora.devices import PRESETS, resolve_devices
-        from hsplitlora.units import parse_bytes
-
         parse_bytes(self.server_budget)
-        if self.device_preset not in PRESETS:
-            raise UsageError(f"device preset {self.device_preset!r} is unknown; choose one of {', '.join(PRESETS)}.")
-        resolve_devices(self.clients, self.budgets, self.device_preset, self.devices)
         for rank in self.per_client("rank") if self.rank is not None else []:
             if rank < 0:
                 raise UsageError(f"rank must be 0 (no adapter) or a positive integer, got {rank}.")
@@ -164,76 +150,17 @@ class RunConfig:
                              "positive rank (a 0 in a per-client list leaves one client out).")  # fmt: skip
         if self.split_point is not None:
             self.per_client("split_point")
-        from hsplitlora.strategies import STRATEGIES
-
-        if self.strategy not in STRATEGIES:
-            raise UsageError(f"strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
-        from hsplitlora.compression import check_mode
-
-        check_mode(self.compression)
-        if self.split_mode not in SPLIT_MODES:
-            raise UsageError(f"split_mode {self.split_mode!r} is unknown; choose {' or '.join(SPLIT_MODES)}.")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise UsageError(f"{name} {getattr(self, name)!r} is unknown; choose {' or '.join(choices)}.")
         if self.tail_blocks < 0:
             raise UsageError(f"tail_blocks must be 0 or a positive integer, got {self.tail_blocks}.")
-        if self.split_mode == "u" and not STRATEGIES[self.strategy].splits:
-            splitting = ", ".join(name for name, cls in STRATEGIES.items() if cls.splits)
-            raise UsageError(
-                f"split_mode u needs a strategy that splits the model, and {self.strategy} runs it whole on every "
-                f"client; choose one of {splitting}."
-            )
-        strategy = STRATEGIES[self.strategy]
-        if self.split_point is not None and not strategy.splits:
-            raise UsageError(
-                f"split_point fixes where the model is cut, and {self.strategy} runs it whole on every client; "
-                "drop split_point or choose a strategy that splits."
-            )
-        if self.rank is not None and strategy.full_finetune:
-            raise UsageError(
-                f"rank sets LoRA ranks, and {self.strategy} trains every weight, without adapters; drop it."
-            )
-        if self.rank is not None and strategy.centralised and len(set(self.per_client("rank"))) > 1:
-            raise UsageError(
-                f"{self.strategy} is a centralised reference: one trainer on the pooled data, with one rank; got "
-                f"ranks {self.per_client('rank')}: give one value."
-            )
-        if self.rank is not None and strategy.aggregation.one_rank and len(set(self.per_client("rank"))) > 1:
-            raise UsageError(
-                f"{self.strategy} averages the factors of all clients, so they need one rank; got ranks "
-                f"{self.per_client('rank')}: give one value."
-            )
-        if self.split_rule not in ("fastest", "deepest"):
-            raise UsageError(f"split_rule {self.split_rule!r} is unknown; choose fastest or deepest.")
-        if self.adapter_lifecycle not in ("persist", "recreate"):
-            raise UsageError(f"adapter_lifecycle {self.adapter_lifecycle!r} is unknown; choose persist or recreate.")
-        if self.update_form not in ("exact", "svd-ef"):
-            raise UsageError(f"update_form {self.update_form!r} is unknown; choose exact or svd-ef.")
-        _positive("update_rank", self.update_rank)
         if self.update_energy is not None and not 0 < self.update_energy <= 1:
             raise UsageError(f"update_energy must be in (0, 1], the share of squared singular values kept; got "
                              f"{self.update_energy}.")  # fmt: skip
-        if self.engine not in ("inprocess", "ray"):
-            raise UsageError(f"engine {self.engine!r} is unknown; choose inprocess or ray.")
-        if self.partition not in ("iid", "dirichlet"):
-            raise UsageError(f"partition {self.partition!r} is unknown; choose iid or dirichlet.")
-        self._validate_data()
-        from hsplitlora.models.loading import torch_dtype
-
-        torch_dtype(self.dtype)
-        self._validate_quant(strategy)
-        from hsplitlora.placement import placement
-
-        placement(self.device, self.client_device, self.server_device, check=False)
-        if not self.dirichlet_alpha > 0:
-            raise UsageError(f"dirichlet_alpha must be a positive number, got {self.dirichlet_alpha}.")
-        if (
-            sorted(set(self.rank_levels)) != sorted(self.rank_levels)
-            or 0 not in self.rank_levels
-            or min(self.rank_levels) < 0
-        ):
+        levels = self.rank_levels
+        if sorted(set(levels)) != sorted(levels) or 0 not in levels or min(levels) < 0:
             raise UsageError(f"rank_levels {self.rank_levels} must be distinct non-negative integers including 0.")
-        if max(self.rank_levels) == 0 and self.rank is None and not strategy.full_finetune:
-            raise UsageError(f"rank_levels {self.rank_levels} hold no positive rank, so every adapter gets rank 0 and "
-                             "nothing would be trained; add positive levels, like 0,2,4,8,16.")  # fmt: skip
         bad = [t for t in self.targets if t not in ALL_TARGETS]
         if bad or not self.targets:
             raise UsageError(
@@ -244,44 +171,6 @@ class RunConfig:
             raise UsageError(f"targets {self.targets} name {repeated[0]} more than once; name each matrix once.")
         return self
 
-    def _validate_quant(self, strategy) -> None:
-        from hsplitlora.lora.quant import check_quant
-
-        check_quant(self.client_quant, "client_quant")
-        check_quant(self.server_quant, "server_quant")
-        quantized = [n for n in ("client_quant", "server_quant") if getattr(self, n) != "none"]
-        if quantized and strategy.full_finetune:
-            raise UsageError(f"{quantized[0]} {getattr(self, quantized[0])} holds the frozen weights in fewer bits, "
-                             f"and {self.strategy} trains every weight; drop {quantized[0]} or choose a LoRA "
-                             "strategy.")  # fmt: skip
-
-    def _validate_data(self) -> None:
-        own = self.data != "e2e"
-        if self.client_data is not None:
-            from hsplitlora.data.records import data_files
-
-            if own:
-                raise UsageError(
-                    "give data (one file split across clients) or client_data (a file per client), not both."
-                )
-            count = len(data_files(self.client_data))
-            if count != self.clients:
-                raise UsageError(
-                    f"client_data {self.client_data} holds {count} client files but clients is {self.clients}; "
-                    f"leave clients out (it is the number of files) or give {count}."
-                )
-            if self.partition != "iid" or self.partition_field is not None:
-                raise UsageError("client_data gives each client its own file, so partition settings do not apply.")
-        if self.partition_field is not None and not own and self.client_data is None:
-            raise UsageError("partition_field names a field of your own data; E2E's Dirichlet partition uses eatType "
-                             "and food.")  # fmt: skip
-        if own and self.partition == "dirichlet" and self.partition_field is None:
-            raise UsageError("partition dirichlet on your own data needs partition_field, the field whose values group "
-                             "the records.")  # fmt: skip
-        for name in ("prompt_field", "response_field"):
-            if not getattr(self, name).strip():
-                raise UsageError(f"{name} must name a field, got an empty name.")
-
     @property
     def tail(self) -> int | None:
         """The client's tail blocks in a U-shaped split; None for the standard split."""
@@ -289,6 +178,19 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+POSITIVE_INTEGERS = ("clients", "rounds", "local_steps", "eval_every", "val_size", "batch_size", "max_seq_len",
+                     "s_min", "r_ref", "warmup_batches", "update_rank")  # fmt: skip
+# Settings that name one of a few choices (those that need another module: checks.py).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "split_mode": SPLIT_MODES,
+    "split_rule": ("fastest", "deepest"),
+    "adapter_lifecycle": ("persist", "recreate"),
+    "update_form": ("exact", "svd-ef"),
+    "engine": ENGINES,
+    "partition": ("iid", "dirichlet"),
+}
 
 
 # The settings a command-line flag sets (`--split-point` for split_point), with their help; the
@@ -415,8 +317,9 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the YAML file's keys, then explicit overrides (CLI flags)."""
+def read_settings(path: str | Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings given: the YAML file's keys, then explicit overrides (CLI flags) over them.
+    `checks.load_config` makes them a checked RunConfig."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -434,11 +337,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     values = {k: _number_as_written(k, v) for k, v in values.items()}
     overrides = {ALIASES.get(k, k): v for k, v in (overrides or {}).items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    given = set(values)  # what the file or a flag set, as opposed to a default
-    if values.get("client_data") and "clients" not in values and isinstance(values["client_data"], str):
-        from hsplitlora.data.records import data_files
+    return values
 
-        values["clients"] = len(data_files(values["client_data"]))  # one client per file
+
+def make_config(values: dict[str, Any]) -> RunConfig:
+    """Defaults with `values` over them, checked on their own terms (`RunConfig.validate`)."""
     unknown = sorted(set(values) - set(config_fields()))
     if unknown:
         raise UsageError(f"unknown setting {unknown[0]!r}; valid settings are {', '.join(sorted(config_fields()))}.")
@@ -446,9 +349,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         config = RunConfig(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the unknown-key check
         raise UsageError(str(exc)) from exc
-    config.validate()
-    refuse_ignored(config, given)
-    return config
+    return config.validate()
 
 
 ALIASES = {"steps": "local_steps"}  # the foundation's name for local_steps
@@ -498,11 +399,8 @@ def _file_settings(loaded: dict, path: Path) -> dict[str, Any]:
 
 def refuse_ignored(config: RunConfig, given: set[str]) -> None:
     """A setting given (in the file or as a flag) that would have no effect with the others is
-    refused with the reason, rather than recorded and ignored."""
-    from hsplitlora.data.sources import refuse_ignored_data_settings
-    from hsplitlora.strategies import STRATEGIES
-
-    refuse_ignored_data_settings(config, given)
+    refused with the reason, rather than recorded and ignored (those about the data and the
+    strategy: `checks.check`)."""
     if "tail_blocks" in given and config.split_mode != "u":
         raise UsageError(f"tail_blocks {config.tail_blocks} sets the blocks a client keeps in a U-shaped split, and "
                          f"split_mode is {config.split_mode}; add split_mode u or drop tail_blocks.")  # fmt: skip
@@ -513,8 +411,3 @@ def refuse_ignored(config: RunConfig, given: set[str]) -> None:
     if "device_preset" in given and config.budgets is not None:
         raise UsageError(f"device_preset {config.device_preset} names whole devices, and budgets replaces them (at "
                          "default speeds and links); give one of the two.")  # fmt: skip
-    if "adapter_lifecycle" in given and not STRATEGIES[config.strategy].adapter_lifecycles:
-        having = ", ".join(name for name, cls in STRATEGIES.items() if cls.adapter_lifecycles)
-        raise UsageError(f"adapter_lifecycle sets what HSplitLoRA's adapters do across rounds, and "
-                         f"{config.strategy} has a fixed life cycle of its own; drop adapter_lifecycle or choose one "
-                         f"of {having}.")  # fmt: skip

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hsplitlora.checks import check
 from hsplitlora.config import RunConfig, config_fields
 from hsplitlora.data.fingerprint import check_fingerprints, fingerprints
 from hsplitlora.errors import UsageError, check_regular_file
@@ -159,7 +160,7 @@ def run(
     """Run `config.rounds` rounds of `config.strategy`; returns the metrics and the run folder.
     With `resume`, continue the run in `config.output_dir` from its last checkpoint; `overwrite`
     replaces a run already in that folder (otherwise refused)."""
-    config.validate()
+    check(config)
     prepare_paths(config, resume, overwrite)
     where = placement(config.device, config.client_device, config.server_device)
     reporter = reporter or Reporter()

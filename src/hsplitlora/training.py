@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hsplitlora.config import RunConfig
+from hsplitlora.checks import check
+from hsplitlora.config import DEFAULT_RANK, RunConfig
 from hsplitlora.data.e2e import client_batchers
 from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.lora.attach import Candidate, attach_lora
@@ -53,8 +54,8 @@ def make_roles(
 def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Federation:
     """Load the model and data, cut the model at each client's fixed split point (U-shaped when
     `config.split_mode` is u) and give every candidate of every client (client and server side)
-    the client's fixed rank (default 8)."""
-    config.validate()
+    the client's fixed rank (default DEFAULT_RANK)."""
+    check(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -65,7 +66,7 @@ def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Fe
     split_points = config.split_points(arch.num_blocks(model))
     for split_point in split_points:
         check_split_point(split_point, arch.num_blocks(model), config.tail)
-    ranks = config.per_client("rank") if config.rank is not None else [8] * config.clients
+    ranks = config.per_client("rank") if config.rank is not None else [DEFAULT_RANK] * config.clients
 
     from hsplitlora.data.sources import load_training_data
 

@@ -53,6 +53,31 @@ def client_files(config) -> list[Path]:
     return data_files(config.client_data)
 
 
+def check_data_settings(config) -> None:
+    """The data settings that contradict each other or the client files found."""
+    own = config.data != "e2e"
+    if config.client_data is not None:
+        if own:
+            raise UsageError("give data (one file split across clients) or client_data (a file per client), not both.")
+        count = len(data_files(config.client_data))
+        if count != config.clients:
+            raise UsageError(
+                f"client_data {config.client_data} holds {count} client files but clients is {config.clients}; "
+                f"leave clients out (it is the number of files) or give {count}."
+            )
+        if config.partition != "iid" or config.partition_field is not None:
+            raise UsageError("client_data gives each client its own file, so partition settings do not apply.")
+    if config.partition_field is not None and not own and config.client_data is None:
+        raise UsageError("partition_field names a field of your own data; E2E's Dirichlet partition uses eatType "
+                         "and food.")  # fmt: skip
+    if own and config.partition == "dirichlet" and config.partition_field is None:
+        raise UsageError("partition dirichlet on your own data needs partition_field, the field whose values group "
+                         "the records.")  # fmt: skip
+    for name in ("prompt_field", "response_field"):
+        if not getattr(config, name).strip():
+            raise UsageError(f"{name} must name a field, got an empty name.")
+
+
 def refuse_ignored_data_settings(config, given: set[str]) -> None:
     """Data settings the data given would ignore (`given`: the settings set explicitly), refused
     with the reason."""
