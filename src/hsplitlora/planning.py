@@ -43,12 +43,14 @@ class PlanRequest:
     server_flops: float = RUN.server_flops
     client_quant: str = RUN.client_quant  # clients' blocks held as int8 / nf4: more of them fit a budget
     server_quant: str = RUN.server_quant
+    clients_per_round: int | None = None  # m of K train each round and share the main server (None: all)
 
     @classmethod
     def from_config(cls, config: RunConfig, uniform_importance: bool = False,
                     leave_out_infeasible: bool = False) -> PlanRequest:  # fmt: skip
         """What `run` with this (validated) config would plan: `plan` and `run` share one validation."""
         from hsplitlora.devices import resolve_devices
+        from hsplitlora.method.sampling import per_round
         from hsplitlora.units import parse_bytes
 
         devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
@@ -60,6 +62,7 @@ class PlanRequest:
             leave_out_infeasible=leave_out_infeasible, seed=config.seed, tail_blocks=config.tail,
             split_rule=config.split_rule, local_steps=config.local_steps, server_flops=config.server_flops,
             client_quant=config.client_quant, server_quant=config.server_quant,
+            clients_per_round=per_round(config.clients_per_round, len(devices)) if config.clients_per_round else None,
         )  # fmt: skip
 
 
@@ -112,6 +115,7 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
         split_rule=request.split_rule,
         round_time=round_time,
         alternatives=alternatives,
+        sharing=request.clients_per_round,
     )
     if not result.clients:  # every client left out: an empty plan would read as a plan
         largest = request.budgets.index(max(request.budgets))
@@ -139,5 +143,6 @@ def _hsplitlora(loaded: LoadedModel, memory: MemoryModel, request: PlanRequest):
     )  # fmt: skip
     devices = resolve_devices(len(request.budgets), [str(b) for b in request.budgets])
     context = StrategyContext(memory, devices, request.server_budget, tuple(request.levels), request.rho,
-                              request.s_min, 0.1, split_rule="fastest", workload=workload)  # fmt: skip
+                              request.s_min, 0.1, split_rule="fastest", workload=workload,
+                              clients_per_round=request.clients_per_round)  # fmt: skip
     return HSplitLoRA(context)

@@ -6,6 +6,8 @@
     U-shaped split: the client's FLOPs add its last t blocks and the head, the server's lose them,
     and a step's bytes are the four messages (h and dL/dh at both cuts)
     round = max(slowest client's path, server busy time)
+    planning under client sampling (m of K train each round): the expected round,
+              max(slowest client's path over all K, (m / K) x the server busy time of all K)
 
 FLOPs per token: 4 P for a frozen matrix of P weights (forward, and backward to its input only),
 6 P for a trained adapter (forward, input and weight gradients); the head 4 d V.
@@ -123,10 +125,17 @@ def predicted_round_time(
     workload: Workload,
     aggregation: Aggregation | None = None,
     anchored: bool = False,
+    sharing: int | None = None,
 ) -> float:
     """The round time `round_time` predicts for a plan before it runs: E steps per client, each
     crossing the cut with h and dL/dh (four tensors in a U-shaped split), then the client-side
-    factors up and the update of every candidate it holds down."""
+    factors up and the update of every candidate it holds down.
+
+    `sharing` m < K (client sampling): each client trains in a round with probability m / K, so the
+    main server's expected busy time is (m / K) times its busy time over all K; the client path is
+    still the slowest of all K, not an expected maximum over m: the plan holds for every round and
+    any client may be drawn (over R rounds the slowest is left out of all with probability
+    (1 - m/K)^R), so a plan that counts on its absence would be slow whenever it is drawn."""
     crossings = 4 if memory.u_shaped else 2
     ranks = trained_ranks(plans)
     work = []
@@ -143,4 +152,6 @@ def predicted_round_time(
         ))  # fmt: skip
     timing = round_time(memory, plans, devices, work, workload.server_flops, workload.vocab_size,
                         workload.hidden_size)  # fmt: skip
-    return timing["round_s"]
+    if sharing is None or sharing >= len(plans):
+        return timing["round_s"]
+    return max([*timing["client_s"], timing["server_busy_s"] * sharing / len(plans)])

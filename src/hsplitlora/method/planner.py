@@ -3,12 +3,13 @@
 For each client i with budget M_i:
   1. split point s_i (split_rule fastest, method.md section 4 revised): the cuts that minimise the
      predicted round time among those whose adapter-free memory fits (1 - rho) M_i on the client
-     and M_S / K on the server, chosen jointly; (split_rule deepest) the deepest s in [s_min, L-1]
+     and M_S / m on the server (m the clients that train at once: K, or clients_per_round), chosen
+     jointly; (split_rule deepest) the deepest s in [s_min, L-1]
      (U-shaped: [s_min, L-1-t]) with Mem_client(s, no adapters) <= (1 - rho) M_i;
   2. client-side ranks: from all-zero, repeatedly raise the candidate with the best
      I(W) (u(r') - u(r)) / (C(W, r') - C(W, r)),  u(r) = log2(1 + r),  r' the next level of Q,
      while the total stays within M_i (an upgrade that does not fit retires that candidate);
-  3. server-side ranks for blocks [s_i, L): the same greedy within the main server's M_S / K.
+  3. server-side ranks for blocks [s_i, L): the same greedy within the main server's M_S / m.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Plan:
     levels: tuple[int, ...]
     left_out: list[int] = field(default_factory=list)  # clients whose budget holds no cut
     tail_blocks: int | None = None  # U-shaped split: every client also runs the last t blocks and the head
+    sharing: int | None = None  # clients that share the main server at once (clients_per_round); None: all
 
     def to_state(self) -> dict:
         """Everything, losslessly (checkpoints); `to_dict` is the user-facing schema."""
@@ -72,7 +74,7 @@ class Plan:
         return next(c for c in self.clients if c.client == client_id)
 
     def to_dict(self) -> dict:
-        per_client = self.server_budget_bytes // max(len(self.clients) + len(self.left_out), 1)
+        per_client = self.server_budget_bytes // max(self.sharing or len(self.clients) + len(self.left_out), 1)
         return {
             "clients": [
                 {
@@ -204,6 +206,7 @@ def plan(
     round_time: Callable[[list[ClientPlan]], float] | None = None,
     split_points: Sequence[int] | None = None,
     alternatives: Sequence[Plan] = (),
+    sharing: int | None = None,
 ) -> Plan:
     """Split points and ranks for every client (and the main server's ranks per client).
 
@@ -212,7 +215,9 @@ def plan(
     M_S / K) that minimise `round_time` of the whole plan, by coordinate descent from the
     all-shallowest cuts; the deepest-fit cuts and any `alternatives` (complete plans, such as
     SplitLoRA's uniform one) are candidates too, so the result never predicts a slower round than
-    any of them. `split_points` fixes the cuts (re-planning keeps them)."""
+    any of them. `split_points` fixes the cuts (re-planning keeps them). `sharing`: how many clients
+    train at once under client sampling (m of K); the main server's budget is split among them,
+    M_S / m each, since only the sampled clients hold activations and adapters there."""
     if not 1 <= s_min <= memory.deepest_split_point:
         tail = f" with a tail of {memory.tail_blocks} block(s)" if memory.u_shaped else ""
         raise UsageError(f"s_min {s_min} must be in [1, {memory.deepest_split_point}] for this model{tail}.")
@@ -224,7 +229,7 @@ def plan(
         raise UsageError(f"split_rule {split_rule!r} is unknown; choose {' or '.join(SPLIT_RULES)}.")
     if split_rule == "fastest" and round_time is None and split_points is None:
         raise ValueError("split_rule fastest needs a round_time model")
-    server_share = server_budget_bytes // max(len(budgets), 1)
+    server_share = server_budget_bytes // max(sharing or len(budgets), 1)
     deepest: dict[int, int] = {}
     left_out = []
     for client_id, budget in enumerate(budgets):
@@ -250,7 +255,7 @@ def plan(
     def finish(clients: list[ClientPlan]) -> Plan:
         shallowest = min((c.split_point for c in clients), default=memory.deepest_split_point)
         return Plan(clients, int(server_budget_bytes), memory.server_frozen_bytes(shallowest), tuple(levels),
-                    left_out, memory.tail_blocks)  # fmt: skip
+                    left_out, memory.tail_blocks, sharing)  # fmt: skip
 
     deepest_cuts = [deepest[c] for c in members]
     if split_points is not None:

@@ -61,7 +61,7 @@ class NoIWI(HSplitLoRA):
                 memory.server_bytes(client.split_point, server_ranks),
             ))  # fmt: skip
         return Plan(clients, base.server_budget_bytes, base.server_frozen_bytes, base.levels,
-                    tail_blocks=base.tail_blocks)  # fmt: skip
+                    tail_blocks=base.tail_blocks, sharing=base.sharing)  # fmt: skip
 
 
 class NoARMSC(HSplitLoRA):
