@@ -18,7 +18,8 @@ from hsplitlora.units import parse_bytes
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 SPLIT_MODES = ("standard", "u")
-ENGINES = ("inprocess", "ray")
+INPROCESS, RAY = "inprocess", "ray"
+ENGINES = (INPROCESS, RAY)
 DEFAULT_RANK = 8  # a client's rank when its cut is fixed and its rank is not (the foundation's)
 DEFAULT_COMPRESSION = "fp32"  # nothing compressed across the cut
 
@@ -94,7 +95,7 @@ class RunConfig:
     # u: the client also keeps the last `tail_blocks` blocks, the head and the loss (labels stay).
     split_mode: str = "standard"
     tail_blocks: int = 1
-    engine: str = ENGINES[0]  # inprocess | ray
+    engine: str = INPROCESS  # inprocess | ray
     ray_address: str | None = None  # join this Ray cluster; default: a local instance on localhost
     ray_client_resources: dict | None = None  # Ray actor options per client: num_cpus, num_gpus, memory, resources
     ray_server_resources: dict | None = None  # Ray actor options of the main server (e.g. num_gpus: 1)
@@ -405,7 +406,7 @@ def refuse_ignored(config: RunConfig, given: set[str]) -> None:
         raise UsageError(f"tail_blocks {config.tail_blocks} sets the blocks a client keeps in a U-shaped split, and "
                          f"split_mode is {config.split_mode}; add split_mode u or drop tail_blocks.")  # fmt: skip
     for name in ("ray_address", "ray_client_resources", "ray_server_resources"):
-        if getattr(config, name) is not None and config.engine != "ray":
+        if getattr(config, name) is not None and config.engine != RAY:
             raise UsageError(f"{name} configures the Ray engine, and engine is {config.engine}; add engine ray or "
                              f"drop {name}.")  # fmt: skip
     if "device_preset" in given and config.budgets is not None:

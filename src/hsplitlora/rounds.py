@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hsplitlora.checks import check
-from hsplitlora.config import RunConfig, config_fields
+from hsplitlora.config import INPROCESS, RunConfig, config_fields
 from hsplitlora.data.fingerprint import check_fingerprints, fingerprints
 from hsplitlora.errors import UsageError, check_regular_file
 from hsplitlora.evaluation.perplexity import perplexity
@@ -267,7 +267,7 @@ class _Loop:
         self.first_plan = True
         if config.split_point is not None or config.rank is not None:
             warn_over_budget(self.plan, strategy, self.log)
-        if config.engine == "inprocess":
+        if config.engine == INPROCESS:
             remedy = "lower batch_size or max_seq_len, use fewer clients, or --engine ray on several machines."
             check_fits(simulation_bytes(setup.memory, self.plan), "simulating every client in this process", remedy)
         if overwrite:

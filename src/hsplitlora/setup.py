@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hsplitlora.config import RunConfig
+from hsplitlora.config import DEFAULT_RANK, RAY, RunConfig
 from hsplitlora.data.e2e import Batch, collate
 from hsplitlora.data.sources import load_training_data
 from hsplitlora.devices import DeviceProfile, resolve_devices
@@ -19,7 +19,6 @@ from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora, wrap_frozen_linears
 from hsplitlora.method.aggregation import ExactChange, TruncatedChange
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
-from hsplitlora.method.sampling import per_round
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point, check_tail_blocks
@@ -100,13 +99,10 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     fixed_ranks = config.per_client("rank") if config.rank is not None else None
     check_ranks(memory, fixed_ranks or [], config.rank_levels)
     if fixed_splits is not None and fixed_ranks is None:
-        fixed_ranks = [8] * len(shards)  # a fixed cut alone keeps the foundation's default rank
-    # m clients share the main server each round: the planner gives each M_S / m and expects m / K of its busy time.
-    sharing = None if strategy_class.centralised else per_round(config.clients_per_round, len(shards))
+        fixed_ranks = [DEFAULT_RANK] * len(shards)  # a fixed cut alone keeps the foundation's default rank
     context = StrategyContext(
         memory, devices, server_budget, tuple(config.rank_levels), config.rho, config.s_min, config.replan_delta,
         fixed_splits, fixed_ranks, config.split_rule, config.adapter_lifecycle, workload,
-        sharing if sharing is not None and sharing < len(devices) else None,
     )  # fmt: skip
     strategy = strategy_class(context)
     if config.update_form == "svd-ef":
@@ -121,7 +117,7 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     # Cuts follow the budgets, not importance: a uniform plan tells each Ray actor which blocks to
     # load, and where round 1's importance is measured.
     cuts = strategy.initial_cuts()
-    if config.engine == "ray":
+    if config.engine == RAY:
         from hsplitlora.engines.ray_engine import RayEngine
 
         spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hsplitlora.compression import pack
+from hsplitlora.config import INPROCESS
 from hsplitlora.data.e2e import IGNORE_INDEX, Batch, Encoded, collate, data_file, encode, read_e2e
 from hsplitlora.errors import UsageError, read_text
 from hsplitlora.models.architectures import architecture_of
@@ -215,7 +216,7 @@ def capture(run_dir: str | Path, cuts: Sequence[int] | None = None, batches: int
 
     saved, weights = read_run(run_dir)
     config = run_config(saved)
-    config.engine = "inprocess"  # the same client code; where the hosts live does not change a message
+    config.engine = INPROCESS  # the same client code; where the hosts live does not change a message
     loaded = load_model(config.model, seed=config.seed, dtype=config.dtype)
     cpu = torch.device("cpu")
     setup = build_setup(config, Placement(cpu, cpu), loaded)
