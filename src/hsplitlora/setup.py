@@ -19,6 +19,7 @@ from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora, wrap_frozen_linears
 from hsplitlora.method.aggregation import ExactChange, TruncatedChange
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
+from hsplitlora.method.sampling import per_round
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point, check_tail_blocks
@@ -100,9 +101,12 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     check_ranks(memory, fixed_ranks or [], config.rank_levels)
     if fixed_splits is not None and fixed_ranks is None:
         fixed_ranks = [DEFAULT_RANK] * len(shards)  # a fixed cut alone keeps the foundation's default rank
+    # m clients share the main server each round: the planner gives each M_S / m and expects m / K of its busy time.
+    sharing = None if strategy_class.centralised else per_round(config.clients_per_round, len(shards))
     context = StrategyContext(
         memory, devices, server_budget, tuple(config.rank_levels), config.rho, config.s_min, config.replan_delta,
         fixed_splits, fixed_ranks, config.split_rule, config.adapter_lifecycle, workload,
+        sharing if sharing is not None and sharing < len(devices) else None,
     )  # fmt: skip
     strategy = strategy_class(context)
     if config.update_form == "svd-ef":

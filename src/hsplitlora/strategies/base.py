@@ -32,6 +32,7 @@ class StrategyContext:
     split_rule: str = "deepest"  # ARMSC's cut: fastest (time model) | deepest (memory only)
     adapter_lifecycle: str = "persist"  # NAA's adapters: persist (with anchors) | recreate (every round)
     workload: Workload | None = None  # what a round does, for predicting round times
+    clients_per_round: int | None = None  # m clients train (and share the main server) each round; None: all K
 
 
 class Strategy:
@@ -54,6 +55,13 @@ class Strategy:
         return [d.budget_bytes for d in self.context.devices]
 
     @property
+    def server_share(self) -> int:
+        """The main server's memory per client, M_S / m: only the m clients that train at once hold
+        activations and adapters there (m = K without client sampling)."""
+        c = self.context
+        return c.server_budget // (c.clients_per_round or len(c.devices))
+
+    @property
     def persistent_adapters(self) -> bool:
         """Whether adapters live on across rounds (anchored or overwritten) rather than re-created."""
         return self.adapters != "recreate"
@@ -73,7 +81,8 @@ class Strategy:
         if c.workload is None:
             raise ValueError("this strategy was built without a workload to predict round times")
         devices = [c.devices[p.client] for p in clients]
-        return predicted_round_time(c.memory, clients, devices, c.workload, self.aggregation, self.adapters == "anchor")
+        return predicted_round_time(c.memory, clients, devices, c.workload, self.aggregation, self.adapters == "anchor",
+                                    c.clients_per_round)  # fmt: skip
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         raise NotImplementedError
@@ -129,7 +138,7 @@ class Strategy:
             ))  # fmt: skip
         shallowest = min(split_points)
         return Plan(clients, self.context.server_budget, memory.server_frozen_bytes(shallowest), self.context.levels,
-                    tail_blocks=memory.tail_blocks)  # fmt: skip
+                    tail_blocks=memory.tail_blocks, sharing=self.context.clients_per_round)  # fmt: skip
 
     def unsplit_plan(self, ranks: list[int]) -> Plan:
         """Every client runs the whole model (split point L) with one rank on every candidate;
@@ -149,7 +158,7 @@ class Strategy:
         best = 0
         for level in sorted(self.context.levels):
             if server_side:
-                share = self.context.server_budget // len(self.context.devices)
+                share = self.server_share
                 fits = memory.server_bytes(split_point, dict.fromkeys(memory.server_side(split_point), level)) <= share
             else:
                 fits = memory.client_bytes(split_point, dict.fromkeys(memory.client_side(split_point), level)) <= budget
@@ -193,11 +202,11 @@ class Strategy:
 
     def uniform_ranks(self) -> dict[int, int]:
         """Per cut s that ARMSC allows for every client (adapter-free memory within (1 - rho) M_i on
-        each client and within M_S / K on the server), the largest level of Q that every client's
+        each client and within M_S / m on the server), the largest level of Q that every client's
         budget and the server's per-client share hold on all candidates of their side; cuts where
         no positive level fits are left out."""
         c, memory = self.context, self.context.memory
-        share = c.server_budget // len(c.devices)
+        share = self.server_share
         weakest = min(self.budgets)
         ranks = {}
         for split_point in range(c.s_min, memory.deepest_split_point + 1):
@@ -221,7 +230,7 @@ class Strategy:
             raise UsageError(
                 f"no single cut from {c.s_min} to {c.memory.deepest_split_point} holds adapters of one positive "
                 f"rank within the weakest budget of {format_bytes(min(self.budgets))} and the main server's "
-                f"per-client share of {format_bytes(c.server_budget // len(c.devices))}; give larger budgets or "
+                f"per-client share of {format_bytes(self.server_share)}; give larger budgets or "
                 "smaller rank levels."
             )
         best: tuple[float, int, int] | None = None
@@ -247,7 +256,7 @@ class Strategy:
                 alternatives.append(self.best_uniform_plan())
         return plan(importance, self.budgets, c.memory, c.server_budget, c.levels, c.rho, c.s_min,
                     split_rule=c.split_rule, round_time=self.round_time if fastest else None,
-                    split_points=split_points, alternatives=alternatives)  # fmt: skip
+                    split_points=split_points, alternatives=alternatives, sharing=c.clients_per_round)  # fmt: skip
 
 
 def budget_proportional_ranks(budgets: list[int], levels: tuple[int, ...]) -> list[int]:
