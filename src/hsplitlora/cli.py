@@ -44,9 +44,19 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> None:
-    """A flag for every setting of config.FLAGS (type from the field's hint, default shown from
-    RunConfig); `one_run` adds --strategy and --resume (compare takes a list of strategies)."""
+def _int_list(text: str) -> list[int]:
+    """`0,2,4,8`: a list even of one value."""
+    value = _ints(text)
+    return value if isinstance(value, list) else [value]
+
+
+# Other spellings of a setting's flag, for run and plan alike (plan's older names among them).
+FLAG_ALIASES = {"local_steps": ["--steps"], "max_seq_len": ["--seq-len"], "rank_levels": ["--levels"]}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str], required: Sequence[str] = ()) -> None:
+    """A flag for each setting of `names`, with config.FLAGS' help, a type from the field's hint
+    and the default shown from RunConfig (the flag itself defaults to None: not given)."""
     import dataclasses
     import typing
 
@@ -54,14 +64,13 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
 
     hints = typing.get_type_hints(RunConfig)
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
-    defaults["targets"] = ",".join(RunConfig().targets)
-    parser.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override its keys")
-    for name, text in FLAGS.items():
-        if name == "strategy" and not one_run:
-            continue
+    defaults.update(targets=",".join(RunConfig().targets), rank_levels=",".join(map(str, RunConfig().rank_levels)))
+    for name in names:
         hint = hints[name]
         options = typing.get_args(hint) or (hint,)
-        if list[int] in options:
+        if hint == list[int]:
+            kind = _int_list
+        elif list[int] in options:
             kind = _ints
         elif hint == list[str]:
             kind = _names
@@ -74,9 +83,18 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
         else:
             kind = str
         default = defaults.get(name)
-        help_text = text if default is None else f"{text} (default {default})"
-        flags = ["--" + name.replace("_", "-")] + (["--steps"] if name == "local_steps" else [])
-        parser.add_argument(*flags, dest=name, type=kind, help=help_text)
+        help_text = FLAGS[name] if default is None else f"{FLAGS[name]} (default {default})"
+        flags = ["--" + name.replace("_", "-"), *FLAG_ALIASES.get(name, [])]
+        parser.add_argument(*flags, dest=name, type=kind, help=help_text, required=name in required)
+
+
+def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> None:
+    """A flag for every setting of config.FLAGS; `one_run` adds --strategy and --resume (compare
+    takes a list of strategies)."""
+    from hsplitlora.config import FLAGS
+
+    parser.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override its keys")
+    _add_setting_flags(parser, [name for name in FLAGS if one_run or name != "strategy"])
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what hsplitlora wrote in the output folder before: only the files its "
                              "manifest lists, nothing else (refused without it)")  # fmt: skip
@@ -88,54 +106,18 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
         )
 
 
-def _add_plan_options(parser: argparse.ArgumentParser) -> None:
-    """The settings `plan` shares with `run` take run's defaults (config.RunConfig)."""
-    from hsplitlora.config import RunConfig
+# The settings plan shares with run: the same flags, names, defaults and checks.
+PLAN_SETTINGS = ("model", "dtype", "client_quant", "server_quant", "budgets", "server_budget", "batch_size",
+                 "max_seq_len", "targets", "rank_levels", "rho", "s_min", "split_mode", "tail_blocks", "split_rule",
+                 "local_steps", "server_flops", "warmup_batches", "data_dir", "seed")  # fmt: skip
 
-    run = RunConfig()
-    levels = ",".join(map(str, run.rank_levels))
-    parser.add_argument("--model", default=run.model, help=f"as for run ({run.model})")
-    parser.add_argument("--dtype", default=run.dtype, choices=("float32", "bfloat16", "float16"),
-                        help=f"frozen weights' dtype, as for run ({run.dtype})")  # fmt: skip
-    parser.add_argument("--client-quant", default=run.client_quant, help="clients' block weights: none, int8 or nf4")
-    parser.add_argument("--server-quant", default=run.server_quant, help="main server's block weights, likewise")
-    parser.add_argument("--budgets", required=True, help="client memory budgets: 800MB,1.5GB,2GiB or bytes")
-    parser.add_argument("--server-budget", default=run.server_budget,
-                        help=f"main server memory for all clients ({run.server_budget})")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=run.batch_size,
-                        help=f"batch size b of the memory model ({run.batch_size})")  # fmt: skip
-    parser.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, default=run.max_seq_len,
-                        help=f"length T of the memory model, run's max_seq_len ({run.max_seq_len})")  # fmt: skip
-    parser.add_argument("--targets", type=_names, default=list(run.targets),
-                        help=f"candidate matrices ({','.join(run.targets)})")  # fmt: skip
-    parser.add_argument("--levels", "--rank-levels", dest="levels", type=_ints, default=list(run.rank_levels),
-                        help=f"rank levels Q, run's rank_levels ({levels})")  # fmt: skip
-    parser.add_argument("--rho", type=float, default=run.rho, help=f"budget share kept for adapters ({run.rho})")
-    parser.add_argument("--s-min", type=int, default=run.s_min, help=f"shallowest allowed split point ({run.s_min})")
-    parser.add_argument("--tail-blocks", type=int, help="plan a U-shaped split: every client also keeps the last "
-                        "N blocks, the head and the loss")  # fmt: skip
-    parser.add_argument(
-        "--split-rule",
-        default=run.split_rule,
-        choices=("fastest", "deepest"),
-        help="fastest (as run: least predicted round time at the default device speeds and links, "
-        f"within every budget) or deepest (the deepest cut each budget holds) ({run.split_rule})",
-    )
-    parser.add_argument("--local-steps", type=int, default=run.local_steps,
-                        help=f"with --split-rule fastest: local steps per round, for the time model "
-                        f"({run.local_steps})")  # fmt: skip
-    parser.add_argument("--server-flops", type=float, default=run.server_flops,
-                        help=f"with --split-rule fastest: the main server's FLOP/s, for the time model "
-                        f"({run.server_flops:g})")  # fmt: skip
+
+def _add_plan_options(parser: argparse.ArgumentParser) -> None:
+    """run's flags for the settings plan shares with it (PLAN_SETTINGS), and plan's own."""
+    _add_setting_flags(parser, PLAN_SETTINGS, required=("budgets",))
     parser.add_argument("--uniform-importance", action="store_true", help="skip the warm-up importance pass")
-    parser.add_argument("--warmup-batches", type=int, default=run.warmup_batches,
-                        help=f"without --uniform-importance: batches of the warm-up pass "
-                        f"({run.warmup_batches})")  # fmt: skip
     parser.add_argument("--leave-out-infeasible", action="store_true",
                         help="leave out, with a warning, clients whose budget holds no cut")  # fmt: skip
-    parser.add_argument("--data-dir", help="E2E's folder, for the warm-up pass and the time model's batch lengths, "
-                        "as for run")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=run.seed, help=f"as for run ({run.seed})")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -357,21 +339,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hsplitlora.units import format_bytes, parse_budgets
 
     budgets = parse_budgets(args.budgets)  # one client per budget listed
-    settings = {
-        "model": args.model, "dtype": args.dtype, "clients": len(budgets), "budgets": args.budgets,
-        "client_quant": args.client_quant, "server_quant": args.server_quant,
-        "server_budget": args.server_budget, "batch_size": args.batch_size, "max_seq_len": args.seq_len,
-        "targets": args.targets, "rank_levels": args.levels if isinstance(args.levels, list) else [args.levels],
-        "rho": args.rho, "s_min": args.s_min, "split_rule": args.split_rule, "local_steps": args.local_steps,
-        "server_flops": args.server_flops, "warmup_batches": args.warmup_batches, "data_dir": args.data_dir,
-        "seed": args.seed,
-    }  # fmt: skip
-    if args.tail_blocks is not None:
-        settings.update(split_mode="u", tail_blocks=args.tail_blocks)
+    settings = {name: getattr(args, name) for name in PLAN_SETTINGS} | {"clients": len(budgets)}
+    if args.tail_blocks is not None and args.split_mode is None:  # --tail-blocks alone asks for a U-shaped split
+        settings["split_mode"] = "u"
     config = load_config(None, settings)  # run's validation, so plan refuses exactly what run refuses
     request = PlanRequest.from_config(config, args.uniform_importance, args.leave_out_infeasible)
     server_budget = request.server_budget
-    loaded = load_model(args.model, seed=args.seed, dtype=args.dtype)
+    loaded = load_model(config.model, seed=config.seed, dtype=config.dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = make_plan(loaded, request)
@@ -381,10 +355,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
-    importance_source = "uniform" if args.uniform_importance else f"warm-up pass of {args.warmup_batches} batches"
+    importance_source = "uniform" if args.uniform_importance else f"warm-up pass of {config.warmup_batches} batches"
     shape = "" if plan.tail_blocks is None else f", U-shaped: clients also keep the last {plan.tail_blocks} block(s)"
-    table = Table(title=f"ARMSC plan for {args.model} (batch {args.batch_size} x {args.seq_len} tokens, "
-                        f"importance: {importance_source}, cuts: {args.split_rule}{shape})")  # fmt: skip
+    table = Table(title=f"ARMSC plan for {config.model} (batch {config.batch_size} x {config.max_seq_len} tokens, "
+                        f"importance: {importance_source}, cuts: {config.split_rule}{shape})")  # fmt: skip
     for column in ("client", "budget", "split point", "adapters", "total rank", "predicted memory", "headroom"):
         table.add_column(column, justify="right", no_wrap=True)
     rows = {
