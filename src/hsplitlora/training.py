@@ -18,6 +18,7 @@ from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point
 from hsplitlora.placement import Placement
 from hsplitlora.roles.client import Client
+from hsplitlora.roles.cut import Cut
 from hsplitlora.roles.main_server import MainServer
 from hsplitlora.roles.messages import RoundPlan
 
@@ -41,14 +42,15 @@ def make_roles(
     placement: Placement | None = None,
 ) -> tuple[list[Client], MainServer]:
     """One client per shard (its examples, its seeded batch order) and the main server, each on
-    its device."""
+    its device; each client and the main server hold the same `Cut` of that client."""
     where = placement or Placement(torch.device("cpu"), torch.device("cpu"))
     clients = []
     for cid, shard in enumerate(shards):
         batches, warmup = client_batchers([encoded[i] for i in shard], config.batch_size, pad_id, config.seed, cid)
         clients.append(Client(cid, batches, candidates, config.lr, config.alpha, config.seed, config.compression,
-                              where.client, warmup))  # fmt: skip
-    return clients, MainServer(candidates, config.lr, config.alpha, config.seed, config.compression, where.server)
+                              where.client, warmup, Cut(config.compression)))  # fmt: skip
+    cuts = {client.client_id: client.cut for client in clients}
+    return clients, MainServer(candidates, config.lr, config.alpha, config.seed, config.compression, where.server, cuts)
 
 
 def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Federation:

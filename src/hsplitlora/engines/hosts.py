@@ -10,12 +10,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from hsplitlora.lora.attach import Candidate, set_active_adapter
-from hsplitlora.losses import target_token_loss
+from hsplitlora.lora.attach import Candidate
 from hsplitlora.method.aggregation import term_rows
 from hsplitlora.models.architectures import Architecture
 from hsplitlora.models.loading import held_parameter_names
-from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part, weights_dtype
+from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part
 from hsplitlora.roles.adapters import adapter_name
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.main_server import MainServer
@@ -162,30 +161,14 @@ class ClientHost(Host):
     def load_state_dict(self, state: dict, tensors: Mapping[str, torch.Tensor]) -> None:
         self.client.load_state_dict(state, tensors)
 
-    # -- validation: the same split graph as training, without gradients ---------------------------
-    @torch.no_grad()
-    def eval_front(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str | None) -> torch.Tensor:
-        part = self.client.part
-        set_active_adapter(part, adapter)
-        front = part.front if self.client.u_shaped else part
-        return front(input_ids.to(self.client.device), attention_mask.to(self.client.device)).cpu()
+    def validation_forward(self, batch, adapter: str | None):
+        return self.client.validation_forward(batch, adapter)
 
-    @torch.no_grad()
-    def eval_tail_loss(self, hidden, attention_mask, labels, adapter: str | None) -> tuple[float, int]:
-        """U-shaped: the tail, head and loss on the middle's activations (labels stay here)."""
-        return self._loss(self.client.part.tail, hidden, attention_mask, labels, adapter)
+    def validation_tail(self, middle, batch, adapter: str | None) -> tuple[float, int]:
+        return self.client.validation_tail(middle, batch, adapter)
 
-    @torch.no_grad()
-    def eval_head_loss(self, hidden, attention_mask, labels, adapter: str | None) -> tuple[float, int]:
-        """No split: the head and loss on the last block's output."""
-        return self._loss(self.client.head, hidden, attention_mask, labels, adapter)
-
-    def _loss(self, module, hidden, attention_mask, labels, adapter) -> tuple[float, int]:
-        set_active_adapter(module, adapter)
-        device = self.client.device
-        logits = module(hidden.to(device, weights_dtype(module)), attention_mask.to(device))
-        total, count = target_token_loss(logits, labels.to(device))
-        return float(total), count
+    def validation_local(self, batch, adapter: str | None) -> tuple[float, int]:
+        return self.client.validation_local(batch, adapter)
 
 
 class ServerHost(Host):
@@ -235,17 +218,8 @@ class ServerHost(Host):
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.server.load_state_dict(tensors)
 
-    @torch.no_grad()
-    def eval_loss(self, client_id: int, hidden, attention_mask, labels, adapter: str | None) -> tuple[float, int]:
-        logits = self._run(client_id, hidden, attention_mask, adapter)
-        total, count = target_token_loss(logits, labels.to(self.device))
-        return float(total), count
+    def validation_loss(self, activations, adapter: str | None) -> tuple[float, int]:
+        return self.server.validation_loss(activations, adapter)
 
-    @torch.no_grad()
-    def eval_middle(self, client_id: int, hidden, attention_mask, adapter: str | None) -> torch.Tensor:
-        return self._run(client_id, hidden, attention_mask, adapter).cpu()
-
-    def _run(self, client_id: int, hidden, attention_mask, adapter: str | None) -> torch.Tensor:
-        part = self.server.parts[client_id]
-        set_active_adapter(part, adapter)
-        return part(hidden.to(self.device, weights_dtype(part)), attention_mask.to(self.device))
+    def validation_middle(self, activations, adapter: str | None):
+        return self.server.validation_middle(activations, adapter)

@@ -263,15 +263,15 @@ class Engine(TrafficLedger):
         adapter = None if client_id is None else adapter_name(cid)
         client, total, count = self.actors[cid], 0.0, 0
         for batch in batches:
-            mask, labels = batch.attention_mask, batch.labels
-            hidden = self._call(client, "eval_front", batch.input_ids, mask, adapter)
             if self.local(cid):
-                reference = self._call(client, "eval_head_loss", hidden, mask, labels, adapter)
+                reference = self._call(client, "validation_local", batch, adapter)
             elif self.u_shaped(cid):  # the labels stay on the client
-                middle = self._call(self.server, "eval_middle", cid, hidden, mask, adapter)
-                reference = self._call(client, "eval_tail_loss", middle, mask, labels, adapter)
+                activations = self._call(client, "validation_forward", batch, adapter)
+                middle = self._call(self.server, "validation_middle", activations, adapter)
+                reference = self._call(client, "validation_tail", middle, batch, adapter)
             else:
-                reference = self._call(self.server, "eval_loss", cid, hidden, mask, labels, adapter)
+                activations = self._call(client, "validation_forward", batch, adapter)
+                reference = self._call(self.server, "validation_loss", activations, adapter)
             loss_sum, n = self._get(reference)
             total += loss_sum
             count += n

@@ -6,13 +6,13 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from hsplitlora.compression import pack
 from hsplitlora.data.e2e import Batch
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
 from hsplitlora.models.split import ClientPart, UClientPart, weights_dtype
 from hsplitlora.roles.adapters import AdapterHolder, adapter_name
+from hsplitlora.roles.cut import Cut
 from hsplitlora.roles.messages import (
     ActivationGradient,
     Activations,
@@ -29,11 +29,10 @@ from hsplitlora.roles.messages import (
 class _PendingStep:
     """A split step between the client's forward and its last backward."""
 
-    def __init__(self, step: int, hidden: torch.Tensor, batch: Batch, sent: int):
+    def __init__(self, step: int, hidden: torch.Tensor, batch: Batch):
         self.step = step
         self.hidden = hidden
         self.batch = batch
-        self.traffic = {"activations": sent}
         self.loss: float | None = None
 
 
@@ -52,10 +51,11 @@ class Client:
         compression: str = "fp32",
         device: torch.device | str = "cpu",
         warmup_batches: Iterator[Batch] | None = None,
+        cut: Cut | None = None,
     ):
         self.client_id = client_id
         self.device = torch.device(device)  # where its part computes; batches are moved here
-        self.compression = compression  # of the activations this client sends
+        self.cut = cut if cut is not None else Cut(compression)  # everything it sends and receives passes here
         self.adapter = adapter_name(client_id)
         self.batches = batches
         self.warmup_batches = warmup_batches  # the importance warm-up's own stream, over the same shard
@@ -173,6 +173,11 @@ class Client:
         return isinstance(self.part, UClientPart)
 
     @property
+    def front(self) -> ClientPart:
+        """The blocks before the cut: the whole part, or its front in a U-shaped split."""
+        return self.part.front if self.u_shaped else self.part
+
+    @property
     def local(self) -> bool:
         """Whether this client runs the whole model and its loss (no split)."""
         return self.head is not None
@@ -202,13 +207,13 @@ class Client:
         set_active_adapter(self.part, self.adapter)
         if self.probe is not None:
             self.probe.start()
-        front = self.part.front if self.u_shaped else self.part
-        hidden = front(batch.input_ids, batch.attention_mask)
+        hidden = self.front(batch.input_ids, batch.attention_mask)
         self.samples += batch.input_ids.shape[0]
         self.tokens += int(batch.attention_mask.sum())
         labels = None if self.u_shaped else batch.labels
-        message = Activations(self.client_id, self.step, pack(hidden, self.compression), batch.attention_mask, labels)
-        self._pending = _PendingStep(self.step, hidden, batch, message.nbytes())
+        self.cut.begin_step()
+        message = self.cut.send(Activations(self.client_id, self.step, hidden, batch.attention_mask, labels))
+        self._pending = _PendingStep(self.step, hidden, batch)
         return message
 
     def _expect(self, message) -> _PendingStep:
@@ -222,16 +227,13 @@ class Client:
         """U-shaped split: run the tail (last blocks, head) on the middle's activations, compute the
         loss here, back-propagate through the tail and return dL/dh to the main server."""
         pending = self._expect(message)
-        pending.traffic["activations_down"] = message.nbytes()
-        hidden = message.hidden.unpack(weights_dtype(self.part.tail), self.device).detach().requires_grad_(True)
+        hidden = self.cut.receive(message, weights_dtype(self.part.tail), self.device).detach().requires_grad_(True)
         logits = self.part.tail(hidden, pending.batch.attention_mask)
         total, count = target_token_loss(logits, pending.batch.labels)
         loss = total / max(count, 1)
         loss.backward()
         pending.loss = float(loss.detach())
-        reply = TailGradient(self.client_id, pending.step, pack(hidden.grad, self.compression))
-        pending.traffic["gradients_up"] = reply.nbytes()
-        return reply
+        return self.cut.send(TailGradient(self.client_id, pending.step, hidden.grad))
 
     def backward(self, message: ActivationGradient) -> StepRecord:
         """Back-propagate the server's dL/dh through the client part (the front) and update the
@@ -240,13 +242,42 @@ class Client:
         if self.u_shaped and pending.loss is None:
             raise RuntimeError(f"client {self.client_id} got the front's gradient before running its tail")
         self._pending = None
-        pending.traffic["gradients"] = message.nbytes()
+        gradient = self.cut.receive(message, pending.hidden.dtype, pending.hidden.device)
         if pending.hidden.requires_grad:  # nothing to back-propagate without adapters or a probe
-            pending.hidden.backward(message.grad.unpack(pending.hidden.dtype, pending.hidden.device))
+            pending.hidden.backward(gradient)
         if self.probe is not None:
             self.probe.collect()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return StepRecord(pending.loss if self.u_shaped else message.loss, pending.traffic)
+        return StepRecord(pending.loss if self.u_shaped else message.loss, self.cut.take_counts())
+
+    # -- validation: the same split graph as training, without gradients ---------------------------
+    @torch.no_grad()
+    def validation_forward(self, batch: Batch, adapter: str | None) -> Activations:
+        """The front on a validation batch, across the cut (with the labels unless U-shaped)."""
+        set_active_adapter(self.part, adapter)
+        hidden = self.front(batch.input_ids.to(self.device), batch.attention_mask.to(self.device)).cpu()
+        labels = None if self.u_shaped else batch.labels
+        message = Activations(self.client_id, self.step, hidden, batch.attention_mask, labels)
+        return self.cut.send(message, validation=True)
+
+    @torch.no_grad()
+    def validation_tail(self, message: MiddleActivations, batch: Batch, adapter: str | None) -> tuple[float, int]:
+        """U-shaped: the tail, head and loss on the middle's activations (the labels stay here)."""
+        hidden = self.cut.receive(message, weights_dtype(self.part.tail), self.device, validation=True)
+        return self._validation_loss(self.part.tail, hidden, batch, adapter)
+
+    @torch.no_grad()
+    def validation_local(self, batch: Batch, adapter: str | None) -> tuple[float, int]:
+        """No split: the whole model and its loss here; nothing crosses a cut."""
+        set_active_adapter(self.part, adapter)
+        hidden = self.front(batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
+        return self._validation_loss(self.head, hidden, batch, adapter)
+
+    def _validation_loss(self, module, hidden, batch: Batch, adapter: str | None) -> tuple[float, int]:
+        set_active_adapter(module, adapter)
+        logits = module(hidden.to(self.device, weights_dtype(module)), batch.attention_mask.to(self.device))
+        total, count = target_token_loss(logits, batch.labels.to(self.device))
+        return float(total), count

@@ -8,12 +8,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from hsplitlora.compression import pack
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
 from hsplitlora.models.split import ServerPart, weights_dtype
 from hsplitlora.roles.adapters import AdapterHolder, adapter_name
+from hsplitlora.roles.cut import Cut
 from hsplitlora.roles.messages import (
     ActivationGradient,
     Activations,
@@ -29,11 +29,12 @@ from hsplitlora.roles.messages import (
 class MainServer:
     def __init__(
         self, candidates: Mapping[str, Candidate], lr: float, alpha: float = 16.0, seed: int = 0,
-        compression: str = "fp32", device: torch.device | str = "cpu",
+        compression: str = "fp32", device: torch.device | str = "cpu", cuts: Mapping[int, Cut] | None = None,
     ):  # fmt: skip
         self.lr = lr
         self.device = torch.device(device)  # where its parts compute; arriving tensors are moved here
-        self.compression = compression  # of the gradients sent back
+        self.compression = compression  # of the cuts it builds for clients that live elsewhere
+        self.cuts: dict[int, Cut] = dict(cuts or {})  # per client: in one process, the client's own
         self.generator = torch.Generator().manual_seed(seed * 100_003 + 99_991)
         self.holder = AdapterHolder(candidates, alpha, lr, self.generator, seed)
         self.parts: dict[int, ServerPart] = {}
@@ -46,6 +47,12 @@ class MainServer:
         self.lifecycle = "recreate"  # what adapters do across rounds (RoundPlan.adapters)
 
     adapter_name = staticmethod(adapter_name)
+
+    def cut(self, client_id: int) -> Cut:
+        """Client `client_id`'s cut: the one its client holds in one process, else this end's copy."""
+        if client_id not in self.cuts:
+            self.cuts[client_id] = Cut(self.compression)
+        return self.cuts[client_id]
 
     def configure(self, plan: RoundPlan, part: ServerPart) -> None:
         """Client `plan.client_id`'s blocks after its cut, its adapters there (fresh, or kept and
@@ -128,7 +135,7 @@ class MainServer:
         loss = loss_sum / max(count, 1)
         loss.backward()
         self._finish(cid)
-        return ActivationGradient(cid, message.step, pack(hidden.grad, self.compression), float(loss.detach()), count)
+        return self.cut(cid).send(ActivationGradient(cid, message.step, hidden.grad, float(loss.detach()), count))
 
     def forward_middle(self, message: Activations) -> MiddleActivations:
         """U-shaped split: run the middle blocks on a client's activations and send the result back
@@ -136,7 +143,7 @@ class MainServer:
         cid = message.client_id
         hidden, output = self._forward(message)
         self._middle[cid] = (message.step, hidden, output)
-        return MiddleActivations(cid, message.step, pack(output.detach(), self.compression))
+        return self.cut(cid).send(MiddleActivations(cid, message.step, output))
 
     def backward_middle(self, message: TailGradient) -> ActivationGradient:
         """U-shaped split: back-propagate the client's dL/dh through the middle, update that client's
@@ -147,17 +154,18 @@ class MainServer:
             raise RuntimeError(f"the main server got a tail gradient for client {cid}'s step {message.step}, "
                                "whose middle it did not run")  # fmt: skip
         del self._middle[cid]
+        gradient = self.cut(cid).receive(message, output.dtype, self.device)
         if output.requires_grad:
-            output.backward(message.grad.unpack(output.dtype, self.device))
+            output.backward(gradient)
         self._finish(cid)
         grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
-        return ActivationGradient(cid, message.step, pack(grad, self.compression), None, 0)
+        return self.cut(cid).send(ActivationGradient(cid, message.step, grad, None, 0))
 
     def _forward(self, message: Activations) -> tuple[torch.Tensor, torch.Tensor]:
         cid = message.client_id
         part = self.parts[cid]
         set_active_adapter(part, adapter_name(cid))
-        hidden = message.hidden.unpack(weights_dtype(part), self.device).detach().requires_grad_(True)
+        hidden = self.cut(cid).receive(message, weights_dtype(part), self.device).detach().requires_grad_(True)
         probe = self.probes.get(cid)
         if probe is not None:
             probe.start()
@@ -174,3 +182,23 @@ class MainServer:
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+    # -- validation: the same split graph as training, without gradients ---------------------------
+    @torch.no_grad()
+    def validation_loss(self, message: Activations, adapter: str | None) -> tuple[float, int]:
+        """The rest of the model and the loss on a client's validation activations."""
+        logits = self._validation_run(message, adapter)
+        total, count = target_token_loss(logits, message.labels.to(self.device))
+        return float(total), count
+
+    @torch.no_grad()
+    def validation_middle(self, message: Activations, adapter: str | None) -> MiddleActivations:
+        """U-shaped: the middle on a client's validation activations, back across the cut."""
+        output = self._validation_run(message, adapter).cpu()
+        return self.cut(message.client_id).send(MiddleActivations(message.client_id, message.step, output), True)
+
+    def _validation_run(self, message: Activations, adapter: str | None) -> torch.Tensor:
+        part = self.parts[message.client_id]
+        set_active_adapter(part, adapter)
+        hidden = self.cut(message.client_id).receive(message, weights_dtype(part), self.device, validation=True)
+        return part(hidden, message.attention_mask.to(self.device))

@@ -19,7 +19,7 @@ class Activations:
 
     client_id: int
     step: int
-    hidden: Packed  # (B, T, d), compressed as the run's `compression` says
+    hidden: Packed | torch.Tensor  # (B, T, d): the sender's tensor, Packed once its cut sends it
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor | None  # (B, T), -100 where no loss; None in a U-shaped split
 
@@ -35,7 +35,7 @@ class ActivationGradient:
 
     client_id: int
     step: int
-    grad: Packed  # (B, T, d), compressed as the run's `compression` says
+    grad: Packed | torch.Tensor  # (B, T, d): the sender's tensor, Packed once its cut sends it
     loss: float | None  # mean over the batch's target tokens
     num_tokens: int
 
@@ -50,7 +50,7 @@ class MiddleActivations:
 
     client_id: int
     step: int
-    hidden: Packed  # (B, T, d)
+    hidden: Packed | torch.Tensor  # (B, T, d), Packed on the wire
 
     def nbytes(self) -> int:
         return self.hidden.nbytes()
@@ -62,7 +62,7 @@ class TailGradient:
 
     client_id: int
     step: int
-    grad: Packed  # (B, T, d)
+    grad: Packed | torch.Tensor  # (B, T, d), Packed on the wire
 
     def nbytes(self) -> int:
         return self.grad.nbytes()
