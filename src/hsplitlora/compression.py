@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hsplitlora.config import DEFAULT_COMPRESSION
+
 MODES = ("fp32", "fp16", "bf16", "int8")
 VALUE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}  # per value, scales aside
 
@@ -57,7 +59,7 @@ def check_mode(mode: str) -> str:
 
 
 @torch.no_grad()
-def pack(tensor: torch.Tensor, mode: str = "fp32") -> Packed:
+def pack(tensor: torch.Tensor, mode: str = DEFAULT_COMPRESSION) -> Packed:
     """Compress a float tensor for sending (detached; the sender keeps its own graph)."""
     tensor = tensor.detach()
     if mode == "fp32":

@@ -56,7 +56,7 @@ class ClientActor(ClientHost):
         model, arch, candidates = _load(spec, blocks, embedding=True, head=local or tail is not None, device=device)
         batches, warmup = client_batchers(items, spec["batch_size"], spec["pad_id"], spec["seed"], client_id)
         client = Client(client_id, batches, candidates, spec["lr"], spec["alpha"], spec["seed"],
-                        spec.get("compression", "fp32"), device, warmup)  # fmt: skip
+                        spec["compression"], device, warmup)  # fmt: skip
         super().__init__(model, arch, candidates, client)
         self.quant = spec.get("client_quant", "none")  # its float blocks stay the master merges go into
 
@@ -68,7 +68,7 @@ class ServerActor(ServerHost):
         device = spec.get("server_device", "cpu")
         model, arch, candidates = _load(spec, range(shallowest_split, end), embedding=False, head=tail is None,
                                         device=device)  # fmt: skip
-        server = MainServer(candidates, spec["lr"], spec["alpha"], spec["seed"], spec.get("compression", "fp32"),
+        server = MainServer(candidates, spec["lr"], spec["alpha"], spec["seed"], spec["compression"],
                             device)  # fmt: skip
         super().__init__(model, arch, candidates, server)
         self.quant = spec.get("server_quant", "none")

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from hsplitlora.compression import pack
+from hsplitlora.config import DEFAULT_COMPRESSION
 from hsplitlora.method.aggregation import AdapterFactors, Aggregation, ExactChange, StackedDelta, sample_weights
 from hsplitlora.roles.messages import AdapterBroadcast, AdapterUpload, ModelUpdate, OwnTerm, PartialStack
 
@@ -25,7 +26,7 @@ class FedServer:
     factors. A receiver is sent a stacked change without the terms it holds (`update_for`); under
     error feedback (`TruncatedChange`) it keeps per candidate the residual R it has not sent."""
 
-    def __init__(self, rule: Aggregation | None = None, compression: str = "fp32"):
+    def __init__(self, rule: Aggregation | None = None, compression: str = DEFAULT_COMPRESSION):
         self.rule = rule or ExactChange()
         self.compression = compression  # of the update sent down
         self.previous: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (client, name) -> (A, B)
