@@ -95,6 +95,7 @@ def test_prompt_and_response_are_counted_apart_and_the_u_shape_sends_no_labels(u
     prompts = sum(int((i.truth.attention_mask.bool() & (i.truth.labels == IGNORE_INDEX)).sum()) for i in sent)
     responses = sum(int((i.truth.labels != IGNORE_INDEX).sum()) for i in sent)
     assert prompts > 0 and responses > 0 and prompts + responses == report["tokens_per_cut"]
+    assert responses == report["response_tokens_per_cut"]
     assert entry["learned"]["all"] > entry["chance"]["all"] + 0.5
 
 
@@ -135,3 +136,12 @@ def test_a_standard_split_run_on_own_data_says_the_main_server_receives_the_labe
                    "--output-dir", str(tmp_path / "run")) == 0  # fmt: skip
     said = capsys.readouterr().err.count("the main server receives the labels")
     assert said == (1 if split_mode == "standard" else 0)
+
+
+def test_an_attacker_holding_the_runs_weights_reads_what_the_public_model_cannot(tmp_path):
+    # A large learning rate moves the client's blocks far from the public model the attacker knows.
+    far = tiny_run(tmp_path / "far", "--lr", "0.05")
+    public = measure_leakage(far, [1], **SMALL)["cuts"][0]
+    informed = measure_leakage(far, [1], **SMALL, informed=True)
+    assert informed["attacker"]["model_weights"] == "the run's final"
+    assert public["learned"]["all"] < 0.5 < 0.9 < informed["cuts"][0]["learned"]["all"]

@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     leakage.add_argument("--public-text", help="the attacker's text, a passage a line (E2E: its test set)")
     leakage.add_argument("--attack-steps", type=int, default=400, help="training steps of each cut's decoder (400)")
     leakage.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    leakage.add_argument("--informed", action="store_true",
+                         help="the attacker also holds the run's final weights")  # fmt: skip
     return parser
 
 
@@ -466,7 +468,8 @@ def cmd_leakage(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     cuts = parse_cuts(args.cuts) if args.cuts is not None else None
-    report = measure_leakage(args.run_dir, cuts, args.batches, args.public_rows, args.public_text, args.attack_steps)
+    report = measure_leakage(args.run_dir, cuts, args.batches, args.public_rows, args.public_text, args.attack_steps,
+                             informed=args.informed)  # fmt: skip
     print(format_report(report))
     print(f"wrote {write_report(args.run_dir, report)}")
     return 0

@@ -23,6 +23,7 @@ from hsplitlora.compression import pack
 from hsplitlora.config import INPROCESS
 from hsplitlora.data.e2e import IGNORE_INDEX, Batch, Encoded, collate, data_file, encode, read_e2e
 from hsplitlora.errors import UsageError, read_text
+from hsplitlora.lora.attach import attach_lora
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import load_model
 from hsplitlora.models.split import ClientPart, check_split_point, positions
@@ -76,6 +77,7 @@ class Attacker:
     public_tokens: int
     steps: int
     most_frequent: int  # the public text's most frequent token: the chance baseline's guess
+    weights: str = "public"  # the model it ran its text through: public, or the run's final weights
 
     @property
     def cuts(self) -> list[int]:
@@ -141,11 +143,16 @@ def train_decoder(features: torch.Tensor, tokens: torch.Tensor, steps: int, seed
 
 @torch.no_grad()
 def train_attacker(model_name: str, seed: int, dtype: str, compression: str, cuts: Sequence[int],
-                   items: Sequence[Encoded], pad_id: int, public: str, steps: int = 400,
-                   batch_size: int = 16) -> Attacker:  # fmt: skip
-    """Run the public text through the public base model, compress each activation as the run
-    does (the attacker knows the format it receives), and fit one decoder per cut."""
+                   items: Sequence[Encoded], pad_id: int, public: str, steps: int = 400, batch_size: int = 16,
+                   weights: dict[str, torch.Tensor] | None = None,
+                   targets: Sequence[str] = ()) -> Attacker:  # fmt: skip
+    """Run the public text through the public base model (or, `weights` given, the model with
+    those trained weights of `targets`: an attacker that also sees the aggregated updates),
+    compress each activation as the run does (the attacker knows the format it receives), and
+    fit one decoder per cut."""
     loaded = load_model(model_name, seed=seed, dtype=dtype)
+    if weights is not None:
+        put_weights(loaded.model, attach_lora(loaded.model, list(targets)), weights, "the run's weights")
     features: dict[int, list[torch.Tensor]] = {cut: [] for cut in cuts}
     tokens = []
     for start in range(0, len(items), batch_size):
@@ -158,8 +165,9 @@ def train_attacker(model_name: str, seed: int, dtype: str, compression: str, cut
     with torch.enable_grad():
         decoders = {cut: train_decoder(torch.cat(features[cut]), token_ids, steps, seed + cut) for cut in cuts}
     embedding = loaded.model.get_input_embeddings().weight.detach().float()
+    held = "the run's final" if weights is not None else "public"
     return Attacker(decoders, embedding, compression, public, len(token_ids), steps,
-                    int(torch.bincount(token_ids).argmax()))  # fmt: skip
+                    int(torch.bincount(token_ids).argmax()), held)  # fmt: skip
 
 
 @torch.no_grad()
@@ -190,6 +198,16 @@ def read_run(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise UsageError(f"{run_dir} is a run of {saved.get('strategy')!r}, which runs the whole model on each "
                          "client; nothing crosses a cut to measure. Give the folder of a split run.")  # fmt: skip
     return saved, read_tensors(weights_path, "run weights")
+
+
+@torch.no_grad()
+def put_weights(model: nn.Module, candidates: dict, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a run's final candidate weights (every adapter merged) into a model with LoRA attached."""
+    for name, weight in weights.items():
+        if name not in candidates:
+            raise UsageError(f"{source} holds {name!r}, which this model does not have.")
+        candidate = candidates[name]
+        model.get_submodule(candidate.module).weight(candidate.slot).copy_(weight)
 
 
 def parse_cuts(text: str) -> list[int]:
@@ -223,11 +241,7 @@ def capture(run_dir: str | Path, cuts: Sequence[int] | None = None, batches: int
     for split_point in cuts or []:
         check_split_point(split_point, setup.num_blocks, config.tail)
     cuts = list(cuts) if cuts else sorted(set(config.split_points(setup.num_blocks))) if config.split_point else [1]
-    for name, weight in weights.items():
-        if name not in setup.candidates:
-            raise UsageError(f"{run_dir}/model.safetensors holds {name!r}, which this model does not have.")
-        candidate = setup.candidates[name]
-        setup.model.get_submodule(candidate.module).weight(candidate.slot).copy_(weight)
+    put_weights(setup.model, setup.candidates, weights, f"{run_dir}/model.safetensors")
     engine, sent = setup.engine, []
     clients = [host.client for host in engine.actors]
     orders = [client.batches.state() for client in clients]
@@ -241,7 +255,7 @@ def capture(run_dir: str | Path, cuts: Sequence[int] | None = None, batches: int
         for cid, (client, order) in enumerate(zip(clients, orders, strict=True)):
             client.batches.load_state(order)
             for truth in truths[cid]:
-                message = engine.transport.get(engine.transport.call(engine.actors[cid], "forward"))
+                message = engine.transport.get(engine.actors[cid].forward())
                 sent.append(Sent(cut, cid, message, truth))
     return saved, sent, setup.num_blocks, loaded.tokenizer
 
@@ -315,20 +329,23 @@ def _fill(hidden: torch.Tensor, item: Sent, predict) -> torch.Tensor:
 
 def measure_leakage(run_dir: str | Path, cuts: Sequence[int] | None = None, batches: int = 4,
                     public_rows: int = 400, public_text: str | Path | None = None, steps: int = 400,
-                    attacker: Attacker | None = None) -> dict:  # fmt: skip
+                    attacker: Attacker | None = None, informed: bool = False) -> dict:  # fmt: skip
     """The leakage report of a run: per cut, what each attack recovers of the clients' prompt
-    and response tokens. `attacker` reuses one trained for the same model, compression and cuts."""
+    and response tokens. `attacker` reuses one trained for the same model, compression and cuts;
+    `informed`: the attacker trains on the run's final weights, not the public model's."""
     saved, sent, num_blocks, tokenizer = capture(run_dir, cuts, batches)
     measured = sorted({item.cut for item in sent})
     if attacker is None or any(cut not in attacker.decoders for cut in measured):
         items, public = public_items(saved, tokenizer, public_rows, public_text)
+        known = read_run(run_dir)[1] if informed else None
         attacker = train_attacker(saved["model"], saved.get("seed", 0), saved.get("dtype", "float32"),
                                   saved.get("compression", "fp32"), measured, items, tokenizer.pad_token_id, public,
-                                  steps)  # fmt: skip
+                                  steps, weights=known, targets=saved["targets"])  # fmt: skip
     if attacker.compression != saved.get("compression", "fp32"):
         raise UsageError(f"the attacker was trained on {attacker.compression} activations and this run sends "
                          f"{saved.get('compression', 'fp32')}; train one for this run.")  # fmt: skip
     report = attack(sent, attacker, tokenizer)
+    first = [item for item in sent if item.cut == measured[0]]  # every cut attacks the same tokens
     split_mode = saved.get("split_mode", "standard")
     return {
         "run": str(run_dir),
@@ -338,9 +355,11 @@ def measure_leakage(run_dir: str | Path, cuts: Sequence[int] | None = None, batc
         "compression": attacker.compression,
         "clients": len({item.client for item in sent}),
         "batches_per_client": batches,
-        "tokens_per_cut": sum(int(item.truth.attention_mask.sum()) for item in sent if item.cut == measured[0]),
+        "tokens_per_cut": sum(int(item.truth.attention_mask.sum()) for item in first),
+        "response_tokens_per_cut": sum(int((item.truth.labels != IGNORE_INDEX).sum()) for item in first),
         "attacker": {
             "public_text": attacker.public,
+            "model_weights": attacker.weights,
             "public_tokens": attacker.public_tokens,
             "decoder": "MLP (standardised hidden -> 1024 GELU -> public vocabulary), AdamW, cross-entropy",
             "steps": attacker.steps,
