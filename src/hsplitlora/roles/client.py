@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from hsplitlora.config import DEFAULT_COMPRESSION
 from hsplitlora.data.e2e import Batch
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
@@ -48,7 +49,7 @@ class Client:
         lr: float,
         alpha: float = 16.0,
         seed: int = 0,
-        compression: str = "fp32",
+        compression: str = DEFAULT_COMPRESSION,
         device: torch.device | str = "cpu",
         warmup_batches: Iterator[Batch] | None = None,
         cut: Cut | None = None,

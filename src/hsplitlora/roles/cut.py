@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from hsplitlora.compression import Packed, check_mode, pack
+from hsplitlora.config import DEFAULT_COMPRESSION
 from hsplitlora.roles.messages import ActivationGradient, Activations, MiddleActivations, TailGradient
 
 CutMessage = Activations | ActivationGradient | MiddleActivations | TailGradient
@@ -42,7 +43,7 @@ class Compress:
     """The run's compression of the payload (compression.py). Validation's messages cross at full
     precision: the loss it reports is the model's, not the codec's."""
 
-    def __init__(self, mode: str = "fp32"):
+    def __init__(self, mode: str = DEFAULT_COMPRESSION):
         self.mode = check_mode(mode)
 
     def __call__(self, message: M, validation: bool) -> M:
@@ -65,7 +66,7 @@ class Cut:
     """One client's boundary with the main server: its stages (compression first) and the bytes
     on its link this step."""
 
-    def __init__(self, compression: str = "fp32"):
+    def __init__(self, compression: str = DEFAULT_COMPRESSION):
         self.compression = check_mode(compression)
         self.stages: list[Stage] = [Compress(compression)]
         self.counts: dict[str, int] = {}

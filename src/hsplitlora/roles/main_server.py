@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from hsplitlora.config import DEFAULT_COMPRESSION
 from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
@@ -29,7 +30,8 @@ from hsplitlora.roles.messages import (
 class MainServer:
     def __init__(
         self, candidates: Mapping[str, Candidate], lr: float, alpha: float = 16.0, seed: int = 0,
-        compression: str = "fp32", device: torch.device | str = "cpu", cuts: Mapping[int, Cut] | None = None,
+        compression: str = DEFAULT_COMPRESSION, device: torch.device | str = "cpu",
+        cuts: Mapping[int, Cut] | None = None,
     ):  # fmt: skip
         self.lr = lr
         self.device = torch.device(device)  # where its parts compute; arriving tensors are moved here

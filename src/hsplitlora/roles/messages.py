@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from hsplitlora.compression import Packed, pack, pack_with_scale
+from hsplitlora.config import DEFAULT_COMPRESSION
 from hsplitlora.method.aggregation import AdapterFactors, StackedDelta
 
 
@@ -168,7 +169,9 @@ class ModelUpdate:
     sizes: dict[str, int] | None = None
 
     @classmethod
-    def packed(cls, round_: int, deltas: dict[str, StackedDelta | torch.Tensor], mode: str = "fp32") -> ModelUpdate:
+    def packed(
+        cls, round_: int, deltas: dict[str, StackedDelta | torch.Tensor], mode: str = DEFAULT_COMPRESSION
+    ) -> ModelUpdate:
         """The update as its receivers see it after compression `mode` (every holder merges the
         same values), with its bytes on the wire."""
         sent, sizes = {}, {}
