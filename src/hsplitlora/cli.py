@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     comparison = commands.add_parser(
         "compare", help="several strategies on identical data, budgets and seed",
-        description="Runs every strategy of --strategies with run's settings (every run flag but --strategy and "
-        "--resume applies to each of them), then compares time to a target perplexity.",
+        description="Runs every strategy of --strategies with run's settings (every setting of run applies to each "
+        "of them; the strategy is the one each sub-run changes), then compares time to a target perplexity.",
     )  # fmt: skip
     comparison.add_argument("--strategies", type=_names, required=True, help="e.g. hsplitlora,splitlora,hetlora")
     comparison.add_argument("--target-ppl", type=float,
