@@ -136,6 +136,17 @@ def test_a_standard_split_run_on_own_data_says_the_main_server_receives_the_labe
                    "--output-dir", str(tmp_path / "run")) == 0  # fmt: skip
     said = capsys.readouterr().err.count("the main server receives the labels")
     assert said == (1 if split_mode == "standard" else 0)
+    if split_mode == "u":
+        return
+    # The attacker's text for a run on your own data is the user's to give.
+    assert run_cli("leakage", str(tmp_path / "run"), "--cuts", "1", "--batches", "1") == 2
+    assert "give --public-text FILE" in capsys.readouterr().err
+    public = tmp_path / "public.txt"
+    public.write_text("".join(f"Say {w}: {w}\n" for w in ["yes", "no", "maybe"] * 10))
+    assert run_cli("leakage", str(tmp_path / "run"), "--cuts", "1", "--batches", "1", "--public-text", str(public),
+                   "--attack-steps", "100") == 0  # fmt: skip
+    report = json.loads((tmp_path / "run" / "leakage.json").read_text())
+    assert report["attacker"]["public_text"] == f"30 lines of {public}" and report["cuts"][0]["with_labels"]
 
 
 def test_an_attacker_holding_the_runs_weights_reads_what_the_public_model_cannot(tmp_path):
