@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -48,6 +49,7 @@ ABLATIONS = ("no-iwi", "no-armsc", "no-armsc-paper", "no-naa", "hsplitlora-recre
 REFERENCES = ("fedlora", "cenlora")  # one seed, in the paper's regime, if the budget allows
 ALL_LABELS = MAIN + ABLATIONS + REFERENCES
 VARIANTS = {"hsplitlora-recreate": ("hsplitlora", {"adapter_lifecycle": "recreate"})}
+NAA_LABELS = ("hsplitlora", "no-iwi", "no-armsc", "no-armsc-paper", "hsplitlora-recreate")  # NAA's exact update
 SENT_KEYS = ("bytes_activations", "bytes_gradients", "bytes_adapters_up", "bytes_adapters_down")
 TABLES_START, TABLES_END = "<!-- study-tables:start -->", "<!-- study-tables:end -->"
 
@@ -65,6 +67,13 @@ class Regime:
     # baseline's by more than the spread).
     goal: str = "win"
     partition: str = "iid"  # the clients' shards: iid, or dirichlet (non-IID over E2E's eatType and food)
+    clients_per_round: int | None = None  # m of K clients train each round (None: every one)
+    server_budget: str | None = None  # the main server's memory for the m clients at once (None: run's default)
+    rounds: int | None = None  # None: the study's
+    local_steps: int | None = None  # None: the study's
+    naa_settings: dict = field(default_factory=dict)  # settings of the labels that send NAA's update (NAA_LABELS)
+    labels: tuple[str, ...] = MAIN  # the main strategies run here with every seed (whole-model ones only if they fit)
+    ablations: tuple[str, ...] = ()  # seed 0 here too (the main regime runs every ablation)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,31 @@ class StudySpec:
 
 
 SPEEDS = {"gflops": (50, 100, 200, 400, 800), "mbps": (20, 50, 100, 200, 500)}
+# Four device tiers (memory budget, GFLOP/s, Mbit/s), an order of magnitude apart from phone to workstation.
+TIERS = {
+    "phone": ("250MB", 20, 20),
+    "tablet": ("600MB", 100, 50),
+    "laptop": ("2GB", 500, 200),
+    "workstation": ("8GB", 5000, 1000),
+}
+LEAN_TIERS = {  # regime vi: budgets that hold rank 32 on every matrix at no cut for most clients
+    "phone": ("180MB", 20, 20),
+    "tablet": ("250MB", 100, 50),
+    "laptop": ("400MB", 500, 200),
+    "workstation": ("700MB", 5000, 1000),
+}
+SVD_EF = {"update_form": "svd-ef", "update_rank": 32}  # NAA's update at about a factor average's bytes
+SEED_ABLATIONS = ("no-iwi", "no-naa", "no-armsc", "hsplitlora-recreate")  # seed 0 in regimes v and vi
+
+
+def tiered(tiers: dict[str, tuple[str, float, float]], per_tier: int) -> dict:
+    """Regime fields for `per_tier` devices of every tier, interleaved (phone, tablet, laptop,
+    workstation, phone, ...) so that every shard of a non-IID split lands on every tier."""
+    table = [tiers[name] for _ in range(per_tier) for name in tiers]
+    return {"budgets": tuple(t[0] for t in table), "gflops": tuple(t[1] for t in table),
+            "mbps": tuple(t[2] for t in table)}  # fmt: skip
+
+
 # SmolLM2-135M's whole-model LoRA footprint at batch 4 x 96, all seven targets, rank 32: 1.50 GB.
 PAPER_BUDGETS = ("600MB", "900MB", "1.2GB", "1.7GB", "2.25GB")
 FULL = StudySpec(
@@ -129,6 +163,39 @@ FULL = StudySpec(
             server_flops=20e12,
             partition="dirichlet",
         ),
+        # 20 clients of four tiers, 10 sampled a round, sharing a main server slow enough (0.3 TFLOP/s)
+        # that ten clients at a shallow cut keep it busy longer than a phone's own path, and whose
+        # 8 GB (800 MB per sampled client) holds rank 32 on the server side only from cut 8 on.
+        Regime(
+            "v",
+            "20 clients in four tiers (phone to workstation), 10 a round, one shared main server (0.3 TFLOP/s, "
+            "8 GB), non-IID",
+            **tiered(TIERS, 5),
+            server_flops=0.3e12,
+            partition="dirichlet",
+            clients_per_round=10,
+            server_budget="8GB",
+            rounds=8,
+            local_steps=5,
+            labels=("hsplitlora", "splitlora", "splitlora-paper"),
+            ablations=SEED_ABLATIONS,
+            naa_settings=SVD_EF,
+        ),
+        # Budgets (clients and main server) that hold rank 32 on every matrix at no cut: importance
+        # decides which matrices get rank.
+        Regime(
+            "vi",
+            "budgets that bind the ranks (clients 180-700 MB, main server 800 MB per client), four tiers, non-IID",
+            **tiered(LEAN_TIERS, 2),
+            server_flops=1e12,
+            partition="dirichlet",
+            server_budget="6.4GB",
+            rounds=8,
+            local_steps=5,
+            labels=("hsplitlora", "splitlora", "splitlora-paper"),
+            ablations=SEED_ABLATIONS,
+            naa_settings=SVD_EF,
+        ),
     ),  # fmt: skip
     rounds=4,
     local_steps=10,
@@ -141,6 +208,8 @@ FULL = StudySpec(
     max_new_tokens=64,
 )
 QUICK_BUDGETS = ("6MB", "7MB", "9MB", "12MB", "20MB")  # the weakest holds SplitLoRA's cut at a positive rank
+QUICK_TIERS = {"phone": ("7MB", 10, 10), "tablet": ("9MB", 50, 50), "laptop": ("15MB", 400, 200),
+               "workstation": ("30MB", 4000, 1000)}  # fmt: skip
 QUICK = dataclasses.replace(
     FULL,
     model="tiny",
@@ -155,6 +224,17 @@ QUICK = dataclasses.replace(
             **SPEEDS,
             server_flops=20e12,
             partition="dirichlet",
+        ),
+        Regime(
+            "v",
+            "eight clients in four tiers, four a round, non-IID",
+            **tiered(QUICK_TIERS, 2),
+            server_flops=1e12,
+            partition="dirichlet",
+            clients_per_round=4,
+            labels=("hsplitlora", "splitlora", "splitlora-paper"),
+            ablations=SEED_ABLATIONS,
+            naa_settings=SVD_EF,
         ),
     ),  # fmt: skip
     rounds=2,
@@ -184,13 +264,17 @@ def run_config(spec: StudySpec, regime: Regime, label: str, seed: int, output_di
     strategy, changes = VARIANTS.get(label, (label, {}))
     devices = {i: {"flops": g * 1e9, "bandwidth": m * 1e6 / 8}
                for i, (g, m) in enumerate(zip(regime.gflops, regime.mbps, strict=True))}  # fmt: skip
+    server = {} if regime.server_budget is None else {"server_budget": regime.server_budget}
+    if label in NAA_LABELS:
+        server.update(regime.naa_settings)
     return RunConfig(
-        model=spec.model, strategy=strategy, clients=len(regime.budgets), rounds=spec.rounds,
-        local_steps=spec.local_steps, budgets=list(regime.budgets), devices=devices,
+        model=spec.model, strategy=strategy, clients=len(regime.budgets), rounds=regime.rounds or spec.rounds,
+        clients_per_round=regime.clients_per_round,
+        local_steps=regime.local_steps or spec.local_steps, budgets=list(regime.budgets), devices=devices,
         server_flops=regime.server_flops, partition=regime.partition, targets=list(spec.targets),
         rank_levels=list(spec.rank_levels),
         rho=spec.rho, lr=spec.lr, batch_size=spec.batch_size, max_seq_len=spec.max_seq_len,
-        val_size=spec.val_size, seed=seed, output_dir=str(output_dir), **{**spec.extra, **changes},
+        val_size=spec.val_size, seed=seed, output_dir=str(output_dir), **{**server, **spec.extra, **changes},
     ).validate()  # fmt: skip
 
 
@@ -213,14 +297,16 @@ def source_regime(spec: StudySpec, regime: Regime, label: str) -> Regime:
 
 def planned_runs(spec: StudySpec) -> list[tuple[str, str, int]]:
     """(regime, label, seed) of every run: the paper's regime first (seed 0 of the main strategies,
-    then the ablations, the other seeds, the references), then the other regimes."""
+    then the ablations, the other seeds, the references), then the other regimes (their main
+    strategies, then their ablations on seed 0)."""
     main = spec.main_regime
     runs = [(main, s, 0) for s in MAIN] + [(main, s, 0) for s in ABLATIONS]
     runs += [(main, s, seed) for seed in range(1, spec.seeds) for s in MAIN]
     runs += [(main, s, 0) for s in REFERENCES]
     for regime in spec.regimes:
         if regime.name != main:
-            runs += [(regime.name, s, seed) for seed in range(spec.seeds) for s in MAIN]
+            runs += [(regime.name, s, seed) for seed in range(spec.seeds) for s in regime.labels]
+            runs += [(regime.name, s, 0) for s in regime.ablations]
     return runs
 
 
@@ -247,6 +333,18 @@ def _run_one(config: RunConfig, log) -> None:
     # The study checked that this folder holds no finished run of this config: what is there is a
     # run that stopped part-way (or of an older config), replaced.
     run(config, reporter=Progress(), log=lambda message: None, overwrite=True)
+
+
+def _saved_evaluation(run_dir: Path, spec: StudySpec) -> dict | None:
+    """The run's eval.json if it holds the study's E2E metrics (same MRs and generation), else None."""
+    from hsplitlora.evaluation.generation import GenerationSettings
+
+    settings = GenerationSettings(num_beams=spec.beams, max_new_tokens=spec.max_new_tokens)
+    try:
+        saved = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return saved if saved.get("mrs") == spec.eval_mrs and saved.get("generation") == vars(settings) else None
 
 
 def _evaluate(run_dir: Path, spec: StudySpec) -> dict:
@@ -323,10 +421,14 @@ def run_study(
         record["run_of_regime"] = source.name
         collected.append((run_dir, record))
     for run_dir, record in collected:
+        # E2E numbers already made go into results.json (once: a run shared from another regime is that one's)
+        borrowed = record["run_of_regime"] != record["regime"]
+        evaluation = None if borrowed else _saved_evaluation(run_dir, spec)
         if evaluate and record["seed"] == 0 and record["regime"] == spec.main_regime and record["strategy"] in MAIN:
             log(f"E2E generation of regime {record['regime']} {record['strategy']} on {spec.eval_mrs} test MRs "
                 f"(beam {spec.beams})")  # fmt: skip
             evaluation = _evaluate(run_dir, spec)
+        if evaluation is not None:
             record["e2e"] = evaluation["metrics"]
             record["test_ppl"] = evaluation["perplexity"]
     results = {
@@ -421,6 +523,23 @@ def spread(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def _listing(values: list) -> str:
+    """A client list; for more than five clients, runs of equal values ('1 x3, 5')."""
+    if len(values) <= 5:
+        return ", ".join(map(str, values))
+    runs = [(value, len(list(group))) for value, group in itertools.groupby(values)]
+    return ", ".join(f"{value} x{count}" if count > 1 else f"{value}" for value, count in runs)
+
+
+def per_seed(runs: list[dict], show) -> str:
+    """`show(run)` of every seed: once when the seeds agree, else 'seed 0: ...; seed 1: ...'."""
+    shown = [show(r) for r in sorted(runs, key=lambda r: r["seed"])]
+    if len(set(shown)) == 1:
+        return shown[0]
+    return "; ".join(f"seed {r['seed']}: {text}" for r, text in zip(sorted(runs, key=lambda r: r["seed"]), shown,
+                                                                   strict=True))  # fmt: skip
+
+
 def _mean_spread(values: list[float], digits: int) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -446,16 +565,26 @@ def regime_goal(results: dict, regime: str) -> str:
 
 
 GOAL_TEXT = {
-    "win": "lower final perplexity by more than the spread, and the target in at most 1/1.3 of the simulated time",
-    "not worse": "final perplexity not above the other's by more than the spread",
+    "win": "lower final perplexity by more than the spread of the paired (same-seed) differences, and the target "
+    "in at most 1/1.3 of the simulated time",
+    "not worse": "final perplexity not above the other's by more than the spread of the paired differences",
 }
+
+
+def paired(ours: list[dict], theirs: list[dict], key) -> list[tuple[int, float, float]]:
+    """(seed, our value, their value) for every seed both ran, in seed order (`key` of a run)."""
+    by_seed = {r["seed"]: r for r in theirs}
+    return [(r["seed"], key(r), key(by_seed[r["seed"]])) for r in sorted(ours, key=lambda r: r["seed"])
+            if r["seed"] in by_seed]  # fmt: skip
 
 
 def verdict(results: dict, regime: str) -> list[str]:
     """hsplitlora against each other main strategy, as the regime's goal is stated: "win", final
-    perplexity lower by more than the spread over seeds (the larger of the two) and the target
-    reached in at most 1/1.3 of the other's simulated time; "not worse", final perplexity not
-    higher by more than the spread. A strategy that does not fit the regime's budgets is left out."""
+    perplexity lower by more than the spread and the target reached in at most 1/1.3 of the other's
+    simulated time; "not worse", final perplexity not higher by more than the spread. The spread is
+    the sample standard deviation of the paired differences (theirs - ours, seed by seed; the same
+    batches and shards), each listed; with one pair, the larger spread over seeds of either. A
+    strategy that does not fit the regime's budgets is left out."""
     ours = runs_of(results, regime, "hsplitlora")
     target = results["targets"][regime]
     if not ours or target is None:
@@ -474,6 +603,14 @@ def verdict(results: dict, regime: str) -> list[str]:
         their_ppl = [r["final_val_ppl"] for r in theirs]
         gap = statistics.mean(their_ppl) - statistics.mean(our_ppl)
         margin = max(spread(our_ppl), spread(their_ppl))
+        pairs = paired(ours, theirs, lambda r: r["final_val_ppl"])
+        differences = [t - o for _, o, t in pairs]
+        if len(pairs) > 1:  # same seed, same batches: the pairs' spread is the noise that matters
+            gap, margin = statistics.mean(differences), spread(differences)
+        per_seed = ", ".join(f"{d:+.3f}" for d in differences)
+        ratios = [(t or 0) / o for _, o, t in paired(ours, theirs, lambda r: time_to(r["curve"], target, "sim_time_s"))
+                  if o and t]  # fmt: skip
+        ratio_text = f"; time ratio per seed {', '.join(f'{x:.2f}x' for x in ratios)}" if len(ratios) > 1 else ""
         # A seed that never reaches the target took longer than its whole run: its total simulated
         # time is a lower bound, so the speed-up over it is "at least" (censored, never overstated).
         bounds = [time_to(r["curve"], target, "sim_time_s") or r["curve"][-1]["sim_time_s"] for r in theirs]
@@ -481,6 +618,7 @@ def verdict(results: dict, regime: str) -> list[str]:
         speedup = statistics.mean(bounds) / our_time if our_time else None
         direction = "lower" if gap >= 0 else "higher"
         within = "within" if abs(gap) <= margin else "beyond"
+        spread_name = "the paired spread" if len(pairs) > 1 else "the spread"
         if speedup is None:
             time_text = "not every seed of hsplitlora reaches the target"
         elif censored:
@@ -497,9 +635,21 @@ def verdict(results: dict, regime: str) -> list[str]:
             met = gap > margin and speedup is not None and speedup >= 1.3
         decided = ("met" if met else "not met") if seeds > 1 else "undecided until several seeds have run"
         lines.append(f"- vs {label}: final perplexity {statistics.mean(our_ppl):.3f} against "
-                     f"{statistics.mean(their_ppl):.3f}, {direction} by {abs(gap):.3f} ({within} the spread "
-                     f"{margin:.3f}, {seeds} seed(s) each); {time_text}; goal {decided}")  # fmt: skip
+                     f"{statistics.mean(their_ppl):.3f}, {direction} by {abs(gap):.3f} ({within} {spread_name} "
+                     f"{margin:.3f}, {seeds} seed(s) each; theirs - ours per seed: {per_seed}); {time_text}"
+                     f"{ratio_text}; goal {decided}")  # fmt: skip
     return lines
+
+
+def _peak(run: dict) -> str:
+    return f"{run['peak_client_bytes'] / 1e6:.1f}"
+
+
+def _server_text(regime: dict) -> str:
+    """The main server's memory and the clients sharing it, where the regime sets them."""
+    text = "" if regime.get("server_budget") is None else f", {regime['server_budget']} of memory"
+    sampled = regime.get("clients_per_round")
+    return text + ("" if sampled is None else f"; {sampled} of {len(regime['budgets'])} clients sampled a round")
 
 
 def tables_markdown(results: dict) -> str:
@@ -520,7 +670,7 @@ def tables_markdown(results: dict) -> str:
             f"### Regime {name}: {regime['title']}",
             "",
             f"Client budgets (bytes): {budgets}; client compute (GFLOP/s): {speeds}; links (Mbit/s): {links}; "
-            f"main server: {regime['server_flops']:.3g} FLOP/s.",
+            f"main server: {regime['server_flops']:.3g} FLOP/s{_server_text(regime)}.",
             "",
             f"Target perplexity for the time columns: {target:.3f} (the worst mean final perplexity of the main "
             "strategies in this regime).",
@@ -531,7 +681,6 @@ def tables_markdown(results: dict) -> str:
         ]
         for label in labels_in(results, name):
             runs = runs_of(results, name, label)
-            first = runs[0]
             sent = [statistics.mean(r["bytes_per_client"]) / 1e6 for r in runs]
             most = max(max(r["bytes_per_client"]) for r in runs) / 1e6
             whole = (" *" if whole_model(label) else "") + (" ‡" if over_budget(results, name, label) else "")
@@ -539,8 +688,9 @@ def tables_markdown(results: dict) -> str:
             lines.append(
                 f"| {label}{shared} | {len(runs)} | {_mean_spread([r['final_val_ppl'] for r in runs], 3)} "
                 f"| {_times(runs, target, 'sim_time_s')} | {_times(runs, target, 'wall_time_s')} "
-                f"| {statistics.mean(sent):.1f} / {most:.1f} | {first['peak_client_bytes'] / 1e6:.1f}{whole} "
-                f"| {', '.join(map(str, first['split_points']))} | {', '.join(map(str, first['client_rank_totals']))} |"
+                f"| {statistics.mean(sent):.1f} / {most:.1f} | {per_seed(runs, _peak)}{whole} "
+                f"| {per_seed(runs, lambda r: _listing(r['split_points']))} "
+                f"| {per_seed(runs, lambda r: _listing(r['client_rank_totals']))} |"
             )
         found = verdict(results, name)
         if found:

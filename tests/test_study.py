@@ -20,9 +20,17 @@ def test_quick_study_runs_every_strategy_and_writes_tables_and_plots(tmp_path, c
     assert len(runs) == len(planned_runs(QUICK))
     assert {r["strategy"] for r in runs if r["regime"] == QUICK.main_regime} == set(ALL_LABELS)
     for regime in QUICK.regimes:
-        for strategy in MAIN:
+        for strategy in regime.labels:
             seeds = {r["seed"] for r in runs if r["regime"] == regime.name and r["strategy"] == strategy}
             assert seeds == set(range(QUICK.seeds))
+        for strategy in regime.ablations:
+            assert {r["seed"] for r in runs if r["regime"] == regime.name and r["strategy"] == strategy} == {0}
+    # A regime with client sampling: every run's config and rounds say who trained.
+    sampled = next(r for r in QUICK.regimes if r.clients_per_round)
+    for run_dir in (out / sampled.name).glob("*/seed*"):
+        assert json.loads((run_dir / "config.json").read_text())["clients_per_round"] == sampled.clients_per_round
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert all(len(line["sampled_clients"]) == sampled.clients_per_round for line in lines), run_dir
     for run in runs:
         assert run["curve"] and all(point["val_ppl"] > 1 for point in run["curve"])
         assert len(run["curve"]) == QUICK.rounds
@@ -41,7 +49,7 @@ def test_quick_study_runs_every_strategy_and_writes_tables_and_plots(tmp_path, c
         assert f"| {strategy} |" in tables
     for regime in QUICK.regimes:
         assert f"### Regime {regime.name}:" in tables
-        assert len(verdict(results, regime.name)) == len(MAIN) - 1
+        assert len(verdict(results, regime.name)) == len(regime.labels) - 1
     for name in ("ppl_vs_simulated_time.png", "ppl_vs_wall_time.png", "final_ppl.png"):
         assert (out / name).stat().st_size > 10_000
     assert "results:" in capsys.readouterr().out
@@ -59,3 +67,34 @@ def test_committed_results_document_matches_the_committed_results_json():
     results = json.loads(results_path.read_text())
     assert results["spec"]["model"] == "smollm2-135m"
     assert tables_in(document.read_text()) == tables_markdown(results)
+
+
+def _fake_results(ours: list[float], theirs: list[float], cuts: list[list[int]]) -> dict:
+    def run(label: str, seed: int, ppl: float) -> dict:
+        curve = [{"round": 1, "sim_time_s": 10.0 * (1 + (label != "hsplitlora")), "wall_time_s": 1.0, "val_ppl": ppl}]
+        return {"regime": "ii", "strategy": label, "seed": seed, "final_val_ppl": ppl, "curve": curve,
+                "bytes_per_client": [1, 2], "peak_client_bytes": 100e6 + 10e6 * seed, "split_points": cuts[seed],
+                "client_rank_totals": [32, 64], "run_of_regime": "ii"}  # fmt: skip
+
+    runs = [run("hsplitlora", s, p) for s, p in enumerate(ours)]
+    runs += [run("splitlora", s, p) for s, p in enumerate(theirs)]
+    regime = {"name": "ii", "title": "t", "budgets": ["1GB", "2GB"], "gflops": [1, 2], "mbps": [1, 2],
+              "server_flops": 1e12, "goal": "win"}  # fmt: skip
+    results = {"spec": {"regimes": [regime], "eval_mrs": 1, "beams": 1}, "runs": runs,
+               "budgets_bytes": {"ii": [10**9, 2 * 10**9]}}  # fmt: skip
+    results["targets"] = {"ii": 10.0}  # every run reaches it after its one round
+    return results
+
+
+def test_the_verdict_judges_paired_differences_per_seed_and_the_table_shows_every_seeds_plan():
+    # Seeds differ by far more than the methods do, but on every seed splitlora is 0.05 higher.
+    results = _fake_results([3.0, 4.0, 5.0], [3.05, 4.06, 5.04], [[1, 2], [1, 3], [1, 2]])
+    (line,) = verdict(results, "ii")
+    assert "beyond the paired spread 0.010" in line and "per seed: +0.050, +0.060, +0.040" in line
+    assert "time ratio per seed 2.00x, 2.00x, 2.00x" in line and "goal met" in line
+    tables = tables_markdown(results)
+    assert "seed 0: 1, 2; seed 1: 1, 3; seed 2: 1, 2" in tables  # each seed's cuts, not seed 0's
+    assert "seed 0: 100.0; seed 1: 110.0; seed 2: 120.0" in tables  # each seed's peak memory
+    # Differences that change sign from seed to seed are within their spread: the goal is not met.
+    (line,) = verdict(_fake_results([3.0, 4.0, 5.0], [3.05, 3.95, 5.02], [[1, 2]] * 3), "ii")
+    assert "within the paired spread" in line and "goal not met" in line

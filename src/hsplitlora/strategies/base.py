@@ -57,7 +57,9 @@ class Strategy:
     @property
     def server_share(self) -> int:
         """The main server's memory per client, M_S / m: only the m clients that train at once hold
-        activations and adapters there (m = K without client sampling)."""
+        activations and adapters there (m = K without client sampling). The other K - m clients'
+        server-side adapters and optimizer state wait for their next draw; they are not counted
+        (they could wait in host memory; the main server role keeps them in place today)."""
         c = self.context
         return c.server_budget // (c.clients_per_round or len(c.devices))
 
