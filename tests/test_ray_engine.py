@@ -69,7 +69,7 @@ class KillClientOne(Reporter):
 
     def step(self, round_, step, losses):
         if round_ == 1 and step == 0:
-            ray.kill(self.engine.actors[1])
+            ray.kill(self.engine.actors[1].actor)  # the actor behind the host's handle
 
 
 def test_a_killed_client_does_not_stop_the_run_and_comes_back(tmp_path):
@@ -94,7 +94,7 @@ class KillServer(Reporter):
     def step(self, round_, step, losses):
         if round_ == 2 and step == 0 and not self.done:
             self.done = True
-            ray.kill(self.engine.server)
+            ray.kill(self.engine.server.actor)
 
 
 @pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])

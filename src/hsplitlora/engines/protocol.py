@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hsplitlora.engines.hosts import client_blocks
+from hsplitlora.engines.hosts import ClientHost, ServerHost, client_blocks
 from hsplitlora.engines.traffic import TrafficLedger
 from hsplitlora.engines.transport import Transport
 from hsplitlora.roles.adapters import adapter_name
@@ -54,12 +54,14 @@ class Engine(TrafficLedger):
         self.start_ledger(range(len(transport.clients)))
 
     # -- who is where ------------------------------------------------------------------------------
+    # The hosts' methods are called directly; each returns its value, or under Ray a reference to
+    # it (`_get` gives the value), so a split step's calls chain without a stop in the driver.
     @property
-    def server(self):
+    def server(self) -> ServerHost | None:
         return self.transport.server
 
     @property
-    def actors(self) -> list:
+    def actors(self) -> list[ClientHost]:
         return self.transport.clients
 
     @property
@@ -92,9 +94,6 @@ class Engine(TrafficLedger):
         held = set(client_blocks(self.split_points[cid], self.num_blocks, self._tail(cid)))
         return {n for n, c in self.candidates.items() if c.block in held}
 
-    def _call(self, host, method: str, *args):
-        return self.transport.call(host, method, *args)
-
     def _get(self, reference):
         return self.transport.get(reference)
 
@@ -113,18 +112,18 @@ class Engine(TrafficLedger):
         self.split_points = [plan.split_point for plan in plans]
         refs = []
         for plan in plans:
-            refs.append(self._call(self.actors[plan.client_id], "configure", plan, full_finetune_lr))
+            refs.append(self.actors[plan.client_id].configure(plan, full_finetune_lr))
             if not self.local(plan.client_id):
-                refs.append(self._call(self.server, "configure", plan))
+                refs.append(self.server.configure(plan))
         self._get(refs)
         if self.transport.can_lose_hosts:
             self._keep_round_start(plans)
 
     def measure_importance(self, enabled: bool) -> None:
         self.importance_on = enabled
-        refs = [self._call(self.actors[cid], "measure_importance", enabled) for cid in self.live]
+        refs = [self.actors[cid].measure_importance(enabled) for cid in self.live]
         if self.server is not None:
-            refs.append(self._call(self.server, "measure_importance", enabled))
+            refs.append(self.server.measure_importance(enabled))
         self._get(refs)
 
     def _cross(self, message):
@@ -140,14 +139,14 @@ class Engine(TrafficLedger):
         gradient -> server backward -> activation gradient -> client front backward. Under Ray
         the references chain the calls without a stop in the driver. The loss."""
         client = self.actors[cid]
-        activations = self._cross(self._call(client, "forward"))
+        activations = self._cross(client.forward())
         if self.u_shaped(cid):
-            middle = self._cross(self._call(self.server, "forward_middle", activations))
-            tail_gradient = self._cross(self._call(client, "tail_step", middle))
-            gradient = self._cross(self._call(self.server, "backward_middle", tail_gradient))
+            middle = self._cross(self.server.forward_middle(activations))
+            tail_gradient = self._cross(client.tail_step(middle))
+            gradient = self._cross(self.server.backward_middle(tail_gradient))
         else:
-            gradient = self._cross(self._call(self.server, "step", activations))
-        record = self._get(self._call(client, "backward", gradient))
+            gradient = self._cross(self.server.step(activations))
+        record = self._get(client.backward(gradient))
         self.add_traffic(cid, record.traffic)
         return record.loss
 
@@ -159,7 +158,7 @@ class Engine(TrafficLedger):
             loss = None
             if self.trains(cid):
                 try:
-                    loss = self._get(self._call(self.actors[cid], "local_step")) if self.local(cid) else (
+                    loss = self._get(self.actors[cid].local_step()) if self.local(cid) else (
                         self.split_step(cid))  # fmt: skip
                 except self.transport.lost:
                     if not self.transport.server_alive():
@@ -187,14 +186,14 @@ class Engine(TrafficLedger):
             if not self.trains(cid):
                 reports.append(({}, 0, 0))
                 continue
-            client_sums, batches = self._get(self._call(self.actors[cid], "importance_report"))
-            server_sums = {} if self.local(cid) else self._get(self._call(self.server, "importance_report", cid))[0]
-            samples = self._get(self._call(self.actors[cid], "counters"))["samples"]
+            client_sums, batches = self._get(self.actors[cid].importance_report())
+            server_sums = {} if self.local(cid) else self._get(self.server.importance_report(cid))[0]
+            samples = self._get(self.actors[cid].counters())["samples"]
             reports.append(({**client_sums, **server_sums}, batches, samples))
         return reports
 
     def round_counters(self) -> list[dict[str, int]]:
-        return [{"samples": 0, "tokens": 0} if cid in self.dead else self._get(self._call(self.actors[cid], "counters"))
+        return [{"samples": 0, "tokens": 0} if cid in self.dead else self._get(self.actors[cid].counters())
                 for cid in range(len(self.actors))]  # fmt: skip
 
     def aggregate(self, round_: int) -> ModelUpdate | AdapterBroadcast:
@@ -203,11 +202,11 @@ class Engine(TrafficLedger):
         sampled clients' anchors move), or the averaged adapters."""
         uploads = []
         for cid in filter(self.trains, self.live):
-            upload = self._get(self._call(self.actors[cid], "upload"))
+            upload = self._get(self.actors[cid].upload())
             self.traffic[cid]["adapters_up"] += upload.nbytes()
             uploads.append(upload)
             if not self.local(cid):
-                uploads.append(self._get(self._call(self.server, "upload", cid)))
+                uploads.append(self._get(self.server.upload(cid)))
         result = self.fed_server.aggregate(round_, uploads)
         hosts = [self.actors[cid] for cid in self.live] + ([self.server] if self.server is not None else [])
         for cid in self.live:
@@ -222,10 +221,10 @@ class Engine(TrafficLedger):
                 self.server_adapters_down = self._update_for(result, [None]).nbytes()
             hosts.sort(key=lambda host: id(host) not in messages)
             sampled = sorted(self.sampled) if self.sampled is not None else None
-            self._get([self._call(host, "apply_update", messages.get(id(host), result), id(host) in messages, sampled)
+            self._get([host.apply_update(messages.get(id(host), result), id(host) in messages, sampled)
                        for host in hosts])  # fmt: skip
         else:
-            self._get([self._call(host, "apply_adapters", result) for host in hosts])
+            self._get([host.apply_adapters(result) for host in hosts])
             self.last_broadcast = result
         return result
 
@@ -264,14 +263,14 @@ class Engine(TrafficLedger):
         client, total, count = self.actors[cid], 0.0, 0
         for batch in batches:
             if self.local(cid):
-                reference = self._call(client, "validation_local", batch, adapter)
+                reference = client.validation_local(batch, adapter)
             elif self.u_shaped(cid):  # the labels stay on the client
-                activations = self._call(client, "validation_forward", batch, adapter)
-                middle = self._call(self.server, "validation_middle", activations, adapter)
-                reference = self._call(client, "validation_tail", middle, batch, adapter)
+                activations = client.validation_forward(batch, adapter)
+                middle = self.server.validation_middle(activations, adapter)
+                reference = client.validation_tail(middle, batch, adapter)
             else:
-                activations = self._call(client, "validation_forward", batch, adapter)
-                reference = self._call(self.server, "validation_loss", activations, adapter)
+                activations = client.validation_forward(batch, adapter)
+                reference = self.server.validation_loss(activations, adapter)
             loss_sum, n = self._get(reference)
             total += loss_sum
             count += n
@@ -283,9 +282,9 @@ class Engine(TrafficLedger):
         client's warm-up stream (its own shard, not the training stream: one batch order per seed)."""
         self.configure([RoundPlan(cid, 0, s, {}, self.tail_blocks) for cid, s in enumerate(self.split_points)])
         self.measure_importance(True)
-        self._get([self._call(self.actors[cid], "warm_up", True) for cid in self.live])
+        self._get([self.actors[cid].warm_up(True) for cid in self.live])
         self.local_steps(1)
-        self._get([self._call(self.actors[cid], "warm_up", False) for cid in self.live])
+        self._get([self.actors[cid].warm_up(False) for cid in self.live])
         reports = [(sums, batches) for sums, batches, _ in self.importance_reports()]
         self.measure_importance(False)
         return reports
@@ -295,13 +294,13 @@ class Engine(TrafficLedger):
         """Current weights by name from whoever holds them: the server, else a living client."""
         found: dict = {}
         if self.server is not None:
-            found.update(self._get(self._call(self.server, "weights", list(names), full)))
+            found.update(self._get(self.server.weights(list(names), full)))
         for cid in sorted(self.live, key=lambda c: -self.split_points[c]):
             missing = [n for n in names if n not in found] if not full else list(names)
             if cid == exclude or not missing:
                 continue
             skip = sorted(found) if full else ()
-            found.update(self._get(self._call(self.actors[cid], "weights", missing, full, skip)))
+            found.update(self._get(self.actors[cid].weights(missing, full, skip)))
         return found
 
     def trained_weights(self, full_finetune: bool) -> dict[str, torch.Tensor]:
@@ -317,12 +316,12 @@ class Engine(TrafficLedger):
             if not self.local(cid):
                 holders.insert(0, (self.server, self.server_names()))
             for host, names in holders:  # the client's blocks last: they override the server's
-                final.update(self._get(self._call(host, "weights", sorted(names), False, (), True)))
+                final.update(self._get(host.weights(sorted(names), False, (), True)))
         if client_id is not None and not full_finetune:
             cid = client_id if client_id in self.live else self.live[0]
-            deltas = dict(self._get(self._call(self.actors[cid], "adapter_deltas")))
+            deltas = dict(self._get(self.actors[cid].adapter_deltas()))
             if not self.local(cid):
-                deltas.update(self._get(self._call(self.server, "adapter_deltas", cid)))
+                deltas.update(self._get(self.server.adapter_deltas(cid)))
             for name, delta in deltas.items():
                 final[name] = final[name] + delta
         return final
@@ -336,11 +335,11 @@ class Engine(TrafficLedger):
         states = []
         for cid, host in enumerate(self.actors):
             alive = cid not in self.dead
-            state, role = self._get(self._call(host, "state_dict", not full_finetune)) if alive else self.snapshots[cid]
+            state, role = self._get(host.state_dict(not full_finetune)) if alive else self.snapshots[cid]
             states.append(state)
             tensors.update({f"client/{cid}/{k}": v for k, v in role.items()})
         if self.server is not None:
-            server = self._get(self._call(self.server, "state_dict", not full_finetune))
+            server = self._get(self.server.state_dict(not full_finetune))
             tensors.update({f"server/{k}": v for k, v in server.items()})
         tensors.update({f"fed/{k}": v for k, v in self.fed_server.state_dict().items()})
         if keep and self.transport.can_lose_hosts and self.plans:
@@ -353,12 +352,12 @@ class Engine(TrafficLedger):
     ) -> None:  # fmt: skip
         """Undo `state`: the inverse, given the plans the checkpointed round ran with."""
         weights = role_tensors(tensors, "weight/")
-        self._get([self._call(host, "set_weights", weights) for host in self.transport.owners(self.live)])
+        self._get([host.set_weights(weights) for host in self.transport.owners(self.live)])
         self.configure(plans, full_finetune_lr=full_finetune_lr)  # adapters need their parts and shapes
-        refs = [self._call(host, "load_state_dict", state["clients"][cid], role_tensors(tensors, f"client/{cid}/"))
+        refs = [host.load_state_dict(state["clients"][cid], role_tensors(tensors, f"client/{cid}/"))
                 for cid, host in enumerate(self.actors)]  # fmt: skip
         if self.server is not None:
-            refs.append(self._call(self.server, "load_state_dict", role_tensors(tensors, "server/")))
+            refs.append(self.server.load_state_dict(role_tensors(tensors, "server/")))
         self._get(refs)
         self.fed_server.load_state_dict(role_tensors(tensors, "fed/"))
 
@@ -371,16 +370,16 @@ class Engine(TrafficLedger):
                                 self.full_finetune_lr)  # fmt: skip
         if self.last_broadcast is not None:
             restarted = [e["client"] for e in self.events if e["event"] == "client_restarted"]
-            self._get([self._call(self.actors[cid], "apply_adapters", self.last_broadcast) for cid in restarted])
-        self.snapshots = {cid: self._get(self._call(self.actors[cid], "state_dict", False)) for cid in self.live}
+            self._get([self.actors[cid].apply_adapters(self.last_broadcast) for cid in restarted])
+        self.snapshots = {cid: self._get(self.actors[cid].state_dict(False)) for cid in self.live}
 
     def _restart_client(self, cid: int) -> None:
         """A lost client comes back with the last aggregated weights of its blocks and its state."""
         self.transport.restart_client(cid)
         weights = self._gather(sorted(self.client_names(cid)), exclude=cid)
-        self._get(self._call(self.actors[cid], "set_weights", weights))
+        self._get(self.actors[cid].set_weights(weights))
         if cid in self.snapshots:
-            self._get(self._call(self.actors[cid], "load_state_dict", *self.snapshots[cid]))
+            self._get(self.actors[cid].load_state_dict(*self.snapshots[cid]))
         self.dead.discard(cid)
         self.events.append({"event": "client_restarted", "client": cid})
 

@@ -18,6 +18,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from contextlib import suppress
+from typing import cast
 
 import torch
 
@@ -148,9 +149,29 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
+class RayMethod:
+    """An actor's method called as the host's: `method(...)` is `method.remote(...)`, a reference."""
+
+    def __init__(self, method):
+        self.remote = method.remote
+
+    def __call__(self, *args):
+        return self.remote(*args)
+
+
+class RayHandle:
+    """An actor called as the host it runs (`ClientHost`, `ServerHost`): each method returns a
+    reference, so the calls of a split step chain inside Ray without a stop in the driver."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def __getattr__(self, name: str) -> RayMethod:
+        return RayMethod(getattr(self.actor, name))
+
+
 class RayTransport(Transport):
-    """Client and server actors; a call is `actor.method.remote(...)`, and references chain the
-    calls of a split step inside Ray without a stop in the driver."""
+    """Client and server actors, each reached through a `RayHandle`."""
 
     can_lose_hosts = True
 
@@ -170,14 +191,13 @@ class RayTransport(Transport):
         self.shallowest = min(split) if split else None
         self.server = self._start_server() if split else None
 
-    def _start_client(self, cid: int):
-        return self.client_class.remote(self.spec, cid, self.shards[cid], self.split_points[cid], self.local[cid])
+    def _start_client(self, cid: int) -> ClientHost:
+        actor = self.client_class.remote(self.spec, cid, self.shards[cid], self.split_points[cid], self.local[cid])
+        return cast(ClientHost, RayHandle(actor))
 
-    def _start_server(self):
-        return self.ray.remote(ServerActor).options(**self.server_options).remote(self.spec, self.shallowest)
-
-    def call(self, host, method: str, *args):
-        return getattr(host, method).remote(*args)
+    def _start_server(self) -> ServerHost:
+        actor = self.ray.remote(ServerActor).options(**self.server_options).remote(self.spec, self.shallowest)
+        return cast(ServerHost, RayHandle(actor))
 
     def get(self, reference):
         return self.ray.get(reference)
@@ -198,7 +218,7 @@ class RayTransport(Transport):
         if self.server is None:
             return True
         try:
-            self.ray.get(self.server.held_parameter_names.remote())
+            self.ray.get(self.server.held_parameter_names())
             return True
         except self.ray.exceptions.RayActorError:
             return False

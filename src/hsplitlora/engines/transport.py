@@ -12,20 +12,17 @@ from hsplitlora.roles.messages import RoundPlan
 
 
 class Transport:
-    """The hosts and the way to reach them. `clients[cid]` and `server` are handles: the hosts
-    themselves here, actor handles under Ray."""
+    """The hosts and the way to reach them. `clients[cid]` and `server` are called as the hosts
+    they stand for (`ClientHost`, `ServerHost`): the hosts themselves here, whose calls return
+    values; under Ray handles whose calls return references to them (see `get`)."""
 
-    clients: list
-    server: Any
+    clients: list[ClientHost]
+    server: ServerHost | None
     lost: tuple[type[Exception], ...] = ()  # what a call raises when its host is gone
     can_lose_hosts = False
 
-    def call(self, host, method: str, *args):
-        """Start `host.method(*args)`; returns its result or a reference to it (see `get`)."""
-        return getattr(host, method)(*args)
-
     def get(self, reference):
-        """The value behind `call`'s result (a list of them for a list)."""
+        """The value behind a host call's result (a list of them for a list)."""
         return reference
 
     def owners(self, live: Sequence[int]) -> list:
