@@ -182,13 +182,6 @@ class ServerHost(Host):
     def parts(self) -> dict[int, ServerPart]:
         return self.server.parts
 
-    @property
-    def device(self) -> torch.device:
-        return self.server.device
-
-    def parameters(self, client_id: int) -> list[torch.nn.Parameter]:
-        return self.server.parameters(client_id)
-
     def configure(self, plan: RoundPlan) -> None:
         part = server_part(self.arch, self.model, plan.split_point, plan.tail_blocks)
         part.quant = self.quant
