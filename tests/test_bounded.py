@@ -103,6 +103,9 @@ LONG_KERNEL = textwrap.dedent("""
     import signal
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, _terminate)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited "ignore":
+    # give this process Python's own Ctrl-C handler, as an interactive command has.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     a = torch.ones(6000, 6000)
     with interrupts.exit_promptly_on_signals(grace_s=1.0):
         interrupts.exit_note = lambda: "interrupted; what the command says on leaving"
