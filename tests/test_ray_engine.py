@@ -42,6 +42,20 @@ def test_ray_and_in_process_engines_agree(tmp_path, strategy):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["round"], key)
 
 
+@pytest.mark.parametrize("split_mode", ["standard", "u"])
+def test_ray_and_in_process_engines_agree_with_both_kinds_of_dp(tmp_path, split_mode):
+    # The noise of each role comes from its own seeded generator, wherever the role lives.
+    dp = dict(dp_activations_sigma=0.05, dp_clip=20.0, dp_sgd_sigma=0.5, strategy="splitlora")
+    if split_mode == "u":
+        dp.update(split_mode="u", tail_blocks=1, budgets="8MB,8MB,20MB")
+    local = run(config(tmp_path, "local", **dp))
+    remote = run(config(tmp_path, "ray", engine="ray", **dp))
+    for a, b in zip(local.metrics, remote.metrics, strict=True):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["round"], key)
+    assert local.summary["privacy"] == remote.summary["privacy"]
+
+
 class Capture(Reporter):
     def engine_ready(self, engine):
         self.engine = engine

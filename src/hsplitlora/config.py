@@ -18,8 +18,8 @@ from hsplitlora.units import parse_bytes
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 SPLIT_MODES = ("standard", "u")
-INPROCESS, RAY, FLOWER = "inprocess", "ray", "flower"
-ENGINES = (INPROCESS, RAY, FLOWER)
+INPROCESS, RAY = "inprocess", "ray"
+ENGINES = (INPROCESS, RAY)
 DEFAULT_RANK = 8  # a client's rank when its cut is fixed and its rank is not (the foundation's)
 DEFAULT_COMPRESSION = "fp32"  # nothing compressed across the cut
 
@@ -95,10 +95,22 @@ class RunConfig:
     # u: the client also keeps the last `tail_blocks` blocks, the head and the loss (labels stay).
     split_mode: str = "standard"
     tail_blocks: int = 1
-    engine: str = INPROCESS  # inprocess | ray | flower
+    engine: str = INPROCESS  # inprocess | ray
     ray_address: str | None = None  # join this Ray cluster; default: a local instance on localhost
     ray_client_resources: dict | None = None  # Ray actor options per client: num_cpus, num_gpus, memory, resources
     ray_server_resources: dict | None = None  # Ray actor options of the main server (e.g. num_gpus: 1)
+    # Differential privacy (method.md section 10, docs/privacy.md). On the activations: each example's
+    # activation at the cut clipped to dp_clip, N(0, (sigma dp_clip)^2) added before it leaves the client;
+    # a target dp_activations_epsilon calibrates the sigma instead.
+    dp_activations_sigma: float = 0.0
+    dp_activations_epsilon: float | None = None
+    dp_clip: float | None = None
+    # DP-SGD on every adapter trained on a client's data (its blocks' and its adapters on the main
+    # server): per-example gradients clipped to dp_grad_clip, N(0, (sigma dp_grad_clip)^2) added.
+    dp_sgd_sigma: float = 0.0
+    dp_epsilon: float | None = None  # a target epsilon for DP-SGD: calibrates dp_sgd_sigma
+    dp_grad_clip: float = 1.0
+    dp_delta: float | None = None  # default 1 / the client's shard size
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
@@ -159,6 +171,7 @@ class RunConfig:
         if self.update_energy is not None and not 0 < self.update_energy <= 1:
             raise UsageError(f"update_energy must be in (0, 1], the share of squared singular values kept; got "
                              f"{self.update_energy}.")  # fmt: skip
+        self._validate_dp()
         levels = self.rank_levels
         if sorted(set(levels)) != sorted(levels) or 0 not in levels or min(levels) < 0:
             raise UsageError(f"rank_levels {self.rank_levels} must be distinct non-negative integers including 0.")
@@ -171,6 +184,33 @@ class RunConfig:
         if repeated:
             raise UsageError(f"targets {self.targets} name {repeated[0]} more than once; name each matrix once.")
         return self
+
+    def _validate_dp(self) -> None:
+        for name in ("dp_activations_sigma", "dp_sgd_sigma"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be 0 (off) or a positive noise multiplier, got {getattr(self, name)}.")
+        for name in ("dp_activations_epsilon", "dp_epsilon", "dp_clip", "dp_grad_clip"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UsageError(f"{name} must be a positive number, got {value}.")
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            raise UsageError(f"dp_delta must be in (0, 1), got {self.dp_delta}.")
+        for sigma, target in (("dp_activations_sigma", "dp_activations_epsilon"), ("dp_sgd_sigma", "dp_epsilon")):
+            if getattr(self, sigma) > 0 and getattr(self, target) is not None:
+                raise UsageError(f"{sigma} and {target} both set the noise; give one of the two.")
+        if self.dp_activations and self.dp_clip is None:
+            raise UsageError("noise on the activations needs dp_clip, the L2 norm each example's activation at "
+                             "the cut is clipped to (docs/privacy.md lists SmolLM2's activation norms).")  # fmt: skip
+
+    @property
+    def dp_activations(self) -> bool:
+        """Whether the clients' activations are clipped and noised at the cut."""
+        return self.dp_activations_sigma > 0 or self.dp_activations_epsilon is not None
+
+    @property
+    def dp_sgd(self) -> bool:
+        """Whether the adapters train with DP-SGD."""
+        return self.dp_sgd_sigma > 0 or self.dp_epsilon is not None
 
     @property
     def tail(self) -> int | None:
@@ -248,8 +288,15 @@ FLAGS: dict[str, str] = {
     "tail_blocks": "last blocks a client keeps with --split-mode u",
     "split_rule": "how ARMSC cuts: fastest (least predicted round time within every budget) or deepest",
     "adapter_lifecycle": "hsplitlora's adapters across rounds: persist (kept, measured from an anchor) or recreate",
-    "engine": "inprocess; ray: clients and the main server as Ray actors; flower: clients as Flower ClientApps",
+    "engine": "inprocess, or ray: clients and the main server as Ray actors",
     "ray_address": "with --engine ray: join this Ray cluster at host:port (default: start a local one on localhost)",
+    "dp_activations_sigma": "DP on the activations: noise multiplier sigma (0: off); needs --dp-clip",
+    "dp_activations_epsilon": "DP on the activations: the target epsilon over the run (calibrates the sigma)",
+    "dp_clip": "DP on the activations: each example's activation at the cut is clipped to this L2 norm",
+    "dp_sgd_sigma": "DP-SGD on the adapters: noise multiplier sigma (0: off)",
+    "dp_epsilon": "DP-SGD on the adapters: the target epsilon over the run (calibrates the sigma)",
+    "dp_grad_clip": "DP-SGD: each example's adapter gradient is clipped to this L2 norm",
+    "dp_delta": "the delta of every epsilon (default 1 / the client's shard size)",
     "seed": "the same seed gives the same numbers",
     "threads": "torch threads (default: torch's choice)",
 }
@@ -413,6 +460,14 @@ def refuse_ignored(config: RunConfig, given: set[str]) -> None:
         if getattr(config, name) is not None and config.engine != RAY:
             raise UsageError(f"{name} configures the Ray engine, and engine is {config.engine}; add engine ray or "
                              f"drop {name}.")  # fmt: skip
+    if "dp_clip" in given and not config.dp_activations:
+        raise UsageError(f"dp_clip {config.dp_clip} clips the activations DP noises, and no noise is set; add "
+                         "dp_activations_sigma or dp_activations_epsilon, or drop dp_clip.")  # fmt: skip
+    if "dp_grad_clip" in given and not config.dp_sgd:
+        raise UsageError(f"dp_grad_clip {config.dp_grad_clip} clips DP-SGD's gradients, and DP-SGD is off; add "
+                         "dp_sgd_sigma or dp_epsilon, or drop dp_grad_clip.")  # fmt: skip
+    if "dp_delta" in given and not (config.dp_sgd or config.dp_activations):
+        raise UsageError(f"dp_delta {config.dp_delta} is the delta of DP's epsilon, and no DP is set; drop it.")
     if "device_preset" in given and config.budgets is not None:
         raise UsageError(f"device_preset {config.device_preset} names whole devices, and budgets replaces them (at "
                          "default speeds and links); give one of the two.")  # fmt: skip

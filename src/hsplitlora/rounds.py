@@ -37,6 +37,7 @@ from hsplitlora.method.planner import Plan
 from hsplitlora.method.sampling import per_round, sample_clients
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.placement import placement
+from hsplitlora.privacy.dp import client_epsilons
 from hsplitlora.reporting import (
     RunFolder,
     check_run_folder,
@@ -409,6 +410,15 @@ class _Loop:
         folder.record("model.safetensors", "summary.json")
         write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": export_format})
         summary = run_summary(config, self.metrics, self.sim_time, self.setup.data_description)
+        dp = self.setup.dp
+        if dp.activations or dp.sgd:
+            shard_sizes = [len(shard) for shard in self.setup.shards]
+            rows = client_epsilons(config, dp, shard_sizes, self.engine.round_counters())
+            summary["privacy"] = {"dp": dp.to_dict(), "accountant": "opacus RDP", "clients": rows}
+            for row in rows:
+                spent = [f"{kind} epsilon {row[kind]['epsilon']:.3g} over {row[kind]['steps']} steps"
+                         for kind in ("activations", "sgd") if kind in row]  # fmt: skip
+                self.log(f"client {row['client']}: " + ", ".join(spent) + f" (delta {row['delta']:.2g})")
         write_json_atomic(folder.path / "summary.json", summary)
         plots = folder.plot(self.metrics)
         return RunResult(folder.path, self.metrics, summary, plots)

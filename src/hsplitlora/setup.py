@@ -5,16 +5,16 @@ moves messages between the roles. `rounds.run` builds it; tests and benchmarks m
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 
 import torch
 
-from hsplitlora.config import DEFAULT_RANK, FLOWER, RAY, RunConfig
+from hsplitlora.config import DEFAULT_RANK, RAY, RunConfig
 from hsplitlora.data.e2e import Batch, collate
 from hsplitlora.data.sources import load_training_data
 from hsplitlora.devices import DeviceProfile, resolve_devices
 from hsplitlora.engines.inprocess import InProcessEngine
-from hsplitlora.engines.spec import host_spec
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora, wrap_frozen_linears
 from hsplitlora.method.aggregation import ExactChange, TruncatedChange
@@ -24,6 +24,7 @@ from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point, check_tail_blocks
 from hsplitlora.placement import Placement
+from hsplitlora.privacy.dp import NO_DP, DPSettings, planned_settings
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.strategies import STRATEGIES, StrategyContext
 from hsplitlora.strategies.base import Strategy
@@ -54,6 +55,7 @@ class Setup:
     notes: list[str] = field(default_factory=list)  # about the data, said once when the run starts
     data_description: str = ""
     started: float = 0.0  # perf_counter when the run began
+    dp: DPSettings = NO_DP  # the run's differential privacy, a target epsilon calibrated to a sigma
 
     @property
     def vocab_size(self) -> int:
@@ -121,32 +123,47 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     # Cuts follow the budgets, not importance: a uniform plan tells each Ray actor which blocks to
     # load, and where round 1's importance is measured.
     cuts = strategy.initial_cuts()
-    if config.engine in (RAY, FLOWER):
-        spec = host_spec(config, tokenizer.pad_token_id, num_blocks, where)
+    # DP's steps per client at most: every round's local steps (and round 1's warm-up step, which
+    # sends activations but trains nothing).
+    warmup = 1 if strategy.uses_importance and fixed_ranks is None else 0
+    dp = planned_settings(config, [len(s) for s in shards], config.rounds * steps_per_round,
+                          config.rounds * steps_per_round + warmup)  # fmt: skip
+    if dp.activations or dp.sgd:
+        notes.append(dp_note(dp))
     if config.engine == RAY:
         from hsplitlora.engines.ray_engine import RayEngine
 
+        spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
+                "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
+                "compression": config.compression, "tail_blocks": config.tail, "dtype": config.dtype,
+                "client_quant": config.client_quant, "server_quant": config.server_quant, "dp": dp.to_dict(),
+                "client_device": str(where.client), "server_device": str(where.server),
+                # Steps are sequential (client, server, client), so each actor may use every core.
+                "threads": config.threads or os.cpu_count()}  # fmt: skip
         shard_items = [[encoded[i] for i in shard] for shard in shards]
-        engine = RayEngine(spec.as_dict(), shard_items, cuts, candidates, fed_server, config.ray_address,
+        engine = RayEngine(spec, shard_items, cuts, candidates, fed_server, config.ray_address,
                            config.ray_client_resources, config.ray_server_resources)  # fmt: skip
         engine.quantized = config.client_quant != "none" or config.server_quant != "none"
-    elif config.engine == FLOWER:
-        from hsplitlora.engines.flower_engine import FlowerEngine, run_values
-
-        if strategy_class.centralised:
-            raise UsageError(f"{config.strategy} trains one model on pooled data; the flower engine runs federated "
-                             "strategies (each client on its own node); use engine inprocess for it.")  # fmt: skip
-        engine = FlowerEngine(spec, run_values(config), cuts, candidates, fed_server, len(shards))
-        engine.quantized = config.client_quant != "none" or config.server_quant != "none"
     else:
-        clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id, where)
+        clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id, where, dp)
         # Placed once: the clients' copy, and the main server's own copy when it computes elsewhere.
         server_model = copy.deepcopy(model).to(where.server) if where.separate else None
         model.to(where.client)
         engine = InProcessEngine(model, arch, candidates, clients, server, fed_server, server_model, cuts, config.tail)
         set_quant(engine, config.client_quant, config.server_quant)
     return Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
-                 val_batches, fixed_ranks, steps_per_round, notes, data.description)  # fmt: skip
+                 val_batches, fixed_ranks, steps_per_round, notes, data.description, dp=dp)  # fmt: skip
+
+
+def dp_note(dp: DPSettings) -> str:
+    """One line on the run's differential privacy."""
+    kinds = []
+    if dp.activations:
+        kinds.append(f"activations at the cut clipped to {dp.activation_clip:g} with noise sigma "
+                     f"{dp.activation_sigma:.4g}")  # fmt: skip
+    if dp.sgd:
+        kinds.append(f"DP-SGD on the adapters, clip {dp.grad_clip:g}, noise sigma {dp.sgd_sigma:.4g}")
+    return "differential privacy: " + "; ".join(kinds) + " (each client's epsilon is in summary.json)."
 
 
 def set_quant(engine: InProcessEngine, client_quant: str, server_quant: str) -> None:

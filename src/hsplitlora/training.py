@@ -17,6 +17,7 @@ from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point
 from hsplitlora.placement import Placement
+from hsplitlora.privacy.dp import DPSettings, planned_settings
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.cut import Cut
 from hsplitlora.roles.main_server import MainServer
@@ -40,17 +41,21 @@ def make_roles(
     shards: list[list[int]],
     pad_id: int,
     placement: Placement | None = None,
+    dp: DPSettings | None = None,
 ) -> tuple[list[Client], MainServer]:
     """One client per shard (its examples, its seeded batch order) and the main server, each on
-    its device; each client and the main server hold the same `Cut` of that client."""
+    its device; each client and the main server hold the same `Cut` of that client. `dp`: the
+    run's differential privacy (default: the config's sigmas as given)."""
     where = placement or Placement(torch.device("cpu"), torch.device("cpu"))
+    dp = dp if dp is not None else planned_settings(config, [len(s) for s in shards], 0, 0)
     clients = []
     for cid, shard in enumerate(shards):
         batches, warmup = client_batchers([encoded[i] for i in shard], config.batch_size, pad_id, config.seed, cid)
         clients.append(Client(cid, batches, candidates, config.lr, config.alpha, config.seed, config.compression,
-                              where.client, warmup, Cut(config.compression)))  # fmt: skip
+                              where.client, warmup, Cut(config.compression), dp))  # fmt: skip
     cuts = {client.client_id: client.cut for client in clients}
-    return clients, MainServer(candidates, config.lr, config.alpha, config.seed, config.compression, where.server, cuts)
+    server = MainServer(candidates, config.lr, config.alpha, config.seed, config.compression, where.server, cuts, dp)
+    return clients, server
 
 
 def build_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Federation:

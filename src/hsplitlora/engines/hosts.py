@@ -147,7 +147,7 @@ class ClientHost(Host):
         self.client.warm_up(enabled)
 
     def counters(self) -> dict[str, int]:
-        return {"samples": self.client.samples, "tokens": self.client.tokens}
+        return {"samples": self.client.samples, "tokens": self.client.tokens, **self.client.private_steps()}
 
     def upload(self):
         return self.client.upload()

@@ -30,6 +30,7 @@ from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import attach_lora, wrap_frozen_linears
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import load_part, place
+from hsplitlora.privacy.dp import NO_DP, DPSettings
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
@@ -56,8 +57,9 @@ class ClientActor(ClientHost):
         device = spec.get("client_device", "cpu")
         model, arch, candidates = _load(spec, blocks, embedding=True, head=local or tail is not None, device=device)
         batches, warmup = client_batchers(items, spec["batch_size"], spec["pad_id"], spec["seed"], client_id)
+        dp = DPSettings(**spec["dp"]) if spec.get("dp") else NO_DP
         client = Client(client_id, batches, candidates, spec["lr"], spec["alpha"], spec["seed"],
-                        spec["compression"], device, warmup)  # fmt: skip
+                        spec["compression"], device, warmup, dp=dp)  # fmt: skip
         super().__init__(model, arch, candidates, client)
         self.quant = spec.get("client_quant", "none")  # its float blocks stay the master merges go into
 
@@ -69,8 +71,9 @@ class ServerActor(ServerHost):
         device = spec.get("server_device", "cpu")
         model, arch, candidates = _load(spec, range(shallowest_split, end), embedding=False, head=tail is None,
                                         device=device)  # fmt: skip
+        dp = DPSettings(**spec["dp"]) if spec.get("dp") else NO_DP
         server = MainServer(candidates, spec["lr"], spec["alpha"], spec["seed"], spec["compression"],
-                            device)  # fmt: skip
+                            device, dp=dp)  # fmt: skip
         super().__init__(model, arch, candidates, server)
         self.quant = spec.get("server_quant", "none")
 

@@ -71,6 +71,9 @@ class MultiLoRALayer(nn.Module):
         self.quant = "none"
         self._quantized: dict[str, tuple[tuple, QuantizedWeight]] = {}  # kind -> (W's version, Q(W))
         self.held: QuantizedWeight | None = None  # W kept only quantized (hold_quantized): no float W
+        # DP-SGD (privacy/dp.py): per adapter, each training forward's (slot, x, x A^T, dL/d(B A x)),
+        # from which the per-example gradients of A and B follow in closed form; None: not kept.
+        self.per_example: dict[str, list[list]] | None = None
 
     # -- adapters -------------------------------------------------------------------------------
     def set_adapter(
@@ -279,6 +282,27 @@ class MultiLoRALayer(nn.Module):
         out = wx * scale
         return out if bias is None else out + bias
 
+    # -- per-example gradients (DP-SGD) ----------------------------------------------------------
+    def record_per_example(self, enabled: bool) -> None:
+        """Keep, from now on, what the per-example gradients of the active adapter need (or stop)."""
+        self.per_example = {} if enabled else None
+
+    def take_per_example(self, name: str) -> list[list]:
+        """The records of adapter `name` since the last call, each [slot, x, x A^T, dL/d(B A x)]
+        with its gradient filled in by the backward pass (records without one are dropped)."""
+        if self.per_example is None:
+            return []
+        return [record for record in self.per_example.pop(name, []) if record[3] is not None]
+
+    def _record(self, name: str, slot: str, x: torch.Tensor, u: torch.Tensor, update: torch.Tensor) -> None:
+        record = [slot, x.detach(), u.detach(), None]
+        self.per_example.setdefault(name, []).append(record)
+
+        def keep(grad: torch.Tensor) -> None:
+            record[3] = grad.detach()
+
+        update.register_hook(keep)
+
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base_forward(x)
@@ -290,7 +314,10 @@ class MultiLoRALayer(nn.Module):
         for slot in self.slot_bounds:
             if name in self.lora_A[slot]:
                 a, b = self.lora_A[slot][name], self.lora_B[slot][name]
-                update = F.linear(F.linear(xa, a), b)
+                u = F.linear(xa, a)
+                update = F.linear(u, b)
+                if self.per_example is not None and update.requires_grad:
+                    self._record(name, slot, xa, u, update)
                 anchor = self.anchors.get((name, slot))
                 if anchor is not None:  # the same ops on equal factors: exactly zero at the anchor
                     update = update - F.linear(F.linear(xa, anchor[0]), anchor[1])

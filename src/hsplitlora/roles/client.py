@@ -12,6 +12,15 @@ from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
 from hsplitlora.models.split import ClientPart, UClientPart, weights_dtype
+from hsplitlora.privacy.dp import (
+    DPSGD,
+    NO_DP,
+    ActivationNoise,
+    DPSettings,
+    host_clip,
+    keep_per_example,
+    noise_generator,
+)
 from hsplitlora.roles.adapters import AdapterHolder, adapter_name
 from hsplitlora.roles.cut import Cut
 from hsplitlora.roles.messages import (
@@ -53,6 +62,7 @@ class Client:
         device: torch.device | str = "cpu",
         warmup_batches: Iterator[Batch] | None = None,
         cut: Cut | None = None,
+        dp: DPSettings = NO_DP,
     ):
         self.client_id = client_id
         self.device = torch.device(device)  # where its part computes; batches are moved here
@@ -74,6 +84,15 @@ class Client:
         self.lifecycle = "recreate"  # what this round's adapters do across rounds (RoundPlan.adapters)
         self.probe: ImportanceProbe | None = None
         self._measuring = False
+        self.dp = dp
+        self.activation_noise = None
+        if dp.activations:  # on the sender's tensor, before compression
+            generator = noise_generator(dp.seed, "activations", client_id)
+            self.activation_noise = ActivationNoise(dp.activation_sigma, dp.activation_clip, generator)
+            self.cut.add(self.activation_noise, wire=False)
+        self.dpsgd = None
+        if dp.sgd:
+            self.dpsgd = DPSGD(dp.sgd_sigma, dp.grad_clip, noise_generator(dp.seed, "client", client_id))
 
     @property
     def split_point(self) -> int:
@@ -106,6 +125,9 @@ class Client:
             self.optimizer = self.holder.new_optimizer(part, self.adapter, self.optimizer if keep else None)
         self.samples = self.tokens = 0
         self.probe = ImportanceProbe.for_part(part, self.holder.candidates) if self._measuring else None
+        if self.dpsgd is not None:  # the client's share of C: all of it when it runs the whole model
+            self.dpsgd.clip = host_clip(self.dp.grad_clip, 1 if head is not None else 2)
+            keep_per_example([part, head], True)
 
     def measure_importance(self, enabled: bool) -> None:
         """Measure sum_j w_j dL/dw_j of the candidates in this client's blocks during its steps."""
@@ -153,6 +175,10 @@ class Client:
         """At a round boundary: (batch order and step count, as JSON; the random generator and,
         with `adapters`, every adapter with its anchor and optimizer state, as flat tensors)."""
         tensors = {"rng": self.generator.get_state()}
+        if self.activation_noise is not None:
+            tensors.update({f"dp/activations/{k}": v for k, v in self.activation_noise.state().items()})
+        if self.dpsgd is not None:
+            tensors.update({f"dp/sgd/{k}": v for k, v in self.dpsgd.state().items()})
         if adapters and self.part is not None:
             state = self.holder.adapter_state(self.part, self.adapter, self.optimizer)
             tensors.update({f"adapter/{k}": v for k, v in state.items()})
@@ -165,6 +191,11 @@ class Client:
         if adapters:
             self.holder.load_adapter_state(self.part, self.adapter, adapters, self.optimizer)
         self.generator.set_state(tensors["rng"])
+        if self.activation_noise is not None:
+            prefix = "dp/activations/"
+            self.activation_noise.load_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if self.dpsgd is not None:
+            self.dpsgd.load_state({k[len("dp/sgd/") :]: v for k, v in tensors.items() if k.startswith("dp/sgd/")})
         self.batches.load_state(state["batcher"])
         self.step = state["step"]
 
@@ -191,7 +222,8 @@ class Client:
         logits = self.head(self.part(batch.input_ids, batch.attention_mask), batch.attention_mask)
         total, count = target_token_loss(logits, batch.labels)
         loss = total / max(count, 1)
-        loss.backward()
+        self._backward_loss(total, loss, batch.input_ids.shape[0])
+        self._privatize(batch.input_ids.shape[0])
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -199,6 +231,22 @@ class Client:
         self.tokens += int(batch.attention_mask.sum())
         self.step += 1
         return float(loss.detach())
+
+    def private_steps(self) -> dict[str, int]:
+        """Steps of each DP mechanism on this client's data so far (the accountant's counts)."""
+        return {"dp_activation_steps": self.activation_noise.steps if self.activation_noise is not None else 0,
+                "dp_sgd_steps": self.dpsgd.steps if self.dpsgd is not None else 0}  # fmt: skip
+
+    def _backward_loss(self, total: torch.Tensor, mean: torch.Tensor, batch_size: int) -> None:
+        """Back-propagate the batch's loss: its mean over target tokens, or under DP-SGD the sum of
+        each example's token losses over the batch size (one example's gradient then depends on it
+        alone)."""
+        (total / batch_size if self.dpsgd is not None else mean).backward()
+
+    def _privatize(self, batch_size: int) -> None:
+        """DP-SGD: this step's gradients of the client's adapters become their clipped, noised estimate."""
+        if self.dpsgd is not None:
+            self.dpsgd.privatize([self.part, self.head], self.adapter, batch_size)
 
     # -- one split step -------------------------------------------------------------------------
     def forward(self) -> Activations:
@@ -232,7 +280,7 @@ class Client:
         logits = self.part.tail(hidden, pending.batch.attention_mask)
         total, count = target_token_loss(logits, pending.batch.labels)
         loss = total / max(count, 1)
-        loss.backward()
+        self._backward_loss(total, loss, pending.batch.input_ids.shape[0])
         pending.loss = float(loss.detach())
         return self.cut.send(TailGradient(self.client_id, pending.step, hidden.grad))
 
@@ -248,6 +296,7 @@ class Client:
             pending.hidden.backward(gradient)
         if self.probe is not None:
             self.probe.collect()
+        self._privatize(pending.batch.input_ids.shape[0])
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
 from hsplitlora.models.split import ServerPart, weights_dtype
+from hsplitlora.privacy.dp import DPSGD, NO_DP, DPSettings, host_clip, keep_per_example, noise_generator
 from hsplitlora.roles.adapters import AdapterHolder, adapter_name
 from hsplitlora.roles.cut import Cut
 from hsplitlora.roles.messages import (
@@ -31,7 +32,7 @@ class MainServer:
     def __init__(
         self, candidates: Mapping[str, Candidate], lr: float, alpha: float = 16.0, seed: int = 0,
         compression: str = DEFAULT_COMPRESSION, device: torch.device | str = "cpu",
-        cuts: Mapping[int, Cut] | None = None,
+        cuts: Mapping[int, Cut] | None = None, dp: DPSettings = NO_DP,
     ):  # fmt: skip
         self.lr = lr
         self.device = torch.device(device)  # where its parts compute; arriving tensors are moved here
@@ -47,6 +48,9 @@ class MainServer:
         self._measuring = False
         self._middle: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # U-shaped steps in flight
         self.lifecycle = "recreate"  # what adapters do across rounds (RoundPlan.adapters)
+        self.dp = dp
+        self.dpsgd: dict[int, DPSGD] = {}  # per client, under DP-SGD: its share of C and its own noise
+        self._batch_sizes: dict[int, int] = {}  # of each client's step in flight
 
     adapter_name = staticmethod(adapter_name)
 
@@ -67,6 +71,11 @@ class MainServer:
         self.optimizers[cid] = self.holder.new_optimizer(part, adapter_name(cid),
                                                          self.optimizers.get(cid) if keep else None)  # fmt: skip
         self.samples[cid] = self.tokens[cid] = 0
+        if self.dp.sgd:
+            if cid not in self.dpsgd:
+                self.dpsgd[cid] = DPSGD(self.dp.sgd_sigma, host_clip(self.dp.grad_clip, 2),
+                                        noise_generator(self.dp.seed, "server", cid))  # fmt: skip
+            keep_per_example([part], True)
         if self._measuring:
             self.probes[cid] = ImportanceProbe.for_part(part, self.holder.candidates)
 
@@ -111,6 +120,8 @@ class MainServer:
             for cid, part in self.parts.items():
                 state = self.holder.adapter_state(part, adapter_name(cid), self.optimizers.get(cid))
                 tensors.update({f"adapter/{cid}/{k}": v for k, v in state.items()})
+        for cid, dpsgd in self.dpsgd.items():
+            tensors.update({f"dp/{cid}/{k}": v for k, v in dpsgd.state().items()})
         return tensors
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -120,6 +131,8 @@ class MainServer:
             adapters = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if adapters:
                 self.holder.load_adapter_state(part, adapter_name(cid), adapters, self.optimizers.get(cid))
+        for cid, dpsgd in self.dpsgd.items():
+            dpsgd.load_state({k[len(f"dp/{cid}/") :]: v for k, v in tensors.items() if k.startswith(f"dp/{cid}/")})
         self.generator.set_state(tensors["rng"])
 
     def apply_adapters(self, broadcast: AdapterBroadcast) -> None:
@@ -135,7 +148,8 @@ class MainServer:
         hidden, output = self._forward(message)
         loss_sum, count = target_token_loss(output, message.labels.to(self.device))
         loss = loss_sum / max(count, 1)
-        loss.backward()
+        # Under DP-SGD each example's token losses summed over the batch size (see privacy/dp.py).
+        (loss_sum / message.hidden.shape[0] if self.dp.sgd else loss).backward()
         self._finish(cid)
         return self.cut(cid).send(ActivationGradient(cid, message.step, hidden.grad, float(loss.detach()), count))
 
@@ -172,6 +186,7 @@ class MainServer:
         if probe is not None:
             probe.start()
         self.samples[cid] = self.samples.get(cid, 0) + message.hidden.shape[0]
+        self._batch_sizes[cid] = message.hidden.shape[0]
         self.tokens[cid] = self.tokens.get(cid, 0) + int(message.attention_mask.sum())
         return hidden, part(hidden, message.attention_mask.to(self.device))
 
@@ -180,6 +195,8 @@ class MainServer:
         probe = self.probes.get(cid)
         if probe is not None:
             probe.collect()
+        if cid in self.dpsgd:
+            self.dpsgd[cid].privatize([self.parts[cid]], adapter_name(cid), self._batch_sizes[cid])
         optimizer = self.optimizers.get(cid)
         if optimizer is not None:
             optimizer.step()

@@ -34,6 +34,12 @@ def check_strategy_settings(config: RunConfig, given: set[str] | None = None) ->
     if quantized and strategy.full_finetune:
         raise UsageError(f"{quantized[0]} {getattr(config, quantized[0])} holds the frozen weights in fewer bits, "
                          f"and {name} trains every weight; drop {quantized[0]} or choose a LoRA strategy.")  # fmt: skip
+    if config.dp_sgd and strategy.full_finetune:
+        raise UsageError(f"DP-SGD here privatises the adapters' gradients, and {name} trains every weight without "
+                         "adapters; choose a LoRA strategy or drop dp_sgd_sigma / dp_epsilon.")  # fmt: skip
+    if config.dp_activations and (not strategy.splits or strategy.centralised):
+        raise UsageError(f"DP on the activations noises what crosses the cut, and {name} runs the model whole, so "
+                         "nothing crosses; choose a strategy that splits or drop the activation noise.")  # fmt: skip
     if max(config.rank_levels) == 0 and config.rank is None and not strategy.full_finetune:
         raise UsageError(f"rank_levels {config.rank_levels} hold no positive rank, so every adapter gets rank 0 and "
                          "nothing would be trained; add positive levels, like 0,2,4,8,16.")  # fmt: skip

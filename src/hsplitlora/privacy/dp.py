@@ -1,0 +1,246 @@
+"""Differential privacy at the cut and on the adapters (method.md section 10).
+
+Two mechanisms, each a Gaussian mechanism on one example at a time:
+
+- **On the activations** (`ActivationNoise`, a stage of the client's `Cut` before compression):
+  each example's activation tensor at the cut, all its tokens, clipped to L2 norm `C`, then
+  N(0, sigma^2 C^2) added to every coordinate before it leaves the client. Training's messages
+  only: validation runs on the evaluator's rows, not on a client's shard.
+- **DP-SGD on the adapters** (`DPSGD`): per example, the gradient of every adapter trained on that
+  client's data clipped, summed, N(0, sigma^2 C^2) added, divided by the batch size. The adapters
+  of one client live on two hosts (the client's blocks and its adapters on the main server), so
+  each host clips its share to C / sqrt(2) (C alone when the client runs the whole model): the
+  joint per-example gradient then has norm at most C, and the noise of both hosts together is
+  N(0, sigma^2 C^2) on every coordinate, the Gaussian mechanism of DP-SGD with group-wise clipping.
+  Per-example gradients of A and B are computed in closed form from what the LoRA layer keeps of
+  its forward (its input x, x A^T) and the gradient at its output (lora/layer.py, `per_example`).
+
+The loss a DP-SGD step back-propagates is the sum of each example's token losses over the batch
+size (not over the batch's token count, which would make one example's gradient depend on the
+others'). The accountant (`epsilon`) is Opacus's RDP accountant; a target epsilon calibrates
+sigma (`calibrate`). Each role's noise comes from its own generator, saved with its checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from hsplitlora.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """One run's DP: sigma 0 turns a mechanism off. `activation_clip` is C on the activations,
+    `grad_clip` C on the adapters' per-example gradients."""
+
+    activation_sigma: float = 0.0
+    activation_clip: float | None = None
+    sgd_sigma: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    @property
+    def activations(self) -> bool:
+        return self.activation_sigma > 0
+
+    @property
+    def sgd(self) -> bool:
+        return self.sgd_sigma > 0
+
+    def to_dict(self) -> dict:
+        return {"activation_sigma": self.activation_sigma, "activation_clip": self.activation_clip,
+                "sgd_sigma": self.sgd_sigma, "grad_clip": self.grad_clip, "seed": self.seed}  # fmt: skip
+
+
+NO_DP = DPSettings()
+
+
+def planned_settings(config, shard_sizes: list[int], sgd_steps: int, activation_steps: int) -> DPSettings:
+    """The run's DP, a target epsilon calibrated to a sigma: the largest any client needs (its
+    sampling rate batch / shard and its delta) to stay within the target over the planned steps,
+    so no client exceeds it."""
+
+    def sigma(given: float, target: float | None, steps: int) -> float:
+        if target is None:
+            return given
+        needed = {calibrate(target, config.batch_size / n, steps, delta_of(config, n)) for n in set(shard_sizes)}
+        return max(needed)
+
+    return DPSettings(
+        activation_sigma=sigma(config.dp_activations_sigma, config.dp_activations_epsilon, activation_steps),
+        activation_clip=config.dp_clip, sgd_sigma=sigma(config.dp_sgd_sigma, config.dp_epsilon, sgd_steps),
+        grad_clip=config.dp_grad_clip, seed=config.seed,
+    )  # fmt: skip
+
+
+def delta_of(config, shard_size: int) -> float:
+    """The delta of a client's epsilon: the setting, else 1 / its shard size."""
+    return config.dp_delta if config.dp_delta is not None else 1.0 / max(shard_size, 1)
+
+
+def client_epsilons(config, dp: DPSettings, shard_sizes: list[int], counters: list[dict]) -> list[dict]:
+    """Each client's (epsilon, delta) of each mechanism over the steps it took (Opacus RDP)."""
+    rows = []
+    for cid, (n, counts) in enumerate(zip(shard_sizes, counters, strict=True)):
+        q, delta = config.batch_size / n, delta_of(config, n)
+        row = {"client": cid, "shard_size": n, "sample_rate": q, "delta": delta}
+        if dp.activations:
+            steps = counts.get("dp_activation_steps", 0)
+            row["activations"] = {"sigma": dp.activation_sigma, "clip": dp.activation_clip, "steps": steps,
+                                  "epsilon": epsilon(dp.activation_sigma, q, steps, delta)}  # fmt: skip
+        if dp.sgd:
+            steps = counts.get("dp_sgd_steps", 0)
+            row["sgd"] = {"sigma": dp.sgd_sigma, "clip": dp.grad_clip, "steps": steps,
+                          "epsilon": epsilon(dp.sgd_sigma, q, steps, delta)}  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def noise_generator(seed: int, role: str, client_id: int) -> torch.Generator:
+    """A role's own noise stream for one client ("activations" or "client" or "server")."""
+    salt = {"activations": 1, "client": 2, "server": 3}[role]
+    return torch.Generator().manual_seed((seed * 1_000_003 + client_id * 7_919 + salt * 104_729) % 2**63)
+
+
+def clip_per_example(tensor: torch.Tensor, clip: float) -> torch.Tensor:
+    """Each example (first dimension) scaled to L2 norm at most `clip`."""
+    flat = tensor.reshape(tensor.shape[0], -1)
+    norms = flat.norm(dim=1)
+    factors = (clip / (norms + 1e-12)).clamp(max=1.0)
+    return tensor * factors.view(-1, *([1] * (tensor.dim() - 1))).to(tensor.dtype)
+
+
+class ActivationNoise:
+    """A cut stage before compression: clips each example of the client's activations at the cut
+    to `clip` and adds N(0, (sigma clip)^2) to every coordinate (training only). The noise is
+    drawn on the CPU from the stage's own generator, so a seed gives the same noise on any device."""
+
+    def __init__(self, sigma: float, clip: float, generator: torch.Generator):
+        self.sigma, self.clip, self.generator = sigma, clip, generator
+        self.steps = 0  # training messages noised: the accountant's steps
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"rng": self.generator.get_state(), "steps": torch.tensor(self.steps)}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.generator.set_state(tensors["rng"])
+        self.steps = int(tensors["steps"])
+
+    def __call__(self, message, validation: bool):
+        from dataclasses import replace
+
+        from hsplitlora.roles.messages import Activations
+
+        if validation or not isinstance(message, Activations):
+            return message
+        hidden = message.hidden
+        clipped = clip_per_example(hidden.float(), self.clip)
+        noise = torch.randn(hidden.shape, generator=self.generator, dtype=torch.float32) * (self.sigma * self.clip)
+        self.steps += 1
+        return replace(message, hidden=(clipped + noise.to(hidden.device)).to(hidden.dtype))
+
+
+def lora_layers(module: torch.nn.Module | None) -> list:
+    from hsplitlora.lora.layer import MultiLoRALayer
+
+    if module is None:
+        return []
+    return list({id(m): m for m in module.modules() if isinstance(m, MultiLoRALayer)}.values())
+
+
+def keep_per_example(modules: Iterable[torch.nn.Module | None], enabled: bool) -> None:
+    """Have every LoRA layer in `modules` keep what per-example gradients need (or stop)."""
+    for module in modules:
+        for layer in lora_layers(module):
+            layer.record_per_example(enabled)
+
+
+class DPSGD:
+    """DP-SGD for the adapters one host trains for one client (see the module's docstring)."""
+
+    def __init__(self, sigma: float, clip: float, generator: torch.Generator):
+        self.sigma, self.clip, self.generator = sigma, clip, generator
+        self.steps = 0
+
+    @torch.no_grad()
+    def privatize(self, modules: Iterable[torch.nn.Module | None], adapter: str, batch_size: int) -> None:
+        """Replace the gradients of `adapter`'s factors in `modules` by the DP-SGD estimate from the
+        per-example gradients recorded since the last call: each example's share clipped to `clip`,
+        summed, noise added, over `batch_size` (the recorded gradients are of the loss summed per
+        example over the batch size, so they are multiplied back by it)."""
+        grads = per_example_gradients(modules, adapter)
+        if not grads:
+            return
+        params = list(grads)
+        norms_sq = sum((g.reshape(g.shape[0], -1) * batch_size).pow(2).sum(1) for g in grads.values())
+        factors = (self.clip / (norms_sq.sqrt() + 1e-12)).clamp(max=1.0)
+        for param in params:
+            per_example = grads[param] * batch_size
+            total = torch.einsum("b,b...->...", factors.to(per_example.dtype), per_example)
+            noise = torch.randn(total.shape, generator=self.generator, dtype=total.dtype) * (self.sigma * self.clip)
+            param.grad = ((total + noise.to(total.device)) / batch_size).to(param.dtype)
+        self.steps += 1
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"rng": self.generator.get_state(), "steps": torch.tensor(self.steps)}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.generator.set_state(tensors["rng"])
+        self.steps = int(tensors["steps"])
+
+
+def per_example_gradients(modules: Iterable[torch.nn.Module | None], adapter: str) -> dict:
+    """{parameter: (B, *shape)}: the per-example gradient of each factor of `adapter` in the LoRA
+    layers of `modules`, from the records the layers kept (cleared here)."""
+    grads: dict = {}
+    for module in modules:
+        for layer in lora_layers(module):
+            for slot, x, u, g in layer.take_per_example(adapter):
+                a, b = layer.lora_A[slot][adapter], layer.lora_B[slot][adapter]
+                x, u, g = (t.reshape(t.shape[0], -1, t.shape[-1]).float() for t in (x, u, g))
+                grad_b = torch.einsum("bto,btr->bor", g, u)  # d/dB of sum_t g_t . (B u_t)
+                grad_a = torch.einsum("btr,bti->bri", g @ b.detach().float(), x)  # d/dA through u = A x
+                for param, grad in ((a, grad_a), (b, grad_b)):
+                    grads[param] = grads[param] + grad if param in grads else grad
+    return grads
+
+
+def host_clip(clip: float, hosts: int) -> float:
+    """Each host's share of C when `hosts` hosts train one client's adapters: C / sqrt(hosts)."""
+    return clip / math.sqrt(max(hosts, 1))
+
+
+# -- accounting -----------------------------------------------------------------------------------
+def epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    """(epsilon, delta)-DP of `steps` subsampled Gaussian steps (Opacus's RDP accountant)."""
+    if sigma <= 0 or steps <= 0:
+        return math.inf if sigma <= 0 and steps > 0 else 0.0
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, min(sample_rate, 1.0), steps)]
+    with warnings.catch_warnings():  # an optimum at the end of Opacus's orders only loosens the bound
+        warnings.simplefilter("ignore", UserWarning)
+        return float(accountant.get_epsilon(delta))
+
+
+def calibrate(target_epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The sigma whose `steps` steps at `sample_rate` reach `target_epsilon` at `delta`."""
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    warnings.filterwarnings("ignore", "Optimal order is the", UserWarning)  # only a looser bound, said once
+    try:
+        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                     sample_rate=min(sample_rate, 1.0), steps=steps, accountant="rdp")  # fmt: skip
+        return float(sigma)
+    except ValueError as error:
+        raise UsageError(f"no noise reaches epsilon {target_epsilon:g} at delta {delta:g} over {steps} steps at "
+                         f"sampling rate {sample_rate:.3g} ({error}); ask for a larger epsilon.") from None  # fmt: skip

@@ -1,0 +1,195 @@
+"""Differential privacy (method.md section 10): per-example clipping of the activations and of the
+adapters' gradients, noise of the configured scale, the accountant against an independent
+library, and runs with DP through both engines and across a resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hsplitlora.config import RunConfig, make_config
+from hsplitlora.errors import UsageError
+from hsplitlora.lora.layer import MultiLoRALayer
+from hsplitlora.privacy.dp import DPSGD, ActivationNoise, calibrate, epsilon, keep_per_example
+from hsplitlora.roles.messages import Activations
+
+
+class TwoLayers(nn.Module):
+    """x -> LoRA linear -> tanh -> LoRA fused linear (two slots) -> sum of squares per example."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = MultiLoRALayer(nn.Linear(6, 5))
+        self.second = MultiLoRALayer(nn.Linear(5, 4), {"q": 3, "k": 1})
+        for layer in (self.first, self.second):
+            for p in layer.base.parameters():
+                p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(1)
+        self.first.set_adapter("c", "main", 3, 8.0, generator)
+        self.second.set_adapter("c", "q", 2, 8.0, generator)
+        self.second.set_adapter("c", "k", 1, 8.0, generator)
+        with torch.no_grad():  # B = 0 at creation would make every gradient of A zero
+            for layer in (self.first, self.second):
+                for slot in layer.slot_bounds:
+                    layer.lora_B[slot]["c"].normal_(generator=generator)
+        self.second.set_anchor("c", "k")  # an anchored adapter: its B0 A0 term carries no gradient
+        with torch.no_grad():
+            self.second.lora_A["k"]["c"].add_(0.1)
+        for layer in (self.first, self.second):
+            layer.active_adapter = "c"
+
+    def losses(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x))).pow(2).sum(dim=(1, 2))
+
+
+def by_hand(model: TwoLayers, x: torch.Tensor, clip: float) -> list[torch.Tensor]:
+    """Each example's gradient on its own, clipped jointly to `clip`, summed, over the batch size."""
+    params = [p for layer in (model.first, model.second) for p in layer.adapter_parameters("c")]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(model.losses(x[i : i + 1]).sum(), params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        factor = min(1.0, clip / float(norm))
+        total = [t + factor * g for t, g in zip(total, grads, strict=True)]
+    return [t / x.shape[0] for t in total]
+
+
+@pytest.mark.parametrize("clip", [1e9, 0.5])
+def test_dp_sgd_gradients_equal_per_example_gradients_clipped_by_hand(clip):
+    model = TwoLayers()
+    x = torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(2))
+    expected = by_hand(model, x, clip)
+    keep_per_example([model], True)
+    (model.losses(x).sum() / x.shape[0]).backward()  # the DP-SGD loss: per-example sums over the batch size
+    DPSGD(0.0, clip, torch.Generator().manual_seed(3)).privatize([model], "c", x.shape[0])
+    params = [p for layer in (model.first, model.second) for p in layer.adapter_parameters("c")]
+    for param, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dp_sgd_noise_has_the_configured_scale_and_the_seed_fixes_it():
+    sigma, clip, batch = 2.0, 0.3, 4
+    grads = []
+    for _ in range(2):
+        model = TwoLayers()
+        keep_per_example([model], True)
+        x = torch.zeros(batch, 7, 6)  # zero input: every clean gradient is zero, the gradient is the noise
+        (model.losses(x).sum() / batch).backward()
+        dpsgd = DPSGD(sigma, clip, torch.Generator().manual_seed(7))
+        dpsgd.privatize([model], "c", batch)
+        grads.append(torch.cat([p.grad.flatten() for p in model.first.adapter_parameters("c")]))
+        assert dpsgd.steps == 1
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    std = float(grads[0].std())
+    assert std == pytest.approx(sigma * clip / batch, rel=0.25)
+
+
+def test_each_example_s_activation_is_clipped_and_noised_at_the_configured_scale():
+    hidden = torch.randn(6, 9, 16, generator=torch.Generator().manual_seed(0)) * 5
+    message = Activations(0, 0, hidden, torch.ones(6, 9, dtype=torch.long), None)
+    clipped = ActivationNoise(0.0, 2.0, torch.Generator().manual_seed(1))(message, validation=False).hidden
+    assert float(clipped.reshape(6, -1).norm(dim=1).max()) <= 2.0 + 1e-5
+    noised = ActivationNoise(0.5, 2.0, torch.Generator().manual_seed(1))(message, validation=False).hidden
+    assert float((noised - clipped).std()) == pytest.approx(0.5 * 2.0, rel=0.05)
+    again = ActivationNoise(0.5, 2.0, torch.Generator().manual_seed(1))(message, validation=False).hidden
+    assert torch.equal(noised, again)
+    # Validation's activations (the evaluator's rows, not a client's shard) cross as they are.
+    assert ActivationNoise(0.5, 2.0, torch.Generator())(message, validation=True).hidden is hidden
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), [(1.0, 0.01, 1000), (0.7, 0.05, 200), (3.0, 0.002, 5000)])
+def test_the_accountant_s_epsilon_equals_dp_accounting_s(sigma, q, steps):
+    import dp_accounting
+
+    delta = 1e-5
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders
+    independent = dp_accounting.rdp.RdpAccountant(orders).compose(event).get_epsilon(delta)
+    assert epsilon(sigma, q, steps, delta) == pytest.approx(independent, rel=0.02)
+
+
+def test_a_target_epsilon_calibrates_a_sigma_that_meets_it():
+    sigma = calibrate(3.0, 0.01, 500, 1e-5)
+    assert epsilon(sigma, 0.01, 500, 1e-5) <= 3.0 + 1e-6
+    assert epsilon(sigma * 0.9, 0.01, 500, 1e-5) > 3.0  # not a needlessly large sigma
+    with pytest.raises(UsageError, match="epsilon"):
+        calibrate(1e-9, 1.0, 10_000, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"dp_activations_sigma": 1.0}, "needs dp_clip"),
+        ({"dp_sgd_sigma": -1.0}, "dp_sgd_sigma must be 0"),
+        ({"dp_sgd_sigma": 1.0, "dp_epsilon": 8.0}, "give one of the two"),
+        ({"dp_delta": 2.0, "dp_sgd_sigma": 1.0}, "dp_delta must be in"),
+    ],
+)
+def test_bad_dp_settings_are_refused_with_one_sentence(values, message):
+    with pytest.raises(UsageError, match=message):
+        make_config(values)
+
+
+def test_dp_settings_without_their_mechanism_or_with_a_strategy_that_cannot_use_them_are_refused():
+    from hsplitlora.checks import check
+
+    with pytest.raises(UsageError, match="DP-SGD is off"):
+        check(make_config({"dp_grad_clip": 0.5}), {"dp_grad_clip"})
+    with pytest.raises(UsageError, match="trains every weight"):
+        check(make_config({"strategy": "ft", "dp_sgd_sigma": 1.0}))
+    with pytest.raises(UsageError, match="nothing crosses"):
+        check(make_config({"strategy": "hetlora", "dp_activations_sigma": 1.0, "dp_clip": 10.0}))
+
+
+def _dp_config(tmp_path, name, **changes) -> RunConfig:
+    values = dict(model="tiny", clients=2, rounds=2, local_steps=2, budgets="5MB,20MB", val_size=16, batch_size=4,
+                  dp_activations_sigma=0.05, dp_clip=20.0, dp_sgd_sigma=0.5, dp_grad_clip=1.0,
+                  output_dir=str(tmp_path / name))  # fmt: skip
+    values.update(changes)
+    return RunConfig(**values)
+
+
+KEYS = ("train_loss", "val_loss", "val_ppl", "sim_time_s", "bytes_up", "bytes_down")
+
+
+@pytest.mark.parametrize("split_mode", ["standard", "u"])
+def test_a_run_with_both_kinds_of_dp_trains_reports_epsilons_and_resumes_exactly(tmp_path, split_mode):
+    from hsplitlora.rounds import resume_config, run
+
+    u = {"split_mode": "u", "tail_blocks": 1, "budgets": "8MB,20MB"} if split_mode == "u" else {}
+    plain = run(_dp_config(tmp_path, "plain", rounds=3, dp_activations_sigma=0.0, dp_clip=None, dp_sgd_sigma=0.0,
+                           **u)).metrics  # fmt: skip
+    straight = run(_dp_config(tmp_path, "straight", rounds=3, **u))
+    assert [m["val_loss"] for m in straight.metrics] != [m["val_loss"] for m in plain]  # the noise is there
+    assert all(math.isfinite(m["val_loss"]) for m in straight.metrics)
+    first = _dp_config(tmp_path, "split", **u)
+    run(first)
+    resumed = run(resume_config(first.output_dir, rounds=3), resume=True).metrics
+    for a, b in zip(straight.metrics, resumed, strict=True):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["round"], key)
+    privacy = straight.summary["privacy"]
+    assert json.loads((straight.run_dir / "summary.json").read_text())["privacy"] == privacy
+    for row in privacy["clients"]:
+        # 3 rounds x 2 steps with adapters; the activations also cross in round 1's warm-up step.
+        assert row["sgd"]["steps"] == 6 and row["activations"]["steps"] == 7
+        q = 4 / row["shard_size"]
+        assert row["sgd"]["epsilon"] == pytest.approx(epsilon(0.5, q, 6, 1 / row["shard_size"]))
+        assert row["delta"] == pytest.approx(1 / row["shard_size"])
+
+
+def test_a_target_epsilon_holds_for_every_client(tmp_path):
+    from hsplitlora.rounds import run
+
+    result = run(_dp_config(tmp_path, "target", dp_activations_sigma=0.0, dp_clip=None, dp_sgd_sigma=0.0,
+                            dp_epsilon=8.0))  # fmt: skip
+    privacy = result.summary["privacy"]
+    assert privacy["dp"]["sgd_sigma"] > 0
+    assert all(row["sgd"]["epsilon"] <= 8.0 + 1e-6 for row in privacy["clients"])
