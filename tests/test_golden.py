@@ -35,10 +35,14 @@ CASES = {
     "ray/hetlora": {"engine": "ray", "strategy": "hetlora"},
     "ray/flexlora": {"engine": "ray", "strategy": "flexlora"},
 }
+# Flower's simulation runtime must give the in-process numbers: each case is checked against the
+# golden in-process case of the same name (it is not a key of the golden file).
+FLOWER_CASES = {"flower/splitlora-u": {**CASES["inprocess/splitlora-u"], "engine": "flower"}}
 
 
 def metrics_of(case: str, folder: Path) -> list[dict]:
-    config = RunConfig(**{**BASE, **CASES[case], "output_dir": str(folder / case.replace("/", "-"))})
+    changes = FLOWER_CASES[case] if case in FLOWER_CASES else CASES[case]
+    config = RunConfig(**{**BASE, **changes, "output_dir": str(folder / case.replace("/", "-"))})
     return [{k: v for k, v in line.items() if k not in WALL} for line in run(config).metrics]
 
 
@@ -56,6 +60,14 @@ def test_metrics_equal_the_golden_file(tmp_path, case):
     if case.startswith("ray/"):
         pytest.importorskip("ray")
     golden = json.loads(GOLDEN.read_text())[case]
+    assert strip_wall(json.loads(json.dumps(metrics_of(case, tmp_path)))) == golden
+
+
+@pytest.mark.parametrize("case", list(FLOWER_CASES))
+def test_flower_simulation_equals_the_in_process_golden_metrics(tmp_path, case):
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")  # Flower's simulation runtime runs its ClientApps on Ray
+    golden = json.loads(GOLDEN.read_text())[case.replace("flower/", "inprocess/")]
     assert strip_wall(json.loads(json.dumps(metrics_of(case, tmp_path)))) == golden
 
 

@@ -18,8 +18,8 @@ from hsplitlora.units import parse_bytes
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 SPLIT_MODES = ("standard", "u")
-INPROCESS, RAY = "inprocess", "ray"
-ENGINES = (INPROCESS, RAY)
+INPROCESS, RAY, FLOWER = "inprocess", "ray", "flower"
+ENGINES = (INPROCESS, RAY, FLOWER)
 DEFAULT_RANK = 8  # a client's rank when its cut is fixed and its rank is not (the foundation's)
 DEFAULT_COMPRESSION = "fp32"  # nothing compressed across the cut
 
@@ -95,7 +95,7 @@ class RunConfig:
     # u: the client also keeps the last `tail_blocks` blocks, the head and the loss (labels stay).
     split_mode: str = "standard"
     tail_blocks: int = 1
-    engine: str = INPROCESS  # inprocess | ray
+    engine: str = INPROCESS  # inprocess | ray | flower
     ray_address: str | None = None  # join this Ray cluster; default: a local instance on localhost
     ray_client_resources: dict | None = None  # Ray actor options per client: num_cpus, num_gpus, memory, resources
     ray_server_resources: dict | None = None  # Ray actor options of the main server (e.g. num_gpus: 1)
@@ -288,7 +288,7 @@ FLAGS: dict[str, str] = {
     "tail_blocks": "last blocks a client keeps with --split-mode u",
     "split_rule": "how ARMSC cuts: fastest (least predicted round time within every budget) or deepest",
     "adapter_lifecycle": "hsplitlora's adapters across rounds: persist (kept, measured from an anchor) or recreate",
-    "engine": "inprocess, or ray: clients and the main server as Ray actors",
+    "engine": "inprocess; ray: clients and the main server as Ray actors; flower: clients as Flower ClientApps",
     "ray_address": "with --engine ray: join this Ray cluster at host:port (default: start a local one on localhost)",
     "dp_activations_sigma": "DP on the activations: noise multiplier sigma (0: off); needs --dp-clip",
     "dp_activations_epsilon": "DP on the activations: the target epsilon over the run (calibrates the sigma)",

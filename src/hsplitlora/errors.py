@@ -5,6 +5,11 @@ class UsageError(ValueError):
     """A bad value given by the user: the message names the value and what would be valid."""
 
 
+class MalformedMessage(UsageError):
+    """A message from another process that does not decode to what its type allows (engines/
+    flower_codec.py): the message names the part that is wrong."""
+
+
 def read_text(path, what: str = "file") -> str:
     """A text file a user gave or a run wrote, as UTF-8; one sentence naming it when it is missing
     or unreadable."""

@@ -5,16 +5,16 @@ moves messages between the roles. `rounds.run` builds it; tests and benchmarks m
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
 
 import torch
 
-from hsplitlora.config import DEFAULT_RANK, RAY, RunConfig
+from hsplitlora.config import DEFAULT_RANK, FLOWER, RAY, RunConfig
 from hsplitlora.data.e2e import Batch, collate
 from hsplitlora.data.sources import load_training_data
 from hsplitlora.devices import DeviceProfile, resolve_devices
 from hsplitlora.engines.inprocess import InProcessEngine
+from hsplitlora.engines.spec import host_spec
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora, wrap_frozen_linears
 from hsplitlora.method.aggregation import ExactChange, TruncatedChange
@@ -130,19 +130,22 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
                           config.rounds * steps_per_round + warmup)  # fmt: skip
     if dp.activations or dp.sgd:
         notes.append(dp_note(dp))
+    if config.engine in (RAY, FLOWER):
+        spec = host_spec(config, tokenizer.pad_token_id, num_blocks, where, dp)
     if config.engine == RAY:
         from hsplitlora.engines.ray_engine import RayEngine
 
-        spec = {"model": config.model, "seed": config.seed, "targets": config.targets, "batch_size": config.batch_size,
-                "pad_id": tokenizer.pad_token_id, "lr": config.lr, "alpha": config.alpha, "num_blocks": num_blocks,
-                "compression": config.compression, "tail_blocks": config.tail, "dtype": config.dtype,
-                "client_quant": config.client_quant, "server_quant": config.server_quant, "dp": dp.to_dict(),
-                "client_device": str(where.client), "server_device": str(where.server),
-                # Steps are sequential (client, server, client), so each actor may use every core.
-                "threads": config.threads or os.cpu_count()}  # fmt: skip
         shard_items = [[encoded[i] for i in shard] for shard in shards]
-        engine = RayEngine(spec, shard_items, cuts, candidates, fed_server, config.ray_address,
+        engine = RayEngine(spec.as_dict(), shard_items, cuts, candidates, fed_server, config.ray_address,
                            config.ray_client_resources, config.ray_server_resources)  # fmt: skip
+        engine.quantized = config.client_quant != "none" or config.server_quant != "none"
+    elif config.engine == FLOWER:
+        from hsplitlora.engines.flower_engine import FlowerEngine, run_values
+
+        if strategy_class.centralised:
+            raise UsageError(f"{config.strategy} trains one model on pooled data; the flower engine runs federated "
+                             "strategies (each client on its own node); use engine inprocess for it.")  # fmt: skip
+        engine = FlowerEngine(spec, run_values(config), cuts, candidates, fed_server, len(shards))
         engine.quantized = config.client_quant != "none" or config.server_quant != "none"
     else:
         clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id, where, dp)

@@ -1,0 +1,375 @@
+"""The Flower engine: the round protocol of engines/protocol.py over Flower's Messages. The driver
+(the ServerApp's side) holds the fed server and the main server, a host built here as the Ray
+engine's server actor is (only the blocks from the shallowest cut on and the head). Every client
+is a ClientApp on its own Flower node, holding only its blocks and its own data; each call the
+protocol makes on a client host is a Message of type `query.<method>` whose content is the
+call's arguments (engines/flower_codec.py: arrays and JSON, nothing pickled), answered by a
+Message holding the result.
+
+Which node is which client: each node says its client id (node config `client-id`, else the
+simulation's `partition-id`) in answer to `query.hello`. Its data: the file its node config
+names (`data-path`, its own and no one else's) or, without one, its shard of the run's data,
+read and shared out on the node as setup does in one process.
+
+A ClientApp keeps its host (model part, adapters, optimizer) across the run's messages in a
+registry of its process keyed by (run id, node id), built once on `query.build`. Flower's
+simulation runtime runs every ClientApp in one long-lived Ray actor here (one actor's worth of
+CPUs), so the registry lasts the run; `query.stats` reports the builds and calls it has seen."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from typing import cast
+
+from hsplitlora.data.e2e import Encoded
+from hsplitlora.engines.flower_codec import decode, encode
+from hsplitlora.engines.hosts import ClientHost, ServerHost
+from hsplitlora.engines.protocol import Engine
+from hsplitlora.engines.spec import HostSpec
+from hsplitlora.engines.transport import Transport
+from hsplitlora.errors import MalformedMessage, UsageError
+from hsplitlora.roles.fed_server import FedServer
+from hsplitlora.roles.messages import RoundPlan
+
+# The client host's methods the protocol calls: one message type each (`query.<name>`).
+CALLS = (
+    "configure", "measure_importance", "forward", "tail_step", "backward", "local_step", "importance_report",
+    "warm_up", "counters", "upload", "apply_update", "apply_adapters", "weights", "set_weights", "adapter_deltas",
+    "state_dict", "load_state_dict", "validation_forward", "validation_tail", "validation_local",
+    "held_parameter_names",
+)  # fmt: skip
+REPLY_TIMEOUT_S = 3600.0  # a reply later than this means the node is gone
+CONNECT_TIMEOUT_S = 120.0  # the nodes of every client have connected within this
+
+
+class ClientUnreachable(Exception):
+    """A client's node did not answer a call (gone, or its ClientApp failed)."""
+
+
+@dataclasses.dataclass
+class ClientSpec:
+    """What a client's node needs to build its host: the hosts' spec, its client id and cut, and
+    the run's settings (RunConfig's values) to read its shard of the data with."""
+
+    host: HostSpec
+    client_id: int
+    split_point: int
+    local: bool
+    run: dict
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "host": self.host.as_dict()})
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientSpec:
+        try:
+            values = json.loads(text)
+            host = HostSpec.from_json(json.dumps(values.pop("host")))
+            return cls(host=host, **values)
+        except (TypeError, KeyError, AttributeError, json.JSONDecodeError):
+            raise MalformedMessage("the client spec is not the JSON of a ClientSpec.") from None
+
+
+# -- the ClientApp's side -----------------------------------------------------------------------------
+HOSTS: dict[tuple[int, int], ClientHost] = {}  # (run id, node id) -> the host built for it
+BUILDS: Counter = Counter()  # (run id, node id) -> how many times its host was built
+CALLED: Counter = Counter()  # (run id, node id) -> how many calls its host answered
+
+
+def node_client_id(node_config) -> int:
+    """The client a node stands for: node config `client-id`, else the simulation's `partition-id`."""
+    for key in ("client-id", "partition-id"):
+        if key in node_config:
+            return int(node_config[key])
+    raise UsageError("this Flower node has no client-id in its node config; start it with "
+                     "--node-config \"client-id=0 data-path='client0.jsonl'\".")  # fmt: skip
+
+
+def load_tokenizer(name: str):
+    from hsplitlora.models.loading import TINY_MODELS, _model_folder, byte_tokenizer
+
+    if name in TINY_MODELS:
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_model_folder(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def client_items(spec: ClientSpec, data_path: str | None) -> list[Encoded]:
+    """The client's training examples, read on its node: the file `data_path` (its own), or its
+    shard of the run's data read and shared out as setup does."""
+    from hsplitlora.config import RunConfig
+    from hsplitlora.data.sources import load_training_data
+
+    config = RunConfig(**spec.run)
+    if data_path is not None:
+        config = dataclasses.replace(config, client_data=data_path, data="e2e")
+    tokenizer = load_tokenizer(spec.host.model)
+    data = load_training_data(config, tokenizer)
+    shard = data.shards[0] if data_path is not None else data.shards[spec.client_id]
+    return [data.items[i] for i in shard]
+
+
+def _reply(message, name: str, value):
+    from flwr.app import Message
+
+    return Message(encode(name, value), reply_to=message)
+
+
+def client_app():
+    """The ClientApp: `query.hello` (which client this node is), `query.build` (its host, once),
+    `query.stats` (builds and calls seen) and one `query.<method>` per host call. Its handlers are
+    this module's own objects, so wherever the app is shipped (Ray pickles it by reference to an
+    importable module) they reach the one registry of the process they run in."""
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+    app.query("hello")(hello)
+    app.query("build")(build)
+    app.query("stats")(stats)
+    for name in CALLS:
+        app.query(name)(HostCall(name))
+    return app
+
+
+def hello(message, context):
+    return _reply(message, "hello", node_client_id(context.node_config))
+
+
+def build(message, context):
+    """Build this node's host from the spec sent, once per (run, node)."""
+    from hsplitlora.engines.ray_engine import ClientActor
+
+    spec = ClientSpec.from_json(decode(message.content, "build"))
+    key = (context.run_id, context.node_id)
+    if key not in HOSTS:
+        path = context.node_config.get("data-path")
+        items = client_items(spec, str(path) if path else None)
+        HOSTS[key] = ClientActor(spec.host.as_dict(), spec.client_id, items, spec.split_point, spec.local)
+        BUILDS[key] += 1
+    return _reply(message, "build", None)
+
+
+def stats(message, context):
+    key = (context.run_id, context.node_id)
+    return _reply(message, "stats", {"builds": BUILDS[key], "calls": CALLED[key]})
+
+
+class HostCall:
+    """The handler of `query.<name>`: the call's arguments decoded, the host's method, the result."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, message, context):
+        key = (context.run_id, context.node_id)
+        host = HOSTS.get(key)
+        if host is None:
+            raise UsageError(f"node {context.node_id} got {self.name} before its host was built (query.build).")
+        args = decode(message.content, self.name)
+        CALLED[key] += 1
+        return _reply(message, self.name, getattr(host, self.name)(*args))
+
+
+# -- the driver's side ----------------------------------------------------------------------------------
+class FlowerMethod:
+    def __init__(self, transport: FlowerTransport, cid: int, name: str):
+        self.transport, self.cid, self.name = transport, cid, name
+
+    def __call__(self, *args):
+        return self.transport.call(self.cid, self.name, args)
+
+
+class FlowerHandle:
+    """A client's node called as the host it runs (`ClientHost`): each method sends a Message and
+    returns the decoded reply."""
+
+    def __init__(self, transport: FlowerTransport, cid: int):
+        self.transport, self.cid = transport, cid
+
+    def __getattr__(self, name: str) -> FlowerMethod:
+        if name not in CALLS:
+            raise AttributeError(name)
+        return FlowerMethod(self.transport, self.cid, name)
+
+
+class FlowerTransport(Transport):
+    """Client nodes reached through a Flower Grid, the main server a host in this process."""
+
+    def __init__(self, grid, spec: HostSpec, run: dict, split_points: list[int], clients: int,
+                 runtime: SimulationRuntime | None = None):  # fmt: skip
+        from hsplitlora.engines.ray_engine import ServerActor
+
+        self.grid, self.runtime = grid, runtime
+        self.spec, self.split_points = spec, list(split_points)
+        self.lost = (ClientUnreachable,)
+        self.nodes = self._find_clients(clients)
+        self.clients = [cast(ClientHost, FlowerHandle(self, cid)) for cid in range(clients)]
+        local = [s >= spec.num_blocks for s in split_points]
+        specs = [ClientSpec(spec, cid, split_points[cid], local[cid], run) for cid in range(clients)]
+        self._send_all("build", [(cid, s.to_json()) for cid, s in enumerate(specs)])
+        split = [s for s, is_local in zip(split_points, local, strict=True) if not is_local]
+        self.server = cast(ServerHost, ServerActor(spec.as_dict(), min(split))) if split else None
+        self.stats: list[dict] = []
+
+    def _message(self, cid: int, name: str, value):
+        from flwr.app import Message
+
+        return Message(encode(name, value), dst_node_id=self.nodes[cid], message_type=f"query.{name}")
+
+    def _find_clients(self, clients: int) -> list[int]:
+        """Each client's node id: every node connected says which client it is."""
+        import time
+
+        from flwr.app import Message
+
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while len(nodes := list(self.grid.get_node_ids())) < clients:
+            if time.monotonic() > deadline:
+                raise UsageError(f"{len(nodes)} Flower node(s) connected within {CONNECT_TIMEOUT_S:g} s, and the run "
+                                 f"has {clients} clients; start one SuperNode per client.")  # fmt: skip
+            time.sleep(0.05)
+        asked = [Message(encode("hello", None), dst_node_id=node, message_type="query.hello") for node in nodes]
+        found: dict[int, int] = {}
+        for reply in self.grid.send_and_receive(asked, timeout=CONNECT_TIMEOUT_S):
+            if reply.has_error():
+                raise ClientUnreachable(f"node {reply.metadata.src_node_id} failed to say its client id: "
+                                        f"{reply.error.reason}")  # fmt: skip
+            cid = decode(reply.content, "hello")
+            if not isinstance(cid, int) or not 0 <= cid < clients or cid in found:
+                raise UsageError(f"node {reply.metadata.src_node_id} says it is client {cid!r}; each node must be a "
+                                 f"different client from 0 to {clients - 1}.")  # fmt: skip
+            found[cid] = reply.metadata.src_node_id
+        if len(found) != clients:
+            raise UsageError(f"the Flower nodes are clients {sorted(found)}; the run needs 0 to {clients - 1}.")
+        return [found[cid] for cid in range(clients)]
+
+    def _send_all(self, name: str, calls: Sequence[tuple[int, object]]) -> list:
+        """Call `name` on several clients at once (they run concurrently); their results in order."""
+        messages = [self._message(cid, name, value) for cid, value in calls]
+        replies = {r.metadata.reply_to_message_id: r for r in
+                   self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)}  # fmt: skip
+        return [self._result(calls[i][0], name, replies.get(m.metadata.message_id)) for i, m in enumerate(messages)]
+
+    def _result(self, cid: int, name: str, reply):
+        if reply is None:
+            raise ClientUnreachable(f"client {cid} did not answer {name} within {REPLY_TIMEOUT_S:g} s.")
+        if reply.has_error():
+            raise ClientUnreachable(f"client {cid}'s {name} failed on its node: {reply.error.reason}")
+        return decode(reply.content, name)
+
+    def call(self, cid: int, name: str, args: tuple):
+        message = self._message(cid, name, args)
+        replies = list(self.grid.send_and_receive([message], timeout=REPLY_TIMEOUT_S))
+        return self._result(cid, name, replies[0] if replies else None)
+
+    def owners(self, live: Sequence[int]) -> list:
+        return [self.clients[cid] for cid in live] + ([self.server] if self.server is not None else [])
+
+    def copies(self, live: Sequence[int]) -> list[tuple[object, list[int | None], bool]]:
+        server = [(self.server, [None], False)] if self.server is not None else []
+        return [(self.clients[cid], [cid], False) for cid in live] + server
+
+    def check_plans(self, plans: Sequence[RoundPlan]) -> None:
+        if [p.split_point for p in plans] != self.split_points:
+            raise UsageError("the flower engine keeps each client's cut for the whole run (clients load their "
+                             "blocks once); this plan moves a cut.")  # fmt: skip
+
+    def shutdown(self) -> None:
+        """Ask every node what it built and answered (kept in `stats`), then end the runtime if
+        this transport started it."""
+        try:
+            self.stats = self._send_all("stats", [(cid, None) for cid in range(len(self.clients))])
+        finally:
+            if self.runtime is not None:
+                self.runtime.stop()
+
+
+class SimulationRuntime:
+    """Flower's simulation runtime in a background thread: its ServerApp hands this process the
+    Grid and waits until `stop`; its ClientApps run in one Ray actor (so their hosts persist)."""
+
+    def __init__(self, clients: int, threads: int | None):
+        from flwr.serverapp import ServerApp
+        from flwr.simulation import run_simulation
+
+        self.grids: queue.Queue = queue.Queue()
+        self.done = threading.Event()
+        self.failure: list[BaseException] = []
+        server_app = ServerApp()
+
+        @server_app.main()
+        def main(grid, context) -> None:
+            if hasattr(grid, "pull_interval"):
+                grid.pull_interval = 0.002  # a split step is a few round trips: poll the replies often
+            self.grids.put(grid)
+            self.done.wait()
+
+        cpus = max(1, threads or 1)
+        backend = {
+            "init_args": {"num_cpus": cpus, "include_dashboard": False, "_node_ip_address": "127.0.0.1"},
+            "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        }  # one actor holds every ClientApp
+
+        def target() -> None:
+            try:
+                run_simulation(server_app=server_app, client_app=client_app(), num_supernodes=clients,
+                               backend_config=backend)  # fmt: skip
+            except BaseException as error:  # noqa: BLE001  (said by `grid`, in the driver's thread)
+                self.failure.append(error)
+                self.grids.put(None)
+
+        self.thread = threading.Thread(target=target, name="flower-simulation", daemon=True)
+        self.thread.start()
+
+    def grid(self, timeout_s: float = CONNECT_TIMEOUT_S):
+        try:
+            grid = self.grids.get(timeout=timeout_s)
+        except queue.Empty:
+            grid = None
+        if grid is None:
+            self.stop()
+            reason = f" ({self.failure[0]})" if self.failure else ""
+            raise UsageError(f"Flower's simulation runtime did not start within {timeout_s:g} s{reason}.")
+        return grid
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=60)
+
+
+ACTIVE_GRID: list = []  # the Grid of the ServerApp this process runs as, when it does (flower_app.py)
+
+
+class FlowerEngine(Engine):
+    """The round protocol over Flower Messages (see the module's docstring): through the Grid of
+    the ServerApp this process runs (deployment), else a simulation runtime it starts."""
+
+    def __init__(self, spec: HostSpec, run: dict, split_points: list[int], candidates: dict, fed_server: FedServer,
+                 clients: int):  # fmt: skip
+        runtime = None
+        if ACTIVE_GRID:
+            grid = ACTIVE_GRID[-1]
+        else:
+            runtime = SimulationRuntime(clients, spec.threads)
+            grid = runtime.grid()
+        try:
+            transport = FlowerTransport(grid, spec, run, split_points, clients, runtime)
+        except BaseException:
+            if runtime is not None:
+                runtime.stop()
+            raise
+        super().__init__(transport, candidates, fed_server, spec.num_blocks, spec.tail_blocks, split_points)
+
+
+def run_values(config) -> dict:
+    """RunConfig's values as JSON-able data (what a node reads its shard of the data with)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))

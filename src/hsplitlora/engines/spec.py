@@ -1,0 +1,66 @@
+"""What a host in another process needs to build its role: the model to load its blocks from,
+the training settings and the devices. One typed spec, JSON-serialisable, shared by the engines
+whose hosts live elsewhere (Ray actors get it as a dict, Flower ClientApps as JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from hsplitlora.errors import MalformedMessage
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    model: str
+    seed: int
+    targets: list[str] | str
+    batch_size: int
+    pad_id: int
+    lr: float
+    alpha: float
+    num_blocks: int
+    compression: str
+    tail_blocks: int | None
+    dtype: str
+    client_quant: str
+    server_quant: str
+    client_device: str
+    server_device: str
+    threads: int | None
+    dp: dict = dataclasses.field(default_factory=dict)  # privacy/dp.py's DPSettings as a dict; empty: none
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> HostSpec:
+        """The spec `to_json` wrote; one sentence when the text is not one."""
+        try:
+            values = json.loads(text)
+        except (TypeError, json.JSONDecodeError):
+            raise MalformedMessage("the host spec is not JSON.") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(values, dict) or set(values) != names:
+            got = sorted(values) if isinstance(values, dict) else type(values).__name__
+            raise MalformedMessage(f"the host spec has keys {got}, not {sorted(names)}.")
+        return cls(**values)
+
+
+def host_spec(config, pad_id: int, num_blocks: int, where, dp=None) -> HostSpec:
+    """The spec of a run's hosts: `config` (RunConfig) with the tokenizer's padding id, the
+    model's block count, the placement's devices and the run's DP (`DPSettings`, sigmas calibrated)."""
+    targets = config.targets if isinstance(config.targets, str) else list(config.targets)
+    return HostSpec(
+        model=config.model, seed=config.seed, targets=targets, batch_size=config.batch_size, pad_id=pad_id,
+        lr=config.lr, alpha=config.alpha, num_blocks=num_blocks, compression=config.compression,
+        tail_blocks=config.tail, dtype=config.dtype, client_quant=config.client_quant,
+        server_quant=config.server_quant, client_device=str(where.client), server_device=str(where.server),
+        # Steps are sequential (client, server, client), so each host may use every core.
+        threads=config.threads or os.cpu_count(), dp=dp.to_dict() if dp is not None else {},
+    )  # fmt: skip
