@@ -193,3 +193,52 @@ def test_a_target_epsilon_holds_for_every_client(tmp_path):
     privacy = result.summary["privacy"]
     assert privacy["dp"]["sgd_sigma"] > 0
     assert all(row["sgd"]["epsilon"] <= 8.0 + 1e-6 for row in privacy["clients"])
+
+
+# -- the privacy floor in ARMSC -------------------------------------------------------------------
+def _curve(tmp_path, points: dict[int, float], model: str = "tiny", labels: float = 0.0):
+    path = tmp_path / f"leakage-{len(list(tmp_path.glob('leakage-*')))}.json"
+    curve = [{"cut": c, "token_recovery": v, "token_recovery_with_labels": max(v, labels)} for c, v in points.items()]
+    path.write_text(json.dumps({"model": model, "standard": curve, "u": curve}))
+    return str(path)
+
+
+def test_the_floor_is_the_shallowest_cut_from_which_every_deeper_cut_leaks_at_most_the_bound():
+    from hsplitlora.privacy.floor import leakage_at, leakage_floor
+
+    curve = {1: 0.9, 2: 0.6, 4: 0.3, 8: 0.35, 16: 0.1}
+    assert leakage_at(curve, 3) == 0.6 and leakage_at(curve, 12) == 0.35 and leakage_at(curve, 20) == 0.1
+    assert leakage_floor(curve, 0.4, 20) == 4  # cut 3, between 2 (0.6) and 4 (0.3), is estimated at 0.6
+    assert leakage_floor(curve, 0.34, 20) == 16  # cuts 9-15 take the larger neighbour, 8's 0.35
+    assert leakage_floor(curve, 0.05, 20) is None
+
+
+def test_a_plan_with_a_privacy_floor_puts_no_client_above_it_and_names_the_one_that_cannot_hold_it(tmp_path):
+    from hsplitlora.method.planner import InfeasibleClientError
+    from hsplitlora.rounds import run
+
+    path = _curve(tmp_path, {1: 0.9, 2: 0.5, 3: 0.1})
+    values = dict(model="tiny", clients=2, rounds=1, local_steps=1, val_size=8, batch_size=4, strategy="hsplitlora",
+                  budgets="20MB,20MB", leakage_curve=path, max_leakage=0.5, split_rule="fastest")  # fmt: skip
+    result = run(RunConfig(**values, output_dir=str(tmp_path / "floor")))
+    assert all(c["split_point"] >= 2 for m in result.metrics for c in m["clients"])
+    with pytest.raises(InfeasibleClientError, match="client 0"):
+        run(RunConfig(**{**values, "budgets": "3MB,20MB", "max_leakage": 0.1}, output_dir=str(tmp_path / "small")))
+    with pytest.raises(UsageError, match="labels alone"):  # the labels give the response away at every cut
+        run(RunConfig(**{**values, "max_leakage": 0.1, "leakage_curve": _curve(tmp_path, {1: 0.05}, labels=0.3)},
+                      output_dir=str(tmp_path / "labels")))  # fmt: skip
+    with pytest.raises(UsageError, match="measured for model"):
+        run(RunConfig(**{**values, "leakage_curve": _curve(tmp_path, {1: 0.1}, model="smollm2-135m")},
+                      output_dir=str(tmp_path / "other")))  # fmt: skip
+
+
+def test_plan_prints_each_client_s_cut_with_its_measured_leakage(tmp_path, capsys):
+    from hsplitlora.cli import main
+
+    path = _curve(tmp_path, {1: 0.9, 2: 0.5, 3: 0.1})
+    code = main(["plan", "--model", "tiny", "--budgets", "20MB,20MB", "--uniform-importance", "--leakage-curve", path,
+                 "--max-leakage", "0.5"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "leakage" in out
+    rows = [line for line in out.splitlines() if "MB" in line and "│" in line]
+    assert rows and all(line.rstrip(" │").split()[-1] in ("0.500", "0.100") for line in rows)

@@ -109,7 +109,8 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
 # The settings plan shares with run: the same flags, names, defaults and checks.
 PLAN_SETTINGS = ("model", "dtype", "client_quant", "server_quant", "budgets", "server_budget", "batch_size",
                  "max_seq_len", "targets", "rank_levels", "rho", "s_min", "split_mode", "tail_blocks", "split_rule",
-                 "local_steps", "server_flops", "warmup_batches", "data_dir", "seed")  # fmt: skip
+                 "local_steps", "server_flops", "warmup_batches", "data_dir", "seed", "max_leakage",
+                 "leakage_curve")  # fmt: skip
 
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
@@ -338,6 +339,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hsplitlora.checks import load_config
     from hsplitlora.models.loading import load_model
     from hsplitlora.planning import PlanRequest, make_plan
+    from hsplitlora.privacy.floor import leakage_at, read_curve
     from hsplitlora.units import format_bytes, parse_budgets
 
     budgets = parse_budgets(args.budgets)  # one client per budget listed
@@ -361,17 +363,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     shape = "" if plan.tail_blocks is None else f", U-shaped: clients also keep the last {plan.tail_blocks} block(s)"
     table = Table(title=f"ARMSC plan for {config.model} (batch {config.batch_size} x {config.max_seq_len} tokens, "
                         f"importance: {importance_source}, cuts: {config.split_rule}{shape})")  # fmt: skip
-    for column in ("client", "budget", "split point", "adapters", "total rank", "predicted memory", "headroom"):
+    curve = read_curve(config.leakage_curve, config.model, config.split_mode) if config.leakage_curve else None
+    columns = ("client", "budget", "split point", "adapters", "total rank", "predicted memory", "headroom")
+    for column in columns + (("leakage",) if curve else ()):
         table.add_column(column, justify="right", no_wrap=True)
     rows = {
         client.client: (
             format_bytes(client.budget_bytes), str(client.split_point),
             f"{sum(1 for r in client.ranks.values() if r > 0)}/{len(client.ranks)}", str(sum(client.ranks.values())),
             format_bytes(client.predicted_bytes), format_bytes(client.headroom_bytes),
+            *((f"{leakage_at(curve, client.split_point):.3f}",) if curve else ()),
         )
         for client in plan.clients
     }  # fmt: skip
-    rows.update({cid: (format_bytes(budgets[cid]), "left out", "-", "-", "-", "-") for cid in plan.left_out})
+    left_out = ("left out", "-", "-", "-", "-") + (("-",) if curve else ())
+    rows.update({cid: (format_bytes(budgets[cid]), *left_out) for cid in plan.left_out})
     for client_id in sorted(rows):
         table.add_row(str(client_id), *rows[client_id])
     console = Console(width=max(Console().width, 100))

@@ -111,6 +111,10 @@ class RunConfig:
     dp_epsilon: float | None = None  # a target epsilon for DP-SGD: calibrates dp_sgd_sigma
     dp_grad_clip: float = 1.0
     dp_delta: float | None = None  # default 1 / the client's shard size
+    # Privacy floor of ARMSC: only cuts whose measured leakage (share of tokens the main server's
+    # attack recovers, from leakage_curve: a leakage.json of `hsplitlora leakage`) is at most max_leakage.
+    max_leakage: float | None = None
+    leakage_curve: str | None = None
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
@@ -198,6 +202,11 @@ class RunConfig:
         for sigma, target in (("dp_activations_sigma", "dp_activations_epsilon"), ("dp_sgd_sigma", "dp_epsilon")):
             if getattr(self, sigma) > 0 and getattr(self, target) is not None:
                 raise UsageError(f"{sigma} and {target} both set the noise; give one of the two.")
+        if self.max_leakage is not None and not 0 <= self.max_leakage <= 1:
+            raise UsageError(f"max_leakage is a share of tokens recovered, in [0, 1]; got {self.max_leakage}.")
+        if self.max_leakage is not None and self.leakage_curve is None:
+            raise UsageError("max_leakage needs leakage_curve, a leakage.json that `hsplitlora leakage RUN_DIR` "
+                             "wrote for this model (docs/privacy/ has SmolLM2-135M's on E2E).")  # fmt: skip
         if self.dp_activations and self.dp_clip is None:
             raise UsageError("noise on the activations needs dp_clip, the L2 norm each example's activation at "
                              "the cut is clipped to (docs/privacy.md lists SmolLM2's activation norms).")  # fmt: skip
@@ -297,6 +306,10 @@ FLAGS: dict[str, str] = {
     "dp_epsilon": "DP-SGD on the adapters: the target epsilon over the run (calibrates the sigma)",
     "dp_grad_clip": "DP-SGD: each example's adapter gradient is clipped to this L2 norm",
     "dp_delta": "the delta of every epsilon (default 1 / the client's shard size)",
+    "max_leakage": "privacy floor: only cuts whose measured token recovery is at most this share (needs "
+    "--leakage-curve)",
+    "leakage_curve": "a leakage.json of hsplitlora leakage (or docs/privacy/'s curve file) for this model: each "
+    "cut's measured leakage",
     "seed": "the same seed gives the same numbers",
     "threads": "torch threads (default: torch's choice)",
 }
@@ -406,7 +419,7 @@ def make_config(values: dict[str, Any]) -> RunConfig:
 
 ALIASES = {"steps": "local_steps"}  # the foundation's name for local_steps
 # Settings that hold a path: a config file's relative paths are taken from the file's folder.
-PATH_SETTINGS = ("data", "val_data", "client_data", "data_dir", "output_dir", "model")
+PATH_SETTINGS = ("data", "val_data", "client_data", "data_dir", "output_dir", "model", "leakage_curve")
 
 
 class _DuplicateKey(Exception):

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hsplitlora.config import RunConfig
 from hsplitlora.data.e2e import Batcher, data_file, encode, read_e2e
@@ -16,6 +16,7 @@ from hsplitlora.method.planner import Plan, _infeasible, plan
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.models.split import check_tail_blocks
+from hsplitlora.privacy.floor import floor_s_min
 from hsplitlora.setup import check_positions
 
 RUN = RunConfig()  # `plan` plans what `run` would, so its defaults are run's
@@ -44,6 +45,10 @@ class PlanRequest:
     client_quant: str = RUN.client_quant  # clients' blocks held as int8 / nf4: more of them fit a budget
     server_quant: str = RUN.server_quant
     clients_per_round: int | None = None  # m of K train each round and share the main server (None: all)
+    model: str = RUN.model
+    split_mode: str = RUN.split_mode
+    max_leakage: float | None = None  # the privacy floor: cuts whose measured leakage is at most this
+    leakage_curve: str | None = None
 
     @classmethod
     def from_config(cls, config: RunConfig, uniform_importance: bool = False,
@@ -63,6 +68,8 @@ class PlanRequest:
             split_rule=config.split_rule, local_steps=config.local_steps, server_flops=config.server_flops,
             client_quant=config.client_quant, server_quant=config.server_quant,
             clients_per_round=per_round(config.clients_per_round, len(devices)) if config.clients_per_round else None,
+            model=config.model, split_mode=config.split_mode, max_leakage=config.max_leakage,
+            leakage_curve=config.leakage_curve,
         )  # fmt: skip
 
 
@@ -97,6 +104,8 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
         scores = dict.fromkeys(candidates, 1.0)
     else:
         scores = warmup_importance(loaded, candidates, memory, request)
+    s_min, _ = floor_s_min(request, memory.deepest_split_point)  # the privacy floor, if any
+    request = replace(request, s_min=s_min)
     round_time, alternatives = None, []
     if request.split_rule == "fastest":
         strategy = _hsplitlora(loaded, memory, request)

@@ -38,6 +38,7 @@ from hsplitlora.method.sampling import per_round, sample_clients
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.placement import placement
 from hsplitlora.privacy.dp import client_epsilons
+from hsplitlora.privacy.floor import leakage_at, read_curve
 from hsplitlora.reporting import (
     RunFolder,
     check_run_folder,
@@ -266,6 +267,11 @@ class _Loop:
             self.importance_history.append({"round": 0, "smoothed": self.current})
         self.plan = strategy.make_plan(self.current)
         self.first_plan = True
+        if config.leakage_curve is not None and strategy.splits:
+            curve = read_curve(config.leakage_curve, config.model, config.split_mode)
+            self.log("measured leakage at each client's cut: " + ", ".join(
+                f"client {c.client} cut {c.split_point}: {leakage_at(curve, c.split_point):.3f}"
+                for c in self.plan.clients))  # fmt: skip
         if config.split_point is not None or config.rank is not None:
             warn_over_budget(self.plan, strategy, self.log)
         if config.engine == INPROCESS:

@@ -25,6 +25,7 @@ from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point, check_tail_blocks
 from hsplitlora.placement import Placement
 from hsplitlora.privacy.dp import NO_DP, DPSettings, planned_settings
+from hsplitlora.privacy.floor import floor_s_min
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.strategies import STRATEGIES, StrategyContext
 from hsplitlora.strategies.base import Strategy
@@ -105,8 +106,14 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
         fixed_ranks = [DEFAULT_RANK] * len(shards)  # a fixed cut alone keeps the foundation's default rank
     # m clients share the main server each round: the planner gives each M_S / m and expects m / K of its busy time.
     sharing = None if strategy_class.centralised else per_round(config.clients_per_round, len(shards))
+    s_min, floor_note = floor_s_min(config, memory.deepest_split_point)  # the privacy floor, if any
+    if floor_note:
+        notes.append(floor_note)
+    for split_point in fixed_splits or []:
+        if split_point < s_min:
+            raise UsageError(f"split_point {split_point} is below the privacy floor: {floor_note}")
     context = StrategyContext(
-        memory, devices, server_budget, tuple(config.rank_levels), config.rho, config.s_min, config.replan_delta,
+        memory, devices, server_budget, tuple(config.rank_levels), config.rho, s_min, config.replan_delta,
         fixed_splits, fixed_ranks, config.split_rule, config.adapter_lifecycle, workload,
         sharing if sharing is not None and sharing < len(devices) else None,
     )  # fmt: skip
