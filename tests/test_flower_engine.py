@@ -5,15 +5,20 @@ refused by name."""
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 
 import pytest
 
 from hsplitlora.config import RunConfig
+from hsplitlora.engines import flower_engine
+from hsplitlora.engines.flower_codec import decode, encode
 from hsplitlora.errors import UsageError
 from hsplitlora.rounds import Reporter, run
 
 pytest.importorskip("flwr")
 pytest.importorskip("ray")  # Flower's simulation runtime runs its ClientApps on Ray
+from flwr.app import Message  # noqa: E402
 
 WALL = ("wall_time_s", "round_wall_time_s")
 
@@ -51,3 +56,36 @@ def test_flower_equals_in_process_and_builds_each_client_once(tmp_path):
 def test_flower_refuses_a_centralised_strategy(tmp_path):
     with pytest.raises(UsageError, match="cenlora trains one model on pooled data; the flower engine"):
         run(config(tmp_path, "central", engine="flower", strategy="cenlora", split_rule="fastest"))
+
+
+FORWARDS: Counter = Counter()  # forward replies seen per client, in the ClientApps' process
+
+
+def corrupt_client_one(message, context, call_next):
+    """A Flower mod on every node: client 1's third forward reply carries a NaN in its activations
+    (the first is round 1's importance warm-up, the second and third round 1's two steps)."""
+    reply = call_next(message, context)
+    cid = int(context.node_config["partition-id"])
+    if message.metadata.message_type == "query.forward":
+        FORWARDS[cid] += 1
+        if cid == 1 and FORWARDS[cid] == 3:
+            activations = decode(reply.content, "forward")
+            activations.hidden.data[0, 0, 0] = float("nan")
+            return Message(encode("forward", activations), reply_to=message)
+    return reply
+
+
+def test_a_malformed_reply_leaves_its_client_out_of_the_round_and_it_comes_back(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(flower_engine, "CLIENT_MODS", [corrupt_client_one])
+    capture = Capture()
+    with caplog.at_level(logging.ERROR, logger="hsplitlora.engines.flower_engine"):
+        metrics = run(config(tmp_path, "faults", engine="flower"), reporter=capture).metrics
+    first, second = metrics
+    assert {"event": "client_lost", "client": 1, "step": 2, "round": 1} in first["events"]
+    assert next(c for c in first["clients"] if c["client"] == 1)["samples"] == 0  # its upload was left out
+    assert {"event": "client_restarted", "client": 1, "round": 2} in second["events"]
+    assert all(c["samples"] > 0 for c in second["clients"]) and second["val_loss"] == second["val_loss"]
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused == ["client 1's reply to forward was refused: body.hidden.data (float32, shape [4, 128, 64]) holds "
+                       "NaN or inf values."], refused  # fmt: skip
+    assert [s["builds"] for s in capture.engine.transport.stats] == [1, 2]  # client 1's host was built again

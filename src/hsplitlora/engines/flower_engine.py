@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import queue
 import threading
 from collections import Counter
@@ -45,6 +46,8 @@ CALLS = (
 )  # fmt: skip
 REPLY_TIMEOUT_S = 3600.0  # a reply later than this means the node is gone
 CONNECT_TIMEOUT_S = 120.0  # the nodes of every client have connected within this
+CLIENT_MODS: list = []  # Flower mods every ClientApp this process starts runs its messages through
+log = logging.getLogger(__name__)
 
 
 class ClientUnreachable(Exception):
@@ -124,14 +127,15 @@ def _reply(message, name: str, value):
     return Message(encode(name, value), reply_to=message)
 
 
-def client_app():
-    """The ClientApp: `query.hello` (which client this node is), `query.build` (its host, once),
-    `query.stats` (builds and calls seen) and one `query.<method>` per host call. Its handlers are
-    this module's own objects, so wherever the app is shipped (Ray pickles it by reference to an
-    importable module) they reach the one registry of the process they run in."""
+def client_app(mods: Sequence | None = None):
+    """The ClientApp, its messages through `mods` (Flower's middleware): `query.hello` (which
+    client this node is), `query.build` (its host, once), `query.stats` (builds and calls seen)
+    and one `query.<method>` per host call. Its handlers are this module's own objects, so
+    wherever the app is shipped (Ray pickles it by reference to an importable module) they reach
+    the one registry of the process they run in."""
     from flwr.clientapp import ClientApp
 
-    app = ClientApp()
+    app = ClientApp(mods=list(mods or []))
     app.query("hello")(hello)
     app.query("build")(build)
     app.query("stats")(stats)
@@ -145,12 +149,14 @@ def hello(message, context):
 
 
 def build(message, context):
-    """Build this node's host from the spec sent, once per (run, node)."""
+    """Build this node's host from the spec sent, once per (run, node), or again when the driver
+    restarts a client it lost (`fresh`)."""
     from hsplitlora.engines.ray_engine import ClientActor
 
-    spec = ClientSpec.from_json(decode(message.content, "build"))
+    text, fresh = decode(message.content, "build")
+    spec = ClientSpec.from_json(text)
     key = (context.run_id, context.node_id)
-    if key not in HOSTS:
+    if key not in HOSTS or fresh:
         path = context.node_config.get("data-path")
         items = client_items(spec, str(path) if path else None)
         HOSTS[key] = ClientActor(spec.host.as_dict(), spec.client_id, items, spec.split_point, spec.local)
@@ -202,7 +208,12 @@ class FlowerHandle:
 
 
 class FlowerTransport(Transport):
-    """Client nodes reached through a Flower Grid, the main server a host in this process."""
+    """Client nodes reached through a Flower Grid, the main server a host in this process. A
+    client whose node does not answer, answers with an error, or answers with a message that does
+    not decode (engines/flower_codec.py) is lost for the round, as a lost Ray actor is; the next
+    round builds its host again and the protocol gives it back its weights and state."""
+
+    can_lose_hosts = True
 
     def __init__(self, grid, spec: HostSpec, run: dict, split_points: list[int], clients: int,
                  runtime: SimulationRuntime | None = None):  # fmt: skip
@@ -210,12 +221,12 @@ class FlowerTransport(Transport):
 
         self.grid, self.runtime = grid, runtime
         self.spec, self.split_points = spec, list(split_points)
-        self.lost = (ClientUnreachable,)
+        self.lost = (ClientUnreachable, MalformedMessage)
         self.nodes = self._find_clients(clients)
         self.clients = [cast(ClientHost, FlowerHandle(self, cid)) for cid in range(clients)]
         local = [s >= spec.num_blocks for s in split_points]
-        specs = [ClientSpec(spec, cid, split_points[cid], local[cid], run) for cid in range(clients)]
-        self._send_all("build", [(cid, s.to_json()) for cid, s in enumerate(specs)])
+        self.specs = [ClientSpec(spec, cid, split_points[cid], local[cid], run) for cid in range(clients)]
+        self._send_all("build", [(cid, (s.to_json(), False)) for cid, s in enumerate(self.specs)])
         split = [s for s, is_local in zip(split_points, local, strict=True) if not is_local]
         self.server = cast(ServerHost, ServerActor(spec.as_dict(), min(split))) if split else None
         self.stats: list[dict] = []
@@ -260,11 +271,19 @@ class FlowerTransport(Transport):
         return [self._result(calls[i][0], name, replies.get(m.metadata.message_id)) for i, m in enumerate(messages)]
 
     def _result(self, cid: int, name: str, reply):
-        if reply is None:
-            raise ClientUnreachable(f"client {cid} did not answer {name} within {REPLY_TIMEOUT_S:g} s.")
-        if reply.has_error():
-            raise ClientUnreachable(f"client {cid}'s {name} failed on its node: {reply.error.reason}")
-        return decode(reply.content, name)
+        """The decoded reply; a missing, failed or malformed one raises (one line in the log)."""
+        try:
+            if reply is None:
+                raise ClientUnreachable(f"client {cid} did not answer {name} within {REPLY_TIMEOUT_S:g} s.")
+            if reply.has_error():
+                raise ClientUnreachable(f"client {cid}'s {name} failed on its node: {reply.error.reason}")
+            try:
+                return decode(reply.content, name)
+            except MalformedMessage as error:
+                raise MalformedMessage(f"client {cid}'s reply to {name} was refused: {error}") from None
+        except self.lost as error:
+            log.error("%s", error)
+            raise
 
     def call(self, cid: int, name: str, args: tuple):
         message = self._message(cid, name, args)
@@ -282,6 +301,10 @@ class FlowerTransport(Transport):
         if [p.split_point for p in plans] != self.split_points:
             raise UsageError("the flower engine keeps each client's cut for the whole run (clients load their "
                              "blocks once); this plan moves a cut.")  # fmt: skip
+
+    def restart_client(self, cid: int) -> None:
+        """Build the client's host on its node again, from its spec (its data read again)."""
+        self.call(cid, "build", (self.specs[cid].to_json(), True))
 
     def shutdown(self) -> None:
         """Ask every node what it built and answered (kept in `stats`), then end the runtime if
@@ -321,7 +344,7 @@ class SimulationRuntime:
 
         def target() -> None:
             try:
-                run_simulation(server_app=server_app, client_app=client_app(), num_supernodes=clients,
+                run_simulation(server_app=server_app, client_app=client_app(CLIENT_MODS), num_supernodes=clients,
                                backend_config=backend)  # fmt: skip
             except BaseException as error:  # noqa: BLE001  (said by `grid`, in the driver's thread)
                 self.failure.append(error)
