@@ -12,7 +12,7 @@ from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.method.importance import importance, warmup_sums
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
-from hsplitlora.method.planner import Plan, _infeasible, plan
+from hsplitlora.method.planner import InfeasibleClientError, Plan, _infeasible, plan
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.models.split import check_tail_blocks
@@ -104,7 +104,7 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
         scores = dict.fromkeys(candidates, 1.0)
     else:
         scores = warmup_importance(loaded, candidates, memory, request)
-    s_min, _ = floor_s_min(request, memory.deepest_split_point)  # the privacy floor, if any
+    s_min, floor = floor_s_min(request, memory.deepest_split_point)  # the privacy floor, if any
     request = replace(request, s_min=s_min)
     round_time, alternatives = None, []
     if request.split_rule == "fastest":
@@ -112,20 +112,15 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
         memory, round_time = strategy.context.memory, strategy.round_time
         with suppress(UsageError):  # no uniform plan at all: the planner says why its own cuts fail
             alternatives.append(strategy.best_uniform_plan())
-    result = plan(
-        scores,
-        request.budgets,
-        memory,
-        request.server_budget,
-        levels=request.levels,
-        rho=request.rho,
-        s_min=request.s_min,
-        leave_out_infeasible=request.leave_out_infeasible,
-        split_rule=request.split_rule,
-        round_time=round_time,
-        alternatives=alternatives,
-        sharing=request.clients_per_round,
-    )
+    try:
+        result = plan(scores, request.budgets, memory, request.server_budget, levels=request.levels, rho=request.rho,
+                      s_min=request.s_min, leave_out_infeasible=request.leave_out_infeasible,
+                      split_rule=request.split_rule, round_time=round_time, alternatives=alternatives,
+                      sharing=request.clients_per_round)  # fmt: skip
+    except InfeasibleClientError as error:
+        if floor is None:
+            raise
+        raise InfeasibleClientError(f"{error} The cut it needs is the {floor}") from None
     if not result.clients:  # every client left out: an empty plan would read as a plan
         largest = request.budgets.index(max(request.budgets))
         reason = _infeasible(largest, request.budgets[largest], memory, request.rho, request.s_min)

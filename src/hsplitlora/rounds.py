@@ -33,7 +33,7 @@ from hsplitlora.method.importance import (
     importance,
     kendall_tau_distance,
 )
-from hsplitlora.method.planner import Plan
+from hsplitlora.method.planner import InfeasibleClientError, Plan
 from hsplitlora.method.sampling import per_round, sample_clients
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.placement import placement
@@ -265,7 +265,13 @@ class _Loop:
             sizes = [len(setup.shards[cid]) for cid in chosen]
             self.current = self.smoothed.update(average_importance(per_client, sizes))
             self.importance_history.append({"round": 0, "smoothed": self.current})
-        self.plan = strategy.make_plan(self.current)
+        try:
+            self.plan = strategy.make_plan(self.current)
+        except InfeasibleClientError as error:
+            floor = next((note for note in setup.notes if note.startswith("privacy floor")), None)
+            if floor is None:
+                raise
+            raise InfeasibleClientError(f"{error} The cut it needs is the {floor}") from None
         self.first_plan = True
         if config.leakage_curve is not None and strategy.splits:
             curve = read_curve(config.leakage_curve, config.model, config.split_mode)
