@@ -1,0 +1,241 @@
+"""A Flower federation on this machine, as a real deployment has it, for demonstrations and tests:
+TLS certificates it makes (its own CA, a certificate for 127.0.0.1), a SuperLink with SuperNode
+authentication on, one key per client registered with it, and one SuperNode per client as its own
+process, each given its client id and its own data path in its node config. Everything listens
+on 127.0.0.1 only, and `stop` ends every process it started (by process group id).
+
+    .venv/bin/python -m hsplitlora.engines.flower_local --clients 2 --folder /tmp/fed   # start; Ctrl-C stops
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hsplitlora.errors import UsageError
+
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Credentials:
+    """The federation's CA, the SuperLink's certificate and key, and each client's node key pair."""
+
+    ca: Path
+    certificate: Path
+    key: Path
+    node_keys: list[Path]  # private keys (OpenSSH); each public key is beside it as `.pub`
+
+
+def make_credentials(folder: Path, clients: int, extra_keys: int = 0) -> Credentials:
+    """A CA, a certificate for 127.0.0.1 and localhost signed by it (valid one day), and an ECDSA
+    P-384 key pair per client (plus `extra_keys` more, registered with nothing)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    day, minutes = datetime.timedelta(days=1), datetime.timedelta(minutes=5)
+    valid = {"not_valid_before": now - minutes, "not_valid_after": now + day}
+
+    def certificate(subject: str, public_key, issuer: str, signer, ca: bool, names=()) -> bytes:
+        builder = x509.CertificateBuilder(
+            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]),
+            issuer_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]),
+            public_key=public_key, serial_number=x509.random_serial_number(), **valid,
+        )  # fmt: skip
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+        return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def private(key, format_=serialization.PrivateFormat.PKCS8) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, format_, serialization.NoEncryption())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+    paths = Credentials(folder / "ca.crt", folder / "server.crt", folder / "server.key", [])
+    paths.ca.write_bytes(certificate("hsplitlora local CA", ca_key.public_key(), "hsplitlora local CA", ca_key, True))
+    paths.certificate.write_bytes(certificate("localhost", server_key.public_key(), "hsplitlora local CA", ca_key,
+                                              False, names))  # fmt: skip
+    _write_secret(paths.key, private(server_key))
+    for index in range(clients + extra_keys):
+        node_key = ec.generate_private_key(ec.SECP384R1())
+        path = folder / f"node{index}"
+        _write_secret(path, private(node_key, serialization.PrivateFormat.OpenSSH))
+        public = node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        path.with_suffix(".pub").write_bytes(public)
+        paths.node_keys.append(path)
+    return paths
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and SuperNodes on 127.0.0.1 (see the module's docstring). `data_paths[i]` is
+    client i's data file, given to its SuperNode only (None: the node reads its shard of the run's
+    data)."""
+
+    folder: Path
+    clients: int
+    data_paths: list[str | None] = field(default_factory=list)
+    extra_keys: int = 1  # keys registered with nothing, for a node that must be refused
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+        self.credentials = make_credentials(self.folder / "keys", self.clients, self.extra_keys)
+        self.port = free_port()
+        self.address = f"{HOST}:{self.port}"
+        self.home = self.folder / "flwr-home"  # the flwr CLI's configuration: one connection, TLS
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{self.address}"\n'
+            f'root-certificates = "{self.credentials.ca}"\n'
+        )
+        # Flower's processes start others by name (flower-superexec): this environment's first.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": path}
+
+    # -- processes -----------------------------------------------------------------------------------
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = (self.folder / f"{name}.log").open("wb")
+        # A session of its own: `stop` ends it and whatever it started, by its process group id.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder,
+                                   start_new_session=True)  # fmt: skip
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        path = self.folder / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_superlink(self) -> None:
+        c = self.credentials
+        self._start("superlink", [
+            _bin("flower-superlink"), "--ssl-ca-certfile", str(c.ca), "--ssl-certfile", str(c.certificate),
+            "--ssl-keyfile", str(c.key), "--enable-supernode-auth", "--host", HOST, "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+        ])  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "Application startup complete" not in self.log("superlink"):
+            if self.processes["superlink"].poll() is not None or time.monotonic() > deadline:
+                raise UsageError(f"the SuperLink did not start on {self.address}; see {self.folder / 'superlink.log'}.")
+            time.sleep(0.1)
+
+    def flwr(self, *args: str) -> str:
+        """A `flwr` CLI command against this SuperLink (TLS, its CA); its standard output."""
+        done = subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.folder, capture_output=True, text=True,
+                              timeout=START_TIMEOUT_S)  # fmt: skip
+        if done.returncode != 0:
+            raise UsageError(f"flwr {' '.join(args)} failed: {(done.stdout + done.stderr).strip()[-300:]}")
+        return done.stdout
+
+    def register(self, index: int) -> None:
+        self.flwr("supernode", "register", str(self.credentials.node_keys[index].with_suffix(".pub")), "local")
+
+    def start_supernode(self, index: int, client_id: int, isolation: str = "process") -> subprocess.Popen:
+        """A SuperNode with node key `index`, standing for client `client_id`, given only that
+        client's data path."""
+        config = f"client-id={client_id}"
+        data = self.data_paths[client_id] if client_id < len(self.data_paths) else None
+        if data is not None:
+            config += f' data-path="{data}"'
+        return self._start(f"supernode{index}", [
+            _bin("flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.credentials.ca),
+            "--auth-supernode-private-key", str(self.credentials.node_keys[index]), "--node-config", config,
+            "--isolation", isolation, "--host", HOST, "--port", str(free_port()), "--max-retries", "1",
+        ])  # fmt: skip
+
+    def online(self) -> list[int]:
+        """The node ids the SuperLink lists as online."""
+        listed = json.loads(self.flwr("supernode", "list", "local", "--format", "json"))
+        nodes = listed.get("nodes", listed) if isinstance(listed, dict) else listed
+        return [int(n["node-id"] if "node-id" in n else n["node_id"]) for n in nodes
+                if str(n.get("status", "")).lower() == "online"]  # fmt: skip
+
+    def start(self) -> LocalFederation:
+        """The SuperLink, every client's key registered, and one SuperNode per client, online."""
+        self.start_superlink()
+        for index in range(self.clients):
+            self.register(index)
+        for index in range(self.clients):
+            self.start_supernode(index, index)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(self.online()) < self.clients:
+            if time.monotonic() > deadline:
+                raise UsageError(f"{len(self.online())} of {self.clients} SuperNodes came online; see the logs in "
+                                 f"{self.folder}.")  # fmt: skip
+            time.sleep(0.5)
+        return self
+
+    def stop(self) -> None:
+        """End every process this federation started, and what each started, and wait for them."""
+        for process in reversed(list(self.processes.values())):
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def __enter__(self) -> LocalFederation:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A Flower federation on 127.0.0.1: TLS, SuperNode authentication, "
+                                     "one SuperNode per client; Ctrl-C stops everything it started.")  # fmt: skip
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--folder", type=Path, required=True, help="where the certificates, keys and logs go")
+    parser.add_argument("--data", nargs="*", default=[], help="each client's data file, in client order")
+    args = parser.parse_args()
+    federation = LocalFederation(args.folder, args.clients, list(args.data))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # taken by sigwait below
+    try:
+        federation.start()
+        print(f"SuperLink {federation.address} (TLS, CA {federation.credentials.ca}); nodes online: "
+              f"{federation.online()}; FLWR_HOME={federation.home}. Ctrl-C stops.", flush=True)  # fmt: skip
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        federation.stop()
+
+
+if __name__ == "__main__":
+    main()
