@@ -22,15 +22,18 @@ front's backward. Predicted = the same memory model with `with_tail(T)`.
 `--quant int8` (or nf4) holds every linear weight of the client's blocks only quantized (the float
 weights freed after quantizing, before the peak is reset; bitsandbytes is imported and warmed up
 before the baseline); predicted = the memory model `with_quant`.
+`--dp-sgd` trains with DP-SGD (each LoRA layer keeps what per-example gradients need; each step's
+gradients are clipped per example and noised, privacy/dp.py); predicted = `with_per_example`.
 
     .venv/bin/python benchmarks/memory_model.py
     .venv/bin/python benchmarks/memory_model.py --tail 1
     .venv/bin/python benchmarks/memory_model.py --dtype bfloat16
     .venv/bin/python benchmarks/memory_model.py --anchored
     .venv/bin/python benchmarks/memory_model.py --quant nf4
+    .venv/bin/python benchmarks/memory_model.py --dp-sgd
 
 Last line: RESULT memory_model_max_rel_error=<max |pred - meas| / meas> (target <= 0.15), or
-RESULT memory_model_u_max_rel_error=... with --tail (_bfloat16, _anchored, _int8, _nf4 in the name with those).
+RESULT memory_model_u_max_rel_error=... with --tail (_bfloat16, _anchored, _int8, _nf4, _dpsgd in the name with those).
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool, quant: str = "none") -> None:
+def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool, quant: str = "none",
+           dp_sgd: bool = False) -> None:  # fmt: skip
     """One client's training steps in this fresh process; `tail` < 0: the standard split."""
     import torch
 
@@ -99,6 +103,12 @@ def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool, q
     set_active_adapter(part, "c")
     params = [p for n, p in part.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    dpsgd = None
+    if dp_sgd:
+        from hsplitlora.privacy.dp import DPSGD, keep_per_example
+
+        keep_per_example([part], True)
+        dpsgd = DPSGD(1.0, 1.0, torch.Generator().manual_seed(0))
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     # Loading streams each tensor through a mapped file page by page: that transient is not
@@ -116,6 +126,8 @@ def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool, q
             total, count = target_token_loss(part.tail(middle, mask), labels)
             (total / count).backward()
             hidden.backward(torch.randn_like(hidden))
+        if dpsgd is not None:
+            dpsgd.privatize([part], "c", BATCH)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     peak = rss_kib("VmHWM")
@@ -132,9 +144,10 @@ def main() -> None:
     parser.add_argument("--anchored", action="store_true", help="adapters keep an anchor (persistent adapters)")
     parser.add_argument("--quant", default="none", choices=("none", "int8", "nf4"),
                         help="hold the client's block weights quantized (none)")  # fmt: skip
+    parser.add_argument("--dp-sgd", action="store_true", help="train with DP-SGD's per-example gradients")
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker, args.dtype, args.anchored, args.quant)
+        worker(*args.worker, args.dtype, args.anchored, args.quant, args.dp_sgd)
         return
 
     from hsplitlora.lora.attach import attach_lora
@@ -144,7 +157,7 @@ def main() -> None:
     model = load_model(MODEL, dtype=args.dtype).model
     candidates = attach_lora(model, ["q", "k", "v", "o"])
     memory = measure_memory_model(model, candidates, BATCH, SEQ).with_tail(args.tail).with_anchors(args.anchored)
-    memory = memory.with_quant(args.quant, "none")
+    memory = memory.with_quant(args.quant, "none").with_per_example(args.dp_sgd)
     del model
     tail = -1 if args.tail is None else args.tail
     splits, ranks_tried = (SPLITS, RANKS) if args.tail is None else ((2, 8, 16), (2, 16))
@@ -152,6 +165,7 @@ def main() -> None:
     shape = "" if args.tail is None else f", U-shaped: the client also runs the last {args.tail} block(s) and the head"
     anchors = " with anchors" if args.anchored else ""
     anchors += "" if args.quant == "none" else f", blocks held as {args.quant}"
+    anchors += ", DP-SGD" if args.dp_sgd else ""
     print(f"{MODEL}, batch {BATCH} x {SEQ} tokens, {args.dtype} weights, float32 adapters{anchors} on q,k,v,o of the "
           f"client's blocks{shape}")  # fmt: skip
     print(f"A_block = {memory.block_activation_bytes / 2**20:.2f} MiB, "
@@ -163,7 +177,7 @@ def main() -> None:
         for rank in ranks_tried:
             command = [sys.executable, __file__, "--worker", str(split_point), str(rank), str(tail),
                        "--dtype", args.dtype, "--quant", args.quant,
-                       *(["--anchored"] if args.anchored else [])]  # fmt: skip
+                       *(["--anchored"] if args.anchored else []), *(["--dp-sgd"] if args.dp_sgd else [])]  # fmt: skip
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
             measured = json.loads(out.strip().splitlines()[-1])["measured_bytes"]
             ranks = {n: rank for n in memory.client_side(split_point)}
@@ -174,6 +188,7 @@ def main() -> None:
                   flush=True)  # fmt: skip
     name = "memory_model" + ("" if args.tail is None else "_u") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     name += "" if args.quant == "none" else f"_{args.quant}"
+    name += "_dpsgd" if args.dp_sgd else ""
     name += "_anchored_max_rel_error" if args.anchored else "_max_rel_error"
     print(f"RESULT {name}={worst:.3f}")
 

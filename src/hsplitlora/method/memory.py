@@ -75,6 +75,9 @@ class MemoryModel:
     dequantized_bytes: int = 0
     client_quant: str = "none"
     server_quant: str = "none"
+    # DP-SGD (privacy/dp.py): each adapter also keeps the gradient at its layer's output for the step
+    # and, while the step's gradients are privatised, every example's gradient of A and B.
+    per_example: bool = False
 
     @property
     def u_shaped(self) -> bool:
@@ -107,6 +110,10 @@ class MemoryModel:
     def _frozen_blocks(self, blocks: int, kind: str) -> int:
         return blocks * self.block_bytes_as(kind) + (self.dequantized_bytes if kind != "none" and blocks else 0)
 
+    def with_per_example(self, per_example: bool) -> MemoryModel:
+        """This model for DP-SGD's per-example gradients (or without them)."""
+        return replace(self, per_example=per_example)
+
     def with_anchors(self, anchored: bool) -> MemoryModel:
         """This model for adapters that keep an anchor (B0, A0) beside their factors."""
         return replace(self, anchored=anchored)
@@ -125,6 +132,8 @@ class MemoryModel:
         copies = 2 + ADAMW_STATES + (1 if self.anchored else 0)
         weights = rank * (shape.d_in + shape.d_out) * copies
         activations = self.batch_size * self.seq_len * (shape.d_in + rank * (2 if self.anchored else 1))
+        if self.per_example:  # dL/d(B A x) kept per step, and each example's gradient of A and B
+            activations += self.batch_size * (self.seq_len * shape.d_out + rank * (shape.d_in + shape.d_out))
         return ADAPTER_BYTES * (weights + activations)  # float32 whatever the frozen weights' dtype
 
     def client_side(self, split_point: int) -> list[str]:
