@@ -45,6 +45,7 @@ CALLS = (
     "held_parameter_names",
 )  # fmt: skip
 REPLY_TIMEOUT_S = 3600.0  # a reply later than this means the node is gone
+POLL_S = 0.002  # how often the driver asks for replies: a split step is a few round trips
 CONNECT_TIMEOUT_S = 120.0  # the nodes of every client have connected within this
 CLIENT_MODS: list = []  # Flower mods every ClientApp this process starts runs its messages through
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ class FlowerTransport(Transport):
             time.sleep(0.05)
         asked = [Message(encode("hello", None), dst_node_id=node, message_type="query.hello") for node in nodes]
         found: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(asked, timeout=CONNECT_TIMEOUT_S):
+        for reply in self._exchange(asked, CONNECT_TIMEOUT_S).values():
             if reply.has_error():
                 raise ClientUnreachable(f"node {reply.metadata.src_node_id} failed to say its client id: "
                                         f"{reply.error.reason}")  # fmt: skip
@@ -266,9 +267,26 @@ class FlowerTransport(Transport):
     def _send_all(self, name: str, calls: Sequence[tuple[int, object]]) -> list:
         """Call `name` on several clients at once (they run concurrently); their results in order."""
         messages = [self._message(cid, name, value) for cid, value in calls]
-        replies = {r.metadata.reply_to_message_id: r for r in
-                   self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)}  # fmt: skip
-        return [self._result(calls[i][0], name, replies.get(m.metadata.message_id)) for i, m in enumerate(messages)]
+        replies = self._exchange(messages, REPLY_TIMEOUT_S)
+        return [self._result(cid, name, replies.get(i)) for i, (cid, _) in enumerate(calls)]
+
+    def _exchange(self, messages: list, timeout_s: float) -> dict:
+        """Push `messages` and pull their replies until all came or `timeout_s` passed: each
+        message's index -> its reply. Polled every POLL_S (Flower's own send_and_receive waits
+        up to 3 s between pulls on a SuperLink)."""
+        import time
+
+        ids = list(self.grid.push_messages(messages))
+        index = {message_id: i for i, message_id in enumerate(ids)}
+        replies: dict = {}
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < len(ids) and time.monotonic() < deadline:
+            waiting = [m for m in ids if index[m] not in replies]
+            for reply in self.grid.pull_messages(waiting):
+                replies[index[reply.metadata.reply_to_message_id]] = reply
+            if len(replies) < len(ids):
+                time.sleep(POLL_S)
+        return replies
 
     def _result(self, cid: int, name: str, reply):
         """The decoded reply; a missing, failed or malformed one raises (one line in the log)."""
@@ -286,9 +304,8 @@ class FlowerTransport(Transport):
             raise
 
     def call(self, cid: int, name: str, args: tuple):
-        message = self._message(cid, name, args)
-        replies = list(self.grid.send_and_receive([message], timeout=REPLY_TIMEOUT_S))
-        return self._result(cid, name, replies[0] if replies else None)
+        replies = self._exchange([self._message(cid, name, args)], REPLY_TIMEOUT_S)
+        return self._result(cid, name, replies.get(0))
 
     def owners(self, live: Sequence[int]) -> list:
         return [self.clients[cid] for cid in live] + ([self.server] if self.server is not None else [])
@@ -331,8 +348,6 @@ class SimulationRuntime:
 
         @server_app.main()
         def main(grid, context) -> None:
-            if hasattr(grid, "pull_interval"):
-                grid.pull_interval = 0.002  # a split step is a few round trips: poll the replies often
             self.grids.put(grid)
             self.done.wait()
 

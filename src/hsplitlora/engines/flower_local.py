@@ -25,6 +25,7 @@ from hsplitlora.errors import UsageError
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 60.0
+IDLE_POLL_S = 0.01  # a SuperNode with nothing to do asks again after this (Flower's own: 3 s)
 
 
 @dataclass
@@ -160,18 +161,24 @@ class LocalFederation:
     def register(self, index: int) -> None:
         self.flwr("supernode", "register", str(self.credentials.node_keys[index].with_suffix(".pub")), "local")
 
-    def start_supernode(self, index: int, client_id: int, isolation: str = "process") -> subprocess.Popen:
+    def start_supernode(self, index: int, client_id: int) -> subprocess.Popen:
         """A SuperNode with node key `index`, standing for client `client_id`, given only that
-        client's data path."""
+        client's data path, and beside it the worker that runs its ClientApp (engines/
+        flower_worker.py) on its Runtime API."""
         config = f"client-id={client_id}"
         data = self.data_paths[client_id] if client_id < len(self.data_paths) else None
         if data is not None:
             config += f' data-path="{data}"'
-        return self._start(f"supernode{index}", [
-            _bin("flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.credentials.ca),
+        runtime = f"{HOST}:{free_port()}"
+        node = self._start(f"supernode{index}", [
+            sys.executable, "-c", "from hsplitlora.engines.flower_local import supernode; supernode()",
+            "--superlink", self.address, "--root-certificates", str(self.credentials.ca),
             "--auth-supernode-private-key", str(self.credentials.node_keys[index]), "--node-config", config,
-            "--isolation", isolation, "--host", HOST, "--port", str(free_port()), "--max-retries", "1",
+            "--isolation", "process", "--host", HOST, "--port", runtime.rpartition(":")[2], "--max-retries", "1",
         ])  # fmt: skip
+        self._start(f"worker{index}", [sys.executable, "-m", "hsplitlora.engines.flower_worker",
+                                       "--runtime-api-address", runtime])  # fmt: skip
+        return node
 
     def online(self) -> list[int]:
         """The node ids the SuperLink lists as online."""
@@ -195,6 +202,19 @@ class LocalFederation:
             time.sleep(0.5)
         return self
 
+    def run_app(self, settings: dict, timeout_s: float = 600.0) -> str:
+        """Run hsplitlora as a Flower app on this federation (`flwr run`, the app of engines/
+        flower_app.py) with `settings` (the run config: hsplitlora settings by name) and wait for
+        it to end; Flower's log of the run."""
+        app = self.folder / "app"
+        app.mkdir(exist_ok=True)
+        (app / "pyproject.toml").write_text(app_pyproject(settings))
+        done = subprocess.run([_bin("flwr"), "run", str(app), "local", "--stream"], env=self.env, cwd=self.folder,
+                              capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+        if done.returncode != 0:
+            raise UsageError(f"flwr run failed: {(done.stdout + done.stderr).strip()[-500:]}")
+        return done.stdout + done.stderr
+
     def stop(self) -> None:
         """End every process this federation started, and what each started, and wait for them."""
         for process in reversed(list(self.processes.values())):
@@ -215,6 +235,46 @@ class LocalFederation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def app_pyproject(settings: dict) -> str:
+    """A Flower app's pyproject.toml: hsplitlora's ServerApp and ClientApp, `settings` as its run
+    config (TOML scalars and lists; None values left out)."""
+
+    def toml(value) -> str:
+        return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+    config = "\n".join(f"{key.replace('_', '-')} = {toml(value)}" for key, value in settings.items()
+                       if value is not None)  # fmt: skip
+    return (
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "hsplitlora-flower"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "hsplitlora"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "hsplitlora.engines.flower_app:server_app"\n'
+        'clientapp = "hsplitlora.engines.flower_app:client_app"\n\n'
+        f"[tool.flwr.app.config]\n{config}\n"
+    )
+
+
+def supernode() -> None:
+    """Flower's `flower-supernode` (same arguments), asking for messages every IDLE_POLL_S when idle:
+    a split step is several round trips, and Flower 1.42's SuperNode waits 3 s after every empty pull."""
+    import time as real_time
+
+    import flwr.supernode.start_client_internal as loop
+    from flwr.supernode.cli import flower_supernode
+
+    class Clock:
+        def __getattr__(self, name: str):
+            return getattr(real_time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            real_time.sleep(min(seconds, IDLE_POLL_S))
+
+    loop.time = Clock()
+    sys.argv[0] = "flower-supernode"
+    flower_supernode()
 
 
 def main() -> None:
