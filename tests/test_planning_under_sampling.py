@@ -5,6 +5,8 @@ and the predicted time are unchanged."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hsplitlora.devices import DeviceProfile
@@ -79,3 +81,24 @@ def test_sampling_every_client_plans_exactly_as_no_sampling():
         assert [c.all_ranks() for c in first.clients] == [c.all_ranks() for c in second.clients]
         assert [c.split_point for c in first.clients] == [c.split_point for c in second.clients]
         assert default.round_time(first.clients) == all_four.round_time(second.clients)
+
+
+def test_plan_takes_clients_per_round_and_gives_each_sampled_client_its_share(capsys):
+    from .test_settings import run_cli
+
+    common = ("plan", "--model", "tiny", "--budgets", "5MB,8MB,20MB,20MB", "--server-budget", "8MB",
+              "--uniform-importance", "--json")  # fmt: skip
+    assert run_cli(*common) == 0
+    everyone = json.loads(capsys.readouterr().out)
+    assert run_cli(*common, "--clients-per-round", "1") == 0
+    one = json.loads(capsys.readouterr().out)
+    # M_S / 4 = 2 MB a client holds no server-side adapter; M_S / 1 = 8 MB for the one sampled holds some.
+    assert everyone["server"]["budget_per_client_bytes"] == 2_000_000
+    assert one["server"]["budget_per_client_bytes"] == 8_000_000
+
+    def server_ranks(plan: dict) -> int:
+        return sum(sum(c["ranks"].values()) for c in plan["server"]["clients"])
+
+    assert server_ranks(one) > server_ranks(everyone)
+    assert run_cli(*common[:-1], "--clients-per-round", "2") == 0
+    assert "per client, 2 of 4 a round" in capsys.readouterr().out

@@ -110,7 +110,7 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
 PLAN_SETTINGS = ("model", "dtype", "client_quant", "server_quant", "budgets", "server_budget", "batch_size",
                  "max_seq_len", "targets", "rank_levels", "rho", "s_min", "split_mode", "tail_blocks", "split_rule",
                  "local_steps", "server_flops", "warmup_batches", "data_dir", "seed", "max_leakage",
-                 "leakage_curve", "dp_sgd_sigma", "dp_epsilon")  # fmt: skip
+                 "leakage_curve", "dp_sgd_sigma", "dp_epsilon", "clients_per_round")  # fmt: skip
 
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
@@ -387,9 +387,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{format_bytes(c.server_predicted_bytes)}"
         for c in plan.clients
     )
+    sharing = plan.sharing or len(budgets)  # under client sampling only m clients share it at once
+    at_once = f"per client, {sharing} of {len(budgets)} a round" if plan.sharing else "per client"
     console.print(
-        f"main server: budget {format_bytes(server_budget)} ({format_bytes(server_budget // len(budgets))} per "
-        f"client), shared frozen weights {format_bytes(plan.server_frozen_bytes)}; {server_rows}"
+        f"main server: budget {format_bytes(server_budget)} ({format_bytes(server_budget // sharing)} {at_once}), "
+        f"shared frozen weights {format_bytes(plan.server_frozen_bytes)}; {server_rows}"
     )
     return 0
 
