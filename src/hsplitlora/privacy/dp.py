@@ -159,6 +159,13 @@ def keep_per_example(modules: Iterable[torch.nn.Module | None], enabled: bool) -
             layer.record_per_example(enabled)
 
 
+def drop_records(modules: Iterable[torch.nn.Module | None], adapter: str) -> None:
+    """Forget what `adapter`'s layers kept from a step that never finished (its peer was lost)."""
+    for module in modules:
+        for layer in lora_layers(module):
+            layer.take_per_example(adapter)
+
+
 class DPSGD:
     """DP-SGD for the adapters one host trains for one client (see the module's docstring)."""
 

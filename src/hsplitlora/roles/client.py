@@ -17,6 +17,7 @@ from hsplitlora.privacy.dp import (
     NO_DP,
     ActivationNoise,
     DPSettings,
+    drop_records,
     host_clip,
     keep_per_example,
     noise_generator,
@@ -252,6 +253,8 @@ class Client:
     def forward(self) -> Activations:
         """Run the client part (the front, in a U-shaped split) on the next private batch; keep the
         graph for `backward`. In a U-shaped split the labels stay here."""
+        if self.dpsgd is not None:  # a step abandoned half-way left its records
+            drop_records([self.part, self.head], self.adapter)
         batch = self.next_batch()
         set_active_adapter(self.part, self.adapter)
         if self.probe is not None:

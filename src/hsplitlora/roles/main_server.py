@@ -13,7 +13,7 @@ from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
 from hsplitlora.models.split import ServerPart, weights_dtype
-from hsplitlora.privacy.dp import DPSGD, NO_DP, DPSettings, host_clip, keep_per_example, noise_generator
+from hsplitlora.privacy.dp import DPSGD, NO_DP, DPSettings, drop_records, host_clip, keep_per_example, noise_generator
 from hsplitlora.roles.adapters import AdapterHolder, adapter_name
 from hsplitlora.roles.cut import Cut
 from hsplitlora.roles.messages import (
@@ -180,6 +180,8 @@ class MainServer:
     def _forward(self, message: Activations) -> tuple[torch.Tensor, torch.Tensor]:
         cid = message.client_id
         part = self.parts[cid]
+        if cid in self.dpsgd:  # a step abandoned half-way left its records
+            drop_records([part], adapter_name(cid))
         set_active_adapter(part, adapter_name(cid))
         hidden = self.cut(cid).receive(message, weights_dtype(part), self.device).detach().requires_grad_(True)
         probe = self.probes.get(cid)
