@@ -156,3 +156,16 @@ def test_an_attacker_holding_the_runs_weights_reads_what_the_public_model_cannot
     informed = measure_leakage(far, [1], **SMALL, informed=True)
     assert informed["attacker"]["model_weights"] == "the run's final"
     assert public["learned"]["all"] < 0.5 < 0.9 < informed["cuts"][0]["learned"]["all"]
+
+
+def test_noise_on_the_activations_is_what_the_attacker_sees_and_trains_under(tmp_path):
+    # A tiny model's activations after block 1 have per-example norms of a few hundred at most here;
+    # clipped to 5 and drowned in noise of scale 5 per coordinate, the attack falls towards chance.
+    noisy = tiny_run(tmp_path / "noisy", "--split-mode", "u", "--dp-activations-sigma", "1.0", "--dp-clip", "5")
+    saved, sent, _, _ = capture(noisy, [1], batches=1)
+    assert all(float(item.message.hidden.unpack().reshape(item.message.hidden.shape[0], -1).norm(dim=1).min()) > 5
+               for item in sent)  # fmt: skip  # what crossed is the clipped activation plus noise, not the clean one
+    report = measure_leakage(noisy, [1], **SMALL)
+    assert report["attacker"]["trained_under_noise"] == [1.0, 5.0]
+    clean = measure_leakage(tiny_run(tmp_path / "clean", "--split-mode", "u"), [1], **SMALL)
+    assert report["curve"][0]["token_recovery"] < clean["curve"][0]["token_recovery"] - 0.3

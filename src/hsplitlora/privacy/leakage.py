@@ -27,6 +27,7 @@ from hsplitlora.lora.attach import attach_lora
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import load_model
 from hsplitlora.models.split import ClientPart, check_split_point, positions
+from hsplitlora.privacy.dp import clip_per_example
 from hsplitlora.roles.messages import Activations, RoundPlan
 
 LEAKAGE_FILE = "leakage.json"
@@ -78,6 +79,7 @@ class Attacker:
     steps: int
     most_frequent: int  # the public text's most frequent token: the chance baseline's guess
     weights: str = "public"  # the model it ran its text through: public, or the run's final weights
+    noise: tuple[float, float] | None = None  # (sigma, clip) of the activation noise it trained under
 
     @property
     def cuts(self) -> list[int]:
@@ -144,21 +146,28 @@ def train_decoder(features: torch.Tensor, tokens: torch.Tensor, steps: int, seed
 @torch.no_grad()
 def train_attacker(model_name: str, seed: int, dtype: str, compression: str, cuts: Sequence[int],
                    items: Sequence[Encoded], pad_id: int, public: str, steps: int = 400, batch_size: int = 16,
-                   weights: dict[str, torch.Tensor] | None = None,
-                   targets: Sequence[str] = ()) -> Attacker:  # fmt: skip
+                   weights: dict[str, torch.Tensor] | None = None, targets: Sequence[str] = (),
+                   noise: tuple[float, float] | None = None) -> Attacker:  # fmt: skip
     """Run the public text through the public base model (or, `weights` given, the model with
     those trained weights of `targets`: an attacker that also sees the aggregated updates),
     compress each activation as the run does (the attacker knows the format it receives), and
-    fit one decoder per cut."""
+    fit one decoder per cut. With `noise` (sigma, clip), the run's DP on the activations, each
+    public example is clipped and noised as the clients' are before it is compressed: the
+    attacker knows the mechanism (its settings are the run's) and learns to read through it."""
     loaded = load_model(model_name, seed=seed, dtype=dtype)
     if weights is not None:
         put_weights(loaded.model, attach_lora(loaded.model, list(targets)), weights, "the run's weights")
     features: dict[int, list[torch.Tensor]] = {cut: [] for cut in cuts}
     tokens = []
+    noise_generator = torch.Generator().manual_seed(seed + 7_777)
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size], pad_id)
         mask = batch.attention_mask.bool()
         for cut, hidden in hidden_at_cuts(loaded.model, batch.input_ids, batch.attention_mask, cuts).items():
+            if noise is not None:
+                sigma, clip = noise
+                hidden = clip_per_example(hidden.float(), clip)
+                hidden = hidden + torch.randn(hidden.shape, generator=noise_generator) * (sigma * clip)
             features[cut].append(pack(hidden, compression).unpack()[mask])
         tokens.append(batch.input_ids[mask])
     token_ids = torch.cat(tokens)
@@ -167,7 +176,7 @@ def train_attacker(model_name: str, seed: int, dtype: str, compression: str, cut
     embedding = loaded.model.get_input_embeddings().weight.detach().float()
     held = "the run's final" if weights is not None else "public"
     return Attacker(decoders, embedding, compression, public, len(token_ids), steps,
-                    int(torch.bincount(token_ids).argmax()), held)  # fmt: skip
+                    int(torch.bincount(token_ids).argmax()), held, noise)  # fmt: skip
 
 
 @torch.no_grad()
@@ -335,12 +344,15 @@ def measure_leakage(run_dir: str | Path, cuts: Sequence[int] | None = None, batc
     `informed`: the attacker trains on the run's final weights, not the public model's."""
     saved, sent, num_blocks, tokenizer = capture(run_dir, cuts, batches)
     measured = sorted({item.cut for item in sent})
+    noise = activation_noise(run_dir)
+    if attacker is not None and attacker.noise != noise:
+        attacker = None  # trained under other noise than this run's: train one for it
     if attacker is None or any(cut not in attacker.decoders for cut in measured):
         items, public = public_items(saved, tokenizer, public_rows, public_text)
         known = read_run(run_dir)[1] if informed else None
         attacker = train_attacker(saved["model"], saved.get("seed", 0), saved.get("dtype", "float32"),
                                   saved.get("compression", "fp32"), measured, items, tokenizer.pad_token_id, public,
-                                  steps, weights=known, targets=saved["targets"])  # fmt: skip
+                                  steps, weights=known, targets=saved["targets"], noise=noise)  # fmt: skip
     if attacker.compression != saved.get("compression", "fp32"):
         raise UsageError(f"the attacker was trained on {attacker.compression} activations and this run sends "
                          f"{saved.get('compression', 'fp32')}; train one for this run.")  # fmt: skip
@@ -363,6 +375,7 @@ def measure_leakage(run_dir: str | Path, cuts: Sequence[int] | None = None, batc
             "public_tokens": attacker.public_tokens,
             "decoder": "MLP (standardised hidden -> 1024 GELU -> public vocabulary), AdamW, cross-entropy",
             "steps": attacker.steps,
+            "trained_under_noise": list(attacker.noise) if attacker.noise else None,
         },
         "cuts": report,
         # L(s), what a planner reads: the best attack's share of all tokens from the activations
@@ -376,6 +389,17 @@ def measure_leakage(run_dir: str | Path, cuts: Sequence[int] | None = None, batc
             for e in report
         ],  # fmt: skip
     }
+
+
+def activation_noise(run_dir: str | Path) -> tuple[float, float] | None:
+    """(sigma, clip) of the run's DP on the activations (sigma as calibrated), from its summary."""
+    from hsplitlora.reporting import read_json
+
+    path = Path(run_dir) / "summary.json"
+    dp = (read_json(path, "run summary").get("privacy") or {}).get("dp") if path.is_file() else None
+    if not dp or not dp.get("activation_sigma"):
+        return None
+    return float(dp["activation_sigma"]), float(dp["activation_clip"])
 
 
 def write_report(run_dir: str | Path, report: dict) -> Path:
