@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from contextlib import suppress
 from dataclasses import dataclass, replace
 
 from hsplitlora.config import RunConfig
@@ -12,12 +11,14 @@ from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.method.importance import importance, warmup_sums
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
-from hsplitlora.method.planner import InfeasibleClientError, Plan, _infeasible, plan
+from hsplitlora.method.planner import InfeasibleClientError, Plan, _infeasible
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.models.split import check_tail_blocks
 from hsplitlora.privacy.floor import floor_s_min
-from hsplitlora.setup import check_positions
+from hsplitlora.setup import build_strategy, check_positions
+from hsplitlora.strategies import Strategy
+from hsplitlora.time_model import Workload
 
 RUN = RunConfig()  # `plan` plans what `run` would, so its defaults are run's
 
@@ -107,17 +108,10 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
         scores = warmup_importance(loaded, candidates, memory, request)
     s_min, floor = floor_s_min(request, memory.deepest_split_point)  # the privacy floor, if any
     request = replace(request, s_min=s_min)
-    round_time, alternatives = None, []
-    if request.split_rule == "fastest":
-        strategy = _hsplitlora(loaded, memory, request)
-        memory, round_time = strategy.context.memory, strategy.round_time
-        with suppress(UsageError):  # no uniform plan at all: the planner says why its own cuts fail
-            alternatives.append(strategy.best_uniform_plan())
+    strategy = planning_strategy(loaded, memory, request)
+    memory = strategy.context.memory
     try:
-        result = plan(scores, request.budgets, memory, request.server_budget, levels=request.levels, rho=request.rho,
-                      s_min=request.s_min, leave_out_infeasible=request.leave_out_infeasible,
-                      split_rule=request.split_rule, round_time=round_time, alternatives=alternatives,
-                      sharing=request.clients_per_round)  # fmt: skip
+        result = strategy.armsc(scores, leave_out_infeasible=request.leave_out_infeasible)
     except InfeasibleClientError as error:
         if floor is None:
             raise
@@ -129,25 +123,28 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
     return PlanResult(result, memory, scores, candidates)
 
 
-def _hsplitlora(loaded: LoadedModel, memory: MemoryModel, request: PlanRequest):
-    """HSplitLoRA as `run` builds it for these budgets: the default device speeds and links
-    (what `run --budgets` gives), E steps of batches like the training data's, anchored adapters."""
-    from hsplitlora.devices import resolve_devices
-    from hsplitlora.strategies import StrategyContext
-    from hsplitlora.strategies.hsplitlora import HSplitLoRA
-    from hsplitlora.time_model import Workload
+def planning_strategy(loaded: LoadedModel, memory: MemoryModel, request: PlanRequest) -> Strategy:
+    """HSplitLoRA as `run` builds it for these budgets (setup.build_strategy): the default device
+    speeds and links (what `run --budgets` gives), anchored adapters, and for the fastest split
+    rule E steps of batches like the training data's to predict round times with."""
+    from hsplitlora.devices import DEFAULT_BANDWIDTH, DEFAULT_FLOPS, DeviceProfile
 
+    settings = RunConfig(strategy="hsplitlora", rank_levels=list(request.levels), rho=request.rho,
+                         split_rule=request.split_rule)  # fmt: skip
+    devices = [DeviceProfile(budget, DEFAULT_FLOPS, DEFAULT_BANDWIDTH) for budget in request.budgets]
+    workload = planning_workload(loaded, request) if request.split_rule == "fastest" else None
+    return build_strategy(settings, memory, devices, request.server_budget, request.s_min, workload,
+                          request.clients_per_round)  # fmt: skip
+
+
+def planning_workload(loaded: LoadedModel, request: PlanRequest) -> Workload:
+    """E steps of batches as long as the first 512 training examples are on average (unpadded)."""
     examples = read_e2e(data_file(request.data_dir, "train"))[:512]
     lengths = [len(encode(e, loaded.tokenizer, request.seq_len).input_ids) for e in examples]
     tokens = request.batch_size * sum(lengths) / len(lengths)
     config = loaded.model.config
-    workload = Workload(
+    return Workload(
         steps=request.local_steps, tokens_per_step=tokens, padded_tokens_per_step=tokens,
         hidden_size=getattr(config, "hidden_size", None) or config.n_embd, vocab_size=config.vocab_size,
         server_flops=request.server_flops,
     )  # fmt: skip
-    devices = resolve_devices(len(request.budgets), [str(b) for b in request.budgets])
-    context = StrategyContext(memory, devices, request.server_budget, tuple(request.levels), request.rho,
-                              request.s_min, 0.1, split_rule="fastest", workload=workload,
-                              clients_per_round=request.clients_per_round)  # fmt: skip
-    return HSplitLoRA(context)

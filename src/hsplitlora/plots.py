@@ -19,7 +19,7 @@ def pyplot():
 
 def whole_model(strategy: str) -> bool:
     """Whether the strategy runs the whole model on every client (or one central trainer)."""
-    return strategy in STRATEGIES and not STRATEGIES[strategy].splits
+    return strategy in STRATEGIES and not STRATEGIES[strategy].crosses_cut()
 
 
 def plot_run(metrics: list[dict], folder: Path) -> list[Path]:

@@ -34,7 +34,7 @@ from hsplitlora.method.importance import (
     kendall_tau_distance,
 )
 from hsplitlora.method.planner import InfeasibleClientError, Plan
-from hsplitlora.method.sampling import per_round, sample_clients
+from hsplitlora.method.sampling import per_round
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.placement import placement
 from hsplitlora.privacy.dp import client_epsilons
@@ -52,6 +52,7 @@ from hsplitlora.roles.fed_server import NonFiniteUpdate
 from hsplitlora.roles.messages import RoundPlan
 from hsplitlora.round_record import mean_present, round_line, run_summary
 from hsplitlora.setup import Setup, build_setup
+from hsplitlora.strategies import Strategy
 from hsplitlora.time_model import ClientRoundWork, round_time
 
 
@@ -202,7 +203,6 @@ class _Loop:
     def __init__(self, setup: Setup, reporter: Reporter, log: Callable[[str], None]):
         self.setup, self.reporter, self.log = setup, reporter, log
         self.config, self.engine, self.strategy = setup.config, setup.engine, setup.strategy
-        self.ft_lr = self.config.ft_lr if self.strategy.full_finetune else None
         self.smoothed = SmoothedImportance(self.config.gamma_max, self.config.tau)
         self.folder = RunFolder(self.config.output_dir)
         self.current: dict[str, float] | None = None
@@ -214,8 +214,7 @@ class _Loop:
         self.sampled: list[int] | None = None  # this round's training clients (None: every one)
 
     def _messages(self, round_: int, plan_clients) -> list[RoundPlan]:
-        return [RoundPlan(c.client, round_, c.split_point, c.all_ranks(), self.config.tail, self.strategy.adapters)
-                for c in plan_clients]  # fmt: skip
+        return self.strategy.round_plans(plan_clients, round_, self.config.tail)
 
     def resume(self) -> None:
         """Every role, the plan, the importance and the clock as the last checkpoint left them."""
@@ -225,7 +224,7 @@ class _Loop:
             saved = Plan.from_state(state["plan"]).clients
             if sorted(c.client for c in saved) != list(range(len(saved))) or len(saved) > len(self.setup.shards):
                 raise ValueError("the plan's clients differ from the config's")
-            self.engine.load_state(state, tensors, self._messages(state["round"], saved), self.ft_lr)
+            self.engine.load_state(state, tensors, self._messages(state["round"], saved))
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
             raise UsageError(
                 f"the checkpoint in {folder.path} does not fit the run's config.json (edited since the run, or "
@@ -254,7 +253,7 @@ class _Loop:
         """Round 1's importance (a warm-up pass of one batch per client on the frozen model) and
         the first plan, before anything is written: an impossible budget stops the run here."""
         setup, config, strategy = self.setup, self.config, self.strategy
-        if strategy.uses_importance and setup.fixed_ranks is None:
+        if strategy.warms_up():
             # Round 1's sampled clients warm up, as later rounds' importance comes from those sampled:
             # with 100 clients and 10 a round, a warm-up step of all 100 would cost 10 rounds' steps.
             warm = self._sample(self.start_round)
@@ -273,7 +272,7 @@ class _Loop:
                 raise
             raise InfeasibleClientError(f"{error} The cut it needs is the {floor}") from None
         self.first_plan = True
-        if config.leakage_curve is not None and strategy.splits:
+        if config.leakage_curve is not None and strategy.crosses_cut():
             curve = read_curve(config.leakage_curve, config.model, config.split_mode)
             self.log("measured leakage at each client's cut: " + ", ".join(
                 f"client {c.client} cut {c.split_point}: {leakage_at(curve, c.split_point):.3f}"
@@ -295,8 +294,8 @@ class _Loop:
         self.log(f"run folder: {self.folder.path}")
         for note in setup.notes:
             self.log(note)
-        if (config.data != "e2e" or config.client_data is not None) and self.strategy.splits and (
-                config.split_mode == "standard") and not self.strategy.centralised:  # fmt: skip
+        own_data = config.data != "e2e" or config.client_data is not None
+        if own_data and strategy.crosses_cut() and config.split_mode == "standard":
             self.log("standard split: the main server receives the labels, the response text of every training "
                      "example (docs/security.md); --split-mode u keeps them on the client.")  # fmt: skip
         shared = "one file per client" if config.client_data is not None else f"{config.partition} partition"
@@ -313,11 +312,11 @@ class _Loop:
             self.plan = strategy.make_plan(self.current)
         self.first_plan = False
         history = self._train(round_, replanned)
-        if strategy.uses_importance:
+        if strategy.measures_importance():
             self._update_importance(round_)
         tokens = [counters["tokens"] for counters in engine.round_counters()]
         step_traffic = {cid: engine.step_bytes(cid) for cid in engine.traffic}
-        if not strategy.centralised:  # one trainer on pooled data has nothing to aggregate
+        if strategy.aggregates():
             try:
                 engine.aggregate(round_)
             except NonFiniteUpdate as error:
@@ -334,7 +333,7 @@ class _Loop:
             times={"sim_time_s": self.sim_time, "wall_time_s": self.wall_offset + now - self.setup.started,
                    "round_wall_time_s": now - round_started},
             planning={"replanned": replanned, "kendall_distance": distance,
-                      "smoothing_gamma": self.smoothed.gamma if strategy.uses_importance else None},
+                      "smoothing_gamma": self.smoothed.gamma if strategy.measures_importance() else None},
             sampled=self.sampled if self.config.clients_per_round is not None else None,
         )  # fmt: skip
         self.metrics.append(line)
@@ -347,8 +346,8 @@ class _Loop:
         engine.reset_traffic()
         self.sampled = self._sample(round_)
         engine.sample(self.sampled)
-        engine.configure(self._messages(round_, plan.clients), full_finetune_lr=self.ft_lr)
-        engine.measure_importance(self.strategy.uses_importance)
+        engine.configure(self._messages(round_, plan.clients))
+        engine.measure_importance(self.strategy.measures_importance())
         self.reporter.round_started(round_, self.config.rounds, plan, replanned)
 
         def on_step(step: int, losses: list[float]) -> None:
@@ -358,13 +357,10 @@ class _Loop:
         return engine.local_steps(self.setup.steps_per_round, on_step)
 
     def _sample(self, round_: int) -> list[int] | None:
-        """The round's training clients, drawn from (seed, round) so a resumed run draws the same;
-        None (every client) by default, and for a centralised reference (one trainer)."""
-        config = self.config
-        if config.clients_per_round is None or self.strategy.centralised:
-            return None
-        clients = len(self.setup.shards)
-        return sample_clients(config.seed, round_, clients, per_round(config.clients_per_round, clients))
+        """The round's training clients as the strategy draws them (None: every client)."""
+        setting, clients = self.config.clients_per_round, len(self.setup.shards)
+        count = None if setting is None else per_round(setting, clients)
+        return self.strategy.sample(self.config.seed, round_, clients, count)
 
     def _update_importance(self, round_: int) -> None:
         reports = self.engine.importance_reports()
@@ -404,7 +400,7 @@ class _Loop:
 
     def _checkpoint(self, round_: int, line: dict) -> None:
         strategy, smoothed = self.strategy, self.smoothed
-        role_state, tensors = self.engine.state(strategy.full_finetune)
+        role_state, tensors = self.engine.state()
         self.folder.save_checkpoint(
             {"round": round_, "strategy": strategy.name, "plan": self.plan.to_state(), "importance": self.current,
              "importance_history": self.importance_history,
@@ -417,10 +413,10 @@ class _Loop:
     def finish(self) -> RunResult:
         """The final model (with the validation client's adapters folded in), summary and plots."""
         strategy, config, folder = self.strategy, self.config, self.folder
-        final = self.engine.export_weights(strategy.validation_client(self.plan), strategy.full_finetune)
-        export_format = "full" if strategy.full_finetune else "candidates"
+        final = self.engine.export_weights(strategy.validation_client(self.plan))
         folder.record("model.safetensors", "summary.json")
-        write_tensors_atomic(folder.path / "model.safetensors", final, {"model": config.model, "format": export_format})
+        write_tensors_atomic(folder.path / "model.safetensors", final,
+                             {"model": config.model, "format": strategy.export_format()})  # fmt: skip
         summary = run_summary(config, self.metrics, self.sim_time, self.setup.data_description)
         dp = self.setup.dp
         if dp.activations or dp.sgd:
@@ -436,12 +432,13 @@ class _Loop:
         return RunResult(folder.path, self.metrics, summary, plots)
 
 
-def warn_over_budget(plan: Plan, strategy, log: Callable[[str], None]) -> None:
-    """A fixed cut or rank runs as given, but a plan a device could not hold is said aloud."""
+def warn_over_budget(plan: Plan, strategy: Strategy, log: Callable[[str], None]) -> None:
+    """A fixed cut or rank runs as given, but a plan a device could not hold is said aloud (budgets
+    limit only a split client's memory)."""
     from hsplitlora.units import format_bytes
 
     for c in plan.clients:
-        if strategy.splits and c.predicted_bytes > c.budget_bytes:
+        if strategy.crosses_cut() and c.predicted_bytes > c.budget_bytes:
             log(
                 f"warning: the fixed plan needs {format_bytes(c.predicted_bytes)} on client {c.client}, above its "
                 f"budget of {format_bytes(c.budget_bytes)}; it runs as asked, but that device could not hold it."

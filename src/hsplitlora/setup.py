@@ -17,7 +17,7 @@ from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.engines.spec import host_spec
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora, wrap_frozen_linears
-from hsplitlora.method.aggregation import ExactChange, TruncatedChange
+from hsplitlora.method.aggregation import TruncatedChange
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
 from hsplitlora.method.sampling import per_round
 from hsplitlora.models.architectures import architecture_of
@@ -87,13 +87,12 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     data = load_training_data(config, tokenizer)
     encoded, shards, validation, notes = data.items, data.shards, data.validation, list(data.notes)
     strategy_class = STRATEGIES[config.strategy]
-    steps_per_round = config.local_steps
     workload = expected_workload(config, model, [encoded[i] for shard in shards for i in shard], tokenizer.pad_token_id)
-    if strategy_class.centralised:  # one trainer on the pooled data, as many samples per round
-        shards = [sorted(i for shard in shards for i in shard)]
-        devices = [DeviceProfile(server_budget, config.server_flops, CENTRAL_BANDWIDTH)]
-        steps_per_round = config.local_steps * config.clients
-        notes.append(f"{config.strategy} is a centralised reference: it pools every client's data on one trainer.")
+    arranged = strategy_class.arrange(shards, devices, config.local_steps,
+                                      DeviceProfile(server_budget, config.server_flops, CENTRAL_BANDWIDTH))  # fmt: skip
+    shards, devices, steps_per_round = arranged.shards, arranged.devices, arranged.steps_per_round
+    if arranged.note:
+        notes.append(arranged.note)
     val_batches = [collate(validation[i : i + config.batch_size], tokenizer.pad_token_id)
                    for i in range(0, len(validation), config.batch_size)]  # fmt: skip
 
@@ -104,27 +103,16 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     check_ranks(memory, fixed_ranks or [], config.rank_levels)
     if fixed_splits is not None and fixed_ranks is None:
         fixed_ranks = [DEFAULT_RANK] * len(shards)  # a fixed cut alone keeps the foundation's default rank
-    # m clients share the main server each round: the planner gives each M_S / m and expects m / K of its busy time.
-    sharing = None if strategy_class.centralised else per_round(config.clients_per_round, len(shards))
     s_min, floor_note = floor_s_min(config, memory.deepest_split_point)  # the privacy floor, if any
     if floor_note:
         notes.append(floor_note)
     for split_point in fixed_splits or []:
         if split_point < s_min:
             raise UsageError(f"split_point {split_point} is below the privacy floor: {floor_note}")
-    context = StrategyContext(
-        memory, devices, server_budget, tuple(config.rank_levels), config.rho, s_min, config.replan_delta,
-        fixed_splits, fixed_ranks, config.split_rule, config.adapter_lifecycle, workload,
-        sharing if sharing is not None and sharing < len(devices) else None,
-    )  # fmt: skip
-    strategy = strategy_class(context)
-    if config.update_form == "svd-ef":
-        if type(strategy.aggregation) is not ExactChange:
-            raise UsageError(f"update_form svd-ef truncates NAA's exact change, and {config.strategy} aggregates "
-                             "otherwise; drop update_form or choose a strategy with NAA (hsplitlora and its "
-                             "no-iwi, no-armsc ablations).")  # fmt: skip
-        # The rule is the strategy's own from here: the time model prices what it sends.
-        strategy.aggregation = TruncatedChange(config.update_rank, config.update_energy)
+    # m clients share the main server each round: the planner gives each M_S / m and expects m / K of its busy time.
+    sharing = per_round(config.clients_per_round, len(devices))
+    strategy = build_strategy(config, memory, devices, server_budget, s_min, workload,
+                              sharing if sharing < len(devices) else None, fixed_splits, fixed_ranks)  # fmt: skip
     memory = strategy.context.memory  # with the anchors the strategy's adapters keep
     fed_server = FedServer(strategy.aggregation, config.compression)
     # Cuts follow the budgets, not importance: a uniform plan tells each Ray actor which blocks to
@@ -132,7 +120,7 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     cuts = strategy.initial_cuts()
     # DP's steps per client at most: every round's local steps (and round 1's warm-up step, which
     # sends activations but trains nothing).
-    warmup = 1 if strategy.uses_importance and fixed_ranks is None else 0
+    warmup = 1 if strategy.warms_up() else 0
     dp = planned_settings(config, [len(s) for s in shards], config.rounds * steps_per_round,
                           config.rounds * steps_per_round + warmup)  # fmt: skip
     if dp.activations or dp.sgd:
@@ -149,9 +137,6 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     elif config.engine == FLOWER:
         from hsplitlora.engines.flower_engine import FlowerEngine, run_values
 
-        if strategy_class.centralised:
-            raise UsageError(f"{config.strategy} trains one model on pooled data; the flower engine runs federated "
-                             "strategies (each client on its own node); use engine inprocess for it.")  # fmt: skip
         engine = FlowerEngine(spec, run_values(config), cuts, candidates, fed_server, len(shards))
         engine.quantized = config.client_quant != "none" or config.server_quant != "none"
     else:
@@ -163,6 +148,24 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
         set_quant(engine, config.client_quant, config.server_quant)
     return Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
                  val_batches, fixed_ranks, steps_per_round, notes, data.description, dp=dp)  # fmt: skip
+
+
+def build_strategy(
+    config: RunConfig, memory: MemoryModel, devices: list[DeviceProfile], server_budget: int, s_min: int,
+    workload: Workload | None, sharing: int | None = None, fixed_splits: list[int] | None = None,
+    fixed_ranks: list[int] | None = None,
+) -> Strategy:  # fmt: skip
+    """`config.strategy` for these devices (the trainers its `arrange` gave), the one way a run's
+    setup and `plan` build it: the config's planning and update settings, the privacy floor's
+    `s_min`, and `sharing` m, the clients that train and share the main server each round (None:
+    every one)."""
+    truncated = TruncatedChange(config.update_rank, config.update_energy) if config.update_form == "svd-ef" else None
+    context = StrategyContext(
+        memory, devices, server_budget, tuple(config.rank_levels), config.rho, s_min, config.replan_delta,
+        fixed_splits, fixed_ranks, config.split_rule, config.adapter_lifecycle, workload, sharing, truncated,
+        config.ft_lr,
+    )  # fmt: skip
+    return STRATEGIES[config.strategy](context)
 
 
 def dp_note(dp: DPSettings) -> str:

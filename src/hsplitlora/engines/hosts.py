@@ -115,14 +115,14 @@ class ClientHost(Host):
         super().__init__(model, arch, candidates, client)
         self.client = client
 
-    def configure(self, plan: RoundPlan, full_finetune_lr: float | None) -> None:
+    def configure(self, plan: RoundPlan) -> None:
         """The round's part: blocks [0, s) (and the tail when U-shaped), or with s = L the whole
         model and its head (no split)."""
         if plan.split_point >= self.num_blocks:
             head = ServerPart(self.arch, self.model, self.num_blocks)
             part = ClientPart(self.arch, self.model, plan.split_point)
             part.quant = self.quant
-            self.client.configure(plan, part, head=head, full_finetune_lr=full_finetune_lr)
+            self.client.configure(plan, part, head=head)
         else:
             part = client_part(self.arch, self.model, plan.split_point, plan.tail_blocks)
             part.quant = self.quant

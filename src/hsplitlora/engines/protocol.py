@@ -42,7 +42,6 @@ class Engine(TrafficLedger):
         self.tail_blocks = tail_blocks
         self.split_points = list(cuts) if cuts is not None else [num_blocks] * len(transport.clients)
         self.plans: list[RoundPlan] = []
-        self.full_finetune_lr: float | None = None
         self.message_log: list | None = None  # a list here records every message of every split step
         self.importance_on = False
         self.dead: set[int] = set()
@@ -101,18 +100,18 @@ class Engine(TrafficLedger):
         self.transport.shutdown()
 
     # -- a round ---------------------------------------------------------------------------------
-    def configure(self, plans: Sequence[RoundPlan], full_finetune_lr: float | None = None) -> None:
+    def configure(self, plans: Sequence[RoundPlan]) -> None:
         """Give each client and the main server their parts for the round's cuts, and adapters.
         A split point of L (every block) means no split: the client also holds the head. With a
         plan's `tail_blocks` t the split is U-shaped: the server runs blocks [s, L - t) only."""
         self.transport.check_plans(plans)
         for cid in sorted(self.dead):
             self._restart_client(cid)
-        self.plans, self.full_finetune_lr = list(plans), full_finetune_lr
+        self.plans = list(plans)
         self.split_points = [plan.split_point for plan in plans]
         refs = []
         for plan in plans:
-            refs.append(self.actors[plan.client_id].configure(plan, full_finetune_lr))
+            refs.append(self.actors[plan.client_id].configure(plan))
             if not self.local(plan.client_id):
                 refs.append(self.server.configure(plan))
         self._get(refs)
@@ -303,13 +302,19 @@ class Engine(TrafficLedger):
             found.update(self._get(self.actors[cid].weights(missing, full, skip)))
         return found
 
-    def trained_weights(self, full_finetune: bool) -> dict[str, torch.Tensor]:
-        """What training changed: every candidate's merged weight, or every weight under full FT."""
-        return self._gather([""], full=True) if full_finetune else self._gather(list(self.candidates))
+    @property
+    def trains_every_weight(self) -> bool:
+        """Whether the configured round trains every weight instead of adapters (its plans say so)."""
+        return any(plan.full_finetune_lr is not None for plan in self.plans)
 
-    def export_weights(self, client_id: int | None, full_finetune: bool) -> dict[str, torch.Tensor]:
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """What training changed: every candidate's merged weight, or every weight under full FT."""
+        return self._gather([""], full=True) if self.trains_every_weight else self._gather(list(self.candidates))
+
+    def export_weights(self, client_id: int | None) -> dict[str, torch.Tensor]:
         """The final model's trained weights, with client `client_id`'s adapters folded in."""
-        final = self.trained_weights(full_finetune)
+        full_finetune = self.trains_every_weight
+        final = self.trained_weights()
         if self.quantized and not full_finetune:  # the weights the adapters were trained on: dequantized
             cid = client_id if client_id in self.live else self.live[0]
             holders = [(self.actors[cid], self.client_names(cid))]
@@ -326,12 +331,13 @@ class Engine(TrafficLedger):
                 final[name] = final[name] + delta
         return final
 
-    def state(self, full_finetune: bool, keep: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    def state(self, keep: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
         """Every host's state at a round boundary, in the one checkpoint schema: `weight/{name}`,
         `client/{cid}/...` (generator, adapters with anchors and optimizer state), `server/...`,
         `fed/...` (the fed server's held uploads); batch orders and steps as JSON. At a round's
         end (`keep`) it is also where a lost main server restarts the next round from."""
-        tensors = {f"weight/{n}": w for n, w in self.trained_weights(full_finetune).items()}
+        full_finetune = self.trains_every_weight
+        tensors = {f"weight/{n}": w for n, w in self.trained_weights().items()}
         states = []
         for cid, host in enumerate(self.actors):
             alive = cid not in self.dead
@@ -343,17 +349,14 @@ class Engine(TrafficLedger):
             tensors.update({f"server/{k}": v for k, v in server.items()})
         tensors.update({f"fed/{k}": v for k, v in self.fed_server.state_dict().items()})
         if keep and self.transport.can_lose_hosts and self.plans:
-            self.round_start = ({"clients": states}, dict(tensors), self.plans, self.full_finetune_lr)
+            self.round_start = ({"clients": states}, dict(tensors), self.plans)
         return {"clients": states}, tensors
 
-    def load_state(
-        self, state: dict, tensors: dict[str, torch.Tensor], plans: Sequence[RoundPlan],
-        full_finetune_lr: float | None,
-    ) -> None:  # fmt: skip
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor], plans: Sequence[RoundPlan]) -> None:
         """Undo `state`: the inverse, given the plans the checkpointed round ran with."""
         weights = role_tensors(tensors, "weight/")
         self._get([host.set_weights(weights) for host in self.transport.owners(self.live)])
-        self.configure(plans, full_finetune_lr=full_finetune_lr)  # adapters need their parts and shapes
+        self.configure(plans)  # adapters need their parts and shapes
         refs = [host.load_state_dict(state["clients"][cid], role_tensors(tensors, f"client/{cid}/"))
                 for cid, host in enumerate(self.actors)]  # fmt: skip
         if self.server is not None:
@@ -366,8 +369,7 @@ class Engine(TrafficLedger):
         """After configure, where hosts can be lost: the first round's starting state, the
         aggregated adapters a restarted client missed, and each client's state as a snapshot."""
         if self.round_start is None and plans and plans[0].round >= 1:
-            self.round_start = (*self.state(self.full_finetune_lr is not None, keep=False), self.plans,
-                                self.full_finetune_lr)  # fmt: skip
+            self.round_start = (*self.state(keep=False), self.plans)
         if self.last_broadcast is not None:
             restarted = [e["client"] for e in self.events if e["event"] == "client_restarted"]
             self._get([self.actors[cid].apply_adapters(self.last_broadcast) for cid in restarted])
@@ -384,12 +386,12 @@ class Engine(TrafficLedger):
         self.events.append({"event": "client_restarted", "client": cid})
 
     def _recover_server(self) -> None:
-        state, tensors, saved_plans, saved_lr = self.round_start
-        plans, full_finetune_lr = self.plans, self.full_finetune_lr
+        state, tensors, saved_plans = self.round_start
+        plans = self.plans
         events = [*self.events, {"event": "server_restarted", "step": self.round_steps}]
         self.transport.restart_server()
-        self.load_state(state, tensors, saved_plans, saved_lr)  # every host as the round started
-        self.configure(plans, full_finetune_lr)  # then this round's plan, as before
+        self.load_state(state, tensors, saved_plans)  # every host as the round started
+        self.configure(plans)  # then this round's plan, as before
         self.measure_importance(self.importance_on)
         self.reset_traffic()  # the round's counts start again with its steps
         self.events = events

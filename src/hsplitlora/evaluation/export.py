@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hsplitlora.errors import UsageError
-from hsplitlora.evaluation.run_eval import load_run_model
+from hsplitlora.evaluation.run_eval import load_run_model, weights_format
 from hsplitlora.folders import (
     check_holds_no_run,
     check_kind,
@@ -72,10 +72,7 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, rank: int, overwrit
         raise UsageError(f"rank must be a positive integer, got {rank}.")
     out_dir = check_export_folder(run_dir, out_dir, overwrite)
     trained, config = load_run_model(run_dir)
-    from hsplitlora.strategies import STRATEGIES
-
-    strategy = STRATEGIES.get(config.get("strategy"))
-    if strategy is not None and strategy.full_finetune:
+    if weights_format(Path(run_dir) / "model.safetensors") == "full":
         raise UsageError("a fully fine-tuned run changed every weight, not only LoRA targets; export it with --merged.")
     modules = {name: m for name, m in trained.model.named_modules() if isinstance(m, MultiLoRALayer)}
     largest = max(min(m.base.weight.shape) for m in modules.values())

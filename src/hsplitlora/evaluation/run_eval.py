@@ -24,6 +24,13 @@ from hsplitlora.reporting import check_output_folder, read_json, read_tensors, r
 EVAL_FILES = ("eval.json", "predictions.txt")
 
 
+def weights_format(path: str | Path) -> str:
+    """What a run's model.safetensors holds, as its strategy exported it: every weight (full) or
+    the candidates' merged weights (candidates)."""
+    with safe_open(path, framework="pt") as handle:
+        return (handle.metadata() or {}).get("format", "candidates")
+
+
 def load_run_model(run_dir: str | Path) -> tuple[LoadedModel, dict]:
     """The base model with the run's final merged candidate weights in place."""
     run_dir = Path(run_dir)
@@ -37,8 +44,7 @@ def load_run_model(run_dir: str | Path) -> tuple[LoadedModel, dict]:
     if not isinstance(config.get("model"), str) or not isinstance(config.get("targets"), list):
         raise UsageError(f"run config {config_path} names no model and targets; the file is damaged.")
     tensors = read_tensors(weights_path, "run weights")
-    with safe_open(weights_path, framework="pt") as handle:
-        export_format = (handle.metadata() or {}).get("format", "candidates")
+    export_format = weights_format(weights_path)
     loaded = load_model(config["model"], seed=config.get("seed", 0), dtype=config.get("dtype", "float32"))
     candidates = attach_lora(loaded.model, config["targets"])
     with torch.no_grad():

@@ -105,23 +105,22 @@ class Client:
         plan: RoundPlan,
         part: ClientPart | UClientPart,
         head: torch.nn.Module | None = None,
-        full_finetune_lr: float | None = None,
     ) -> None:
         """Take the round's cut and ranks: re-create this client's adapters fresh, or keep them
         (resized to the plan's ranks) with their optimizer state, as `plan.adapters` says; zero
         the round's counters. With a `head` the client runs the whole model and computes its loss
-        itself (the baselines without split); with `full_finetune_lr` it trains every weight
-        instead of adapters (centralised FT)."""
+        itself (the baselines without split); with the plan's `full_finetune_lr` it trains every
+        weight instead of adapters (centralised FT)."""
         self.part = part
         self.head = head
         self.lifecycle = plan.adapters
         keep = plan.adapters != "recreate"
         self.holder.configure_adapters(part, self.adapter, plan.ranks, plan.adapters)
-        if full_finetune_lr is not None:  # a fresh optimizer every round (its state is the model's size twice)
+        if plan.full_finetune_lr is not None:  # a fresh optimizer every round (its state is the model's size twice)
             weights = list({id(p): p for m in (part, head) for p in m.parameters()}.values())
             for weight in weights:
                 weight.requires_grad_(True)
-            self.optimizer = torch.optim.AdamW(weights, lr=full_finetune_lr, weight_decay=0.0)
+            self.optimizer = torch.optim.AdamW(weights, lr=plan.full_finetune_lr, weight_decay=0.0)
         else:
             self.optimizer = self.holder.new_optimizer(part, self.adapter, self.optimizer if keep else None)
         self.samples = self.tokens = 0

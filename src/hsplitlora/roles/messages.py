@@ -90,6 +90,7 @@ class RoundPlan:
     # What adapters do across rounds (LIFECYCLES): re-created fresh; kept, measured from an anchor
     # that moves when W absorbs the update; kept and overwritten by the aggregated factors.
     adapters: str = "recreate"
+    full_finetune_lr: float | None = None  # every weight trained at this rate instead of adapters (centralised FT)
 
 
 LIFECYCLES = ("recreate", "anchor", "overwrite")

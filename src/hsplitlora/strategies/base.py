@@ -1,5 +1,7 @@
 """The strategy interface: how a method plans each round (cuts and ranks) and how the fed server
-aggregates. Every baseline and ablation is a subclass, like Flower's strategies."""
+aggregates, and what the loop and setup ask it (who trains on what, which clients train, what
+starts a round, what is validated and exported). Every baseline and ablation is a subclass, like
+Flower's strategies."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from hsplitlora.method.aggregation import Aggregation, ExactChange
 from hsplitlora.method.importance import should_replan
 from hsplitlora.method.memory import MemoryModel
 from hsplitlora.method.planner import ClientPlan, Plan, choose_split_point, plan
+from hsplitlora.method.sampling import sample_clients
+from hsplitlora.roles.messages import RoundPlan
 from hsplitlora.time_model import Workload, predicted_round_time
 from hsplitlora.units import format_bytes
 
@@ -33,6 +37,35 @@ class StrategyContext:
     adapter_lifecycle: str = "persist"  # NAA's adapters: persist (with anchors) | recreate (every round)
     workload: Workload | None = None  # what a round does, for predicting round times
     clients_per_round: int | None = None  # m clients train (and share the main server) each round; None: all K
+    truncated_update: Aggregation | None = None  # update_form svd-ef: NAA's exact change sent truncated
+    full_finetune_lr: float | None = None  # the learning rate of strategies that train every weight
+
+
+@dataclass
+class Arrangement:
+    """Who trains on what: each trainer's shard (indices into the training items) and device, the
+    local steps of a round, and a note for the person running it (empty: nothing to say)."""
+
+    shards: list[list[int]]
+    devices: list[DeviceProfile]
+    steps_per_round: int
+    note: str = ""
+
+
+# What each aggregation's result leaves adapters to do (RoundPlan.adapters): a change merged into W
+# is measured from an anchor (NAA reads it) or taken by re-created adapters; averaged factors are
+# kept by their holders, who overwrite theirs with them.
+UPDATE_RULES = {"merges, reads anchors": ("anchor", "recreate"), "merges": ("recreate",), "averages": ("overwrite",)}
+
+
+def check_update_rule(name: str, aggregation: Aggregation, adapters: str) -> None:
+    """The one check of a strategy's (aggregation, adapters) pair: raise ValueError when the
+    adapters' life cycle cannot follow what the fed server sends down (a strategy's defect, not a
+    user's setting)."""
+    kind = "averages" if not aggregation.merges else "merges, reads anchors" if aggregation.reads_anchors else "merges"
+    if adapters not in UPDATE_RULES[kind]:
+        raise ValueError(f"strategy {name!r} pairs {type(aggregation).__name__}, which {kind}, with adapters "
+                         f"{adapters!r}; it admits {' or '.join(UPDATE_RULES[kind])}.")  # fmt: skip
 
 
 class Strategy:
@@ -46,9 +79,68 @@ class Strategy:
     adapter_lifecycles: bool = False  # follows adapter_lifecycle (persist | recreate); else its own fixed one
 
     def __init__(self, context: StrategyContext):
+        aggregation, adapters = self.update_rule(context)
+        if context.truncated_update is not None:
+            if type(aggregation) is not ExactChange:
+                raise UsageError(f"update_form svd-ef truncates NAA's exact change, and {self.name} aggregates "
+                                 "otherwise; drop update_form or choose a strategy with NAA (hsplitlora and its "
+                                 "no-iwi, no-armsc ablations).")  # fmt: skip
+            aggregation = context.truncated_update  # the time model prices what it sends
+        check_update_rule(self.name, aggregation, adapters)
+        self.aggregation, self.adapters = aggregation, adapters
         # Anchored adapters hold (B0, A0) beside their factors: the memory model counts them.
-        self.context = replace(context, memory=context.memory.with_anchors(self.adapters == "anchor"))
+        self.context = replace(context, memory=context.memory.with_anchors(adapters == "anchor"))
         self.importance_at_last_plan: dict[str, float] | None = None
+
+    def update_rule(self, context: StrategyContext) -> tuple[Aggregation, str]:
+        """How the fed server combines uploads and what the adapters do across rounds under this
+        context: the class's own pair unless a strategy's follows a setting."""
+        return type(self).aggregation, type(self).adapters
+
+    # -- what the loop and setup ask ---------------------------------------------------------------
+    @classmethod
+    def arrange(cls, shards: list[list[int]], devices: list[DeviceProfile], local_steps: int,
+                server: DeviceProfile) -> Arrangement:  # fmt: skip
+        """Who trains on what (`server`: the main server's machine): every client on its shard."""
+        return Arrangement(shards, devices, local_steps)
+
+    @classmethod
+    def crosses_cut(cls) -> bool:
+        """Whether clients and a main server exchange what crosses a cut (activations, gradients,
+        labels): the model is split and federated clients train it. Only then do budgets limit a
+        client's memory (the others' is reported beside them)."""
+        return cls.splits and not cls.centralised
+
+    def measures_importance(self) -> bool:
+        """Whether the clients measure IWI's importance during their steps (it plans by it)."""
+        return self.uses_importance
+
+    def warms_up(self) -> bool:
+        """Whether round 1's importance comes from a warm-up step (one batch per client on the
+        frozen model): for a strategy that plans by importance, unless the user fixed the ranks."""
+        return self.uses_importance and self.context.fixed_ranks is None
+
+    def sample(self, seed: int, round_: int, clients: int, per_round: int | None) -> list[int] | None:
+        """The round's training clients: `per_round` of the `clients`, drawn from (seed, round) so a
+        resumed run draws the same; None (every client) when `per_round` is None."""
+        return None if per_round is None else sample_clients(seed, round_, clients, per_round)
+
+    def aggregates(self) -> bool:
+        """Whether the fed server combines the round's uploads (one central trainer has none)."""
+        return True
+
+    def round_plans(self, clients: list[ClientPlan], round_: int, tail_blocks: int | None) -> list[RoundPlan]:
+        """The messages that start a round: each client's cut and ranks, what its adapters do across
+        rounds, and full fine-tuning's learning rate where every weight is trained."""
+        lr = self.context.full_finetune_lr if self.full_finetune else None
+        return [RoundPlan(c.client, round_, c.split_point, c.all_ranks(), tail_blocks, self.adapters, lr)
+                for c in clients]  # fmt: skip
+
+    @classmethod
+    def export_format(cls) -> str:
+        """What the final model.safetensors holds: every weight (full), or the candidates' merged
+        weights (candidates)."""
+        return "full" if cls.full_finetune else "candidates"
 
     @property
     def budgets(self) -> list[int]:
@@ -246,10 +338,12 @@ class Strategy:
         """SplitLoRA's plan (method.md section 7, revised): the best uniform cut and rank for all."""
         return self.uniform_plan(*self.best_uniform_split_and_rank())
 
-    def armsc(self, importance: Mapping[str, float], split_points: list[int] | None = None) -> Plan:
+    def armsc(self, importance: Mapping[str, float], split_points: list[int] | None = None,
+              leave_out_infeasible: bool = False) -> Plan:  # fmt: skip
         """ARMSC (method.md section 4): the cuts by the context's split rule (fastest: against the
         deepest-fit and the best uniform plans too), unless `split_points` fixes them; ranks by the
-        importance greedy on both sides."""
+        importance greedy on both sides. `leave_out_infeasible`: a client no cut fits is left out
+        of the plan instead of stopping it."""
         c = self.context
         fastest = c.split_rule == "fastest" and split_points is None
         alternatives = []
@@ -258,7 +352,8 @@ class Strategy:
                 alternatives.append(self.best_uniform_plan())
         return plan(importance, self.budgets, c.memory, c.server_budget, c.levels, c.rho, c.s_min,
                     split_rule=c.split_rule, round_time=self.round_time if fastest else None,
-                    split_points=split_points, alternatives=alternatives, sharing=c.clients_per_round)  # fmt: skip
+                    split_points=split_points, alternatives=alternatives, sharing=c.clients_per_round,
+                    leave_out_infeasible=leave_out_infeasible)  # fmt: skip
 
 
 def budget_proportional_ranks(budgets: list[int], levels: tuple[int, ...]) -> list[int]:

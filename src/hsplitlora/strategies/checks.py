@@ -3,7 +3,7 @@ ranks for full fine-tuning, several ranks where factors are averaged, ..."""
 
 from __future__ import annotations
 
-from hsplitlora.config import RunConfig
+from hsplitlora.config import FLOWER, RunConfig
 from hsplitlora.errors import UsageError
 from hsplitlora.strategies import STRATEGIES
 
@@ -14,6 +14,9 @@ def check_strategy_settings(config: RunConfig, given: set[str] | None = None) ->
     if config.strategy not in STRATEGIES:
         raise UsageError(f"strategy {config.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
     strategy, name = STRATEGIES[config.strategy], config.strategy
+    if config.engine == FLOWER and strategy.centralised:
+        raise UsageError(f"{name} trains one model on pooled data; the flower engine runs federated strategies "
+                         "(each client on its own node); use engine inprocess for it.")  # fmt: skip
     if config.split_mode == "u" and not strategy.splits:
         splitting = ", ".join(key for key, cls in STRATEGIES.items() if cls.splits)
         raise UsageError(f"split_mode u needs a strategy that splits the model, and {name} runs it whole on every "

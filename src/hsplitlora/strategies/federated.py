@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from hsplitlora.devices import DeviceProfile
 from hsplitlora.method.aggregation import FEDAVG, SVD, ZERO_PAD_TRUNCATE, ExactChange
 from hsplitlora.method.planner import Plan
-from hsplitlora.strategies.base import Strategy
+from hsplitlora.strategies.base import Arrangement, Strategy
 
 
 class _Unsplit(Strategy):
@@ -65,27 +66,43 @@ class FlexLoRA(_BudgetRanks):
     adapters = "overwrite"
 
 
-class CenLoRA(_Unsplit):
-    """Centralised LoRA on the pooled data (upper reference): one trainer, rank r_max everywhere."""
+class _Centralised(_Unsplit):
+    """The upper references: one trainer on the pooled data (the main server's machine, nothing
+    sent between machines), as many samples per round as the K clients would train; nothing to
+    sample or aggregate."""
 
-    name = "cenlora"
     aggregation = FEDAVG
     adapters = "overwrite"
     uses_importance = False
     centralised = True
+
+    @classmethod
+    def arrange(cls, shards: list[list[int]], devices: list[DeviceProfile], local_steps: int,
+                server: DeviceProfile) -> Arrangement:  # fmt: skip
+        pooled = sorted(i for shard in shards for i in shard)
+        note = f"{cls.name} is a centralised reference: it pools every client's data on one trainer."
+        return Arrangement([pooled], [server], local_steps * len(shards), note)
+
+    def sample(self, seed: int, round_: int, clients: int, per_round: int | None) -> list[int] | None:
+        return None
+
+    def aggregates(self) -> bool:
+        return False
+
+
+class CenLoRA(_Centralised):
+    """Centralised LoRA on the pooled data (upper reference): one trainer, rank r_max everywhere."""
+
+    name = "cenlora"
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         return self.unsplit_plan([max(self.context.levels)])
 
 
-class FullFineTuning(_Unsplit):
+class FullFineTuning(_Centralised):
     """Centralised full fine-tuning on the pooled data: every weight trained, no adapters."""
 
     name = "ft"
-    aggregation = FEDAVG
-    adapters = "overwrite"
-    uses_importance = False
-    centralised = True
     full_finetune = True
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 
-from hsplitlora.method.aggregation import ZERO_PAD_TRUNCATE, ExactChange, MergedZeroPad
+from hsplitlora.method.aggregation import ZERO_PAD_TRUNCATE, Aggregation, ExactChange, MergedZeroPad
 from hsplitlora.method.planner import ClientPlan, Plan
 from hsplitlora.strategies.base import Strategy, StrategyContext
 
@@ -20,9 +19,12 @@ class HSplitLoRA(Strategy):
     adapter_lifecycles = True
 
     def __init__(self, context: StrategyContext):
-        self.adapters = "anchor" if context.adapter_lifecycle == "persist" else "recreate"
         super().__init__(context)
         self.split_points: list[int] | None = None  # chosen at the first plan, kept by re-plans
+
+    def update_rule(self, context: StrategyContext) -> tuple[Aggregation, str]:
+        """NAA, with adapters anchored (persist) or re-created (recreate)."""
+        return ExactChange(), "anchor" if context.adapter_lifecycle == "persist" else "recreate"
 
     def resume_cuts(self, split_points: list[int]) -> None:
         self.split_points = list(split_points)
@@ -94,9 +96,7 @@ class NoNAA(HSplitLoRA):
 
     name = "no-naa"
 
-    def __init__(self, context: StrategyContext):
-        super().__init__(context)
-        persist = context.adapter_lifecycle == "persist"
-        self.aggregation = ZERO_PAD_TRUNCATE if persist else MergedZeroPad()
-        self.adapters = "overwrite" if persist else "recreate"
-        self.context = replace(self.context, memory=context.memory.with_anchors(False))
+    def update_rule(self, context: StrategyContext) -> tuple[Aggregation, str]:
+        if context.adapter_lifecycle == "persist":
+            return ZERO_PAD_TRUNCATE, "overwrite"
+        return MergedZeroPad(), "recreate"
