@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,14 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         return probe.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its parent does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 def _bin(name: str) -> str:
@@ -216,19 +225,45 @@ class LocalFederation:
         return done.stdout + done.stderr
 
     def stop(self) -> None:
-        """End every process this federation started, and what each started, and wait for them."""
+        """End every process this federation started, and what each started (Flower starts some
+        in sessions of their own, naming their parent with --parent-pid), and wait for them."""
+        started = self.descendants()
         for process in reversed(list(self.processes.values())):
             if process.poll() is None:
                 try:
                     os.killpg(process.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     continue
+        for pid in started:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         for process in self.processes.values():
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        deadline = time.monotonic() + 15
+        while (alive := [pid for pid in started if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in alive:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def descendants(self) -> list[int]:
+        """The processes this federation's processes started, and theirs, by parent or --parent-pid."""
+        table = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+        rows = [(int(parts[0]), int(parts[1]), (parts + [""])[2]) for parts in
+                (line.split(None, 2) for line in table.splitlines()) if len(parts) >= 2]  # fmt: skip
+        ours = {p.pid for p in self.processes.values()}
+        found: set[int] = set()
+        while True:
+            known = ours | found
+            more = {pid for pid, ppid, args in rows if pid not in known
+                    and (ppid in known or any(f"--parent-pid {k}" in args for k in known))}  # fmt: skip
+            if not more:
+                return sorted(found)
+            found |= more
 
     def __enter__(self) -> LocalFederation:
         return self.start()
