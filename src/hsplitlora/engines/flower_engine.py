@@ -45,7 +45,9 @@ CALLS = (
     "held_parameter_names",
 )  # fmt: skip
 REPLY_TIMEOUT_S = 3600.0  # a reply later than this means the node is gone
-POLL_S = 0.002  # how often the driver asks for replies: a split step is a few round trips
+# How often the driver asks for replies: from 1 ms after sending (a split step is a few round
+# trips), backing off to 50 ms (on a SuperLink each ask is an HTTPS request, and CPU is shared).
+POLL_S, POLL_MAX_S = 0.001, 0.05
 CONNECT_TIMEOUT_S = 120.0  # the nodes of every client have connected within this
 CLIENT_MODS: list = []  # Flower mods every ClientApp this process starts runs its messages through
 log = logging.getLogger(__name__)
@@ -272,20 +274,21 @@ class FlowerTransport(Transport):
 
     def _exchange(self, messages: list, timeout_s: float) -> dict:
         """Push `messages` and pull their replies until all came or `timeout_s` passed: each
-        message's index -> its reply. Polled every POLL_S (Flower's own send_and_receive waits
-        up to 3 s between pulls on a SuperLink)."""
+        message's index -> its reply. Polled from POLL_S on (Flower's own send_and_receive waits
+        3 s between pulls on a SuperLink)."""
         import time
 
         ids = list(self.grid.push_messages(messages))
         index = {message_id: i for i, message_id in enumerate(ids)}
         replies: dict = {}
-        deadline = time.monotonic() + timeout_s
+        deadline, wait = time.monotonic() + timeout_s, POLL_S
         while len(replies) < len(ids) and time.monotonic() < deadline:
             waiting = [m for m in ids if index[m] not in replies]
             for reply in self.grid.pull_messages(waiting):
                 replies[index[reply.metadata.reply_to_message_id]] = reply
             if len(replies) < len(ids):
-                time.sleep(POLL_S)
+                time.sleep(wait)
+                wait = min(2 * wait, POLL_MAX_S)
         return replies
 
     def _result(self, cid: int, name: str, reply):

@@ -26,7 +26,7 @@ from hsplitlora.errors import UsageError
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 60.0
-IDLE_POLL_S = 0.01  # a SuperNode with nothing to do asks again after this (Flower's own: 3 s)
+IDLE_POLL_S = 0.02  # a SuperNode with nothing to do asks again after this (Flower's own: 3 s)
 
 
 @dataclass

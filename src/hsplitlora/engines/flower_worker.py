@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-POLL_S = 0.005  # how often an idle worker asks its SuperNode for a task
+POLL_S, POLL_MAX_S = 0.002, 0.05  # an idle worker asks its SuperNode for a task again, backing off
 
 
 def serve(runtime_api_address: str, poll_s: float = POLL_S) -> None:
@@ -39,11 +39,14 @@ def serve(runtime_api_address: str, poll_s: float = POLL_S) -> None:
 
     app = client_app()
     tasks = connect(RuntimeVersionHttpInterceptor(component_name="SuperExec"))
+    wait = poll_s
     while True:
         acquired = tasks.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         if not (acquired.HasField("task") and acquired.token):
-            time.sleep(poll_s)
+            time.sleep(wait)
+            wait = min(2 * wait, POLL_MAX_S)
             continue
+        wait = poll_s
         client = connect(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                          RuntimeTokenHttpInterceptor(acquired.token))  # fmt: skip
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
