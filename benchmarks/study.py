@@ -289,7 +289,7 @@ def source_regime(spec: StudySpec, regime: Regime, label: str) -> Regime:
     main = regime_of(spec, spec.main_regime)
     if not whole_model(label) or regime.name == main.name:
         return regime
-    from hsplitlora.strategies.base import budget_proportional_ranks
+    from hsplitlora.strategies.federated import budget_proportional_ranks
 
     def ranks(r: Regime) -> list[int]:
         return budget_proportional_ranks([parse_bytes(b) for b in r.budgets], spec.rank_levels)

@@ -36,7 +36,7 @@ class _BudgetRanks(_Unsplit):
     uses_importance = False
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
-        return self.unsplit_plan(self.hetlora_ranks())
+        return self.unsplit_plan(budget_proportional_ranks(self.budgets, self.context.levels))
 
 
 class HetLoRA(_BudgetRanks):
@@ -107,3 +107,11 @@ class FullFineTuning(_Centralised):
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         return self.unsplit_plan([0])
+
+
+def budget_proportional_ranks(budgets: list[int], levels: tuple[int, ...]) -> list[int]:
+    """HetLoRA's ranks: per client the largest level of Q not above r_max M_i / max_j M_j (at least
+    the smallest positive level)."""
+    ordered = sorted(levels)
+    r_max, strongest = ordered[-1], max(budgets)
+    return [max([r for r in ordered if r <= r_max * budget / strongest] + [ordered[1]]) for budget in budgets]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import suppress
 
+from hsplitlora.errors import UsageError
 from hsplitlora.method.aggregation import ZERO_PAD_TRUNCATE, Aggregation, ExactChange, MergedZeroPad
-from hsplitlora.method.planner import ClientPlan, Plan
-from hsplitlora.strategies.base import Strategy, StrategyContext
+from hsplitlora.method.planner import ClientPlan, Plan, plan
+from hsplitlora.strategies.base import StrategyContext
+from hsplitlora.strategies.splitlora import UniformPlanning
 
 
-class HSplitLoRA(Strategy):
+class HSplitLoRA(UniformPlanning):
     """IWI importance -> ARMSC cuts and ranks -> NAA's exact aggregation of what every adapter
     changed this round, merged into every copy of W; adapters persist with their optimizer state
     and an anchor (adapter_lifecycle persist), or are re-created every round (recreate)."""
@@ -24,7 +27,7 @@ class HSplitLoRA(Strategy):
 
     def update_rule(self, context: StrategyContext) -> tuple[Aggregation, str]:
         """NAA, with adapters anchored (persist) or re-created (recreate)."""
-        return ExactChange(), "anchor" if context.adapter_lifecycle == "persist" else "recreate"
+        return type(self).aggregation, "anchor" if context.adapter_lifecycle == "persist" else "recreate"
 
     def resume_cuts(self, split_points: list[int]) -> None:
         self.split_points = list(split_points)
@@ -40,6 +43,23 @@ class HSplitLoRA(Strategy):
             for client in first.clients:
                 self.split_points[client.client] = client.split_point
         return self.armsc(importance or uniform, self.split_points)
+
+    def armsc(self, importance: Mapping[str, float], split_points: list[int] | None = None,
+              leave_out_infeasible: bool = False) -> Plan:  # fmt: skip
+        """ARMSC (method.md section 4): the cuts by the context's split rule (fastest: against the
+        deepest-fit and the best uniform plans too), unless `split_points` fixes them; ranks by the
+        importance greedy on both sides. `leave_out_infeasible`: a client no cut fits is left out
+        of the plan instead of stopping it."""
+        c = self.context
+        fastest = c.split_rule == "fastest" and split_points is None
+        alternatives = []
+        if fastest:
+            with suppress(UsageError):  # no uniform plan exists; the planner says why its own cuts fail, if they do
+                alternatives.append(self.best_uniform_plan())
+        return plan(importance, self.budgets, c.memory, c.server_budget, c.levels, c.rho, c.s_min,
+                    split_rule=c.split_rule, round_time=self.round_time if fastest else None,
+                    split_points=split_points, alternatives=alternatives, sharing=c.clients_per_round,
+                    leave_out_infeasible=leave_out_infeasible)  # fmt: skip
 
 
 class NoIWI(HSplitLoRA):
