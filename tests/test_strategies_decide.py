@@ -111,3 +111,18 @@ def test_the_warm_up_runs_for_importance_planning_unless_ranks_are_fixed():
     assert not STRATEGIES["hsplitlora"](context(fixed_ranks=[4, 4, 4])).warms_up()
     assert STRATEGIES["hsplitlora"](context(fixed_ranks=[4, 4, 4])).measures_importance()
     assert not STRATEGIES["splitlora"](context()).warms_up()
+
+
+def test_a_fully_fine_tuned_run_says_so_in_its_weights_and_refuses_an_adapter_export(tmp_path):
+    from hsplitlora.config import RunConfig
+    from hsplitlora.evaluation.export import export_adapter
+    from hsplitlora.evaluation.run_eval import weights_format
+    from hsplitlora.rounds import run
+
+    runs = {name: run(RunConfig(model="tiny", strategy=name, clients=2, rounds=1, local_steps=1, batch_size=2,
+                                val_size=4, output_dir=str(tmp_path / name))).run_dir
+            for name in ("ft", "fedlora")}  # fmt: skip
+    assert weights_format(runs["ft"] / "model.safetensors") == "full"
+    assert weights_format(runs["fedlora"] / "model.safetensors") == "candidates"
+    with pytest.raises(UsageError, match="a fully fine-tuned run changed every weight"):
+        export_adapter(runs["ft"], tmp_path / "adapter", rank=2)
