@@ -4,7 +4,8 @@ authentication on, one key per client registered with it, and one SuperNode per 
 process, each given its client id and its own data path in its node config. Everything listens
 on 127.0.0.1 only, and `stop` ends every process it started (by process group id).
 
-    .venv/bin/python -m hsplitlora.engines.flower_local --clients 2 --folder /tmp/fed   # start; Ctrl-C stops
+    scripts/flower-local.sh /tmp/fed 2                  # start; Ctrl-C stops
+    .venv/bin/python -m hsplitlora.engines.flower_local --folder /tmp/fed --clients 2 --run model=tiny rounds=2
 """
 
 from __future__ import annotations
@@ -316,18 +317,44 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="A Flower federation on 127.0.0.1: TLS, SuperNode authentication, "
-                                     "one SuperNode per client; Ctrl-C stops everything it started.")  # fmt: skip
+                                     "one SuperNode per client. With --run, hsplitlora runs on it (flwr run) and "
+                                     "everything stops after; without, Ctrl-C stops all it started.")  # fmt: skip
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--folder", type=Path, required=True, help="where the certificates, keys and logs go")
     parser.add_argument("--data", nargs="*", default=[], help="each client's data file, in client order")
+    parser.add_argument("--run", nargs="*", metavar="KEY=VALUE", help="run hsplitlora with these settings")
     args = parser.parse_args()
     federation = LocalFederation(args.folder, args.clients, list(args.data))
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # taken by sigwait below
+
+    def stop_on_sigterm(signum, frame) -> None:
+        raise SystemExit(128 + signum)  # through `finally`: everything started is stopped
+
+    # A handler, not a blocked mask: the processes started from here inherit the mask, and would
+    # not end on SIGTERM either.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         federation.start()
         print(f"SuperLink {federation.address} (TLS, CA {federation.credentials.ca}); nodes online: "
-              f"{federation.online()}; FLWR_HOME={federation.home}. Ctrl-C stops.", flush=True)  # fmt: skip
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+              f"{federation.online()}; FLWR_HOME={federation.home}.", flush=True)  # fmt: skip
+        if args.run is None:
+            print("Ctrl-C stops everything.", flush=True)
+            while True:
+                signal.pause()
+        settings = {"clients": args.clients, "output_dir": str(args.folder.resolve() / "run")}
+        for pair in args.run:
+            key, equals, value = pair.partition("=")
+            if not equals:
+                raise SystemExit(f"--run takes KEY=VALUE pairs, not {pair!r}.")
+            try:
+                settings[key] = json.loads(value)
+            except json.JSONDecodeError:
+                settings[key] = value  # a word: a string setting
+        federation.run_app(settings)
+        print(f"run folder: {settings['output_dir']}", flush=True)
+    except UsageError as error:
+        raise SystemExit(str(error)) from None
+    except KeyboardInterrupt:
+        pass
     finally:
         federation.stop()
 
