@@ -14,7 +14,8 @@ read and shared out on the node as setup does in one process.
 A ClientApp keeps its host (model part, adapters, optimizer) across the run's messages in a
 registry of its process keyed by (run id, node id), built once on `query.build`. Flower's
 simulation runtime runs every ClientApp in one long-lived Ray actor here (one actor's worth of
-CPUs), so the registry lasts the run; `query.stats` reports the builds and calls it has seen."""
+CPUs), so the registry lasts the run; `query.finish` releases the host at the run's end and
+reports how often it was built and how many calls it answered."""
 
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def _reply(message, name: str, value):
 
 def client_app(mods: Sequence | None = None):
     """The ClientApp, its messages through `mods` (Flower's middleware): `query.hello` (which
-    client this node is), `query.build` (its host, once), `query.stats` (builds and calls seen)
+    client this node is), `query.build` (its host, once), `query.finish` (release it: builds and calls seen)
     and one `query.<method>` per host call. Its handlers are this module's own objects, so
     wherever the app is shipped (Ray pickles it by reference to an importable module) they reach
     the one registry of the process they run in."""
@@ -141,7 +142,7 @@ def client_app(mods: Sequence | None = None):
     app = ClientApp(mods=list(mods or []))
     app.query("hello")(hello)
     app.query("build")(build)
-    app.query("stats")(stats)
+    app.query("finish")(finish)
     for name in CALLS:
         app.query(name)(HostCall(name))
     return app
@@ -167,9 +168,11 @@ def build(message, context):
     return _reply(message, "build", None)
 
 
-def stats(message, context):
+def finish(message, context):
+    """The run is over: release this node's host (the process may serve other runs)."""
     key = (context.run_id, context.node_id)
-    return _reply(message, "stats", {"builds": BUILDS[key], "calls": CALLED[key]})
+    HOSTS.pop(key, None)
+    return _reply(message, "finish", {"builds": BUILDS.pop(key, 0), "calls": CALLED.pop(key, 0)})
 
 
 class HostCall:
@@ -327,10 +330,10 @@ class FlowerTransport(Transport):
         self.call(cid, "build", (self.specs[cid].to_json(), True))
 
     def shutdown(self) -> None:
-        """Ask every node what it built and answered (kept in `stats`), then end the runtime if
-        this transport started it."""
+        """Release every node's host, keeping what each built and answered (`stats`), then end
+        the runtime if this transport started it."""
         try:
-            self.stats = self._send_all("stats", [(cid, None) for cid in range(len(self.clients))])
+            self.stats = self._send_all("finish", [(cid, None) for cid in range(len(self.clients))])
         finally:
             if self.runtime is not None:
                 self.runtime.stop()
