@@ -16,7 +16,7 @@ from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.models.split import check_tail_blocks
 from hsplitlora.privacy.floor import floor_s_min
-from hsplitlora.setup import build_strategy, check_positions
+from hsplitlora.setup import build_strategy, check_positions, hidden_size
 from hsplitlora.strategies import Strategy
 from hsplitlora.time_model import Workload
 
@@ -142,9 +142,8 @@ def planning_workload(loaded: LoadedModel, request: PlanRequest) -> Workload:
     examples = read_e2e(data_file(request.data_dir, "train"))[:512]
     lengths = [len(encode(e, loaded.tokenizer, request.seq_len).input_ids) for e in examples]
     tokens = request.batch_size * sum(lengths) / len(lengths)
-    config = loaded.model.config
     return Workload(
         steps=request.local_steps, tokens_per_step=tokens, padded_tokens_per_step=tokens,
-        hidden_size=getattr(config, "hidden_size", None) or config.n_embd, vocab_size=config.vocab_size,
+        hidden_size=hidden_size(loaded.model), vocab_size=loaded.model.config.vocab_size,
         server_flops=request.server_flops,
     )  # fmt: skip

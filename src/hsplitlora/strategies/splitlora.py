@@ -1,6 +1,8 @@
 """SplitLoRA: one cut and one rank for every client, FedAvg of A and B separately every round;
 adapters and their optimizer state persist. `splitlora` takes the best uniform configuration the
-time model and budgets allow (method.md section 7, revised); `splitlora-paper` the paper's rule."""
+time model and budgets allow (method.md section 7, revised); `splitlora-paper` the paper's rule.
+`UniformPlanning` holds both rules: HSplitLoRA's fastest split rule and its no-armsc ablations use
+them too."""
 
 from __future__ import annotations
 
