@@ -23,6 +23,7 @@ sigma (`calibrate`). Each role's noise comes from its own generator, saved with 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ class DPSettings:
     sgd_sigma: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    # The most steps a client takes over the run (what a target epsilon was calibrated for): the
+    # accountant's count for a client whose own count is lost (its host lost in the last round).
+    planned_sgd_steps: int = 0
+    planned_activation_steps: int = 0
 
     @property
     def activations(self) -> bool:
@@ -52,8 +57,7 @@ class DPSettings:
         return self.sgd_sigma > 0
 
     def to_dict(self) -> dict:
-        return {"activation_sigma": self.activation_sigma, "activation_clip": self.activation_clip,
-                "sgd_sigma": self.sgd_sigma, "grad_clip": self.grad_clip, "seed": self.seed}  # fmt: skip
+        return dataclasses.asdict(self)
 
 
 NO_DP = DPSettings()
@@ -73,7 +77,8 @@ def planned_settings(config, shard_sizes: list[int], sgd_steps: int, activation_
     return DPSettings(
         activation_sigma=sigma(config.dp_activations_sigma, config.dp_activations_epsilon, activation_steps),
         activation_clip=config.dp_clip, sgd_sigma=sigma(config.dp_sgd_sigma, config.dp_epsilon, sgd_steps),
-        grad_clip=config.dp_grad_clip, seed=config.seed,
+        grad_clip=config.dp_grad_clip, seed=config.seed, planned_sgd_steps=sgd_steps,
+        planned_activation_steps=activation_steps,
     )  # fmt: skip
 
 
@@ -83,17 +88,18 @@ def delta_of(config, shard_size: int) -> float:
 
 
 def client_epsilons(config, dp: DPSettings, shard_sizes: list[int], counters: list[dict]) -> list[dict]:
-    """Each client's (epsilon, delta) of each mechanism over the steps it took (Opacus RDP)."""
+    """Each client's (epsilon, delta) of each mechanism over the steps it took (Opacus RDP); a
+    client whose count is lost (`counters` without it) at the planned steps, an upper bound."""
     rows = []
     for cid, (n, counts) in enumerate(zip(shard_sizes, counters, strict=True)):
         q, delta = config.batch_size / n, delta_of(config, n)
         row = {"client": cid, "shard_size": n, "sample_rate": q, "delta": delta}
         if dp.activations:
-            steps = counts.get("dp_activation_steps", 0)
+            steps = counts.get("dp_activation_steps", dp.planned_activation_steps)
             row["activations"] = {"sigma": dp.activation_sigma, "clip": dp.activation_clip, "steps": steps,
                                   "epsilon": epsilon(dp.activation_sigma, q, steps, delta)}  # fmt: skip
         if dp.sgd:
-            steps = counts.get("dp_sgd_steps", 0)
+            steps = counts.get("dp_sgd_steps", dp.planned_sgd_steps)
             row["sgd"] = {"sigma": dp.sgd_sigma, "clip": dp.grad_clip, "steps": steps,
                           "epsilon": epsilon(dp.sgd_sigma, q, steps, delta)}  # fmt: skip
         rows.append(row)

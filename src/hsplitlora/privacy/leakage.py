@@ -203,7 +203,7 @@ def read_run(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from hsplitlora.strategies import STRATEGIES
 
     strategy = STRATEGIES.get(saved.get("strategy"))
-    if strategy is None or not strategy.splits or strategy.centralised:
+    if strategy is None or not strategy.crosses_cut():
         raise UsageError(f"{run_dir} is a run of {saved.get('strategy')!r}, which runs the whole model on each "
                          "client; nothing crosses a cut to measure. Give the folder of a split run.")  # fmt: skip
     return saved, read_tensors(weights_path, "run weights")
