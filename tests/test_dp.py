@@ -164,10 +164,10 @@ def test_a_run_with_both_kinds_of_dp_trains_reports_epsilons_and_resumes_exactly
     from hsplitlora.rounds import resume_config, run
 
     u = {"split_mode": "u", "tail_blocks": 1, "budgets": "8MB,20MB"} if split_mode == "u" else {}
-    plain = run(_dp_config(tmp_path, "plain", rounds=3, dp_activations_sigma=0.0, dp_clip=None, dp_sgd_sigma=0.0,
-                           **u)).metrics  # fmt: skip
     straight = run(_dp_config(tmp_path, "straight", rounds=3, **u))
-    assert [m["val_loss"] for m in straight.metrics] != [m["val_loss"] for m in plain]  # the noise is there
+    if split_mode == "standard":  # the noise is there (one split mode is enough to see it)
+        plain = run(_dp_config(tmp_path, "plain", rounds=3, dp_activations_sigma=0.0, dp_clip=None, dp_sgd_sigma=0.0))
+        assert [m["val_loss"] for m in straight.metrics] != [m["val_loss"] for m in plain.metrics]
     assert all(math.isfinite(m["val_loss"]) for m in straight.metrics)
     first = _dp_config(tmp_path, "split", **u)
     run(first)
