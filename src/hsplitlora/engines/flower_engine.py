@@ -33,10 +33,9 @@ from hsplitlora.engines.flower_codec import decode, encode
 from hsplitlora.engines.hosts import ClientHost, ServerHost
 from hsplitlora.engines.protocol import Engine
 from hsplitlora.engines.spec import HostSpec
-from hsplitlora.engines.transport import Transport
+from hsplitlora.engines.transport import SeparateHostsTransport
 from hsplitlora.errors import MalformedMessage, UsageError
 from hsplitlora.roles.fed_server import FedServer
-from hsplitlora.roles.messages import RoundPlan
 
 # The client host's methods the protocol calls: one message type each (`query.<name>`).
 CALLS = (
@@ -213,12 +212,13 @@ class FlowerHandle:
         return FlowerMethod(self.transport, self.cid, name)
 
 
-class FlowerTransport(Transport):
+class FlowerTransport(SeparateHostsTransport):
     """Client nodes reached through a Flower Grid, the main server a host in this process. A
     client whose node does not answer, answers with an error, or answers with a message that does
     not decode (engines/flower_codec.py) is lost for the round, as a lost Ray actor is; the next
     round builds its host again and the protocol gives it back its weights and state."""
 
+    engine = "flower"
     can_lose_hosts = True
 
     def __init__(self, grid, spec: HostSpec, run: dict, split_points: list[int], clients: int,
@@ -312,18 +312,6 @@ class FlowerTransport(Transport):
     def call(self, cid: int, name: str, args: tuple):
         replies = self._exchange([self._message(cid, name, args)], REPLY_TIMEOUT_S)
         return self._result(cid, name, replies.get(0))
-
-    def owners(self, live: Sequence[int]) -> list:
-        return [self.clients[cid] for cid in live] + ([self.server] if self.server is not None else [])
-
-    def copies(self, live: Sequence[int]) -> list[tuple[object, list[int | None], bool]]:
-        server = [(self.server, [None], False)] if self.server is not None else []
-        return [(self.clients[cid], [cid], False) for cid in live] + server
-
-    def check_plans(self, plans: Sequence[RoundPlan]) -> None:
-        if [p.split_point for p in plans] != self.split_points:
-            raise UsageError("the flower engine keeps each client's cut for the whole run (clients load their "
-                             "blocks once); this plan moves a cut.")  # fmt: skip
 
     def restart_client(self, cid: int) -> None:
         """Build the client's host on its node again, from its spec (its data read again)."""

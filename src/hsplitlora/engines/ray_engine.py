@@ -25,7 +25,7 @@ import torch
 from hsplitlora.data.e2e import Encoded, client_batchers
 from hsplitlora.engines.hosts import ClientHost, ServerHost, client_blocks
 from hsplitlora.engines.protocol import Engine
-from hsplitlora.engines.transport import Transport
+from hsplitlora.engines.transport import SeparateHostsTransport
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import attach_lora, wrap_frozen_linears
 from hsplitlora.models.architectures import architecture_of
@@ -34,7 +34,6 @@ from hsplitlora.privacy.dp import NO_DP, DPSettings
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.main_server import MainServer
-from hsplitlora.roles.messages import RoundPlan
 
 
 def _load(spec: dict, blocks: Sequence[int], embedding: bool, head: bool, device: str):
@@ -173,9 +172,10 @@ class RayHandle:
         return RayMethod(getattr(self.actor, name))
 
 
-class RayTransport(Transport):
+class RayTransport(SeparateHostsTransport):
     """Client and server actors, each reached through a `RayHandle`."""
 
+    engine = "ray"
     can_lose_hosts = True
 
     def __init__(self, spec: dict, shards: list[list[Encoded]], split_points: list[int], address: str | None,
@@ -204,18 +204,6 @@ class RayTransport(Transport):
 
     def get(self, reference):
         return self.ray.get(reference)
-
-    def owners(self, live: Sequence[int]) -> list:
-        return [self.clients[cid] for cid in live] + ([self.server] if self.server is not None else [])
-
-    def copies(self, live: Sequence[int]) -> list[tuple[object, list[int | None], bool]]:
-        server = [(self.server, [None], False)] if self.server is not None else []
-        return [(self.clients[cid], [cid], False) for cid in live] + server
-
-    def check_plans(self, plans: Sequence[RoundPlan]) -> None:
-        if [p.split_point for p in plans] != self.split_points:
-            raise UsageError("the ray engine keeps each client's cut for the whole run (clients load their blocks "
-                             "once); this plan moves a cut.")  # fmt: skip
 
     def server_alive(self) -> bool:
         if self.server is None:

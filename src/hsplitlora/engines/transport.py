@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hsplitlora.engines.hosts import ClientHost, ServerHost
+from hsplitlora.errors import UsageError
 from hsplitlora.roles.messages import RoundPlan
 
 
@@ -68,3 +69,24 @@ class InProcessTransport(Transport):
         separate = self.server.model is not self.clients[0].model
         shared = [*live] + ([] if separate else [None])
         return [(self.clients[0], shared, True)] + ([(self.server, [None], True)] if separate else [])
+
+
+class SeparateHostsTransport(Transport):
+    """Hosts in other processes (Ray actors, Flower nodes): each client loaded only its own blocks
+    once, for the cut it was given, and the main server its own; so every living host owns a copy
+    of the weights, holds only its own adapters, and no cut may move during the run."""
+
+    engine = ""  # its name, for the sentence that refuses a moved cut
+    split_points: list[int]
+
+    def owners(self, live: Sequence[int]) -> list:
+        return [self.clients[cid] for cid in live] + ([self.server] if self.server is not None else [])
+
+    def copies(self, live: Sequence[int]) -> list[tuple[Any, list[int | None], bool]]:
+        server = [(self.server, [None], False)] if self.server is not None else []
+        return [(self.clients[cid], [cid], False) for cid in live] + server
+
+    def check_plans(self, plans: Sequence[RoundPlan]) -> None:
+        if [p.split_point for p in plans] != self.split_points:
+            raise UsageError(f"the {self.engine} engine keeps each client's cut for the whole run (clients load "
+                             "their blocks once); this plan moves a cut.")  # fmt: skip
