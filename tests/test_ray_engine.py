@@ -111,14 +111,15 @@ class KillServer(Reporter):
 
 @pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])
 def test_a_killed_main_server_restarts_and_the_run_equals_an_undisturbed_one(tmp_path, strategy):
-    undisturbed = run(config(tmp_path, "calm", engine="ray", rounds=3, local_steps=3, strategy=strategy)).metrics
+    # The undisturbed run in process: the Ray engine equals it (test_ray_and_in_process_engines_agree).
+    undisturbed = run(config(tmp_path, "calm", rounds=3, local_steps=3, strategy=strategy)).metrics
     killer = KillServer()
     disturbed = run(config(tmp_path, "killed", engine="ray", rounds=3, local_steps=3, strategy=strategy),
                     reporter=killer).metrics  # fmt: skip
     assert killer.done and {"event": "server_restarted", "step": 2, "round": 2} in disturbed[1]["events"]
     for a, b in zip(undisturbed, disturbed, strict=True):
         for key in KEYS:
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["round"], key)
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["round"], key)
 
 
 class CheckHolders(Reporter):

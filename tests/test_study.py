@@ -58,6 +58,12 @@ def test_quick_study_runs_every_strategy_and_writes_tables_and_plots(tmp_path, c
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed*/summary.json")}
     assert main(["--quick", "--out", str(out), "--no-eval"]) == 0
     assert before == {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed*/summary.json")}
+    # A run the study was stopped in continues from its checkpoint, not from the start.
+    stopped = out / QUICK.main_regime / "hsplitlora" / "seed1"
+    metrics = (stopped / "metrics.jsonl").read_text()
+    (stopped / "summary.json").unlink()
+    assert main(["--quick", "--out", str(out), "--no-eval"]) == 0
+    assert (stopped / "summary.json").is_file() and (stopped / "metrics.jsonl").read_text() == metrics
 
 
 def test_committed_results_document_matches_the_committed_results_json():

@@ -363,7 +363,7 @@ def test_memory_the_machine_cannot_hold_is_refused_before_training(tmp_path, cap
 FILES = ["config.json", "metrics.jsonl", "checkpoint/state.json", "checkpoint/weights.safetensors"]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(target=st.sampled_from(FILES), cut=st.floats(0, 1), noise=st.binary(max_size=40), command=st.sampled_from(
     ["resume", "eval", "export"]))  # fmt: skip
 def test_fuzzed_run_files_give_a_sentence_or_work_never_a_traceback(finished_run, tmp_path_factory, target, cut, noise,
