@@ -1,7 +1,7 @@
 """The Flower app: the ServerApp and ClientApp a Flower deployment loads (pyproject's
 `[tool.flwr.app.components]`). The ServerApp runs a whole hsplitlora run as the driver, with the
-Grid Flower gives it, its settings from the run config (`load`): `flwr run APP --run-config
-"strategy='hsplitlora' rounds=3"`."""
+Grid Flower gives it, its settings from the run config (`load`): `flwr run flower --run-config
+"strategy='hsplitlora' rounds=3"`, the app being flower/pyproject.toml."""
 
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ client_app = make_client_app()  # to be run by engines/flower_worker.py: it keep
 
 
 def load(values):
-    """The RunConfig of a Flower run config: the YAML file `config-file` names (on the ServerApp's
-    machine) as `hsplitlora run --config` reads it, then every other key as a flag would set the
-    setting of that name (dashes read as underscores), checked as `run` checks them."""
+    """The RunConfig of a Flower run config (engines/flower_settings.py): the YAML file
+    `config-file` names (on the ServerApp's machine) as `hsplitlora run --config` reads it, then
+    every key whose value differs from the app's default as a flag would set the setting of that
+    name (dashes read as underscores; an empty string is not set, a list comma-separated, a mapping
+    JSON), checked as `run` checks them."""
     from hsplitlora.checks import load_config
+    from hsplitlora.engines.flower_settings import settings
 
-    values = dict(values)
-    path = values.pop("config-file", None) or None
-    overrides = {key.replace("-", "_"): value for key, value in values.items()}
-    return load_config(path, {**overrides, "engine": "flower"})
+    path, given = settings(values)
+    return load_config(path, {**given, "engine": "flower"})
 
 
 @server_app.main()

@@ -274,22 +274,11 @@ class LocalFederation:
 
 
 def app_pyproject(settings: dict) -> str:
-    """A Flower app's pyproject.toml: hsplitlora's ServerApp and ClientApp, `settings` as its run
-    config (TOML scalars and lists; None values left out)."""
+    """The Flower app's pyproject.toml (flower/pyproject.toml's, engines/flower_settings.py) with
+    `settings` (by name) as its run config's defaults."""
+    from hsplitlora.engines import flower_settings
 
-    def toml(value) -> str:
-        return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
-
-    config = "\n".join(f"{key.replace('_', '-')} = {toml(value)}" for key, value in settings.items()
-                       if value is not None)  # fmt: skip
-    return (
-        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
-        '[project]\nname = "hsplitlora-flower"\nversion = "1.0.0"\ndependencies = []\n\n'
-        '[tool.flwr.app]\npublisher = "hsplitlora"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "hsplitlora.engines.flower_app:server_app"\n'
-        'clientapp = "hsplitlora.engines.flower_app:client_app"\n\n'
-        f"[tool.flwr.app.config]\n{config}\n"
-    )
+    return flower_settings.app_pyproject(settings)
 
 
 def supernode() -> None:
