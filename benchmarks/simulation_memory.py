@@ -54,15 +54,15 @@ def worker(clients: int) -> None:
 
     from hsplitlora.config import RunConfig
     from hsplitlora.roles.adapters import adapter_name
-    from hsplitlora.training import build_federation, train_steps
+    from hsplitlora.setup import fixed_federation
 
     torch.set_num_threads(2)
     config = RunConfig(model=MODEL, clients=clients, split_point=[SPLITS[i % len(SPLITS)] for i in range(clients)],
                        rank=RANK, batch_size=1, max_seq_len=48, seed=0)  # fmt: skip
-    federation = build_federation(config)
+    federation = fixed_federation(config)
     gc.collect()
     after_load = rss_bytes()
-    train_steps(federation, 1)
+    federation.engine.local_steps(1)
     gc.collect()
     model = federation.loaded.model
     names = {adapter_name(cid) for cid in range(clients)}

@@ -20,7 +20,7 @@ from hsplitlora.config import RunConfig
 from hsplitlora.data.e2e import Batcher, data_file, encode, read_e2e
 from hsplitlora.losses import target_token_loss
 from hsplitlora.models.loading import load_model
-from hsplitlora.training import build_federation
+from hsplitlora.setup import fixed_federation
 
 PEFT_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
@@ -47,7 +47,7 @@ def main() -> None:
 
     config = RunConfig(model=args.model, clients=1, split_point=args.split_point, rank=args.rank,
                        batch_size=args.batch_size, lr=5e-4)  # fmt: skip
-    federation = build_federation(config, loaded=ours)
+    federation = fixed_federation(config, loaded=ours)
     client = federation.clients[0]
 
     peft_model = get_peft_model(

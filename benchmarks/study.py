@@ -491,7 +491,7 @@ def over_budget(results: dict, regime: str, label: str) -> list[tuple[int, int, 
     from hsplitlora.strategies import STRATEGIES
 
     strategy = VARIANTS.get(label, (label, {}))[0]
-    if not whole_model(label) or STRATEGIES[strategy].centralised:
+    if not whole_model(label) or not STRATEGIES[strategy].trains_on_clients():
         return []
     budgets = results["budgets_bytes"][regime]
     needs: dict[int, int] = {}

@@ -21,7 +21,7 @@ import time
 
 from hsplitlora.config import RunConfig
 from hsplitlora.models.loading import load_model
-from hsplitlora.training import build_federation
+from hsplitlora.setup import fixed_federation
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     for mode in ("standard", "u"):
         config = RunConfig(model="smollm2-135m", clients=1, split_point=8, rank=8, batch_size=4, max_seq_len=96,
                            split_mode=mode, tail_blocks=1, seed=0)  # fmt: skip
-        federations[mode] = build_federation(config, load_model(config.model, seed=0))
+        federations[mode] = fixed_federation(config, load_model(config.model, seed=0))
     times: dict[str, list[float]] = {mode: [] for mode in federations}
     for federation in federations.values():
         federation.engine.local_steps(2)  # warm-up

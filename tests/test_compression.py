@@ -12,7 +12,7 @@ from hsplitlora.checks import check
 from hsplitlora.compression import MODES, pack
 from hsplitlora.config import RunConfig
 from hsplitlora.errors import UsageError
-from hsplitlora.training import build_federation
+from hsplitlora.setup import fixed_federation
 
 
 def sample(seed: int, scale: float) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_packed_sizes_are_the_bytes_of_payload_and_scales():
 @pytest.mark.parametrize("mode", MODES)
 def test_byte_counts_match_the_tensors_sent_and_training_still_learns(mode):
     config = RunConfig(model="tiny", clients=2, split_point=[1, 2], rank=4, batch_size=4, compression=mode)
-    federation = build_federation(config)
+    federation = fixed_federation(config)
     engine, server = federation.engine, federation.server
     sent = {0: [0, 0], 1: [0, 0]}
     original = server.step

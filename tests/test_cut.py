@@ -10,7 +10,7 @@ from hsplitlora.compression import Packed
 from hsplitlora.config import RunConfig
 from hsplitlora.roles.cut import PAYLOAD, Recorder
 from hsplitlora.roles.messages import ActivationGradient, Activations, MiddleActivations, TailGradient
-from hsplitlora.training import build_federation
+from hsplitlora.setup import fixed_federation
 
 CATEGORY = {Activations: "activations", ActivationGradient: "gradients", MiddleActivations: "activations_down",
             TailGradient: "gradients_up"}  # fmt: skip
@@ -20,7 +20,7 @@ def _federation(split_mode: str, compression: str = "fp32"):
     tail = {"tail_blocks": 1} if split_mode == "u" else {}
     config = RunConfig(model="tiny", clients=2, split_point=[1, 2], rank=4, batch_size=4, split_mode=split_mode,
                        compression=compression, **tail)  # fmt: skip
-    return build_federation(config)
+    return fixed_federation(config)
 
 
 @pytest.mark.parametrize("split_mode", ["standard", "u"])

@@ -50,9 +50,9 @@ def test_a_main_server_on_its_own_device_trains_exactly_as_one_shared_model(tmp_
 
 def test_every_tensor_of_a_step_lies_on_its_role_s_device():
     from hsplitlora.config import RunConfig
-    from hsplitlora.training import build_federation
+    from hsplitlora.setup import fixed_federation
 
-    federation = build_federation(RunConfig(model="tiny", clients=2, split_point=2, rank=4, val_size=8))
+    federation = fixed_federation(RunConfig(model="tiny", clients=2, split_point=2, rank=4, val_size=8))
     engine = federation.engine
     engine.message_log = []
     engine.step_all()

@@ -11,7 +11,7 @@ from hsplitlora.config import RunConfig
 from hsplitlora.lora.attach import set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.models import loading
-from hsplitlora.training import build_federation, train_steps
+from hsplitlora.setup import fixed_federation
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_smollm2_loads_from_package_then_from_cache(smollm2, tokenizer):
 def test_five_split_steps_lower_the_loss(smollm2):
     _, loaded, _ = smollm2
     config = RunConfig(model="smollm2-135m", clients=1, split_point=8, rank=8, local_steps=5, batch_size=8, lr=2e-3)
-    federation = build_federation(config, loaded=loaded)
+    federation = fixed_federation(config, loaded=loaded)
     client = federation.clients[0]
     probe = next(client.batches)  # a fixed E2E batch of this client's shard
 
@@ -56,7 +56,7 @@ def test_five_split_steps_lower_the_loss(smollm2):
         return float(total / count)
 
     before = probe_loss()
-    history = train_steps(federation, 5)
+    history = federation.engine.local_steps(5)
     after = probe_loss()
     assert len(history) == 5 and all(torch.isfinite(torch.tensor(h)).all() for h in history)
     assert after < before - 0.1, (before, after, history)

@@ -16,8 +16,8 @@ from hsplitlora.method.aggregation import ExactChange, dense_average
 from hsplitlora.reporting import RunFolder
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.rounds import Reporter, candidate_weights, run
+from hsplitlora.setup import fixed_federation
 from hsplitlora.strategies import STRATEGIES
-from hsplitlora.training import build_federation
 
 TINY_BUDGETS = "5MB,6MB,8MB,12MB,20MB"
 FIELDS = {"round", "strategy", "train_loss", "val_loss", "val_ppl", "sim_time_s", "wall_time_s", "bytes_up",
@@ -33,7 +33,7 @@ def tiny_config(tmp_path, **changes) -> RunConfig:
 
 def test_naa_merges_exactly_the_weighted_sum_of_every_clients_update():
     config = RunConfig(model="tiny", clients=3, split_point=[1, 2, 3], rank=[2, 4, 8], batch_size=4)
-    federation = build_federation(config)
+    federation = fixed_federation(config)
     engine = federation.engine
     model = federation.loaded.model
     engine.local_steps(2)
@@ -211,15 +211,17 @@ def test_persistent_adapters_every_holder_starts_from_the_merged_weight_and_dw_i
     from hsplitlora.roles.messages import ModelUpdate, RoundPlan
 
     config = RunConfig(model="tiny", clients=3, split_point=[1, 2, 3], rank=[2, 4, 8], batch_size=4)
-    federation = build_federation(config)
+    federation = fixed_federation(config)
     engine, model, candidates = federation.engine, federation.loaded.model, federation.candidates
     engine.fed_server = FedServer(ExactChange())
+
+    server = federation.server
 
     def holders(name):
         """(adapter, layer) of every holder of a candidate: the clients whose cut is past its block,
         the main server's part for the others."""
         found = [(c.adapter, candidate_layers(c.part, candidates).get(name)) for c in federation.clients]
-        found += [(f"client{cid}", candidate_layers(p, candidates).get(name)) for cid, p in engine.server.parts.items()]
+        found += [(f"client{cid}", candidate_layers(p, candidates).get(name)) for cid, p in server.parts.items()]
         return [(adapter, layer) for adapter, layer in found if layer is not None]
 
     for round_ in (1, 2, 3):
@@ -251,7 +253,7 @@ def test_factor_averaging_strategies_start_every_client_from_the_same_adapter():
     from hsplitlora.roles.messages import RoundPlan
 
     config = RunConfig(model="tiny", clients=3, split_point=[1, 2, 3], rank=[2, 4, 8], batch_size=4)
-    federation = build_federation(config)
+    federation = fixed_federation(config)
     candidates = federation.candidates
     federation.engine.configure([RoundPlan(cid, 0, s, {}) for cid, s in enumerate([1, 2, 3])])  # no adapters yet
     federation.engine.configure([RoundPlan(cid, 1, s, dict.fromkeys(candidates, r), None, "overwrite")

@@ -18,7 +18,7 @@ from hsplitlora.method.sampling import per_round, sample_clients
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.messages import ModelUpdate, RoundPlan
 from hsplitlora.rounds import candidate_weights, resume_config, run
-from hsplitlora.training import build_federation
+from hsplitlora.setup import fixed_federation
 
 TINY = dict(model="tiny", local_steps=2, budgets="5MB,6MB,8MB,12MB,20MB", val_size=16, batch_size=4)
 
@@ -85,7 +85,7 @@ def _adapter_state(federation, cid: int) -> dict[str, torch.Tensor]:
 
 def test_unsampled_clients_keep_their_state_and_p_i_is_over_the_sampled_ones():
     config = RunConfig(model="tiny", clients=3, split_point=[1, 2, 3], rank=[2, 4, 8], batch_size=4)
-    federation = build_federation(config)
+    federation = fixed_federation(config)
     engine, model, candidates = federation.engine, federation.loaded.model, federation.candidates
     engine.fed_server = FedServer(ExactChange())
 

@@ -24,7 +24,7 @@ from hsplitlora.models.loading import load_model
 from hsplitlora.models.split import split_model
 from hsplitlora.roles.messages import ActivationGradient, Activations, MiddleActivations, TailGradient
 from hsplitlora.rounds import run
-from hsplitlora.training import build_federation
+from hsplitlora.setup import fixed_federation
 
 from .test_split import adapter_grads, unsplit_reference
 
@@ -68,7 +68,7 @@ def _tensors(message):
 def test_no_token_ids_labels_or_logits_cross_the_cut(compression):
     config = RunConfig(model="tiny", clients=2, split_point=[1, 2], rank=4, batch_size=4, split_mode="u",
                        tail_blocks=1, compression=compression)  # fmt: skip
-    federation = build_federation(config)
+    federation = fixed_federation(config)
     engine = federation.engine
     hidden, vocab = federation.loaded.model.config.hidden_size, federation.loaded.model.config.vocab_size
     assert hidden != vocab
@@ -116,7 +116,7 @@ def test_no_token_ids_labels_or_logits_cross_the_cut(compression):
 def test_u_shaped_training_matches_unsplit_training():
     config = RunConfig(model="tiny", clients=1, split_point=1, rank=4, batch_size=4, split_mode="u", tail_blocks=2,
                        lr=1e-2)  # fmt: skip
-    federation = build_federation(config)
+    federation = fixed_federation(config)
     model = federation.loaded.model
     reference = copy.deepcopy(model)  # the same weights and the same freshly created adapters
     name = "client0"
@@ -192,7 +192,7 @@ def test_u_shape_is_refused_where_it_cannot_apply(tmp_path):
     with pytest.raises(UsageError, match=r"tail_blocks 3 is out of range.*\[0, 2\]"):
         run(RunConfig(model="tiny", split_mode="u", tail_blocks=3, output_dir=str(tmp_path / "r")))
     with pytest.raises(UsageError, match=r"split point 3 is out of range.*\[1, 2\]"):
-        build_federation(RunConfig(model="tiny", clients=1, split_point=3, split_mode="u", tail_blocks=1))
+        fixed_federation(RunConfig(model="tiny", clients=1, split_point=3, split_mode="u", tail_blocks=1))
 
 
 @pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])

@@ -12,11 +12,11 @@ from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.method.importance import importance, warmup_sums
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
 from hsplitlora.method.planner import InfeasibleClientError, Plan, _infeasible
-from hsplitlora.models.architectures import architecture_of
+from hsplitlora.models.architectures import architecture_of, hidden_size
 from hsplitlora.models.loading import LoadedModel
 from hsplitlora.models.split import check_tail_blocks
 from hsplitlora.privacy.floor import floor_s_min
-from hsplitlora.setup import build_strategy, check_positions, hidden_size
+from hsplitlora.setup import build_strategy, check_positions
 from hsplitlora.strategies import Strategy
 from hsplitlora.time_model import Workload
 
@@ -144,6 +144,6 @@ def planning_workload(loaded: LoadedModel, request: PlanRequest) -> Workload:
     tokens = request.batch_size * sum(lengths) / len(lengths)
     return Workload(
         steps=request.local_steps, tokens_per_step=tokens, padded_tokens_per_step=tokens,
-        hidden_size=hidden_size(loaded.model), vocab_size=loaded.model.config.vocab_size,
+        hidden_size=hidden_size(loaded.model.config), vocab_size=loaded.model.config.vocab_size,
         server_flops=request.server_flops,
     )  # fmt: skip

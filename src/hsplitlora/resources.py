@@ -43,9 +43,11 @@ def simulation_bytes(memory, plan) -> int:
 
 def generation_bytes(model, batch_size: int, beams: int, prompt_tokens: int, new_tokens: int) -> int:
     """Beam search: the weights, the key/value cache of batch x beams sequences and their logits."""
+    from hsplitlora.models.architectures import hidden_size
+
     config = model.config
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    hidden = hidden_size(config)
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads

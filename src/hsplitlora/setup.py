@@ -1,18 +1,22 @@
 """The setup of a run, built once from its config: the model with LoRA attached, the memory
 model, the devices, the data and its shards, the strategy, the fed server and the engine that
-moves messages between the roles. `rounds.run` builds it; tests and benchmarks may too."""
+moves messages between the roles. `rounds.run` builds it; split-training tests and benchmarks
+build it through `fixed_federation`, which configures its clients at their fixed cuts and ranks
+and reaches the roles directly."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from hsplitlora.config import DEFAULT_RANK, FLOWER, RAY, RunConfig
+from hsplitlora.checks import check
+from hsplitlora.config import DEFAULT_RANK, FLOWER, INPROCESS, RAY, RunConfig
 from hsplitlora.data.e2e import Batch, collate
 from hsplitlora.data.sources import load_training_data
 from hsplitlora.devices import DeviceProfile, resolve_devices
+from hsplitlora.engines.hosts import client_role, server_role
 from hsplitlora.engines.inprocess import InProcessEngine
 from hsplitlora.engines.spec import host_spec
 from hsplitlora.errors import UsageError
@@ -20,17 +24,19 @@ from hsplitlora.lora.attach import Candidate, attach_lora, wrap_frozen_linears
 from hsplitlora.method.aggregation import TruncatedChange
 from hsplitlora.method.memory import MemoryModel, check_ranks, measure_memory_model
 from hsplitlora.method.sampling import per_round
-from hsplitlora.models.architectures import architecture_of
+from hsplitlora.models.architectures import architecture_of, hidden_size
 from hsplitlora.models.loading import LoadedModel, load_model
 from hsplitlora.models.split import check_split_point, check_tail_blocks
 from hsplitlora.placement import Placement
 from hsplitlora.privacy.dp import NO_DP, DPSettings, planned_settings
 from hsplitlora.privacy.floor import floor_s_min
+from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
+from hsplitlora.roles.main_server import MainServer
+from hsplitlora.roles.messages import RoundPlan
 from hsplitlora.strategies import STRATEGIES, StrategyContext
 from hsplitlora.strategies.base import Strategy
 from hsplitlora.time_model import Workload
-from hsplitlora.training import make_roles
 from hsplitlora.units import parse_bytes
 
 CENTRAL_BANDWIDTH = 1e12  # the centralised references move no data between machines
@@ -64,7 +70,7 @@ class Setup:
 
     @property
     def hidden_size(self) -> int:
-        return hidden_size(self.model)
+        return hidden_size(self.model.config)
 
 
 def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None = None) -> Setup:
@@ -125,13 +131,12 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
                           config.rounds * steps_per_round + warmup)  # fmt: skip
     if dp.activations or dp.sgd:
         notes.append(dp_note(dp))
-    if config.engine in (RAY, FLOWER):
-        spec = host_spec(config, tokenizer.pad_token_id, num_blocks, where, dp)
+    spec = host_spec(config, tokenizer.pad_token_id, num_blocks, where, dp)  # what every role is built from
     if config.engine == RAY:
         from hsplitlora.engines.ray_engine import RayEngine
 
         shard_items = [[encoded[i] for i in shard] for shard in shards]
-        engine = RayEngine(spec.as_dict(), shard_items, cuts, candidates, fed_server, config.ray_address,
+        engine = RayEngine(spec, shard_items, cuts, candidates, fed_server, config.ray_address,
                            config.ray_client_resources, config.ray_server_resources)  # fmt: skip
         engine.quantized = config.client_quant != "none" or config.server_quant != "none"
     elif config.engine == FLOWER:
@@ -140,7 +145,9 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
         engine = FlowerEngine(spec, run_values(config), cuts, candidates, fed_server, len(shards))
         engine.quantized = config.client_quant != "none" or config.server_quant != "none"
     else:
-        clients, server = make_roles(config, candidates, encoded, shards, tokenizer.pad_token_id, where, dp)
+        # Each client and the main server hold the same `Cut` of that client.
+        clients = [client_role(spec, cid, [encoded[i] for i in shard], candidates) for cid, shard in enumerate(shards)]
+        server = server_role(spec, candidates, {client.client_id: client.cut for client in clients})
         # Placed once: the clients' copy, and the main server's own copy when it computes elsewhere.
         server_model = copy.deepcopy(model).to(where.server) if where.separate else None
         model.to(where.client)
@@ -148,6 +155,51 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
         set_quant(engine, config.client_quant, config.server_quant)
     return Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
                  val_batches, fixed_ranks, steps_per_round, notes, data.description, dp=dp)  # fmt: skip
+
+
+@dataclass
+class Federation:
+    """A run's setup in this process with its roles reached directly: what split-training tests
+    and benchmarks step, inspect and change (`fixed_federation` builds it)."""
+
+    setup: Setup
+    loaded: LoadedModel
+
+    @property
+    def engine(self) -> InProcessEngine:
+        return self.setup.engine
+
+    @property
+    def candidates(self) -> dict[str, Candidate]:
+        return self.setup.candidates
+
+    @property
+    def clients(self) -> list[Client]:
+        return [host.client for host in self.engine.transport.clients]
+
+    @property
+    def server(self) -> MainServer:
+        return self.engine.transport.server.server
+
+
+def fixed_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Federation:
+    """`build_setup` in this process on the CPU, every client configured for round 1 at its fixed
+    cut (`split_point`, by default spread evenly; U-shaped when `config.split_mode` is u) with its
+    fixed rank (default DEFAULT_RANK) on every candidate of the client and of the server for it: no
+    planner, no rounds; the engine's steps, aggregation and validation are the caller's to call."""
+    check(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    loaded = loaded or load_model(config.model, seed=config.seed, dtype=config.dtype)
+    num_blocks = architecture_of(loaded.model).num_blocks(loaded.model)
+    config = replace(config, engine=INPROCESS, split_point=config.split_points(num_blocks))
+    cpu = torch.device("cpu")
+    setup = build_setup(config, Placement(cpu, cpu), loaded)
+    cuts = config.split_points(num_blocks)
+    setup.engine.configure([RoundPlan(cid, 1, s, dict.fromkeys(setup.candidates, r), config.tail)
+                            for cid, (s, r) in enumerate(zip(cuts, setup.fixed_ranks, strict=True))])  # fmt: skip
+    return Federation(setup, loaded)
 
 
 def build_strategy(
@@ -213,11 +265,7 @@ def expected_workload(config: RunConfig, model: torch.nn.Module, items: list, pa
     padded = [next(batcher).input_ids.numel() for _ in range(64)] if batcher else [config.batch_size * lengths[0]]
     return Workload(
         steps=config.local_steps, tokens_per_step=config.batch_size * float(np.mean(lengths)),
-        padded_tokens_per_step=float(np.mean(padded)), hidden_size=hidden_size(model),
+        padded_tokens_per_step=float(np.mean(padded)), hidden_size=hidden_size(model.config),
         vocab_size=model.config.vocab_size, server_flops=config.server_flops,
         cut_value_bytes=VALUE_BYTES[config.compression], update_value_bytes=VALUE_BYTES[config.compression],
     )  # fmt: skip
-
-
-def hidden_size(model: torch.nn.Module) -> int:
-    return getattr(model.config, "hidden_size", None) or model.config.n_embd

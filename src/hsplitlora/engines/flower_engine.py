@@ -162,7 +162,7 @@ def build(message, context):
     if key not in HOSTS or fresh:
         path = context.node_config.get("data-path")
         items = client_items(spec, str(path) if path else None)
-        HOSTS[key] = ClientActor(spec.host.as_dict(), spec.client_id, items, spec.split_point, spec.local)
+        HOSTS[key] = ClientActor(spec.host, spec.client_id, items, spec.split_point, spec.local)
         BUILDS[key] += 1
     return _reply(message, "build", None)
 
@@ -234,7 +234,7 @@ class FlowerTransport(SeparateHostsTransport):
         self.specs = [ClientSpec(spec, cid, split_points[cid], local[cid], run) for cid in range(clients)]
         self._send_all("build", [(cid, (s.to_json(), False)) for cid, s in enumerate(self.specs)])
         split = [s for s, is_local in zip(split_points, local, strict=True) if not is_local]
-        self.server = cast(ServerHost, ServerActor(spec.as_dict(), min(split))) if split else None
+        self.server = cast(ServerHost, ServerActor(spec, min(split))) if split else None
         self.stats: list[dict] = []
 
     def _message(self, cid: int, name: str, value):

@@ -2,7 +2,12 @@
 same hosts and differs only in where their modules come from and how a call reaches them: in one
 process every host shares the model (the main server may hold a copy of its own on another
 device) and a call is a method call; under Ray each host is an actor that loaded only its blocks
-and a call goes through the object store (engines/transport.py)."""
+and a call goes through the object store (engines/transport.py). Wherever a host lives, its role
+is built here, one way, from the run's `HostSpec` (`client_role`, `server_role`).
+
+The hosts' one-line methods that pass a call on to the role are the calls the protocol makes: a
+Ray actor or a Flower node is reached only through its host's own methods (an actor's method
+by name, a node's `query.<method>`), so the role behind it cannot be called directly."""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from hsplitlora.data.e2e import Encoded, client_batchers
+from hsplitlora.engines.spec import HostSpec
 from hsplitlora.lora.attach import Candidate
 from hsplitlora.method.aggregation import term_rows
 from hsplitlora.models.architectures import Architecture
@@ -17,6 +24,7 @@ from hsplitlora.models.loading import held_parameter_names
 from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part
 from hsplitlora.roles.adapters import adapter_name
 from hsplitlora.roles.client import Client
+from hsplitlora.roles.cut import Cut
 from hsplitlora.roles.main_server import MainServer
 from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, OwnTerm, PartialStack, RoundPlan
 
@@ -25,6 +33,24 @@ def client_blocks(split_point: int, num_blocks: int, tail_blocks: int | None) ->
     """The blocks a client holds: [0, s), and [L - t, L) in a U-shaped split (all when s = L)."""
     tail = range(num_blocks - tail_blocks, num_blocks) if tail_blocks is not None and split_point < num_blocks else ()
     return sorted({*range(min(split_point, num_blocks)), *tail})
+
+
+def client_role(
+    spec: HostSpec, client_id: int, items: Sequence[Encoded], candidates: Mapping[str, Candidate]
+) -> Client:
+    """Client `client_id` on the spec's client device: its examples in its seeded batch order (and
+    its warm-up stream), its `Cut` in the run's compression, the run's DP."""
+    batches, warmup = client_batchers(list(items), spec.batch_size, spec.pad_id, spec.seed, client_id)
+    return Client(client_id, batches, candidates, spec.lr, spec.alpha, spec.seed, spec.compression,
+                  spec.client_device, warmup, Cut(spec.compression), spec.dp)  # fmt: skip
+
+
+def server_role(
+    spec: HostSpec, candidates: Mapping[str, Candidate], cuts: Mapping[int, Cut] | None = None
+) -> MainServer:
+    """The main server on the spec's server device; `cuts`: the clients' own `Cut`s when they live
+    in this process (else it builds one per client in the run's compression)."""
+    return MainServer(candidates, spec.lr, spec.alpha, spec.seed, spec.compression, spec.server_device, cuts, spec.dp)
 
 
 class Host:
@@ -177,10 +203,6 @@ class ServerHost(Host):
     ):
         super().__init__(model, arch, candidates, server)
         self.server = server
-
-    @property
-    def parts(self) -> dict[int, ServerPart]:
-        return self.server.parts
 
     def configure(self, plan: RoundPlan) -> None:
         part = server_part(self.arch, self.model, plan.split_point, plan.tail_blocks)

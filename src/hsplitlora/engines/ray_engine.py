@@ -22,59 +22,54 @@ from typing import cast
 
 import torch
 
-from hsplitlora.data.e2e import Encoded, client_batchers
-from hsplitlora.engines.hosts import ClientHost, ServerHost, client_blocks
+from hsplitlora.data.e2e import Encoded
+from hsplitlora.engines.hosts import ClientHost, ServerHost, client_blocks, client_role, server_role
 from hsplitlora.engines.protocol import Engine
+from hsplitlora.engines.spec import HostSpec
 from hsplitlora.engines.transport import SeparateHostsTransport
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import attach_lora, wrap_frozen_linears
 from hsplitlora.models.architectures import architecture_of
 from hsplitlora.models.loading import load_part, place
-from hsplitlora.privacy.dp import NO_DP, DPSettings
-from hsplitlora.roles.client import Client
 from hsplitlora.roles.fed_server import FedServer
-from hsplitlora.roles.main_server import MainServer
 
 
-def _load(spec: dict, blocks: Sequence[int], embedding: bool, head: bool, device: str):
+def _load(spec: HostSpec, blocks: Sequence[int], embedding: bool, head: bool, device: str):
     """A partial model on `device` (the modules it does not hold stay on meta), its architecture
     and the candidates in its blocks."""
-    torch.set_num_threads(spec.get("threads") or 1)
-    loaded = load_part(spec["model"], blocks, embedding=embedding, head=head, seed=spec["seed"],
-                       with_tokenizer=False, dtype=spec.get("dtype", "float32"))  # fmt: skip
+    torch.set_num_threads(spec.threads or 1)
+    loaded = load_part(spec.model, blocks, embedding=embedding, head=head, seed=spec.seed, with_tokenizer=False,
+                       dtype=spec.dtype)  # fmt: skip
     model = place(loaded.model, torch.device(device))
-    candidates = {n: c for n, c in attach_lora(model, spec["targets"]).items() if c.block in blocks}
-    if spec.get("client_quant", "none") != "none" or spec.get("server_quant", "none") != "none":
+    candidates = {n: c for n, c in attach_lora(model, spec.targets).items() if c.block in blocks}
+    if spec.client_quant != "none" or spec.server_quant != "none":
         wrap_frozen_linears(model)  # as in one process: every block's linear weights can be quantized
     return model, architecture_of(model), candidates
 
 
 class ClientActor(ClientHost):
-    def __init__(self, spec: dict, client_id: int, items: list[Encoded], split_point: int, local: bool):
-        tail = None if local else spec.get("tail_blocks")
-        blocks = client_blocks(split_point, spec["num_blocks"], tail)
-        device = spec.get("client_device", "cpu")
-        model, arch, candidates = _load(spec, blocks, embedding=True, head=local or tail is not None, device=device)
-        batches, warmup = client_batchers(items, spec["batch_size"], spec["pad_id"], spec["seed"], client_id)
-        dp = DPSettings(**spec["dp"]) if spec.get("dp") else NO_DP
-        client = Client(client_id, batches, candidates, spec["lr"], spec["alpha"], spec["seed"],
-                        spec["compression"], device, warmup, dp=dp)  # fmt: skip
-        super().__init__(model, arch, candidates, client)
-        self.quant = spec.get("client_quant", "none")  # its float blocks stay the master merges go into
+    """A client host that loaded only its blocks (a Ray actor, or a Flower node's host)."""
+
+    def __init__(self, spec: HostSpec, client_id: int, items: list[Encoded], split_point: int, local: bool):
+        tail = None if local else spec.tail_blocks
+        blocks = client_blocks(split_point, spec.num_blocks, tail)
+        model, arch, candidates = _load(spec, blocks, embedding=True, head=local or tail is not None,
+                                        device=spec.client_device)  # fmt: skip
+        super().__init__(model, arch, candidates, client_role(spec, client_id, items, candidates))
+        self.quant = spec.client_quant  # its float blocks stay the master merges go into
 
 
 class ServerActor(ServerHost):
-    def __init__(self, spec: dict, shallowest_split: int):
-        tail = spec.get("tail_blocks")  # U-shaped: the server holds only the middle
-        end = spec["num_blocks"] - (tail or 0)
-        device = spec.get("server_device", "cpu")
+    """The main server's host holding the blocks from the shallowest cut on (a Ray actor, or the
+    Flower driver's)."""
+
+    def __init__(self, spec: HostSpec, shallowest_split: int):
+        tail = spec.tail_blocks  # U-shaped: the server holds only the middle
+        end = spec.num_blocks - (tail or 0)
         model, arch, candidates = _load(spec, range(shallowest_split, end), embedding=False, head=tail is None,
-                                        device=device)  # fmt: skip
-        dp = DPSettings(**spec["dp"]) if spec.get("dp") else NO_DP
-        server = MainServer(candidates, spec["lr"], spec["alpha"], spec["seed"], spec["compression"],
-                            device, dp=dp)  # fmt: skip
-        super().__init__(model, arch, candidates, server)
-        self.quant = spec.get("server_quant", "none")
+                                        device=spec.server_device)  # fmt: skip
+        super().__init__(model, arch, candidates, server_role(spec, candidates))
+        self.quant = spec.server_quant
 
 
 CONNECT_TIMEOUT_S = 10.0
@@ -178,7 +173,7 @@ class RayTransport(SeparateHostsTransport):
     engine = "ray"
     can_lose_hosts = True
 
-    def __init__(self, spec: dict, shards: list[list[Encoded]], split_points: list[int], address: str | None,
+    def __init__(self, spec: HostSpec, shards: list[list[Encoded]], split_points: list[int], address: str | None,
                  client_resources: dict | None, server_resources: dict | None):  # fmt: skip
         import ray
 
@@ -186,7 +181,7 @@ class RayTransport(SeparateHostsTransport):
         self.owns_ray = start_ray(address)
         self.lost = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)
         self.spec, self.shards, self.split_points = spec, shards, list(split_points)
-        self.local = [s >= spec["num_blocks"] for s in split_points]
+        self.local = [s >= spec.num_blocks for s in split_points]
         self.client_class = ray.remote(ClientActor).options(**(client_resources or {"num_cpus": 0}))
         self.server_options = server_resources or {"num_cpus": 0}  # e.g. {"num_gpus": 1} with server_device cuda
         self.clients = [self._start_client(cid) for cid in range(len(shards))]
@@ -229,9 +224,9 @@ class RayEngine(Engine):
     """The round protocol over Ray actors (see the module's docstring)."""
 
     def __init__(
-        self, spec: dict, shards: list[list[Encoded]], split_points: list[int], candidates: dict,
+        self, spec: HostSpec, shards: list[list[Encoded]], split_points: list[int], candidates: dict,
         fed_server: FedServer, address: str | None = None, client_resources: dict | None = None,
         server_resources: dict | None = None,
     ):  # fmt: skip
         transport = RayTransport(spec, shards, split_points, address, client_resources, server_resources)
-        super().__init__(transport, candidates, fed_server, spec["num_blocks"], spec.get("tail_blocks"), split_points)
+        super().__init__(transport, candidates, fed_server, spec.num_blocks, spec.tail_blocks, split_points)

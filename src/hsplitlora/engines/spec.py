@@ -1,6 +1,7 @@
 """What a host in another process needs to build its role: the model to load its blocks from,
 the training settings and the devices. One typed spec, JSON-serialisable, shared by the engines
-whose hosts live elsewhere (Ray actors get it as a dict, Flower ClientApps as JSON)."""
+whose hosts live elsewhere and by the one process's hosts (engines/hosts.py builds every role from
+it); a Ray actor gets the object, a Flower ClientApp its JSON."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from hsplitlora.errors import MalformedMessage
+from hsplitlora.privacy.dp import NO_DP, DPSettings
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class HostSpec:
     client_device: str
     server_device: str
     threads: int | None
-    dp: dict = dataclasses.field(default_factory=dict)  # privacy/dp.py's DPSettings as a dict; empty: none
+    dp: DPSettings = NO_DP  # the run's differential privacy, sigmas calibrated
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -49,7 +51,11 @@ class HostSpec:
         if not isinstance(values, dict) or set(values) != names:
             got = sorted(values) if isinstance(values, dict) else type(values).__name__
             raise MalformedMessage(f"the host spec has keys {got}, not {sorted(names)}.")
-        return cls(**values)
+        try:
+            dp = DPSettings(**values.pop("dp"))
+        except TypeError:
+            raise MalformedMessage("the host spec's dp is not the JSON of DPSettings.") from None
+        return cls(**values, dp=dp)
 
 
 def host_spec(config, pad_id: int, num_blocks: int, where, dp=None) -> HostSpec:
@@ -62,5 +68,5 @@ def host_spec(config, pad_id: int, num_blocks: int, where, dp=None) -> HostSpec:
         tail_blocks=config.tail, dtype=config.dtype, client_quant=config.client_quant,
         server_quant=config.server_quant, client_device=str(where.client), server_device=str(where.server),
         # Steps are sequential (client, server, client), so each host may use every core.
-        threads=config.threads or os.cpu_count(), dp=dp.to_dict() if dp is not None else {},
+        threads=config.threads or os.cpu_count(), dp=dp if dp is not None else NO_DP,
     )  # fmt: skip

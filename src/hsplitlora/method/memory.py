@@ -40,7 +40,7 @@ from hsplitlora.lora.attach import Candidate
 from hsplitlora.lora.layer import MultiLoRALayer
 from hsplitlora.lora.quant import quantized_bytes
 from hsplitlora.losses import target_token_loss
-from hsplitlora.models.architectures import architecture_of
+from hsplitlora.models.architectures import architecture_of, hidden_size
 
 ADAMW_STATES = 2
 ADAPTER_BYTES = 4  # adapters, their gradients, AdamW states and saved inputs are float32
@@ -308,7 +308,7 @@ def _activations(model: nn.Module, arch, block_index: int, weights: set[int], ba
     """(A_block, A_head) measured at one batch shape."""
     blocks = arch.blocks(model)
     param = next(p for p in blocks[0].parameters() if p.device.type != "meta")
-    hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    width = hidden_size(model.config)
     device = param.device  # measured where the model computes: a GPU's attention saves other tensors
     generator = torch.Generator(device).manual_seed(0)
     mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
@@ -320,7 +320,7 @@ def _activations(model: nn.Module, arch, block_index: int, weights: set[int], ba
     for layer in lora_layers(part):
         layer.active_adapter = None  # measure the frozen block alone; adapters are C(W, r)
     try:
-        hidden = torch.randn(batch_size, seq_len, hidden_size, generator=generator, dtype=param.dtype, device=device)
+        hidden = torch.randn(batch_size, seq_len, width, generator=generator, dtype=param.dtype, device=device)
         hidden.requires_grad_(True)
         context = part.context(hidden, mask, torch.arange(seq_len, device=device).unsqueeze(0))
         block_activation = _saved_bytes(lambda: part.context.call_block(part.blocks[0], hidden, context), weights)

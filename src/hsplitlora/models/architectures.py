@@ -293,3 +293,8 @@ def architecture_of(model: nn.Module) -> Architecture:
             f"model type {model_type!r} is not supported; supported types are {', '.join(sorted(_FAMILIES))}."
         )
     return _FAMILIES[model_type](model.config)
+
+
+def hidden_size(config) -> int:
+    """The width d of a model's hidden states, from its transformers config (GPT-2's n_embd)."""
+    return getattr(config, "hidden_size", None) or config.n_embd

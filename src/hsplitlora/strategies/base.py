@@ -109,6 +109,12 @@ class Strategy:
         client's memory (the others' is reported beside them)."""
         return cls.splits and not cls.centralised
 
+    @classmethod
+    def trains_on_clients(cls) -> bool:
+        """Whether the clients train on their own devices (a centralised reference trains one
+        trainer on the pooled data instead): only then can a client's budget be too small for it."""
+        return not cls.centralised
+
     def measures_importance(self) -> bool:
         """Whether the clients measure IWI's importance during their steps (it plans by it)."""
         return self.uses_importance
@@ -152,11 +158,6 @@ class Strategy:
         (they could wait in host memory; the main server role keeps them in place today)."""
         c = self.context
         return c.server_budget // (c.clients_per_round or len(c.devices))
-
-    @property
-    def persistent_adapters(self) -> bool:
-        """Whether adapters live on across rounds (anchored or overwritten) rather than re-created."""
-        return self.adapters != "recreate"
 
     def validation_client(self, plan: Plan) -> int | None:
         """Whose adapters take part in validation and export: none when the weights hold the whole
