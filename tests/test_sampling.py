@@ -99,7 +99,7 @@ def test_unsampled_clients_keep_their_state_and_p_i_is_over_the_sampled_ones():
         for name, c in candidates.items():
             layers = [(f"client{cid}", candidate_layers(federation.clients[cid].part, candidates).get(name))
                       for cid in cids]  # fmt: skip
-            layers += [(f"client{cid}", candidate_layers(engine.server.parts[cid], candidates).get(name))
+            layers += [(f"client{cid}", candidate_layers(federation.server.parts[cid], candidates).get(name))
                        for cid in cids]  # fmt: skip
             found[name] = [layer.delta(adapter, c.slot).double() for adapter, layer in layers if layer is not None]
         return found
