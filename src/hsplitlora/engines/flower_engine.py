@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import queue
 import threading
 from collections import Counter
@@ -50,6 +51,9 @@ REPLY_TIMEOUT_S = 3600.0  # a reply later than this means the node is gone
 POLL_S, POLL_MAX_S = 0.001, 0.05
 CONNECT_TIMEOUT_S = 120.0  # the nodes of every client have connected within this
 CLIENT_MODS: list = []  # Flower mods every ClientApp this process starts runs its messages through
+# A file named here gets one JSON line per exchange the driver makes (benchmarks/flower_overhead.py):
+# its message type, messages and replies, their wire_bytes sent and received, start and end (time.monotonic).
+WIRE_LOG_ENV = "HSPLITLORA_FLOWER_WIRE_LOG"
 log = logging.getLogger(__name__)
 
 
@@ -191,6 +195,21 @@ class HostCall:
 
 
 # -- the driver's side ----------------------------------------------------------------------------------
+def wire_bytes(message) -> int:
+    """What Flower sends of `message` between the ServerApp, the SuperLink and a node: the Message's
+    protobuf without its content (metadata), its object tree, and every object it deflates into
+    (the Message, its RecordDict, ArrayRecords, Arrays and their chunks, ConfigRecords), each as
+    Flower serializes it; not HTTP or TLS framing, nor requests that carry no message (polls,
+    heartbeats, receipts)."""
+    from flwr.app.message import remove_content_from_message
+    from flwr.common.serde import message_to_proto
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+    header = message_to_proto(remove_content_from_message(message)).ByteSize()
+    objects = sum(len(o.deflate()) for o in get_all_nested_objects(message).values())
+    return header + get_object_tree(message).ByteSize() + objects
+
+
 class FlowerMethod:
     def __init__(self, transport: FlowerTransport, cid: int, name: str):
         self.transport, self.cid, self.name = transport, cid, name
@@ -226,6 +245,7 @@ class FlowerTransport(SeparateHostsTransport):
         from hsplitlora.engines.ray_engine import ServerActor
 
         self.grid, self.runtime = grid, runtime
+        self.wire_log = os.environ.get(WIRE_LOG_ENV)
         self.spec, self.split_points = spec, list(split_points)
         self.lost = (ClientUnreachable, MalformedMessage)
         self.nodes = self._find_clients(clients)
@@ -281,6 +301,7 @@ class FlowerTransport(SeparateHostsTransport):
         3 s between pulls on a SuperLink)."""
         import time
 
+        started = time.monotonic()
         ids = list(self.grid.push_messages(messages))
         index = {message_id: i for i, message_id in enumerate(ids)}
         replies: dict = {}
@@ -292,7 +313,16 @@ class FlowerTransport(SeparateHostsTransport):
             if len(replies) < len(ids):
                 time.sleep(wait)
                 wait = min(2 * wait, POLL_MAX_S)
+        if self.wire_log:
+            self._log_exchange(messages, list(replies.values()), started, time.monotonic())
         return replies
+
+    def _log_exchange(self, messages: list, replies: list, started: float, ended: float) -> None:
+        line = {"type": messages[0].metadata.message_type if messages else "", "messages": len(messages),
+                "replies": len(replies), "sent": sum(map(wire_bytes, messages)),
+                "received": sum(map(wire_bytes, replies)), "start": started, "end": ended}  # fmt: skip
+        with open(str(self.wire_log), "a") as out:
+            out.write(json.dumps(line) + "\n")
 
     def _result(self, cid: int, name: str, reply):
         """The decoded reply; a missing, failed or malformed one raises (one line in the log)."""
