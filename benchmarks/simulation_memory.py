@@ -23,7 +23,12 @@ the line before it states the target for this configuration).
 round 1 (the memory model measured once beforehand, uniform importance, the fastest split rule):
 RESULT plan_seconds_k<N>=<s> (target < 2 s for 100). `--round-clients N` also runs one round of
 hsplitlora with N clients, `--sampled` (10) of them sampled, 2 local steps, in a fresh process:
-RESULT round_seconds_k<N>_sampled<M>=<wall s> and its peak resident set.
+RESULT round_seconds_k<N>_sampled<M>=<wall s> and its peak resident set. `--ray-clients N` runs
+one round of hsplitlora on the Ray engine with N client actors (every one trains one step) and
+samples, every second, the proportional set size (PSS: shared pages split between the processes
+that share them, so libraries count once) of this run's processes (the driver, Ray's own and the
+actors): RESULT ray_round_seconds_k<N>=<wall s>, RESULT ray_peak_gib_k<N>=<GiB>, and the mean PSS
+of a client actor.
 """
 
 from __future__ import annotations
@@ -135,42 +140,96 @@ def round_worker(clients: int, sampled: int) -> None:
                       "sampled": metrics.get("sampled_clients")}))  # fmt: skip
 
 
+def ray_round_worker(clients: int) -> None:
+    """One round of hsplitlora on the Ray engine with `clients` client actors (this process is the
+    driver); the peak PSS of the driver and every process under it, sampled each second."""
+    import tempfile
+    import threading
+    import time
+
+    import psutil
+
+    from hsplitlora.config import RunConfig
+    from hsplitlora.rounds import run
+
+    me = psutil.Process()
+    peak = {"total": 0, "clients": [], "server": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            total, clients_pss, server = 0, [], 0
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    pss = process.memory_full_info().pss
+                    title = " ".join(process.cmdline())
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                total += pss
+                if "ClientActor" in title:
+                    clients_pss.append(pss)
+                elif "ServerActor" in title:
+                    server = pss
+            if total > peak["total"]:
+                peak.update(total=total, clients=clients_pss, server=server)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with tempfile.TemporaryDirectory() as folder:
+        config = RunConfig(model=MODEL, clients=clients, rounds=1, local_steps=1, val_size=16, engine="ray",
+                           output_dir=f"{folder}/run", threads=1)  # fmt: skip
+        started = time.perf_counter()
+        metrics = run(config).metrics[-1]
+        seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    print(json.dumps({"seconds": seconds, "peak_pss_bytes": peak["total"], "client_actor_pss": peak["clients"],
+                      "server_actor_pss": peak["server"], "val_ppl": metrics["val_ppl"],
+                      "split_points": [c["split_point"] for c in metrics["clients"]]}))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", type=int, metavar="K", help=argparse.SUPPRESS)
     parser.add_argument("--round-worker", type=int, nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--clients", default=",".join(map(str, KS)), help="client counts (1,10,50)")
+    parser.add_argument("--clients", default=",".join(map(str, KS)), help="client counts (1,10,50); none: skip")
     parser.add_argument("--plan-clients", type=int, help="also time ARMSC for this many clients")
     parser.add_argument("--round-clients", type=int, help="also run one round with this many clients")
     parser.add_argument("--sampled", type=int, default=10, help="clients sampled in that round (10)")
+    parser.add_argument("--ray-clients", type=int, help="also run one round on the Ray engine with this many actors")
+    parser.add_argument("--ray-round-worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ray_round_worker:
+        ray_round_worker(args.ray_round_worker)
+        return
     if args.worker:
         worker(args.worker)
         return
     if args.round_worker:
         round_worker(*args.round_worker)
         return
-    counts = sorted({int(k) for k in args.clients.split(",")})
+    counts = [] if args.clients == "none" else sorted({int(k) for k in args.clients.split(",")})
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")
-    print(f"{MODEL}, split points cycling {SPLITS}, rank {RANK} on q,k,v,o, one step per client (batch 1)")
-    print(f"{'K':>4} {'RSS MiB':>9} {'peak MiB':>9} {'adapter state MiB (all)':>24} {'base model MiB':>15}")
-    rows = []
-    for clients in counts:
-        command = [sys.executable, __file__, "--worker", str(clients)]
-        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-        row = json.loads(out.strip().splitlines()[-1])
-        rows.append(row)
-        print(f"{clients:>4} {row['rss_bytes'] / 2**20:>9.1f} {row['peak_bytes'] / 2**20:>9.1f} "
-              f"{row['adapter_state_bytes'] / 2**20:>24.2f} {row['base_model_bytes'] / 2**20:>15.1f}")  # fmt: skip
-    first, last = rows[0], rows[-1]
-    span = last["clients"] - first["clients"]
-    extra = (last["rss_bytes"] - first["rss_bytes"]) / span
-    state = (last["adapter_state_bytes"] - first["adapter_state_bytes"]) / span
-    print(
-        f"extra memory per client {extra / 1e6:.2f} MB; its adapter state {state / 1e6:.2f} MB; "
-        f"target <= {state / 1e6 + 10:.2f} MB ({'met' if extra <= state + 10e6 else 'NOT met'})"
-    )
-    print(f"RESULT extra_mb_per_client={extra / 1e6:.2f}")
+    if counts:
+        print(f"{MODEL}, split points cycling {SPLITS}, rank {RANK} on q,k,v,o, one step per client (batch 1)")
+        print(f"{'K':>4} {'RSS MiB':>9} {'peak MiB':>9} {'adapter state MiB (all)':>24} {'base model MiB':>15}")
+        rows = []
+        for clients in counts:
+            command = [sys.executable, __file__, "--worker", str(clients)]
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{clients:>4} {row['rss_bytes'] / 2**20:>9.1f} {row['peak_bytes'] / 2**20:>9.1f} "
+                  f"{row['adapter_state_bytes'] / 2**20:>24.2f} {row['base_model_bytes'] / 2**20:>15.1f}")  # fmt: skip
+        first, last = rows[0], rows[-1]
+        span = last["clients"] - first["clients"]
+        extra = (last["rss_bytes"] - first["rss_bytes"]) / span
+        state = (last["adapter_state_bytes"] - first["adapter_state_bytes"]) / span
+        print(
+            f"extra memory per client {extra / 1e6:.2f} MB; its adapter state {state / 1e6:.2f} MB; "
+            f"target <= {state / 1e6 + 10:.2f} MB ({'met' if extra <= state + 10e6 else 'NOT met'})"
+        )
+        print(f"RESULT extra_mb_per_client={extra / 1e6:.2f}")
     if args.plan_clients:
         print(f"RESULT plan_seconds_k{args.plan_clients}={plan_seconds(args.plan_clients):.2f}")
     if args.round_clients:
@@ -181,6 +240,18 @@ def main() -> None:
               f"wall, peak RSS {row['peak_bytes'] / 2**30:.2f} GiB, val ppl {row['val_ppl']:.2f}, "
               f"sampled {row['sampled']}")  # fmt: skip
         print(f"RESULT round_seconds_k{args.round_clients}_sampled{args.sampled}={row['seconds']:.1f}")
+    if args.ray_clients:
+        command = [sys.executable, __file__, "--ray-round-worker", str(args.ray_clients)]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        actors = row["client_actor_pss"]
+        mean = sum(actors) / max(1, len(actors))
+        print(f"one round on the Ray engine, {args.ray_clients} client actors (split points {row['split_points']}), "
+              f"one step each: {row['seconds']:.1f} s wall, peak PSS {row['peak_pss_bytes'] / 2**30:.2f} GiB in all "
+              f"({len(actors)} client actors at {mean / 2**20:.0f} MiB each, the main server's actor "
+              f"{row['server_actor_pss'] / 2**20:.0f} MiB), val ppl {row['val_ppl']:.2f}")  # fmt: skip
+        print(f"RESULT ray_round_seconds_k{args.ray_clients}={row['seconds']:.1f}")
+        print(f"RESULT ray_peak_gib_k{args.ray_clients}={row['peak_pss_bytes'] / 2**30:.2f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from hsplitlora.config import RunConfig
 from hsplitlora.engines import flower_settings
 from hsplitlora.engines.flower_local import free_port
 from hsplitlora.errors import UsageError
+from hsplitlora.rounds import run
 
 pytest.importorskip("flwr")
 
@@ -42,7 +43,9 @@ def test_app_config_lists_every_setting_with_its_default():
         assert key in config, f"{key} (RunConfig.{item.name}) is missing from the app's run config"
         expected = "flower" if item.name == "engine" else getattr(RunConfig(), item.name)
         assert flower_settings._read(item.name, config[key], hints[item.name]) == expected, key
-    assert set(config) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)} | {"config-file"}
+    assert set(config) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)} | set(
+        flower_settings.OPTIONS
+    )
     assert flower_settings.settings(config) == (None, {})  # defaults are not "given"
 
     from flwr.common.config import flatten_dict, validate_config
@@ -84,9 +87,13 @@ def test_flwr_run_in_the_simulation_runtime(tmp_path):
     command = [str(Path(sys.executable).parent / "flwr"), "run", str(APP.parent), "--run-config", settings,
                "--federation-config", "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=1",
                "--stream"]  # fmt: skip
+    # A ServerApp that stopped after round 1 (its checkpoint saved), then resumed to round 2 with
+    # resume=true: the run equals one that was never stopped.
+    again = [*command[:4], f"resume=true rounds=2 output-dir='{run_dir}'", *command[5:]]
     try:
         done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         started = _ours(home)
+        resumed = subprocess.run(again, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     finally:
         for pid in _ours(home):
             with suppress(ProcessLookupError):
@@ -99,5 +106,24 @@ def test_flwr_run_in_the_simulation_runtime(tmp_path):
                 os.kill(pid, signal.SIGKILL)
     assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
     assert started and _ours(home) == []  # the SuperLink Flower started ran, and is stopped
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-2000:]
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds if "round" in r and "event" not in r] == [1]
+    assert [r["round"] for r in rounds] == [1, 2]
+    calm = run(RunConfig(model="tiny", clients=2, rounds=2, local_steps=1, budgets="5MB,20MB", val_size=4,
+                         batch_size=4, split_rule="deepest", output_dir=str(tmp_path / "calm"))).metrics  # fmt: skip
+    for ours, theirs in zip(rounds, calm, strict=True):
+        for name in ("train_loss", "val_loss", "sim_time_s", "bytes_up", "bytes_down"):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-6), (ours["round"], name)
+
+
+def test_the_app_resumes_only_a_run_it_names_with_its_own_settings(tmp_path):
+    from hsplitlora.engines.flower_app import load
+
+    with pytest.raises(UsageError, match="give output-dir"):
+        load({"resume": True})
+    with pytest.raises(UsageError, match="drop lr"):
+        load({"resume": True, "output-dir": str(tmp_path), "lr": 0.1})
+    with pytest.raises(UsageError, match="cannot resume"):
+        load({"resume": True, "output-dir": str(tmp_path / "nothing"), "rounds": 3})
+    with pytest.raises(UsageError, match="resume takes true or false"):
+        load({"resume": "yes"})

@@ -1,13 +1,15 @@
 """Flower's deployment runtime on 127.0.0.1 (engines/flower_local.py): a SuperLink with TLS and
 SuperNode authentication, one SuperNode per client as its own process with a long-lived worker
 for its ClientApp, the run started with `flwr run`. The run's numbers equal the in-process run's,
-a SuperNode whose key was never registered is refused, and stopping the federation leaves no
-process behind."""
+a SuperNode whose key was never registered is refused, a SuperNode killed mid-run leaves its
+client out until it is started again, and stopping the federation leaves no process behind."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -58,9 +60,60 @@ def test_deployment_with_tls_and_node_keys_equals_in_process_and_refuses_a_stran
         assert len(federation.online()) == 2
         federation.run_app({**SETTINGS, "output_dir": str(tmp_path / "flower")}, timeout_s=500)
         started = federation.descendants()
+        lost = run_losing_a_node(federation, tmp_path / "faults")
+        started += federation.descendants()
     finally:
         federation.stop()
     assert ours_left([p.pid for p in federation.processes.values()] + started) == []
     lines = (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()
     flower = [json.loads(line) for line in lines]
     assert without_wall(flower) == without_wall(json.loads(json.dumps(local)))
+    # The killed node's client was left out, the run went on, and once its node was back, so was it.
+    lines, online_after = lost
+    assert [line["round"] for line in lines] == list(range(1, ROUNDS_LOSING + 1))
+    events = [[(e["event"], e["client"]) for e in line["events"] if "client" in e] for line in lines]
+    out = next(i for i, found in enumerate(events) if ("client_lost", 1) in found)
+    assert online_after < ROUNDS_LOSING, "the node came back only after the last round (the machine is too slow)"
+    back = next(i for i in range(max(out, online_after) + 1, len(lines))
+                if next(c for c in lines[i]["clients"] if c["client"] == 1)["samples"] > 0)  # fmt: skip
+    assert ("client_restarted", 1) in events[back]
+    assert all(line["val_ppl"] is not None for line in lines)
+
+
+ROUNDS_LOSING = 6
+
+
+def run_losing_a_node(federation: LocalFederation, out) -> tuple[list[dict], int]:
+    """A run in which client 1's SuperNode is killed (SIGKILL) once round 1 is done, and started
+    again once the run has left it out: the run's metrics, and how many rounds had ended when the
+    node was online again."""
+    metrics = out / "metrics.jsonl"
+    failures: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            federation.run_app({**SETTINGS, "rounds": ROUNDS_LOSING, "output_dir": str(out)}, timeout_s=500)
+        except BaseException as error:  # noqa: BLE001  (raised below, in the test's thread)
+            failures.append(error)
+
+    def lines() -> list[dict]:
+        return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+
+    def wait_for(condition, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition() and thread.is_alive():
+            assert time.monotonic() < deadline, "the run did not get there in time"
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    wait_for(lambda: len(lines()) >= 1, 300)
+    federation.kill_supernode(1)
+    wait_for(lambda: any(e.get("event") == "client_lost" for line in lines() for e in line["events"]), 300)
+    federation.start_supernode(1, client_id=1)  # the same key: the same node, with nothing in memory
+    wait_for(lambda: len(federation.online()) == 2, 120)
+    online_after = len(lines())
+    thread.join(timeout=600)
+    if failures:
+        raise failures[0]
+    return lines(), online_after

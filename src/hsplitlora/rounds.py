@@ -338,6 +338,7 @@ class _Loop:
         )  # fmt: skip
         self.metrics.append(line)
         self.folder.append_metrics(line)
+        self.engine.events = []  # reported; what happens from here on goes into the next round's line
         self._checkpoint(round_, line)
         self.reporter.round_finished(line)
 

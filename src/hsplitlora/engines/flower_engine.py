@@ -255,7 +255,7 @@ class FlowerTransport(SeparateHostsTransport):
         self._send_all("build", [(cid, (s.to_json(), False)) for cid, s in enumerate(self.specs)])
         split = [s for s, is_local in zip(split_points, local, strict=True) if not is_local]
         self.server = cast(ServerHost, ServerActor(spec, min(split))) if split else None
-        self.stats: list[dict] = []
+        self.stats: list[dict | None] = []  # None: a node that was gone at the end
 
     def _message(self, cid: int, name: str, value):
         from flwr.app import Message
@@ -351,7 +351,14 @@ class FlowerTransport(SeparateHostsTransport):
         """Release every node's host, keeping what each built and answered (`stats`), then end
         the runtime if this transport started it."""
         try:
-            self.stats = self._send_all("finish", [(cid, None) for cid in range(len(self.clients))])
+            messages = [self._message(cid, "finish", None) for cid in range(len(self.clients))]
+            replies = self._exchange(messages, CONNECT_TIMEOUT_S)
+            self.stats = []
+            for cid in range(len(self.clients)):
+                try:
+                    self.stats.append(self._result(cid, "finish", replies.get(cid)))
+                except self.lost:  # its node is gone: nothing of this run is left on it to release
+                    self.stats.append(None)
         finally:
             if self.runtime is not None:
                 self.runtime.stop()

@@ -28,6 +28,11 @@ from hsplitlora.errors import UsageError
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 60.0
 IDLE_POLL_S = 0.02  # a SuperNode with nothing to do asks again after this (Flower's own: 3 s)
+# A SuperNode's heartbeat: the SuperLink holds a node that missed two as offline and answers every
+# message to it with an error at once, so the run leaves a killed node's client out within about
+# 2 x this (Flower's default is 30 s, the least its SuperLink accepts 10 s; at 10 s, nodes on two
+# overloaded cores were held offline while alive).
+HEARTBEAT_S = 20
 
 
 @dataclass
@@ -190,6 +195,16 @@ class LocalFederation:
                                        "--runtime-api-address", runtime])  # fmt: skip
         return node
 
+    def kill_supernode(self, index: int) -> None:
+        """Kill SuperNode `index` and its ClientApp worker at once (SIGKILL: no goodbye to the
+        SuperLink), as a machine that crashes or loses power."""
+        for name in (f"supernode{index}", f"worker{index}"):
+            process = self.processes.get(name)
+            if process is not None and process.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
     def online(self) -> list[int]:
         """The node ids the SuperLink lists as online."""
         listed = json.loads(self.flwr("supernode", "list", "local", "--format", "json"))
@@ -221,9 +236,11 @@ class LocalFederation:
         (app / "pyproject.toml").write_text(app_pyproject(settings))
         done = subprocess.run([_bin("flwr"), "run", str(app), "local", "--stream"], env=self.env, cwd=self.folder,
                               capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
-        if done.returncode != 0:
-            raise UsageError(f"flwr run failed: {(done.stdout + done.stderr).strip()[-500:]}")
-        return done.stdout + done.stderr
+        output = done.stdout + done.stderr
+        # `flwr run --stream` exits 0 when the ServerApp fails: its log says so with an exit code.
+        if done.returncode != 0 or "Exit Code:" in output:
+            raise UsageError(f"flwr run failed: {output.strip()[-800:]}")
+        return output
 
     def stop(self) -> None:
         """End every process this federation started, and what each started (Flower starts some
@@ -282,12 +299,16 @@ def app_pyproject(settings: dict) -> str:
 
 
 def supernode() -> None:
-    """Flower's `flower-supernode` (same arguments), asking for messages every IDLE_POLL_S when idle:
-    a split step is several round trips, and Flower 1.42's SuperNode waits 3 s after every empty pull."""
+    """Flower's `flower-supernode` (same arguments), asking for messages every IDLE_POLL_S when idle
+    (a split step is several round trips, and Flower 1.42's SuperNode waits 3 s after every empty
+    pull) and beating every HEARTBEAT_S (a killed node is noticed sooner)."""
     import time as real_time
 
+    import flwr.supernode.fleet_http_connection as connection
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
+
+    connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
 
     class Clock:
         def __getattr__(self, name: str):

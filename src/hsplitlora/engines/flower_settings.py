@@ -1,7 +1,8 @@
 """hsplitlora's settings as a Flower app's run config, both ways, written from RunConfig so the two
 cannot drift: `app_pyproject` writes the app's pyproject.toml (every setting under its flag's name,
-`local-steps` for local_steps, with its default; `config-file` for a YAML file), and `settings`
-reads a Flower run config back into settings by name.
+`local-steps` for local_steps, with its default; `config-file` for a YAML file; `resume` and
+`overwrite`, as `hsplitlora run` takes them), and `settings` reads a Flower run config back into
+settings by name (`options`: the file and the two switches).
 
 Flower's run config holds only booleans, integers, floats and strings, so three conventions:
 an empty string is "not set" (None), a list is one comma-separated string (`targets = "q,k,v,o"`),
@@ -25,6 +26,10 @@ from hsplitlora.config import FLOWER, RunConfig
 from hsplitlora.errors import UsageError
 
 CONFIG_FILE = "config-file"  # a YAML config file on the ServerApp's machine, read before the other keys
+# What the app's run takes besides settings, with its default: the YAML file, and `run`'s --resume
+# (continue the run in output-dir from its last checkpoint: a ServerApp stopped part-way) and
+# --overwrite (replace the run already in output-dir; without it a second run there is refused).
+OPTIONS = {CONFIG_FILE: "", "resume": False, "overwrite": False}
 APP_DEFAULTS = {"engine": FLOWER}  # a Flower app runs the Flower engine; every other default is RunConfig's
 COMMITTED_APP = "flower/pyproject.toml"  # from the repository's root
 
@@ -59,10 +64,11 @@ def app_config(overrides: dict[str, Any] | None = None) -> str:
     """The `[tool.flwr.app.config]` table: every setting with its default, `overrides` (settings
     by name) over them."""
     values = defaults()
-    unknown = sorted(set(overrides or {}) - set(values) - {CONFIG_FILE.replace("-", "_")})
+    options = {name.replace("-", "_"): value for name, value in OPTIONS.items()}
+    unknown = sorted(set(overrides or {}) - set(values) - set(options))
     if unknown:
         raise UsageError(f"unknown setting {unknown[0]!r}; valid settings are {', '.join(sorted(values))}.")
-    values = {CONFIG_FILE.replace("-", "_"): None, **values, **(overrides or {})}
+    values = {**options, **values, **(overrides or {})}
     return "[tool.flwr.app.config]\n" + "".join(f"{key(name)} = {_toml(v)}\n" for name, v in values.items())
 
 
@@ -133,14 +139,14 @@ def settings(run_config: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
     setting, not because anyone gave it (so it neither overrides the config file nor counts as given)."""
     hints = typing.get_type_hints(RunConfig)
     start = defaults()
-    values = dict(run_config)
-    path = values.pop(CONFIG_FILE, None) or None
+    values = {name: value for name, value in run_config.items() if name not in OPTIONS}
+    path = options(run_config)[CONFIG_FILE]
     given: dict[str, Any] = {}
     for raw, value in values.items():
         name = raw.replace("-", "_")
         if name not in hints:
             raise UsageError(f"unknown setting {raw!r} in the run config; valid settings are "
-                             f"{', '.join(sorted(key(n) for n in hints))} and {CONFIG_FILE}.")  # fmt: skip
+                             f"{', '.join(sorted(key(n) for n in hints))}, and {', '.join(OPTIONS)}.")  # fmt: skip
         value = _read(name, value, hints[name])
         if value != start[name] or type(value) is not type(start[name]):
             given[name] = value
@@ -150,6 +156,18 @@ def settings(run_config: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
             f"engine is {engine!r}, and a Flower app runs the Flower engine; drop engine or give 'flower'."
         )
     return path, given
+
+
+def options(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The run's options in a Flower run config (OPTIONS; the config file None when not given),
+    each checked for its type."""
+    found = {name: run_config.get(name, default) for name, default in OPTIONS.items()}
+    for name in ("resume", "overwrite"):
+        if not isinstance(found[name], bool):
+            raise UsageError(f"{name} takes true or false; got {found[name]!r}.")
+    if not isinstance(found[CONFIG_FILE], str):
+        raise UsageError(f"{CONFIG_FILE} takes a path on the ServerApp's machine; got {found[CONFIG_FILE]!r}.")
+    return {**found, CONFIG_FILE: found[CONFIG_FILE] or None}
 
 
 def main() -> None:

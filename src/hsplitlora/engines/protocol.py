@@ -1,12 +1,14 @@
 """The round protocol, written once: configure, the standard and U-shaped split steps, local
 steps, importance, aggregate and send back, validate, export, and the checkpoint's state. It
 talks to hosts (engines/hosts.py) through a transport (engines/transport.py): the in-process one
-calls them directly, the Ray one through actors that can be lost.
+calls them directly, the Ray and Flower ones through actors or nodes that can be lost.
 
-A client host that is lost during a round does not stop the run: the round completes with the
-others (aggregation weights renormalise over them since only their uploads arrive), the event is
-logged, and the client comes back for the next round with the last aggregated weights of its
-blocks (taken from the hosts that kept them) and its state at the start of the round. A main
+A client host that is lost during a round (in a step, or in any other call to it) does not stop
+the run: the round completes with the others (aggregation weights renormalise over them since
+only their uploads arrive), the event is logged, and the client comes back for the next round
+with the last aggregated weights of its blocks (taken from the hosts that kept them) and its
+state at the start of the round; a client that cannot be brought back yet (its Flower node is
+still down) stays out of that round too (`client_unavailable`) and is tried again the next. A main
 server lost during a round comes back from the state the round started from, every host goes
 back to it, and the round's steps run again."""
 
@@ -93,6 +95,36 @@ class Engine(TrafficLedger):
         held = set(client_blocks(self.split_points[cid], self.num_blocks, self._tail(cid)))
         return {n for n, c in self.candidates.items() if c.block in held}
 
+    def _lose(self, cid: int) -> None:
+        """Client `cid`'s host is lost: it is out of the round (its upload too), and comes back at
+        the next configure. A lost main server is the round's to recover (ServerLost)."""
+        if not self.transport.server_alive():
+            raise ServerLost()
+        self.dead.add(cid)
+        self.events.append({"event": "client_lost", "client": cid, "step": self.round_steps})
+
+    def _each(self, calls: dict) -> dict:
+        """`calls[cid]()` for each client in order (the key None: the main server), all sent before
+        any answer is awaited; the answers by key. A client whose host is lost on the way is lost
+        for the round and has no answer; a lost main server raises."""
+        sent = {}
+        for cid, call in calls.items():
+            try:
+                sent[cid] = call()
+            except self.transport.lost:
+                if cid is None:
+                    raise
+                self._lose(cid)
+        answers = {}
+        for cid, reference in sent.items():
+            try:
+                answers[cid] = self._get(reference)
+            except self.transport.lost:
+                if cid is None:
+                    raise
+                self._lose(cid)
+        return answers
+
     def _get(self, reference):
         return self.transport.get(reference)
 
@@ -106,23 +138,23 @@ class Engine(TrafficLedger):
         plan's `tail_blocks` t the split is U-shaped: the server runs blocks [s, L - t) only."""
         self.transport.check_plans(plans)
         for cid in sorted(self.dead):
-            self._restart_client(cid)
+            try:
+                self._restart_client(cid)
+            except self.transport.lost:  # its machine is still gone (a Flower node): out of this round too
+                self.events.append({"event": "client_unavailable", "client": cid})
         self.plans = list(plans)
         self.split_points = [plan.split_point for plan in plans]
-        refs = []
-        for plan in plans:
-            refs.append(self.actors[plan.client_id].configure(plan))
-            if not self.local(plan.client_id):
-                refs.append(self.server.configure(plan))
+        refs = [self.server.configure(plan) for plan in plans if not self.local(plan.client_id)]
+        self._each({plan.client_id: (lambda plan=plan: self.actors[plan.client_id].configure(plan))
+                    for plan in plans if plan.client_id not in self.dead})  # fmt: skip
         self._get(refs)
         if self.transport.can_lose_hosts:
             self._keep_round_start(plans)
 
     def measure_importance(self, enabled: bool) -> None:
         self.importance_on = enabled
-        refs = [self.actors[cid].measure_importance(enabled) for cid in self.live]
-        if self.server is not None:
-            refs.append(self.server.measure_importance(enabled))
+        refs = [] if self.server is None else [self.server.measure_importance(enabled)]
+        self._each({cid: (lambda cid=cid: self.actors[cid].measure_importance(enabled)) for cid in self.live})
         self._get(refs)
 
     def _cross(self, message):
@@ -160,10 +192,7 @@ class Engine(TrafficLedger):
                     loss = self._get(self.actors[cid].local_step()) if self.local(cid) else (
                         self.split_step(cid))  # fmt: skip
                 except self.transport.lost:
-                    if not self.transport.server_alive():
-                        raise ServerLost() from None
-                    self.dead.add(cid)
-                    self.events.append({"event": "client_lost", "client": cid, "step": self.round_steps})
+                    self._lose(cid)
             losses.append(loss)
         return losses
 
@@ -185,15 +214,20 @@ class Engine(TrafficLedger):
             if not self.trains(cid):
                 reports.append(({}, 0, 0))
                 continue
-            client_sums, batches = self._get(self.actors[cid].importance_report())
+            try:
+                client_sums, batches = self._get(self.actors[cid].importance_report())
+                samples = self._get(self.actors[cid].counters())["samples"]
+            except self.transport.lost:
+                self._lose(cid)
+                reports.append(({}, 0, 0))
+                continue
             server_sums = {} if self.local(cid) else self._get(self.server.importance_report(cid))[0]
-            samples = self._get(self.actors[cid].counters())["samples"]
             reports.append(({**client_sums, **server_sums}, batches, samples))
         return reports
 
     def round_counters(self) -> list[dict[str, int]]:
-        return [{"samples": 0, "tokens": 0} if cid in self.dead else self._get(self.actors[cid].counters())
-                for cid in range(len(self.actors))]  # fmt: skip
+        counters = self._each({cid: self.actors[cid].counters for cid in self.live})
+        return [counters.get(cid, {"samples": 0, "tokens": 0}) for cid in range(len(self.actors))]
 
     def aggregate(self, round_: int) -> ModelUpdate | AdapterBroadcast:
         """Uploads of the living sampled clients (weights renormalise over them) -> fed server -> its
@@ -201,13 +235,17 @@ class Engine(TrafficLedger):
         sampled clients' anchors move), or the averaged adapters."""
         uploads = []
         for cid in filter(self.trains, self.live):
-            upload = self._get(self.actors[cid].upload())
+            upload = self._each({cid: self.actors[cid].upload}).get(cid)
+            if upload is None:  # lost on the way: left out, as its steps would have been
+                continue
             self.traffic[cid]["adapters_up"] += upload.nbytes()
             uploads.append(upload)
             if not self.local(cid):
                 uploads.append(self._get(self.server.upload(cid)))
         result = self.fed_server.aggregate(round_, uploads)
-        hosts = [self.actors[cid] for cid in self.live] + ([self.server] if self.server is not None else [])
+        hosts = [(cid, self.actors[cid]) for cid in self.live]
+        if self.server is not None:
+            hosts.append((None, self.server))
         for cid in self.live:
             sent = self._update_for(result, [cid]) if isinstance(result, ModelUpdate) else result
             self.traffic[cid]["adapters_down"] += sent.nbytes(self.client_names(cid))
@@ -218,12 +256,12 @@ class Engine(TrafficLedger):
                         self.transport.copies(self.live)}  # fmt: skip
             if self.server is not None and not self.local_only:
                 self.server_adapters_down = self._update_for(result, [None]).nbytes()
-            hosts.sort(key=lambda host: id(host) not in messages)
+            hosts.sort(key=lambda pair: id(pair[1]) not in messages)
             sampled = sorted(self.sampled) if self.sampled is not None else None
-            self._get([host.apply_update(messages.get(id(host), result), id(host) in messages, sampled)
-                       for host in hosts])  # fmt: skip
+            self._each({cid: (lambda host=host: host.apply_update(messages.get(id(host), result), id(host) in messages,
+                                                                  sampled)) for cid, host in hosts})  # fmt: skip
         else:
-            self._get([host.apply_adapters(result) for host in hosts])
+            self._each({cid: (lambda host=host: host.apply_adapters(result)) for cid, host in hosts})
             self.last_broadcast = result
         return result
 
@@ -258,7 +296,13 @@ class Engine(TrafficLedger):
         merged weights, plus client `client_id`'s adapters for strategies whose adapters carry the
         update (None: merged weights only, seen through the first living client's cut)."""
         cid = client_id if client_id in self.live else self.live[0]
-        adapter = None if client_id is None else adapter_name(cid)
+        try:
+            return self._validation_loss(batches, cid, None if client_id is None else adapter_name(cid))
+        except self.transport.lost:  # the client lost on the way: another one's cut sees the same weights
+            self._lose(cid)
+            return self.validation_loss(batches, client_id)
+
+    def _validation_loss(self, batches: Sequence, cid: int, adapter: str | None) -> float:
         client, total, count = self.actors[cid], 0.0, 0
         for batch in batches:
             if self.local(cid):
@@ -299,7 +343,8 @@ class Engine(TrafficLedger):
             if cid == exclude or not missing:
                 continue
             skip = sorted(found) if full else ()
-            found.update(self._get(self.actors[cid].weights(missing, full, skip)))
+            held = self._each({cid: lambda c=cid, m=missing, k=skip: self.actors[c].weights(m, full, k)})
+            found.update(held.get(cid, {}))  # a client lost on the way: the next holder's copy
         return found
 
     @property
@@ -339,9 +384,9 @@ class Engine(TrafficLedger):
         full_finetune = self.trains_every_weight
         tensors = {f"weight/{n}": w for n, w in self.trained_weights().items()}
         states = []
-        for cid, host in enumerate(self.actors):
-            alive = cid not in self.dead
-            state, role = self._get(host.state_dict(not full_finetune)) if alive else self.snapshots[cid]
+        held = self._each({cid: (lambda cid=cid: self.actors[cid].state_dict(not full_finetune)) for cid in self.live})
+        for cid in range(len(self.actors)):
+            state, role = held[cid] if cid in held else self.snapshots[cid]  # a lost client: as its round began
             states.append(state)
             tensors.update({f"client/{cid}/{k}": v for k, v in role.items()})
         if self.server is not None:
@@ -373,7 +418,8 @@ class Engine(TrafficLedger):
         if self.last_broadcast is not None:
             restarted = [e["client"] for e in self.events if e["event"] == "client_restarted"]
             self._get([self.actors[cid].apply_adapters(self.last_broadcast) for cid in restarted])
-        self.snapshots = {cid: self._get(self.actors[cid].state_dict(False)) for cid in self.live}
+        # A client still out keeps the snapshot it was lost with: the state it comes back to.
+        self.snapshots.update(self._each({cid: (lambda c=cid: self.actors[c].state_dict(False)) for cid in self.live}))
 
     def _restart_client(self, cid: int) -> None:
         """A lost client comes back with the last aggregated weights of its blocks and its state."""

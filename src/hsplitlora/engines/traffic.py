@@ -41,7 +41,11 @@ class TrafficLedger:
             self.traffic[client_id][category] += nbytes
 
     def reset_traffic(self) -> None:
+        """A new round's ledger; events not yet reported (a client lost while the last round's
+        checkpoint was taken) carry over into this round's report."""
+        events = self.events
         self.start_ledger(list(self.traffic))
+        self.events = events
 
     def step_all(self) -> list[float | None]:
         """One local step of every client; its loss (None for a client lost during the step)."""
