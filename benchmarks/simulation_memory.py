@@ -242,8 +242,10 @@ def main() -> None:
         print(f"RESULT round_seconds_k{args.round_clients}_sampled{args.sampled}={row['seconds']:.1f}")
     if args.ray_clients:
         command = [sys.executable, __file__, "--ray-round-worker", str(args.ray_clients)]
-        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-        row = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"the Ray round failed:\n{done.stderr.strip()[-2000:]}")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
         actors = row["client_actor_pss"]
         mean = sum(actors) / max(1, len(actors))
         print(f"one round on the Ray engine, {args.ray_clients} client actors (split points {row['split_points']}), "

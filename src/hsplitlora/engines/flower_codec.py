@@ -23,25 +23,14 @@ from hsplitlora.compression import MODES, Packed
 from hsplitlora.data.e2e import Batch
 from hsplitlora.errors import MalformedMessage
 from hsplitlora.method.aggregation import AdapterFactors, StackedDelta
+from hsplitlora.roles import messages as wire  # the message types, by name: wire.Activations, ...
 from hsplitlora.roles.adapters import ANCHOR_CODES
-from hsplitlora.roles.messages import (
-    ActivationGradient,
-    Activations,
-    AdapterBroadcast,
-    AdapterUpload,
-    MiddleActivations,
-    ModelUpdate,
-    OwnTerm,
-    PartialStack,
-    RoundPlan,
-    StepRecord,
-    TailGradient,
-)
 
 ARRAYS, CALL = "arrays", "call"  # the RecordDict's two records
 MESSAGES = {cls.__name__: cls for cls in (
-    Activations, ActivationGradient, MiddleActivations, TailGradient, StepRecord, RoundPlan, AdapterUpload, OwnTerm,
-    PartialStack, ModelUpdate, AdapterBroadcast, Packed, AdapterFactors, StackedDelta, Batch,
+    wire.Activations, wire.ActivationGradient, wire.MiddleActivations, wire.TailGradient, wire.StepRecord,
+    wire.RoundPlan, wire.AdapterUpload, wire.OwnTerm, wire.PartialStack, wire.ModelUpdate, wire.AdapterBroadcast,
+    Packed, AdapterFactors, StackedDelta, Batch,
 )}  # fmt: skip
 DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16, torch.int32,
@@ -214,17 +203,17 @@ def _check(message, where: str) -> None:
              f"a {message.mode} payload is {message.data.dtype}, not {PACKED_DTYPES[message.mode]}")  # fmt: skip
         scaled = message.mode in ("fp16", "int8")
         need((message.scale is not None) == scaled, f"{message.mode} {'needs' if scaled else 'has no'} scales")
-    elif isinstance(message, Activations | ActivationGradient | MiddleActivations | TailGradient):
+    elif isinstance(message, wire.Activations | wire.ActivationGradient | wire.MiddleActivations | wire.TailGradient):
         payload = message.hidden if hasattr(message, "hidden") else message.grad
         need(isinstance(payload, Packed | torch.Tensor), "the payload is neither a tensor nor Packed")
         need(len(payload.shape) == 3, f"the payload has shape {list(payload.shape)}, not (batch, tokens, hidden)")
-        if isinstance(message, Activations):
+        if isinstance(message, wire.Activations):
             mask = message.attention_mask
             need(is_tensor(mask, 2) and tuple(mask.shape) == tuple(payload.shape[:2]),
                  "the attention mask is not (batch, tokens) of the activations")  # fmt: skip
             need(message.labels is None or (is_tensor(message.labels) and message.labels.shape ==
                  message.attention_mask.shape), "the labels are not shaped as the attention mask")  # fmt: skip
-        if isinstance(message, ActivationGradient):
+        if isinstance(message, wire.ActivationGradient):
             need(message.loss is None or math.isfinite(message.loss), f"the loss is {message.loss}")
     elif isinstance(message, AdapterFactors):
         need(is_tensor(message.a, 2) and is_tensor(message.b, 2), "a and b are not matrices")
@@ -241,8 +230,8 @@ def _check(message, where: str) -> None:
     elif isinstance(message, Batch):
         shapes = {tuple(t.shape) for t in (message.input_ids, message.attention_mask, message.labels)}
         need(len(shapes) == 1 and len(next(iter(shapes))) == 2, "ids, mask and labels differ in (batch, tokens)")
-    elif isinstance(message, AdapterUpload):
+    elif isinstance(message, wire.AdapterUpload):
         need(isinstance(message.factors, dict) and all(isinstance(f, AdapterFactors) for f in message.factors.values()),
              "the factors are not AdapterFactors by candidate")  # fmt: skip
-    elif isinstance(message, RoundPlan):
+    elif isinstance(message, wire.RoundPlan):
         need(isinstance(message.split_point, int) and message.split_point >= 0, "the split point is not a count")
