@@ -47,9 +47,22 @@ from hsplitlora.units import parse_bytes
 MAIN = ("hsplitlora", "splitlora", "splitlora-paper", "hetlora", "flora", "flexlora")  # several seeds, every regime
 ABLATIONS = ("no-iwi", "no-armsc", "no-armsc-paper", "no-naa", "hsplitlora-recreate")  # one seed, paper's regime
 REFERENCES = ("fedlora", "cenlora")  # one seed, in the paper's regime, if the budget allows
-ALL_LABELS = MAIN + ABLATIONS + REFERENCES
-VARIANTS = {"hsplitlora-recreate": ("hsplitlora", {"adapter_lifecycle": "recreate"})}
-NAA_LABELS = ("hsplitlora", "no-iwi", "no-armsc", "no-armsc-paper", "hsplitlora-recreate")  # NAA's exact update
+# Seed 0 of regimes v and vi: hsplitlora with NAA's exact update where the regime sends the SVD-EF one
+# (what the truncation's delay costs; in the paper's regime it would be hsplitlora itself), and
+# hsplitlora and splitlora with the standard scaling alpha / r where the regime scales every
+# adapter by alpha / sqrt(r) (rank-stabilised: under alpha / r a rank-32 adapter moves B A about
+# sqrt(8) times less per step than a rank-4 one at the same lr; measured in regime v, seed 0, it
+# lowers both strategies' final perplexity, so both get it).
+SETTING_VARIANTS = ("hsplitlora-exact", "hsplitlora-standard", "splitlora-standard")
+ALL_LABELS = MAIN + ABLATIONS + REFERENCES + SETTING_VARIANTS
+VARIANTS = {
+    "hsplitlora-recreate": ("hsplitlora", {"adapter_lifecycle": "recreate"}),
+    "hsplitlora-exact": ("hsplitlora", {"update_form": "exact"}),
+    "hsplitlora-standard": ("hsplitlora", {"lora_scaling": "standard"}),
+    "splitlora-standard": ("splitlora", {"lora_scaling": "standard"}),
+}
+NAA_LABELS = ("hsplitlora", "no-iwi", "no-armsc", "no-armsc-paper", "hsplitlora-recreate", "hsplitlora-exact",
+              "hsplitlora-standard")  # fmt: skip  # NAA's exact update
 SENT_KEYS = ("bytes_activations", "bytes_gradients", "bytes_adapters_up", "bytes_adapters_down")
 TABLES_START, TABLES_END = "<!-- study-tables:start -->", "<!-- study-tables:end -->"
 
@@ -72,6 +85,7 @@ class Regime:
     rounds: int | None = None  # None: the study's
     local_steps: int | None = None  # None: the study's
     naa_settings: dict = field(default_factory=dict)  # settings of the labels that send NAA's update (NAA_LABELS)
+    settings: dict = field(default_factory=dict)  # settings of every run here (a label's own change wins)
     labels: tuple[str, ...] = MAIN  # the main strategies run here with every seed (whole-model ones only if they fit)
     ablations: tuple[str, ...] = ()  # seed 0 here too (the main regime runs every ablation)
 
@@ -112,7 +126,10 @@ LEAN_TIERS = {  # regime vi: budgets that hold rank 32 on every matrix at no cut
     "workstation": ("700MB", 5000, 1000),
 }
 SVD_EF = {"update_form": "svd-ef", "update_rank": 32}  # NAA's update at about a factor average's bytes
-SEED_ABLATIONS = ("no-iwi", "no-naa", "no-armsc", "hsplitlora-recreate")  # seed 0 in regimes v and vi
+# Regimes v and vi scale every adapter by alpha / sqrt(r): the better choice for hsplitlora and for
+# the best uniform splitlora alike (regime v, seed 0: 3.654 against 3.889 and 3.698 against 3.795).
+RSLORA = {"lora_scaling": "rslora"}
+SEED_ABLATIONS = SETTING_VARIANTS + ("no-iwi", "no-naa", "no-armsc", "hsplitlora-recreate")  # seed 0 in v and vi
 
 
 def tiered(tiers: dict[str, tuple[str, float, float]], per_tier: int) -> dict:
@@ -180,6 +197,7 @@ FULL = StudySpec(
             labels=("hsplitlora", "splitlora", "splitlora-paper"),
             ablations=SEED_ABLATIONS,
             naa_settings=SVD_EF,
+            settings=RSLORA,
         ),
         # Budgets (clients and main server) that hold rank 32 on every matrix at no cut: importance
         # decides which matrices get rank.
@@ -195,6 +213,7 @@ FULL = StudySpec(
             labels=("hsplitlora", "splitlora", "splitlora-paper"),
             ablations=SEED_ABLATIONS,
             naa_settings=SVD_EF,
+            settings=RSLORA,
         ),
     ),  # fmt: skip
     rounds=4,
@@ -268,7 +287,8 @@ def run_config(spec: StudySpec, regime: Regime, label: str, seed: int, output_di
         server_flops=regime.server_flops, partition=regime.partition, targets=list(spec.targets),
         rank_levels=list(spec.rank_levels),
         rho=spec.rho, lr=spec.lr, batch_size=spec.batch_size, max_seq_len=spec.max_seq_len,
-        val_size=spec.val_size, seed=seed, output_dir=str(output_dir), **{**server, **spec.extra, **changes},
+        val_size=spec.val_size, seed=seed, output_dir=str(output_dir),
+        **{**regime.settings, **server, **spec.extra, **changes},
     ).validate()  # fmt: skip
 
 
@@ -310,9 +330,19 @@ def _same_config(run_dir: Path, config: RunConfig) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))
+    if "clients_per_round" not in saved and _warms_up(config):
+        return False  # written before the warm-up drew batches of its own: its training stream differs
     # A setting added since the run was written had its default then: a missing key means the default.
+    # Where the folder lies is not a setting (a run moved to another label's folder is the same run).
     defaults = json.loads(json.dumps(dataclasses.asdict(RunConfig())))
-    return all(saved.get(key, defaults[key]) == value for key, value in wanted.items())
+    return all(saved.get(key, defaults[key]) == value for key, value in wanted.items() if key != "output_dir")
+
+
+def _warms_up(config: RunConfig) -> bool:
+    """Whether the run's strategy takes round 1's importance from a warm-up step."""
+    from hsplitlora.strategies import STRATEGIES
+
+    return STRATEGIES[config.strategy].uses_importance and config.rank is None
 
 
 def _run_one(config: RunConfig, log) -> None:
@@ -399,9 +429,10 @@ def _collect(run_dir: Path, regime: str, label: str, seed: int, clients: int) ->
 
 def run_study(
     spec: StudySpec, out_dir: Path, results_dir: Path, log=print, regimes: tuple[str, ...] | None = None,
-    evaluate: bool = True,
+    evaluate: bool = True, only: tuple[str, ...] | None = None,
 ) -> dict:  # fmt: skip
-    """Run (or reuse) every planned run (of `regimes` only, if given), then E2E metrics for seed 0
+    """Run (or reuse) every planned run (of `regimes` only, if given; only the runs named
+    regime/label/seed in `only`, if given), then E2E metrics for seed 0
     of the main strategies in the main regime; write results.json (every finished run under
     `out_dir`, of any regime) and plots."""
     out_dir, results_dir = Path(out_dir), Path(results_dir)
@@ -414,6 +445,8 @@ def run_study(
         config = run_config(spec, source, label, seed, run_dir)
         done = (run_dir / "summary.json").is_file() and _same_config(run_dir, config)
         if not done and regimes is not None and regime_name not in regimes:
+            continue
+        if not done and only is not None and f"{regime_name}/{label}/{seed}" not in only:
             continue
         shared = f" (the run of regime {source.name})" if source is not regime else ""
         log(f"[{index}/{len(runs)}] regime {regime_name} {label} seed {seed}{shared}" + (" (reused)" if done else ""))
@@ -747,15 +780,26 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train only these regimes now, e.g. ii (finished runs of the others are still reported)",
     )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="train only these runs now, regime/label/seed, e.g. v/hsplitlora/1,v/splitlora/1",
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the E2E generation (it can run later)")
     args = parser.parse_args(argv)
     spec = QUICK if args.quick else FULL
     out = Path(args.out or ("runs/study-quick" if args.quick else "docs/results/runs"))
     results_dir = Path(args.results or (out if args.quick else "docs/results"))
     regimes = tuple(args.regimes.split(",")) if args.regimes else None
+    only = tuple(args.only.split(",")) if args.only else None
+    if only is not None:
+        known = {f"{r}/{label}/{seed}" for r, label, seed in planned_runs(spec)}
+        unknown = [name for name in only if name not in known]
+        if unknown:
+            parser.error(f"--only {unknown[0]}: not a run of the study; name one regime/label/seed, e.g. v/splitlora/0")
     started = time.perf_counter()
     results = run_study(spec, out, results_dir, log=lambda message: print(message, file=sys.stderr, flush=True),
-                        regimes=regimes, evaluate=not args.no_eval)  # fmt: skip
+                        regimes=regimes, evaluate=not args.no_eval, only=only)  # fmt: skip
     tables = tables_markdown(results)
     (results_dir / "tables.md").write_text(tables)
     if args.doc:
@@ -785,7 +829,7 @@ def plot_study(results: dict, results_dir: Path) -> list[Path]:
             for strategy in labels_in(results, regime):
                 runs = runs_of(results, regime, strategy)
                 xs, ys = _mean_curve(runs, key)
-                style = "--" if whole_model(strategy) else (":" if strategy in ABLATIONS else "-")
+                style = "--" if whole_model(strategy) else (":" if strategy in ABLATIONS + SETTING_VARIANTS else "-")
                 suffix = f" (mean of {len(runs)})" if len(runs) > 1 else ""
                 color = f"C{ALL_LABELS.index(strategy) % 10}"  # one colour per strategy in every panel
                 ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=strategy + suffix)

@@ -58,41 +58,38 @@ def test_deployment_with_tls_and_node_keys_equals_in_process_and_refuses_a_stran
         assert stranger.wait(timeout=60) != 0
         assert "could not establish a connection to the SuperLink" in federation.log("supernode2")
         assert len(federation.online()) == 2
-        federation.run_app({**SETTINGS, "output_dir": str(tmp_path / "flower")}, timeout_s=500)
-        started = federation.descendants()
-        lost = run_losing_a_node(federation, tmp_path / "faults")
-        started += federation.descendants()
+        lines, online_after, started = run_losing_a_node(federation, tmp_path / "flower")
     finally:
         federation.stop()
     assert ours_left([p.pid for p in federation.processes.values()] + started) == []
-    lines = (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()
-    flower = [json.loads(line) for line in lines]
-    assert without_wall(flower) == without_wall(json.loads(json.dumps(local)))
+    # Until a node was killed, the run's numbers are exactly the in-process run's.
+    assert without_wall(lines[:KILLED_AFTER]) == without_wall(json.loads(json.dumps(local)))
     # The killed node's client was left out, the run went on, and once its node was back, so was it.
-    lines, online_after = lost
-    assert [line["round"] for line in lines] == list(range(1, ROUNDS_LOSING + 1))
+    assert [line["round"] for line in lines] == list(range(1, ROUNDS + 1))
     events = [[(e["event"], e["client"]) for e in line["events"] if "client" in e] for line in lines]
     out = next(i for i, found in enumerate(events) if ("client_lost", 1) in found)
-    assert online_after < ROUNDS_LOSING, "the node came back only after the last round (the machine is too slow)"
+    assert out >= KILLED_AFTER
+    assert online_after < ROUNDS, "the node came back only after the last round (the machine is too slow)"
     back = next(i for i in range(max(out, online_after) + 1, len(lines))
                 if next(c for c in lines[i]["clients"] if c["client"] == 1)["samples"] > 0)  # fmt: skip
     assert ("client_restarted", 1) in events[back]
     assert all(line["val_ppl"] is not None for line in lines)
 
 
-ROUNDS_LOSING = 6
+KILLED_AFTER = SETTINGS["rounds"]  # rounds before the kill, compared with the in-process run
+ROUNDS = KILLED_AFTER + 4  # the round it is lost in, one it may still be down in, the one it is back in, one spare
 
 
-def run_losing_a_node(federation: LocalFederation, out) -> tuple[list[dict], int]:
-    """A run in which client 1's SuperNode is killed (SIGKILL) once round 1 is done, and started
-    again once the run has left it out: the run's metrics, and how many rounds had ended when the
-    node was online again."""
+def run_losing_a_node(federation: LocalFederation, out) -> tuple[list[dict], int, list[int]]:
+    """A run (`flwr run`) in which client 1's SuperNode is killed (SIGKILL) once KILLED_AFTER rounds
+    are done, and started again once the run has left it out: the run's metrics, how many rounds had
+    ended when the node was online again, and the processes the federation had started for the run."""
     metrics = out / "metrics.jsonl"
     failures: list[BaseException] = []
 
     def target() -> None:
         try:
-            federation.run_app({**SETTINGS, "rounds": ROUNDS_LOSING, "output_dir": str(out)}, timeout_s=500)
+            federation.run_app({**SETTINGS, "rounds": ROUNDS, "output_dir": str(out)}, timeout_s=600)
         except BaseException as error:  # noqa: BLE001  (raised below, in the test's thread)
             failures.append(error)
 
@@ -107,7 +104,8 @@ def run_losing_a_node(federation: LocalFederation, out) -> tuple[list[dict], int
 
     thread = threading.Thread(target=target)
     thread.start()
-    wait_for(lambda: len(lines()) >= 1, 300)
+    wait_for(lambda: len(lines()) >= KILLED_AFTER, 400)
+    started = federation.descendants()  # the ServerApp and what it started, while they run
     federation.kill_supernode(1)
     wait_for(lambda: any(e.get("event") == "client_lost" for line in lines() for e in line["events"]), 300)
     federation.start_supernode(1, client_id=1)  # the same key: the same node, with nothing in memory
@@ -116,4 +114,4 @@ def run_losing_a_node(federation: LocalFederation, out) -> tuple[list[dict], int
     thread.join(timeout=600)
     if failures:
         raise failures[0]
-    return lines(), online_after
+    return lines(), online_after, started + federation.descendants()

@@ -180,3 +180,27 @@ def test_an_anchored_adapter_adds_exactly_nothing_until_it_trains():
         assert torch.equal(layer(x), layer.base(x))  # bit for bit: the same ops on equal factors
         layer.lora_B[MAIN_SLOT]["a"].add_(0.5)
         assert not torch.equal(layer(x), layer.base(x))
+
+
+def test_rank_stabilised_scaling_is_alpha_over_root_rank_and_resizing_keeps_the_update():
+    """lora_scaling rslora: the layer adds alpha / sqrt(r) B A x; growing and shrinking keep it."""
+    layer = make_layer("linear")
+    generator = torch.Generator().manual_seed(3)
+    layer.set_adapter("a", MAIN_SLOT, 4, 16.0, generator, scaling="rslora")
+    with torch.no_grad():
+        layer.lora_B[MAIN_SLOT]["a"].normal_(0, 0.1, generator=generator)
+    a, b, scale = layer.factors("a", MAIN_SLOT)
+    assert scale == 16.0 / 2.0
+    x = torch.randn(2, 3, layer.in_features)
+    layer.active_adapter = "a"
+    with torch.no_grad():
+        expected = layer.base(x) + 8.0 * x @ (b @ a).T
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+        dense = layer.delta("a", MAIN_SLOT).clone()
+        layer.resize_adapter("a", MAIN_SLOT, 16, 16.0, generator, scaling="rslora")  # grow: scale 4
+        assert layer.factors("a", MAIN_SLOT)[2] == 4.0
+        torch.testing.assert_close(layer.delta("a", MAIN_SLOT), dense, atol=1e-6, rtol=0)
+        layer.resize_adapter("a", MAIN_SLOT, 4, 16.0, generator, scaling="rslora")  # shrink back: rank 4 holds it
+        torch.testing.assert_close(layer.delta("a", MAIN_SLOT), dense, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="choose standard or rslora"):
+        layer.set_adapter("b", MAIN_SLOT, 2, 16.0, scaling="sqrt")

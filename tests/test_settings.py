@@ -52,6 +52,8 @@ def records(tmp_path):
         ({"rank": 0}, "rank 0 gives no client an adapter, so nothing would be trained"),
         ({"rank": [0, 0], "clients": 2}, "gives no client an adapter"),
         ({"rank_levels": [0]}, "rank_levels [0] hold no positive rank"),
+        ({"strategy": "ft", "lora_scaling": "rslora"}, "lora_scaling rslora sets the adapters' scale, and ft trains"),
+        ({"lora_scaling": "sqrt"}, "lora_scaling 'sqrt' is unknown; choose standard or rslora"),
     ],
 )
 def test_a_setting_that_would_be_ignored_is_refused_with_the_reason(settings, message):

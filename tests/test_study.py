@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from study import ALL_LABELS, MAIN, QUICK, main, planned_runs, tables_in, tables_markdown, verdict
+from study import ABLATIONS, MAIN, QUICK, REFERENCES, main, planned_runs, tables_in, tables_markdown, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def test_quick_study_runs_every_strategy_and_writes_tables_and_plots(tmp_path, c
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
     assert len(runs) == len(planned_runs(QUICK))
-    assert {r["strategy"] for r in runs if r["regime"] == QUICK.main_regime} == set(ALL_LABELS)
+    assert {r["strategy"] for r in runs if r["regime"] == QUICK.main_regime} == set(MAIN + ABLATIONS + REFERENCES)
     for regime in QUICK.regimes:
         for strategy in regime.labels:
             seeds = {r["seed"] for r in runs if r["regime"] == regime.name and r["strategy"] == strategy}
@@ -45,7 +45,7 @@ def test_quick_study_runs_every_strategy_and_writes_tables_and_plots(tmp_path, c
     assert config["strategy"] == "hsplitlora" and config["adapter_lifecycle"] == "recreate"
     tables = (out / "tables.md").read_text()
     assert tables == tables_markdown(results)
-    for strategy in ALL_LABELS:
+    for strategy in {r["strategy"] for r in runs}:
         assert f"| {strategy} |" in tables
     for regime in QUICK.regimes:
         assert f"### Regime {regime.name}:" in tables
@@ -104,3 +104,10 @@ def test_the_verdict_judges_paired_differences_per_seed_and_the_table_shows_ever
     # Differences that change sign from seed to seed are within their spread: the goal is not met.
     (line,) = verdict(_fake_results([3.0, 4.0, 5.0], [3.05, 3.95, 5.02], [[1, 2]] * 3), "ii")
     assert "within the paired spread" in line and "goal not met" in line
+
+
+def test_only_names_runs_of_the_study(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--quick", "--only", "v/hsplitlora/0,v/nosuch/0"])
+    assert caught.value.code == 2
+    assert "--only v/nosuch/0: not a run of the study" in capsys.readouterr().err

@@ -63,6 +63,8 @@ class RunConfig:
     split_point: int | list[int] | None = None
     rank: int | list[int] | None = None
     alpha: float = 16.0
+    # The adapter's scale: standard (alpha / r, LoRA's) | rslora (alpha / sqrt(r), rank-stabilised)
+    lora_scaling: str = "standard"
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     rank_levels: list[int] = field(default_factory=lambda: [0, 2, 4, 8, 16])
     rho: float = 0.25
@@ -237,6 +239,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "split_mode": SPLIT_MODES,
     "split_rule": ("fastest", "deepest"),
     "adapter_lifecycle": ("persist", "recreate"),
+    "lora_scaling": ("standard", "rslora"),
     "update_form": ("exact", "svd-ef"),
     "engine": ENGINES,
     "partition": ("iid", "dirichlet"),
@@ -274,7 +277,9 @@ FLAGS: dict[str, str] = {
     "server_flops": "the main server's speed in FLOP/s, for the time model",
     "split_point": "fixed split point(s), one or one per client, overriding the planner",
     "rank": "fixed LoRA rank(s), one or one per client, overriding the planner",
-    "alpha": "LoRA alpha (the scale is alpha / rank)",
+    "alpha": "LoRA alpha (the scale is alpha / rank, or alpha / sqrt(rank) with lora_scaling rslora)",
+    "lora_scaling": "the adapter's scale: standard (alpha / rank) or rslora (alpha / sqrt(rank): every rank learns "
+    "at one speed)",
     "targets": "candidate matrices, from q,k,v,o,gate,up,down",
     "rank_levels": "rank levels Q the planner chooses from: distinct, with 0 (no adapter) among them",
     "rho": "share of each budget kept for adapters, in [0, 1)",

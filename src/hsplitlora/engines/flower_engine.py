@@ -48,7 +48,7 @@ CALLS = (
 REPLY_TIMEOUT_S = 3600.0  # a reply later than this means the node is gone
 # How often the driver asks for replies: from 1 ms after sending (a split step is a few round
 # trips), backing off to 50 ms (on a SuperLink each ask is an HTTPS request, and CPU is shared).
-POLL_S, POLL_MAX_S = 0.001, 0.05
+POLL_S, POLL_MAX_S = 0.001, 0.1
 CONNECT_TIMEOUT_S = 120.0  # the nodes of every client have connected within this
 CLIENT_MODS: list = []  # Flower mods every ClientApp this process starts runs its messages through
 # A file named here gets one JSON line per exchange the driver makes (benchmarks/flower_overhead.py):

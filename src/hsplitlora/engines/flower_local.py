@@ -27,7 +27,11 @@ from hsplitlora.errors import UsageError
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 60.0
-IDLE_POLL_S = 0.02  # a SuperNode with nothing to do asks again after this (Flower's own: 3 s)
+# A SuperNode with nothing to do asks the SuperLink again after IDLE_POLL_S, backing off to
+# IDLE_POLL_MAX_S (Flower's own waits 3 s, several times a split step's compute on a small model;
+# polling every 20 ms kept the SuperLink and both nodes at half a core of two); while its ClientApp
+# works it looks for the reply every REPLY_POLL_S (in its own memory; Flower's own: 0.5 s).
+IDLE_POLL_S, IDLE_POLL_MAX_S, REPLY_POLL_S = 0.01, 0.2, 0.01
 # A SuperNode's heartbeat: the SuperLink holds a node that missed two as offline and answers every
 # message to it with an error at once, so the run leaves a killed node's client out within about
 # 2 x this (Flower's default is 30 s, the least its SuperLink accepts 10 s; at 10 s, nodes on two
@@ -206,11 +210,28 @@ class LocalFederation:
                 process.wait()
 
     def online(self) -> list[int]:
-        """The node ids the SuperLink lists as online."""
-        listed = json.loads(self.flwr("supernode", "list", "local", "--format", "json"))
-        nodes = listed.get("nodes", listed) if isinstance(listed, dict) else listed
-        return [int(n["node-id"] if "node-id" in n else n["node_id"]) for n in nodes
-                if str(n.get("status", "")).lower() == "online"]  # fmt: skip
+        """The node ids the SuperLink lists as online: `flwr supernode list`'s request, made from
+        this process over the same TLS connection (a `flwr` process takes seconds to start)."""
+        from flwr.cli.typing import SuperLinkConnection
+        from flwr.cli.utils import init_http_client_from_connection
+        from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
+
+        before = os.environ.get("FLWR_HOME")
+        os.environ["FLWR_HOME"] = str(self.home)  # where the CLI's client reads its (absent) login
+        try:
+            connection = SuperLinkConnection(name="local", address=self.address,
+                                             root_certificates=str(self.credentials.ca))  # fmt: skip
+            client = init_http_client_from_connection(connection)
+            try:
+                listed = client.ListNodes(ListNodesRequest())
+            finally:
+                client.close()
+        finally:
+            if before is None:
+                os.environ.pop("FLWR_HOME", None)
+            else:
+                os.environ["FLWR_HOME"] = before
+        return [int(node.node_id) for node in listed.nodes_info if node.status.lower() == "online"]
 
     def start(self) -> LocalFederation:
         """The SuperLink, every client's key registered, and one SuperNode per client, online."""
@@ -299,9 +320,10 @@ def app_pyproject(settings: dict) -> str:
 
 
 def supernode() -> None:
-    """Flower's `flower-supernode` (same arguments), asking for messages every IDLE_POLL_S when idle
-    (a split step is several round trips, and Flower 1.42's SuperNode waits 3 s after every empty
-    pull) and beating every HEARTBEAT_S (a killed node is noticed sooner)."""
+    """Flower's `flower-supernode` (same arguments), asking for messages from IDLE_POLL_S on when
+    idle, backing off to IDLE_POLL_MAX_S (a split step is several round trips, and Flower 1.42's
+    SuperNode waits 3 s after every empty pull), and beating every HEARTBEAT_S (a killed node is
+    noticed sooner)."""
     import time as real_time
 
     import flwr.supernode.fleet_http_connection as connection
@@ -311,12 +333,22 @@ def supernode() -> None:
     connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
 
     class Clock:
+        """The SuperNode loop's `time`: its 3 s wait after an empty pull becomes the idle back-off;
+        its 0.5 s waits (for the ClientApp's reply, or for an object of it) become REPLY_POLL_S and
+        restart the back-off (a message came: the next one of the step follows soon)."""
+
+        idle = IDLE_POLL_S
+
         def __getattr__(self, name: str):
             return getattr(real_time, name)
 
-        @staticmethod
-        def sleep(seconds: float) -> None:
-            real_time.sleep(min(seconds, IDLE_POLL_S))
+        def sleep(self, seconds: float) -> None:
+            if seconds >= 1:
+                real_time.sleep(self.idle)
+                self.idle = min(2 * self.idle, IDLE_POLL_MAX_S)
+            else:
+                self.idle = IDLE_POLL_S
+                real_time.sleep(min(seconds, REPLY_POLL_S))
 
     loop.time = Clock()
     sys.argv[0] = "flower-supernode"

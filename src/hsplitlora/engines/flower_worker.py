@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-POLL_S, POLL_MAX_S = 0.002, 0.05  # an idle worker asks its SuperNode for a task again, backing off
+POLL_S, POLL_MAX_S = 0.002, 0.1  # an idle worker asks its SuperNode for a task again, backing off
 
 
 def serve(runtime_api_address: str, poll_s: float = POLL_S) -> None:

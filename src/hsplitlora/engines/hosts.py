@@ -42,7 +42,7 @@ def client_role(
     its warm-up stream), its `Cut` in the run's compression, the run's DP."""
     batches, warmup = client_batchers(list(items), spec.batch_size, spec.pad_id, spec.seed, client_id)
     return Client(client_id, batches, candidates, spec.lr, spec.alpha, spec.seed, spec.compression,
-                  spec.client_device, warmup, Cut(spec.compression), spec.dp)  # fmt: skip
+                  spec.client_device, warmup, Cut(spec.compression), spec.dp, spec.lora_scaling)  # fmt: skip
 
 
 def server_role(
@@ -50,7 +50,8 @@ def server_role(
 ) -> MainServer:
     """The main server on the spec's server device; `cuts`: the clients' own `Cut`s when they live
     in this process (else it builds one per client in the run's compression)."""
-    return MainServer(candidates, spec.lr, spec.alpha, spec.seed, spec.compression, spec.server_device, cuts, spec.dp)
+    return MainServer(candidates, spec.lr, spec.alpha, spec.seed, spec.compression, spec.server_device, cuts, spec.dp,
+                      spec.lora_scaling)  # fmt: skip
 
 
 class Host:

@@ -33,6 +33,7 @@ class HostSpec:
     server_device: str
     threads: int | None
     dp: DPSettings = NO_DP  # the run's differential privacy, sigmas calibrated
+    lora_scaling: str = "standard"  # standard (alpha / r) or rslora (alpha / sqrt(r))
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,4 +70,5 @@ def host_spec(config, pad_id: int, num_blocks: int, where, dp=None) -> HostSpec:
         server_quant=config.server_quant, client_device=str(where.client), server_device=str(where.server),
         # Steps are sequential (client, server, client), so each host may use every core.
         threads=config.threads or os.cpu_count(), dp=dp if dp is not None else NO_DP,
+        lora_scaling=config.lora_scaling,
     )  # fmt: skip

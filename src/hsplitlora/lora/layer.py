@@ -2,6 +2,8 @@
 
     y = W x + b + (alpha / r_a) * (B_a A_a - B0_a A0_a) x          for the one active adapter a
 
+(or alpha / sqrt(r_a) with rank-stabilised scaling, `lora_scale`).
+
 (B0, A0) is the adapter's *anchor* (method.md section 6, persistent adapters): the factors it had
 when W last absorbed the federation's update, so that at that moment every holder computes exactly
 W. An adapter without an anchor has B0 A0 = 0.
@@ -21,6 +23,20 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hsplitlora.lora.quant import QuantizedWeight, quantize, quantized_linear
+
+SCALINGS = ("standard", "rslora")
+
+
+def lora_scale(alpha: float, rank: int, scaling: str = "standard") -> float:
+    """The factor of B A: alpha / r (LoRA's, method.md section 2), or alpha / sqrt(r) (rank-stabilised
+    LoRA, Kalajdzievski 2023; peft's use_rslora), under which an update of B moves B A by the same
+    amount at every rank, so a higher rank does not learn more slowly at the same learning rate."""
+    if scaling == "rslora":
+        return alpha / math.sqrt(rank)
+    if scaling != "standard":
+        raise ValueError(f"LoRA scaling {scaling!r} is unknown; choose {' or '.join(SCALINGS)}")
+    return alpha / rank
+
 
 MAIN_SLOT = "main"
 ADAPTER_DTYPE = torch.float32  # adapters, their anchors and optimizer state, whatever the frozen W's dtype
@@ -83,8 +99,10 @@ class MultiLoRALayer(nn.Module):
         rank: int,
         alpha: float,
         generator: torch.Generator | None = None,
+        scaling: str = "standard",
     ) -> None:
-        """(Re)create adapter `name` on `slot` fresh: A Kaiming-uniform, B = 0; rank 0 removes it."""
+        """(Re)create adapter `name` on `slot` fresh: A Kaiming-uniform, B = 0, scale
+        `lora_scale(alpha, rank, scaling)`; rank 0 removes it."""
         self.remove_adapter(name, slot)
         if rank == 0:
             return
@@ -96,7 +114,7 @@ class MultiLoRALayer(nn.Module):
         b = torch.zeros(hi - lo, rank, dtype=ADAPTER_DTYPE, device=device)
         self.lora_A[slot][name] = nn.Parameter(a)
         self.lora_B[slot][name] = nn.Parameter(b)
-        self.scaling[(name, slot)] = alpha / rank
+        self.scaling[(name, slot)] = lora_scale(alpha, rank, scaling)
 
     def remove_adapter(self, name: str, slot: str | None = None) -> None:
         for one in [slot] if slot is not None else list(self.slot_bounds):
@@ -119,10 +137,12 @@ class MultiLoRALayer(nn.Module):
 
     @torch.no_grad()
     def resize_adapter(
-        self, name: str, slot: str, rank: int, alpha: float, generator: torch.Generator | None = None
-    ) -> None:
-        """Give adapter `name` rank `rank` keeping (alpha/r) B A: grow appends random rows to A and
-        zero columns to B; shrink keeps the best rank-r factorisation of (alpha/r) B A. An anchored
+        self, name: str, slot: str, rank: int, alpha: float, generator: torch.Generator | None = None,
+        scaling: str = "standard",
+    ) -> None:  # fmt: skip
+        """Give adapter `name` rank `rank` keeping s B A (s = lora_scale(alpha, r, scaling)): grow
+        appends random rows to A and zero columns to B; shrink keeps the best rank-r factorisation of
+        s B A. An anchored
         adapter is re-anchored at its new factors (it was at its anchor: the output is unchanged).
         No adapter yet: a fresh one; rank 0: removed."""
         current = self.rank(name, slot)
@@ -130,14 +150,14 @@ class MultiLoRALayer(nn.Module):
             return
         if current == 0 or rank == 0:
             anchored = (name, slot) in self.anchors
-            self.set_adapter(name, slot, rank, alpha, generator)
+            self.set_adapter(name, slot, rank, alpha, generator, scaling)
             if anchored and rank:
                 self.set_anchor(name, slot)
             return
         from hsplitlora.method.aggregation import low_rank_factors  # the one SVD of stacked factors
 
         a, b = self.lora_A[slot][name], self.lora_B[slot][name]
-        old_scale, new_scale = self.scaling[(name, slot)], alpha / rank
+        old_scale, new_scale = self.scaling[(name, slot)], lora_scale(alpha, rank, scaling)
         if rank > current:
             extra = _kaiming_rows(rank - current, self.in_features, generator).to(a.device)
             new_a = torch.cat([a.detach(), extra])

@@ -24,10 +24,12 @@ class AdapterHolder:
     results, and their optimizer state (one schema for checkpoints: `adapter_state`)."""
 
     def __init__(
-        self, candidates: Mapping[str, Candidate], alpha: float, lr: float, generator: torch.Generator, seed: int = 0
+        self, candidates: Mapping[str, Candidate], alpha: float, lr: float, generator: torch.Generator, seed: int = 0,
+        scaling: str = "standard",
     ):  # fmt: skip
         self.candidates = dict(candidates)
         self.alpha = alpha
+        self.scaling = scaling  # lora_scale's rule: standard (alpha / r) or rslora (alpha / sqrt(r))
         self.lr = lr
         self.generator = generator
         self.seed = seed  # of the run: adapters that are averaged factor by factor start alike everywhere
@@ -42,7 +44,7 @@ class AdapterHolder:
         """Every adapter fresh (A random, B = 0), at the plan's ranks."""
         for candidate, layer in self._layers(part).items():
             layer.set_adapter(
-                name, self.candidates[candidate].slot, ranks.get(candidate, 0), self.alpha, self.generator
+                name, self.candidates[candidate].slot, ranks.get(candidate, 0), self.alpha, self.generator, self.scaling
             )
             self.anchor_status[(name, candidate)] = "zero"
 
@@ -60,7 +62,7 @@ class AdapterHolder:
                 # Factor averaging needs one initial A for every client, as a server that hands out
                 # the global adapter gives (a rank-r A is the first r rows of a larger one).
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(candidate.encode()))
-            layer.resize_adapter(name, slot, rank, self.alpha, generator)
+            layer.resize_adapter(name, slot, rank, self.alpha, generator, self.scaling)
             if before != rank:
                 self.anchor_status[(name, candidate)] = "zero" if before == 0 else "sent"
             if lifecycle == "anchor" and rank and layer.anchor(name, slot) is None:

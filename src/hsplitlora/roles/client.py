@@ -64,6 +64,7 @@ class Client:
         warmup_batches: Iterator[Batch] | None = None,
         cut: Cut | None = None,
         dp: DPSettings = NO_DP,
+        lora_scaling: str = "standard",
     ):
         self.client_id = client_id
         self.device = torch.device(device)  # where its part computes; batches are moved here
@@ -74,7 +75,7 @@ class Client:
         self.warming_up = False
         self.lr = lr
         self.generator = torch.Generator().manual_seed(seed * 100_003 + client_id)
-        self.holder = AdapterHolder(candidates, alpha, lr, self.generator, seed)
+        self.holder = AdapterHolder(candidates, alpha, lr, self.generator, seed, lora_scaling)
         self.part: ClientPart | UClientPart | None = None
         self.head: torch.nn.Module | None = None
         self.step = 0

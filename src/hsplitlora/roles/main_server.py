@@ -32,14 +32,14 @@ class MainServer:
     def __init__(
         self, candidates: Mapping[str, Candidate], lr: float, alpha: float = 16.0, seed: int = 0,
         compression: str = DEFAULT_COMPRESSION, device: torch.device | str = "cpu",
-        cuts: Mapping[int, Cut] | None = None, dp: DPSettings = NO_DP,
+        cuts: Mapping[int, Cut] | None = None, dp: DPSettings = NO_DP, lora_scaling: str = "standard",
     ):  # fmt: skip
         self.lr = lr
         self.device = torch.device(device)  # where its parts compute; arriving tensors are moved here
         self.compression = compression  # of the cuts it builds for clients that live elsewhere
         self.cuts: dict[int, Cut] = dict(cuts or {})  # per client: in one process, the client's own
         self.generator = torch.Generator().manual_seed(seed * 100_003 + 99_991)
-        self.holder = AdapterHolder(candidates, alpha, lr, self.generator, seed)
+        self.holder = AdapterHolder(candidates, alpha, lr, self.generator, seed, lora_scaling)
         self.parts: dict[int, ServerPart] = {}
         self.optimizers: dict[int, torch.optim.Optimizer | None] = {}
         self.samples: dict[int, int] = {}

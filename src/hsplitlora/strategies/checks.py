@@ -37,6 +37,9 @@ def check_strategy_settings(config: RunConfig, given: set[str] | None = None) ->
     if quantized and strategy.full_finetune:
         raise UsageError(f"{quantized[0]} {getattr(config, quantized[0])} holds the frozen weights in fewer bits, "
                          f"and {name} trains every weight; drop {quantized[0]} or choose a LoRA strategy.")  # fmt: skip
+    if given is not None and "lora_scaling" in given and strategy.full_finetune:
+        raise UsageError(f"lora_scaling {config.lora_scaling} sets the adapters' scale, and {name} trains every weight "
+                         "without adapters; drop lora_scaling or choose a LoRA strategy.")  # fmt: skip
     if config.dp_sgd and strategy.full_finetune:
         raise UsageError(f"DP-SGD here privatises the adapters' gradients, and {name} trains every weight without "
                          "adapters; choose a LoRA strategy or drop dp_sgd_sigma / dp_epsilon.")  # fmt: skip
