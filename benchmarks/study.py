@@ -324,25 +324,29 @@ def planned_runs(spec: StudySpec) -> list[tuple[str, str, int]]:
     return runs
 
 
-def _same_config(run_dir: Path, config: RunConfig) -> bool:
+def _same_config(run_dir: Path, config: RunConfig, old_stream: bool = False) -> bool:
+    """Whether the folder's run was trained with `config`; a run written before the importance
+    warm-up drew batches of its own (its training stream then lost a batch per client) is not,
+    unless `old_stream` accepts it."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))
-    if "clients_per_round" not in saved and _warms_up(config):
-        return False  # written before the warm-up drew batches of its own: its training stream differs
+    if not old_stream and _older_stream(saved, config):
+        return False
     # A setting added since the run was written had its default then: a missing key means the default.
     # Where the folder lies is not a setting (a run moved to another label's folder is the same run).
     defaults = json.loads(json.dumps(dataclasses.asdict(RunConfig())))
     return all(saved.get(key, defaults[key]) == value for key, value in wanted.items() if key != "output_dir")
 
 
-def _warms_up(config: RunConfig) -> bool:
-    """Whether the run's strategy takes round 1's importance from a warm-up step."""
+def _older_stream(saved: dict, config: RunConfig) -> bool:
+    """Whether a saved config predates the warm-up's own batch stream (its first setting after that
+    change was clients_per_round) and its strategy warms up."""
     from hsplitlora.strategies import STRATEGIES
 
-    return STRATEGIES[config.strategy].uses_importance and config.rank is None
+    return "clients_per_round" not in saved and STRATEGIES[config.strategy].uses_importance and config.rank is None
 
 
 def _run_one(config: RunConfig, log) -> None:
@@ -443,10 +447,15 @@ def run_study(
         source = source_regime(spec, regime, label)
         run_dir = out_dir / source.name / label / f"seed{seed}"
         config = run_config(spec, source, label, seed, run_dir)
-        done = (run_dir / "summary.json").is_file() and _same_config(run_dir, config)
-        if not done and regimes is not None and regime_name not in regimes:
-            continue
-        if not done and only is not None and f"{regime_name}/{label}/{seed}" not in only:
+        finished = (run_dir / "summary.json").is_file()
+        done = finished and _same_config(run_dir, config)
+        name = f"{regime_name}/{label}/{seed}"
+        asked = (regimes is None or regime_name in regimes) and (only is None or name in only)
+        if not done and not asked:
+            # Not to be trained now: a finished run of the older batch stream still reports, marked.
+            if finished and _same_config(run_dir, config, old_stream=True):
+                record = _collect(run_dir, regime_name, label, seed, len(regime.budgets))
+                collected.append((run_dir, {**record, "run_of_regime": source.name, "older_stream": True}))
             continue
         shared = f" (the run of regime {source.name})" if source is not regime else ""
         log(f"[{index}/{len(runs)}] regime {regime_name} {label} seed {seed}{shared}" + (" (reused)" if done else ""))
@@ -720,6 +729,7 @@ def tables_markdown(results: dict) -> str:
             most = max(max(r["bytes_per_client"]) for r in runs) / 1e6
             whole = (" *" if whole_model(label) else "") + (" ‡" if over_budget(results, name, label) else "")
             shared = " †" if any(r.get("run_of_regime", name) != name for r in runs) else ""
+            shared += " §" if any(r.get("older_stream") for r in runs) else ""
             lines.append(
                 f"| {label}{shared} | {len(runs)} | {_mean_spread([r['final_val_ppl'] for r in runs], 3)} "
                 f"| {_times(runs, target, 'sim_time_s')} | {_times(runs, target, 'wall_time_s')} "
@@ -747,6 +757,13 @@ def tables_markdown(results: dict) -> str:
         "speeds, and the main server's speed does not enter a run without split. ‡ does not fit: some client's "
         "budget in this regime is below the memory this strategy needs on it; its numbers are shown, and it is left "
         "out of every verdict."
+        + (
+            " § trained before the importance warm-up drew batches of its own (2026-11-30): the warm-up took one "
+            "batch per client from the training stream, so these runs saw batches the other strategies' runs of "
+            "the seed did not; not yet trained again."
+            if any(r.get("older_stream") for r in results["runs"])
+            else ""
+        )
     )
     return "\n".join(lines) + "\n"
 

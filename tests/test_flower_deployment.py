@@ -54,11 +54,11 @@ def test_deployment_with_tls_and_node_keys_equals_in_process_and_refuses_a_stran
     try:
         federation.start()  # the SuperLink (TLS, authentication on), both clients' keys registered, their nodes
         assert "https://127.0.0.1:" in federation.log("superlink")  # TLS, on localhost only
-        stranger = federation.start_supernode(2, client_id=1)  # node key 2 was never registered
-        assert stranger.wait(timeout=60) != 0
-        assert "could not establish a connection to the SuperLink" in federation.log("supernode2")
         assert len(federation.online()) == 2
+        stranger = federation.start_supernode(2, client_id=1)  # node key 2 was never registered
         lines, online_after, started = run_losing_a_node(federation, tmp_path / "flower")
+        assert stranger.wait(timeout=60) != 0  # refused while the run went on
+        assert "could not establish a connection to the SuperLink" in federation.log("supernode2")
     finally:
         federation.stop()
     assert ours_left([p.pid for p in federation.processes.values()] + started) == []

@@ -111,3 +111,32 @@ def test_only_names_runs_of_the_study(capsys):
         main(["--quick", "--only", "v/hsplitlora/0,v/nosuch/0"])
     assert caught.value.code == 2
     assert "--only v/nosuch/0: not a run of the study" in capsys.readouterr().err
+
+
+def test_a_run_of_the_older_batch_stream_is_retrained_only_when_asked(tmp_path):
+    """A finished run whose config predates the warm-up's own batch stream (no clients_per_round)
+    is stale for a strategy that warms up, still the same run for one that does not, and is
+    reported, marked, when the study is not asked to train it."""
+    from study import _same_config, regime_of, run_config, run_study
+
+    def write(label: str) -> Path:
+        run_dir = tmp_path / "runs" / "i" / label / "seed0"
+        config = run_config(QUICK, regime_of(QUICK, "i"), label, 0, run_dir)
+        saved = {k: v for k, v in json.loads(json.dumps(config.__dict__)).items() if k != "clients_per_round"}
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps(saved))
+        return run_dir
+
+    warms, plain = write("hsplitlora"), write("splitlora-paper")
+    config = run_config(QUICK, regime_of(QUICK, "i"), "hsplitlora", 0, warms)
+    assert not _same_config(warms, config)
+    assert _same_config(warms, config, old_stream=True)
+    assert _same_config(plain, run_config(QUICK, regime_of(QUICK, "i"), "splitlora-paper", 0, plain))
+    # Finished (a summary and metrics), not asked for: collected with the mark, nothing trained.
+    source = ROOT / "docs/results/runs/v/hsplitlora/seed0"
+    for name in ("metrics.jsonl", "summary.json"):
+        (warms / name).write_text((source / name).read_text())
+    results = run_study(QUICK, tmp_path / "runs", tmp_path / "results", log=lambda m: None, only=("ii/nosuch/0",))
+    (record,) = results["runs"]
+    assert record["strategy"] == "hsplitlora" and record["older_stream"] is True
+    assert "§" in tables_markdown(results)

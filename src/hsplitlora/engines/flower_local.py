@@ -11,6 +11,7 @@ on 127.0.0.1 only, and `stop` ends every process it started (by process group id
 from __future__ import annotations
 
 import datetime
+import io
 import ipaddress
 import json
 import os
@@ -19,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import suppress
+from contextlib import contextmanager, redirect_stdout, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,16 +170,40 @@ class LocalFederation:
                 raise UsageError(f"the SuperLink did not start on {self.address}; see {self.folder / 'superlink.log'}.")
             time.sleep(0.1)
 
-    def flwr(self, *args: str) -> str:
-        """A `flwr` CLI command against this SuperLink (TLS, its CA); its standard output."""
-        done = subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.folder, capture_output=True, text=True,
-                              timeout=START_TIMEOUT_S)  # fmt: skip
-        if done.returncode != 0:
-            raise UsageError(f"flwr {' '.join(args)} failed: {(done.stdout + done.stderr).strip()[-300:]}")
-        return done.stdout
+    @contextmanager
+    def control(self):
+        """A client of the SuperLink's Control API, as the `flwr` CLI makes it (TLS, this
+        federation's CA), from this process: a `flwr` process takes seconds to start."""
+        from flwr.cli.typing import SuperLinkConnection
+        from flwr.cli.utils import init_http_client_from_connection
+
+        before = os.environ.get("FLWR_HOME")
+        os.environ["FLWR_HOME"] = str(self.home)  # where the CLI's client reads its (absent) login
+        try:
+            connection = SuperLinkConnection(name="local", address=self.address,
+                                             root_certificates=str(self.credentials.ca))  # fmt: skip
+            with redirect_stdout(io.StringIO()):  # its "Using SuperLink: ..." on every call
+                client = init_http_client_from_connection(connection)
+            try:
+                yield client
+            finally:
+                client.close()
+        finally:
+            if before is None:
+                os.environ.pop("FLWR_HOME", None)
+            else:
+                os.environ["FLWR_HOME"] = before
 
     def register(self, index: int) -> None:
-        self.flwr("supernode", "register", str(self.credentials.node_keys[index].with_suffix(".pub")), "local")
+        """Register node key `index`'s public key with the SuperLink (`flwr supernode register`'s
+        request)."""
+        from flwr.cli.supernode.register import try_load_public_key
+        from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
+
+        public_key = try_load_public_key(self.credentials.node_keys[index].with_suffix(".pub"))
+        with self.control() as client:
+            if not client.RegisterNode(RegisterNodeRequest(public_key=public_key)).node_id:
+                raise UsageError(f"the SuperLink at {self.address} did not register node key {index}.")
 
     def start_supernode(self, index: int, client_id: int) -> subprocess.Popen:
         """A SuperNode with node key `index`, standing for client `client_id`, given only that
@@ -210,27 +235,11 @@ class LocalFederation:
                 process.wait()
 
     def online(self) -> list[int]:
-        """The node ids the SuperLink lists as online: `flwr supernode list`'s request, made from
-        this process over the same TLS connection (a `flwr` process takes seconds to start)."""
-        from flwr.cli.typing import SuperLinkConnection
-        from flwr.cli.utils import init_http_client_from_connection
+        """The node ids the SuperLink lists as online (`flwr supernode list`'s request)."""
         from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
 
-        before = os.environ.get("FLWR_HOME")
-        os.environ["FLWR_HOME"] = str(self.home)  # where the CLI's client reads its (absent) login
-        try:
-            connection = SuperLinkConnection(name="local", address=self.address,
-                                             root_certificates=str(self.credentials.ca))  # fmt: skip
-            client = init_http_client_from_connection(connection)
-            try:
-                listed = client.ListNodes(ListNodesRequest())
-            finally:
-                client.close()
-        finally:
-            if before is None:
-                os.environ.pop("FLWR_HOME", None)
-            else:
-                os.environ["FLWR_HOME"] = before
+        with self.control() as client:
+            listed = client.ListNodes(ListNodesRequest())
         return [int(node.node_id) for node in listed.nodes_info if node.status.lower() == "online"]
 
     def start(self) -> LocalFederation:
