@@ -49,10 +49,12 @@ def load(values):
 
 @server_app.main()
 def main(grid, context) -> None:
+    from hsplitlora.engines.flower_local import quicker_object_pulls
     from hsplitlora.engines.flower_settings import options
     from hsplitlora.errors import UsageError
     from hsplitlora.rounds import run
 
+    quicker_object_pulls()  # the clients' replies, pulled as soon as they are there
     config, given = load(context.run_config), options(context.run_config)
     if config.engine != "flower":
         raise UsageError(f"{config.output_dir} is a run of the {config.engine} engine; resume it with hsplitlora run.")

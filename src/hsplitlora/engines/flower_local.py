@@ -38,6 +38,28 @@ IDLE_POLL_S, IDLE_POLL_MAX_S, REPLY_POLL_S = 0.01, 0.2, 0.01
 # 2 x this (Flower's default is 30 s, the least its SuperLink accepts 10 s; at 10 s, nodes on two
 # overloaded cores were held offline while alive).
 HEARTBEAT_S = 20
+# A message's header travels before its objects (the arrays), and Flower retries an object not yet
+# there after 1 s, doubling to 10 s (flwr.supercore.constant PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP):
+# a reply or instruction pulled as soon as its header arrives waited a whole second for objects
+# that follow within milliseconds, on every message. Retried from OBJECT_RETRY_S on instead.
+OBJECT_RETRY_S, OBJECT_RETRY_MAX_S = 0.005, 0.5
+# A reply whose header came and whose objects stop coming (its node died mid-upload) is dropped by
+# the SuperLink after this long without progress (Flower's 180 s), so the ServerApp waiting for it
+# gets an error as soon as a node that died idle is noticed (two missed heartbeats).
+UPLOAD_IDLE_S = 2 * HEARTBEAT_S
+
+
+def quicker_object_pulls() -> None:
+    """In this process, pull a message's objects from OBJECT_RETRY_S on, backing off to
+    OBJECT_RETRY_MAX_S (the ServerApp, a SuperNode and its ClientApp worker each call it)."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        if "initial_backoff" in (function.__kwdefaults__ or {}):
+            # No cap on the tries (Flower's 500 at up to 10 s each): its max_time (2 h) still bounds
+            # the wait, and a stalled upload ends sooner on the SuperLink's side (UPLOAD_IDLE_S).
+            function.__kwdefaults__.update(initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_MAX_S,
+                                           max_tries_per_object=None)  # fmt: skip
 
 
 @dataclass
@@ -160,7 +182,8 @@ class LocalFederation:
     def start_superlink(self) -> None:
         c = self.credentials
         self._start("superlink", [
-            _bin("flower-superlink"), "--ssl-ca-certfile", str(c.ca), "--ssl-certfile", str(c.certificate),
+            sys.executable, "-c", "from hsplitlora.engines.flower_local import superlink; superlink()",
+            "--ssl-ca-certfile", str(c.ca), "--ssl-certfile", str(c.certificate),
             "--ssl-keyfile", str(c.key), "--enable-supernode-auth", "--host", HOST, "--port", str(self.port),
             "--disable-runtime-dependency-installation",
         ])  # fmt: skip
@@ -328,6 +351,18 @@ def app_pyproject(settings: dict) -> str:
     return flower_settings.app_pyproject(settings)
 
 
+def superlink() -> None:
+    """Flower's `flower-superlink` (same arguments), dropping an upload that stopped after
+    UPLOAD_IDLE_S without progress instead of 180 s."""
+    import flwr.supercore.corestate.in_memory_corestate as memory
+    import flwr.supercore.corestate.sql_corestate as sql
+    from flwr.superlink.cli.flower_superlink import flower_superlink
+
+    memory.OBJECT_PUSH_SESSION_TTL_SECONDS = sql.OBJECT_PUSH_SESSION_TTL_SECONDS = UPLOAD_IDLE_S
+    sys.argv[0] = "flower-superlink"
+    flower_superlink()
+
+
 def supernode() -> None:
     """Flower's `flower-supernode` (same arguments), asking for messages from IDLE_POLL_S on when
     idle, backing off to IDLE_POLL_MAX_S (a split step is several round trips, and Flower 1.42's
@@ -335,11 +370,14 @@ def supernode() -> None:
     noticed sooner)."""
     import time as real_time
 
+    import flwr.supercore.heartbeat as heartbeat
     import flwr.supernode.fleet_http_connection as connection
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
-    connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
+    connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S  # the interval it declares (activation, each beat)
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S  # how often it beats: (interval - 5 s) x 0.7-0.9
+    quicker_object_pulls()
 
     class Clock:
         """The SuperNode loop's `time`: its 3 s wait after an empty pull becomes the idle back-off;

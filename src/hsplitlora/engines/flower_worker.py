@@ -71,6 +71,9 @@ def serve(runtime_api_address: str, poll_s: float = POLL_S) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run a SuperNode's hsplitlora ClientApp in one long-lived process.")
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
+    from hsplitlora.engines.flower_local import quicker_object_pulls
+
+    quicker_object_pulls()  # the instructions' arrays, pulled from its SuperNode as soon as they are there
     serve(parser.parse_args().runtime_api_address)
 
 
