@@ -208,3 +208,35 @@ def test_a_pickled_array_is_not_unpickled():
     arrays = ArrayRecord({"t0": Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=payload)})
     with pytest.raises(MalformedMessage, match="is not a numpy array"):
         decode(tampered(record, arrays=arrays))
+
+
+def test_an_object_not_yet_uploaded_is_asked_for_again_within_milliseconds():
+    """A message's header arrives before its arrays; Flower asks again for an array not yet there
+    after 1 s (every message pulled early waited that long). The Flower processes this project
+    starts ask again from OBJECT_RETRY_S on, with no cap on the tries (its max_time bounds them)."""
+    import time
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from hsplitlora.engines.flower_local import OBJECT_RETRY_MAX_S, quicker_object_pulls
+
+    saved = {f: dict(f.__kwdefaults__) for f in (inflatable_utils.pull_objects,
+                                                  inflatable_utils.pull_and_inflate_object_from_tree)}  # fmt: skip
+    try:
+        quicker_object_pulls()
+        asked: list[float] = []
+
+        def pull(object_id: str) -> bytes:
+            asked.append(time.monotonic())
+            if len(asked) < 3:
+                raise ObjectUnavailableError(object_id)
+            return b"arrays"
+
+        assert inflatable_utils.pull_objects(["a"], pull) == {"a": b"arrays"}
+        assert asked[-1] - asked[0] < OBJECT_RETRY_MAX_S  # Flower's own: at least 0.8 + 1.6 s
+        assert inflatable_utils.pull_objects.__kwdefaults__["max_tries_per_object"] is None
+    finally:
+        for function, defaults in saved.items():
+            function.__kwdefaults__.clear()
+            function.__kwdefaults__.update(defaults)
