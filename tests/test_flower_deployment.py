@@ -21,7 +21,7 @@ pytest.importorskip("flwr")
 pytest.importorskip("cryptography")
 
 WALL = ("wall_time_s", "round_wall_time_s")
-# Tiny, and few calls: each call through a SuperLink and a SuperNode takes 1 to 3 s on 2 CPU cores.
+# Tiny, and few calls: every call goes through a SuperLink and a SuperNode, several processes on 2 CPU cores.
 SETTINGS = dict(model="tiny", clients=2, rounds=2, local_steps=1, budgets="5MB,20MB", val_size=4, batch_size=4,
                 split_rule="deepest", replan_delta=0.0)  # fmt: skip
 
