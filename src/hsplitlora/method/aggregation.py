@@ -26,7 +26,7 @@ class AdapterFactors:
     samples: int
     a: torch.Tensor  # (r, d_in)
     b: torch.Tensor  # (d_out, r)
-    scale: float  # alpha / r
+    scale: float  # the layer's scale: alpha / r, or alpha / sqrt(r) with lora_scaling rslora
     # The anchor (A0, B0) the change is measured from: "held" (the fed server kept this client's
     # previous upload, which is the anchor), "zero" (a new adapter: B0 = 0) or "sent" (re-anchored
     # by a resize or a lost round: A0, B0 travel with the upload).
