@@ -72,6 +72,28 @@ def test_dp_sgd_gradients_equal_per_example_gradients_clipped_by_hand(clip):
         torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=1e-6)
 
 
+def test_the_time_model_counts_the_flops_of_dp_sgd_s_per_example_gradients():
+    from types import SimpleNamespace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hsplitlora.privacy.dp import per_example_gradients
+    from hsplitlora.time_model import adapter_flops_per_token
+
+    model = TwoLayers()
+    x = torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(2))
+    keep_per_example([model], True)
+    (model.losses(x).sum() / x.shape[0]).backward()
+    with FlopCounterMode(display=False) as counter:
+        per_example_gradients([model], "c")
+    shapes = {"first": (6, 5), "q": (5, 3), "k": (5, 1)}  # (d_in, d_out) of each adapter's slot
+    ranks = {"first": 3, "q": 2, "k": 1}
+    candidates = {n: SimpleNamespace(d_in=i, d_out=o) for n, (i, o) in shapes.items()}
+    with_dp, without = (SimpleNamespace(candidates=candidates, per_example=on) for on in (True, False))
+    extra = adapter_flops_per_token(with_dp, ranks) - adapter_flops_per_token(without, ranks)
+    assert extra * x.shape[0] * x.shape[1] == counter.get_total_flops() > 0
+
+
 def test_dp_sgd_noise_has_the_configured_scale_and_the_seed_fixes_it():
     sigma, clip, batch = 2.0, 0.3, 4
     grads = []

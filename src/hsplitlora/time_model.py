@@ -10,7 +10,12 @@
               max(slowest client's path over all K, (m / K) x the server busy time of all K)
 
 FLOPs per token: 4 P for a frozen matrix of P weights (forward, and backward to its input only),
-6 P for a trained adapter (forward, input and weight gradients); the head 4 d V.
+6 P for a trained adapter (forward, input and weight gradients); the head 4 d V. Under DP-SGD
+(the memory model's `per_example`) each adapter of rank r on a d_in x d_out matrix adds
+r (2 d_in + 4 d_out): every example's gradients of A and B again, from its input, its x A^T and the
+gradient at its output (privacy/dp.py: 2 r (d_in + d_out)), and that gradient through B once more
+(2 r d_out). Clipping and noise cost a few FLOPs per adapter weight per example and step, not per
+token, and the activations' noise a few per value at the cut: both are left out.
 """
 
 from __future__ import annotations
@@ -35,18 +40,26 @@ def adapter_params(memory: MemoryModel, ranks: dict[str, int]) -> int:
     return sum(r * (memory.candidates[n].d_in + memory.candidates[n].d_out) for n, r in ranks.items())
 
 
+def adapter_flops_per_token(memory: MemoryModel, ranks: dict[str, int]) -> float:
+    """A token's FLOPs in the adapters of `ranks`: 6 per weight, and DP-SGD's per-example gradients."""
+    flops = 6 * adapter_params(memory, ranks)
+    if memory.per_example:
+        flops += sum(r * (2 * memory.candidates[n].d_in + 4 * memory.candidates[n].d_out) for n, r in ranks.items())
+    return flops
+
+
 def client_flops_per_token(memory: MemoryModel, plan: ClientPlan, vocab_size: int, hidden_size: int) -> float:
     block_params = memory.block_bytes / memory.dtype_bytes
     blocks = min(memory.client_blocks(plan.split_point), memory.num_blocks)
     head = 4 * hidden_size * vocab_size if memory.u_shaped or plan.split_point >= memory.num_blocks else 0
-    return 4 * blocks * block_params + head + 6 * adapter_params(memory, plan.ranks)
+    return 4 * blocks * block_params + head + adapter_flops_per_token(memory, plan.ranks)
 
 
 def server_flops_per_token(memory: MemoryModel, plan: ClientPlan, vocab_size: int, hidden_size: int) -> float:
     block_params = memory.block_bytes / memory.dtype_bytes
     head = 0 if memory.u_shaped else 4 * hidden_size * vocab_size
     blocks = memory.server_blocks(plan.split_point)
-    return 4 * blocks * block_params + head + 6 * adapter_params(memory, plan.server_ranks)
+    return 4 * blocks * block_params + head + adapter_flops_per_token(memory, plan.server_ranks)
 
 
 def round_time(
