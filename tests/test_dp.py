@@ -94,6 +94,38 @@ def test_the_time_model_counts_the_flops_of_dp_sgd_s_per_example_gradients():
     assert extra * x.shape[0] * x.shape[1] == counter.get_total_flops() > 0
 
 
+def test_a_dp_sgd_step_over_several_batches_clips_each_example_and_adds_the_noise_once():
+    clip, batches = 0.5, 3
+    model = TwoLayers()
+    x = torch.randn(6, 7, 6, generator=torch.Generator().manual_seed(2))
+    expected = by_hand(model, x, clip)  # the six examples as one batch, clipped one by one
+    params = [p for layer in (model.first, model.second) for p in layer.adapter_parameters("c")]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    before = [p.detach().clone() for p in params]
+    keep_per_example([model], True)
+    dpsgd = DPSGD(0.0, clip, torch.Generator().manual_seed(3), batches)
+    stepped = []
+    for part in x.split(2):  # three batches of two examples: one logical batch of six
+        (model.losses(part).sum() / part.shape[0]).backward()
+        stepped.append(dpsgd.privatize([model], "c", part.shape[0]))
+        if not stepped[-1]:
+            assert all(p.grad is None for p in params)  # nothing for the optimizer until the step is whole
+    assert stepped == [False, False, True] and dpsgd.steps == 1
+    for param, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=1e-6)
+    optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    # The noise is drawn once a logical batch, over its examples: sigma C / 6 a coordinate.
+    model, sigma = TwoLayers(), 2.0
+    keep_per_example([model], True)
+    dpsgd = DPSGD(sigma, clip, torch.Generator().manual_seed(7), batches)
+    for _ in range(batches):
+        (model.losses(torch.zeros(2, 7, 6)).sum() / 2).backward()
+        dpsgd.privatize([model], "c", 2)
+    noise = torch.cat([p.grad.flatten() for p in model.first.adapter_parameters("c")])
+    assert float(noise.std()) == pytest.approx(sigma * clip / 6, rel=0.25)
+
+
 def test_dp_sgd_noise_has_the_configured_scale_and_the_seed_fixes_it():
     sigma, clip, batch = 2.0, 0.3, 4
     grads = []
@@ -152,6 +184,8 @@ def test_a_target_epsilon_calibrates_a_sigma_that_meets_it():
         ({"dp_sgd_sigma": -1.0}, "dp_sgd_sigma must be 0"),
         ({"dp_sgd_sigma": 1.0, "dp_epsilon": 8.0}, "give one of the two"),
         ({"dp_delta": 2.0, "dp_sgd_sigma": 1.0}, "dp_delta must be in"),
+        ({"dp_sgd_sigma": 1.0, "dp_batches": 3, "local_steps": 10}, "does not divide local_steps 10"),
+        ({"dp_sgd_sigma": 1.0, "dp_batches": 0}, "dp_batches"),
     ],
 )
 def test_bad_dp_settings_are_refused_with_one_sentence(values, message):
@@ -164,6 +198,8 @@ def test_dp_settings_without_their_mechanism_or_with_a_strategy_that_cannot_use_
 
     with pytest.raises(UsageError, match="DP-SGD is off"):
         check(make_config({"dp_grad_clip": 0.5}), {"dp_grad_clip"})
+    with pytest.raises(UsageError, match="DP-SGD is off"):
+        check(make_config({"dp_batches": 2}), {"dp_batches"})
     with pytest.raises(UsageError, match="trains every weight"):
         check(make_config({"strategy": "ft", "dp_sgd_sigma": 1.0}))
     with pytest.raises(UsageError, match="nothing crosses"):
@@ -205,6 +241,18 @@ def test_a_run_with_both_kinds_of_dp_trains_reports_epsilons_and_resumes_exactly
         q = 4 / row["shard_size"]
         assert row["sgd"]["epsilon"] == pytest.approx(epsilon(0.5, q, 6, 1 / row["shard_size"]))
         assert row["delta"] == pytest.approx(1 / row["shard_size"])
+
+
+def test_a_run_whose_dp_sgd_steps_span_two_batches_accounts_for_its_logical_batch(tmp_path):
+    from hsplitlora.rounds import run
+
+    result = run(_dp_config(tmp_path, "logical", dp_activations_sigma=0.0, dp_clip=None, dp_batches=2))
+    for row in result.summary["privacy"]["clients"]:
+        # 2 rounds x 2 batches: two noisy steps, each over 2 x 4 examples of the shard.
+        q = 8 / row["shard_size"]
+        assert row["sgd"]["steps"] == 2 and row["sgd"]["sample_rate"] == pytest.approx(q)
+        assert row["sgd"]["epsilon"] == pytest.approx(epsilon(0.5, q, 2, 1 / row["shard_size"]))
+    assert all(math.isfinite(m["val_loss"]) for m in result.metrics)
 
 
 def test_a_target_epsilon_holds_for_every_client(tmp_path):

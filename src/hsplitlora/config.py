@@ -112,6 +112,10 @@ class RunConfig:
     dp_sgd_sigma: float = 0.0
     dp_epsilon: float | None = None  # a target epsilon for DP-SGD: calibrates dp_sgd_sigma
     dp_grad_clip: float = 1.0
+    # DP-SGD's logical batch: one noisy step spans this many consecutive batches (each example
+    # clipped, the sum noised once, the optimizer steps once), so its sampling rate is
+    # dp_batches x batch_size over the shard; local_steps must be a multiple of it.
+    dp_batches: int = 1
     dp_delta: float | None = None  # default 1 / the client's shard size
     # Privacy floor of ARMSC: only cuts whose measured leakage (share of tokens the main server's
     # attack recovers, from leakage_curve: a leakage.json of `hsplitlora leakage`) is at most max_leakage.
@@ -201,6 +205,9 @@ class RunConfig:
                 raise UsageError(f"{name} must be a positive number, got {value}.")
         if self.dp_delta is not None and not 0 < self.dp_delta < 1:
             raise UsageError(f"dp_delta must be in (0, 1), got {self.dp_delta}.")
+        if self.local_steps % self.dp_batches:
+            raise UsageError(f"dp_batches {self.dp_batches} does not divide local_steps {self.local_steps}: a round's "
+                             "steps must make whole DP-SGD steps; choose a divisor of local_steps.")  # fmt: skip
         for sigma, target in (("dp_activations_sigma", "dp_activations_epsilon"), ("dp_sgd_sigma", "dp_epsilon")):
             if getattr(self, sigma) > 0 and getattr(self, target) is not None:
                 raise UsageError(f"{sigma} and {target} both set the noise; give one of the two.")
@@ -233,7 +240,7 @@ class RunConfig:
 
 
 POSITIVE_INTEGERS = ("clients", "rounds", "local_steps", "eval_every", "val_size", "batch_size", "max_seq_len",
-                     "s_min", "r_ref", "warmup_batches", "update_rank")  # fmt: skip
+                     "s_min", "r_ref", "warmup_batches", "update_rank", "dp_batches")  # fmt: skip
 # Settings that name one of a few choices (those that need another module: checks.py).
 CHOICES: dict[str, tuple[str, ...]] = {
     "split_mode": SPLIT_MODES,
@@ -310,6 +317,8 @@ FLAGS: dict[str, str] = {
     "dp_sgd_sigma": "DP-SGD on the adapters: noise multiplier sigma (0: off)",
     "dp_epsilon": "DP-SGD on the adapters: the target epsilon over the run (calibrates the sigma)",
     "dp_grad_clip": "DP-SGD: each example's adapter gradient is clipped to this L2 norm",
+    "dp_batches": "DP-SGD: batches per noisy step (its logical batch; sampling rate dp_batches x batch_size "
+    "over the shard); divides local_steps",
     "dp_delta": "the delta of every epsilon (default 1 / the client's shard size)",
     "max_leakage": "privacy floor: only cuts whose measured token recovery is at most this share (needs "
     "--leakage-curve)",
@@ -484,6 +493,9 @@ def refuse_ignored(config: RunConfig, given: set[str]) -> None:
     if "dp_grad_clip" in given and not config.dp_sgd:
         raise UsageError(f"dp_grad_clip {config.dp_grad_clip} clips DP-SGD's gradients, and DP-SGD is off; add "
                          "dp_sgd_sigma or dp_epsilon, or drop dp_grad_clip.")  # fmt: skip
+    if "dp_batches" in given and config.dp_batches != 1 and not config.dp_sgd:
+        raise UsageError(f"dp_batches {config.dp_batches} sets DP-SGD's logical batch, and DP-SGD is off; add "
+                         "dp_sgd_sigma or dp_epsilon, or drop dp_batches.")  # fmt: skip
     if "dp_delta" in given and not (config.dp_sgd or config.dp_activations):
         raise UsageError(f"dp_delta {config.dp_delta} is the delta of DP's epsilon, and no DP is set; drop it.")
     if "device_preset" in given and config.budgets is not None:

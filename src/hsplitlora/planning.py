@@ -51,6 +51,7 @@ class PlanRequest:
     max_leakage: float | None = None  # the privacy floor: cuts whose measured leakage is at most this
     leakage_curve: str | None = None
     dp_sgd: bool = False  # DP-SGD's per-example gradients take memory
+    dp_batches: int = 1  # and its clipped sums, when a step spans several batches
 
     @classmethod
     def from_config(cls, config: RunConfig, uniform_importance: bool = False,
@@ -71,7 +72,7 @@ class PlanRequest:
             client_quant=config.client_quant, server_quant=config.server_quant,
             clients_per_round=per_round(config.clients_per_round, len(devices)) if config.clients_per_round else None,
             model=config.model, split_mode=config.split_mode, max_leakage=config.max_leakage,
-            leakage_curve=config.leakage_curve, dp_sgd=config.dp_sgd,
+            leakage_curve=config.leakage_curve, dp_sgd=config.dp_sgd, dp_batches=config.dp_batches,
         )  # fmt: skip
 
 
@@ -101,7 +102,8 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
     memory = measure_memory_model(loaded.model, candidates, request.batch_size, request.seq_len)
     check_ranks(memory, [], list(request.levels))
     memory = memory.with_tail(request.tail_blocks).with_anchors(True)  # hsplitlora's adapters keep an anchor
-    memory = memory.with_quant(request.client_quant, request.server_quant).with_per_example(request.dp_sgd)
+    memory = memory.with_quant(request.client_quant, request.server_quant)
+    memory = memory.with_per_example(request.dp_sgd, request.dp_batches > 1)
     if request.uniform_importance:
         scores = dict.fromkeys(candidates, 1.0)
     else:

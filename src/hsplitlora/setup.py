@@ -86,7 +86,8 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     check_tail_blocks(config.tail, num_blocks)
     check_positions(model, config.max_seq_len)
     memory = measure_memory_model(model, candidates, config.batch_size, config.max_seq_len).with_tail(config.tail)
-    memory = memory.with_quant(config.client_quant, config.server_quant).with_per_example(config.dp_sgd)
+    memory = memory.with_quant(config.client_quant, config.server_quant)
+    memory = memory.with_per_example(config.dp_sgd, config.dp_batches > 1)
     devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
     server_budget = parse_bytes(config.server_budget)
 
@@ -227,7 +228,8 @@ def dp_note(dp: DPSettings) -> str:
         kinds.append(f"activations at the cut clipped to {dp.activation_clip:g} with noise sigma "
                      f"{dp.activation_sigma:.4g}")  # fmt: skip
     if dp.sgd:
-        kinds.append(f"DP-SGD on the adapters, clip {dp.grad_clip:g}, noise sigma {dp.sgd_sigma:.4g}")
+        batches = f", a noisy step every {dp.sgd_batches} batches" if dp.sgd_batches > 1 else ""
+        kinds.append(f"DP-SGD on the adapters, clip {dp.grad_clip:g}, noise sigma {dp.sgd_sigma:.4g}{batches}")
     return "differential privacy: " + "; ".join(kinds) + " (each client's epsilon is in summary.json)."
 
 

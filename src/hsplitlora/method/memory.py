@@ -78,6 +78,7 @@ class MemoryModel:
     # DP-SGD (privacy/dp.py): each adapter also keeps the gradient at its layer's output for the step
     # and, while the step's gradients are privatised, every example's gradient of A and B.
     per_example: bool = False
+    per_example_sums: bool = False  # a DP-SGD step over several batches keeps the clipped sum (one more copy)
 
     @property
     def u_shaped(self) -> bool:
@@ -110,9 +111,10 @@ class MemoryModel:
     def _frozen_blocks(self, blocks: int, kind: str) -> int:
         return blocks * self.block_bytes_as(kind) + (self.dequantized_bytes if kind != "none" and blocks else 0)
 
-    def with_per_example(self, per_example: bool) -> MemoryModel:
-        """This model for DP-SGD's per-example gradients (or without them)."""
-        return replace(self, per_example=per_example)
+    def with_per_example(self, per_example: bool, sums: bool = False) -> MemoryModel:
+        """This model for DP-SGD's per-example gradients (or without them); `sums`: its steps span
+        several batches, whose clipped sum each adapter keeps."""
+        return replace(self, per_example=per_example, per_example_sums=per_example and sums)
 
     def with_anchors(self, anchored: bool) -> MemoryModel:
         """This model for adapters that keep an anchor (B0, A0) beside their factors."""
@@ -129,7 +131,7 @@ class MemoryModel:
         if rank == 0:
             return 0
         shape = self.candidates[name]
-        copies = 2 + ADAMW_STATES + (1 if self.anchored else 0)
+        copies = 2 + ADAMW_STATES + (1 if self.anchored else 0) + (1 if self.per_example_sums else 0)
         weights = rank * (shape.d_in + shape.d_out) * copies
         activations = self.batch_size * self.seq_len * (shape.d_in + rank * (2 if self.anchored else 1))
         if self.per_example:  # dL/d(B A x) kept per step, and each example's gradient of A and B

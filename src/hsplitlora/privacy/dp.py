@@ -14,6 +14,10 @@ Two mechanisms, each a Gaussian mechanism on one example at a time:
   N(0, sigma^2 C^2) on every coordinate, the Gaussian mechanism of DP-SGD with group-wise clipping.
   Per-example gradients of A and B are computed in closed form from what the LoRA layer keeps of
   its forward (its input x, x A^T) and the gradient at its output (lora/layer.py, `per_example`).
+  A noisy step may span several batches (`batches`, DP-SGD's logical batch): each batch's
+  examples are clipped and summed as they come, the noise is added once to the sum over all of
+  them, and only then does the optimizer step; the accountant's sampling rate is the logical
+  batch over the shard and its steps the noisy steps.
 
 The loss a DP-SGD step back-propagates is the sum of each example's token losses over the batch
 size (not over the batch's token count, which would make one example's gradient depend on the
@@ -42,6 +46,7 @@ class DPSettings:
     activation_clip: float | None = None
     sgd_sigma: float = 0.0
     grad_clip: float = 1.0
+    sgd_batches: int = 1  # batches per DP-SGD step (its logical batch)
     seed: int = 0
     # The most steps a client takes over the run (what a target epsilon was calibrated for): the
     # accountant's count for a client whose own count is lost (its host lost in the last round).
@@ -63,21 +68,25 @@ class DPSettings:
 NO_DP = DPSettings()
 
 
-def planned_settings(config, shard_sizes: list[int], sgd_steps: int, activation_steps: int) -> DPSettings:
+def planned_settings(config, shard_sizes: list[int], batches: int, activation_steps: int) -> DPSettings:
     """The run's DP, a target epsilon calibrated to a sigma: the largest any client needs (its
-    sampling rate batch / shard and its delta) to stay within the target over the planned steps,
-    so no client exceeds it."""
+    sampling rate and its delta) to stay within the target over the planned steps, so no client
+    exceeds it. `batches`: the training batches a client takes at most over the run (DP-SGD's
+    steps are these over `dp_batches`)."""
+    sgd_steps = batches // config.dp_batches
 
-    def sigma(given: float, target: float | None, steps: int) -> float:
+    def sigma(given: float, target: float | None, steps: int, examples: int) -> float:
         if target is None:
             return given
-        needed = {calibrate(target, config.batch_size / n, steps, delta_of(config, n)) for n in set(shard_sizes)}
+        needed = {calibrate(target, examples / n, steps, delta_of(config, n)) for n in set(shard_sizes)}
         return max(needed)
 
+    logical = config.batch_size * config.dp_batches
     return DPSettings(
-        activation_sigma=sigma(config.dp_activations_sigma, config.dp_activations_epsilon, activation_steps),
-        activation_clip=config.dp_clip, sgd_sigma=sigma(config.dp_sgd_sigma, config.dp_epsilon, sgd_steps),
-        grad_clip=config.dp_grad_clip, seed=config.seed, planned_sgd_steps=sgd_steps,
+        activation_sigma=sigma(config.dp_activations_sigma, config.dp_activations_epsilon, activation_steps,
+                               config.batch_size),
+        activation_clip=config.dp_clip, sgd_sigma=sigma(config.dp_sgd_sigma, config.dp_epsilon, sgd_steps, logical),
+        grad_clip=config.dp_grad_clip, sgd_batches=config.dp_batches, seed=config.seed, planned_sgd_steps=sgd_steps,
         planned_activation_steps=activation_steps,
     )  # fmt: skip
 
@@ -99,9 +108,9 @@ def client_epsilons(config, dp: DPSettings, shard_sizes: list[int], counters: li
             row["activations"] = {"sigma": dp.activation_sigma, "clip": dp.activation_clip, "steps": steps,
                                   "epsilon": epsilon(dp.activation_sigma, q, steps, delta)}  # fmt: skip
         if dp.sgd:
-            steps = counts.get("dp_sgd_steps", dp.planned_sgd_steps)
-            row["sgd"] = {"sigma": dp.sgd_sigma, "clip": dp.grad_clip, "steps": steps,
-                          "epsilon": epsilon(dp.sgd_sigma, q, steps, delta)}  # fmt: skip
+            steps, q_sgd = counts.get("dp_sgd_steps", dp.planned_sgd_steps), q * dp.sgd_batches
+            row["sgd"] = {"sigma": dp.sgd_sigma, "clip": dp.grad_clip, "steps": steps, "batches": dp.sgd_batches,
+                          "sample_rate": q_sgd, "epsilon": epsilon(dp.sgd_sigma, q_sgd, steps, delta)}  # fmt: skip
         rows.append(row)
     return rows
 
@@ -173,30 +182,48 @@ def drop_records(modules: Iterable[torch.nn.Module | None], adapter: str) -> Non
 
 
 class DPSGD:
-    """DP-SGD for the adapters one host trains for one client (see the module's docstring)."""
+    """DP-SGD for the adapters one host trains for one client (see the module's docstring): a noisy
+    step every `batches` batches."""
 
-    def __init__(self, sigma: float, clip: float, generator: torch.Generator):
-        self.sigma, self.clip, self.generator = sigma, clip, generator
+    def __init__(self, sigma: float, clip: float, generator: torch.Generator, batches: int = 1):
+        self.sigma, self.clip, self.generator, self.batches = sigma, clip, generator, batches
         self.steps = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the batches clipped since the last noisy step (a step its host will not finish:
+        nothing of them was released)."""
+        self.sums: dict[torch.nn.Parameter, torch.Tensor] = {}  # each factor's clipped sum so far
+        self.pending = self.examples = 0
 
     @torch.no_grad()
-    def privatize(self, modules: Iterable[torch.nn.Module | None], adapter: str, batch_size: int) -> None:
-        """Replace the gradients of `adapter`'s factors in `modules` by the DP-SGD estimate from the
-        per-example gradients recorded since the last call: each example's share clipped to `clip`,
-        summed, noise added, over `batch_size` (the recorded gradients are of the loss summed per
-        example over the batch size, so they are multiplied back by it)."""
+    def privatize(self, modules: Iterable[torch.nn.Module | None], adapter: str, batch_size: int) -> bool:
+        """Clip each example's gradient of `adapter`'s factors in `modules` (from the per-example
+        gradients recorded since the last call) to `clip` and add them to the step's sum. Once the
+        step has its `batches` batches, the factors' gradients become the sum plus noise over the
+        examples it holds, and this returns True: the optimizer steps. Before that, their gradients
+        are cleared and it returns False. (The recorded gradients are of the loss summed per
+        example over the batch size, so they are multiplied back by it.)"""
         grads = per_example_gradients(modules, adapter)
         if not grads:
-            return
-        params = list(grads)
+            return True
         norms_sq = sum((g.reshape(g.shape[0], -1) * batch_size).pow(2).sum(1) for g in grads.values())
         factors = (self.clip / (norms_sq.sqrt() + 1e-12)).clamp(max=1.0)
-        for param in params:
-            per_example = grads[param] * batch_size
+        for param, grad in grads.items():
+            per_example = grad * batch_size
             total = torch.einsum("b,b...->...", factors.to(per_example.dtype), per_example)
+            self.sums[param] = self.sums[param] + total if param in self.sums else total
+            param.grad = None
+        self.pending += 1
+        self.examples += batch_size
+        if self.pending < self.batches:
+            return False
+        for param, total in self.sums.items():
             noise = torch.randn(total.shape, generator=self.generator, dtype=total.dtype) * (self.sigma * self.clip)
-            param.grad = ((total + noise.to(total.device)) / batch_size).to(param.dtype)
+            param.grad = ((total + noise.to(total.device)) / self.examples).to(param.dtype)
+        self.reset()
         self.steps += 1
+        return True
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"rng": self.generator.get_state(), "steps": torch.tensor(self.steps)}
@@ -204,6 +231,7 @@ class DPSGD:
     def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.generator.set_state(tensors["rng"])
         self.steps = int(tensors["steps"])
+        self.reset()
 
 
 def per_example_gradients(modules: Iterable[torch.nn.Module | None], adapter: str) -> dict:

@@ -94,7 +94,9 @@ class Client:
             self.cut.add(self.activation_noise, wire=False)
         self.dpsgd = None
         if dp.sgd:
-            self.dpsgd = DPSGD(dp.sgd_sigma, dp.grad_clip, noise_generator(dp.seed, "client", client_id))
+            self.dpsgd = DPSGD(
+                dp.sgd_sigma, dp.grad_clip, noise_generator(dp.seed, "client", client_id), dp.sgd_batches
+            )
 
     @property
     def split_point(self) -> int:
@@ -128,6 +130,7 @@ class Client:
         self.probe = ImportanceProbe.for_part(part, self.holder.candidates) if self._measuring else None
         if self.dpsgd is not None:  # the client's share of C: all of it when it runs the whole model
             self.dpsgd.clip = host_clip(self.dp.grad_clip, 1 if head is not None else 2)
+            self.dpsgd.reset()  # a logical batch a lost round left half-done was never released
             keep_per_example([part, head], True)
 
     def measure_importance(self, enabled: bool) -> None:
@@ -224,10 +227,7 @@ class Client:
         total, count = target_token_loss(logits, batch.labels)
         loss = total / max(count, 1)
         self._backward_loss(total, loss, batch.input_ids.shape[0])
-        self._privatize(batch.input_ids.shape[0])
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self._step_optimizer(batch.input_ids.shape[0])
         self.samples += batch.input_ids.shape[0]
         self.tokens += int(batch.attention_mask.sum())
         self.step += 1
@@ -244,10 +244,14 @@ class Client:
         alone)."""
         (total / batch_size if self.dpsgd is not None else mean).backward()
 
-    def _privatize(self, batch_size: int) -> None:
-        """DP-SGD: this step's gradients of the client's adapters become their clipped, noised estimate."""
-        if self.dpsgd is not None:
-            self.dpsgd.privatize([self.part, self.head], self.adapter, batch_size)
+    def _step_optimizer(self, batch_size: int) -> None:
+        """Update the adapters from this batch's gradients; under DP-SGD from their clipped, noised
+        estimate, once its logical batch is complete."""
+        if self.dpsgd is not None and not self.dpsgd.privatize([self.part, self.head], self.adapter, batch_size):
+            return  # the batch is in the logical batch's sum; its gradients were cleared
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
     # -- one split step -------------------------------------------------------------------------
     def forward(self) -> Activations:
@@ -299,10 +303,7 @@ class Client:
             pending.hidden.backward(gradient)
         if self.probe is not None:
             self.probe.collect()
-        self._privatize(pending.batch.input_ids.shape[0])
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self._step_optimizer(pending.batch.input_ids.shape[0])
         self.step += 1
         return StepRecord(pending.loss if self.u_shaped else message.loss, self.cut.take_counts())
 

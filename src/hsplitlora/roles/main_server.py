@@ -74,7 +74,8 @@ class MainServer:
         if self.dp.sgd:
             if cid not in self.dpsgd:
                 self.dpsgd[cid] = DPSGD(self.dp.sgd_sigma, host_clip(self.dp.grad_clip, 2),
-                                        noise_generator(self.dp.seed, "server", cid))  # fmt: skip
+                                        noise_generator(self.dp.seed, "server", cid), self.dp.sgd_batches)  # fmt: skip
+            self.dpsgd[cid].reset()  # a logical batch a lost round left half-done was never released
             keep_per_example([part], True)
         if self._measuring:
             self.probes[cid] = ImportanceProbe.for_part(part, self.holder.candidates)
@@ -197,8 +198,9 @@ class MainServer:
         probe = self.probes.get(cid)
         if probe is not None:
             probe.collect()
-        if cid in self.dpsgd:
-            self.dpsgd[cid].privatize([self.parts[cid]], adapter_name(cid), self._batch_sizes[cid])
+        if cid in self.dpsgd and not self.dpsgd[cid].privatize([self.parts[cid]], adapter_name(cid),
+                                                                self._batch_sizes[cid]):  # fmt: skip
+            return  # the batch is in the logical batch's sum (its gradients cleared); no update yet
         optimizer = self.optimizers.get(cid)
         if optimizer is not None:
             optimizer.step()
