@@ -126,7 +126,8 @@ def test_a_dp_sgd_step_over_several_batches_clips_each_example_and_adds_the_nois
     assert float(noise.std()) == pytest.approx(sigma * clip / 6, rel=0.25)
 
 
-def test_dp_sgd_noise_has_the_configured_scale_and_the_seed_fixes_it():
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_dp_sgd_noise_has_the_configured_scale_and_the_seed_fixes_it(hosts):
     sigma, clip, batch = 2.0, 0.3, 4
     grads = []
     for _ in range(2):
@@ -134,13 +135,46 @@ def test_dp_sgd_noise_has_the_configured_scale_and_the_seed_fixes_it():
         keep_per_example([model], True)
         x = torch.zeros(batch, 7, 6)  # zero input: every clean gradient is zero, the gradient is the noise
         (model.losses(x).sum() / batch).backward()
-        dpsgd = DPSGD(sigma, clip, torch.Generator().manual_seed(7))
+        dpsgd = DPSGD(sigma, clip, torch.Generator().manual_seed(7), hosts=hosts)
         dpsgd.privatize([model], "c", batch)
         grads.append(torch.cat([p.grad.flatten() for p in model.first.adapter_parameters("c")]))
         assert dpsgd.steps == 1
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     std = float(grads[0].std())
+    # Each host's coordinates are its own: the noise on them is sigma C whatever share of C it clips to.
     assert std == pytest.approx(sigma * clip / batch, rel=0.25)
+
+
+def test_a_host_holding_a_share_of_a_client_s_adapters_clips_each_example_to_its_share():
+    clip = 0.5
+    model = TwoLayers()
+    x = torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(2))
+    expected = by_hand(model, x, clip / math.sqrt(2))
+    keep_per_example([model], True)
+    (model.losses(x).sum() / x.shape[0]).backward()
+    DPSGD(0.0, clip, torch.Generator().manual_seed(3), hosts=2).privatize([model], "c", x.shape[0])
+    params = [p for layer in (model.first, model.second) for p in layer.adapter_parameters("c")]
+    for param, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_host_without_adapters_for_the_client_still_counts_its_steps():
+    dpsgd = DPSGD(1.0, 1.0, torch.Generator().manual_seed(0), batches=2, hosts=2)
+    assert [dpsgd.privatize([nn.Linear(2, 2)], "c", 4) for _ in range(4)] == [False, True, False, True]
+    assert dpsgd.steps == 2
+
+
+def test_an_epoch_serves_whole_logical_batches_so_none_holds_an_example_twice():
+    from hsplitlora.data.e2e import Batcher, Encoded
+
+    items = [Encoded([i + 1] * (1 + i % 5), [i + 1] * (1 + i % 5)) for i in range(11)]  # 4 batches of 3: 3, 3, 3, 2
+
+    def triples(batcher):
+        return [[int(t) for _ in range(3) for t in next(batcher).input_ids[:, 0]] for _ in range(20)]
+
+    assert all(len(x) == len(set(x)) for x in triples(Batcher(items, 3, 0, seed=5, group=3)))
+    # Without it, three consecutive batches cross an epoch's end and may hold an example twice.
+    assert any(len(x) > len(set(x)) for x in triples(Batcher(items, 3, 0, seed=5)))
 
 
 def test_each_example_s_activation_is_clipped_and_noised_at_the_configured_scale():
@@ -253,6 +287,9 @@ def test_a_run_whose_dp_sgd_steps_span_two_batches_accounts_for_its_logical_batc
         assert row["sgd"]["steps"] == 2 and row["sgd"]["sample_rate"] == pytest.approx(q)
         assert row["sgd"]["epsilon"] == pytest.approx(epsilon(0.5, q, 2, 1 / row["shard_size"]))
     assert all(math.isfinite(m["val_loss"]) for m in result.metrics)
+    with pytest.raises(UsageError, match="more than client"):
+        run(_dp_config(tmp_path, "too-large", dp_activations_sigma=0.0, dp_clip=None, local_steps=1000,
+                       dp_batches=1000, rounds=1))  # fmt: skip
 
 
 def test_a_target_epsilon_holds_for_every_client(tmp_path):

@@ -98,6 +98,7 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     arranged = strategy_class.arrange(shards, devices, config.local_steps,
                                       DeviceProfile(server_budget, config.server_flops, CENTRAL_BANDWIDTH))  # fmt: skip
     shards, devices, steps_per_round = arranged.shards, arranged.devices, arranged.steps_per_round
+    check_logical_batch(config, shards)
     if arranged.note:
         notes.append(arranged.note)
     val_batches = [collate(validation[i : i + config.batch_size], tokenizer.pad_token_id)
@@ -219,6 +220,18 @@ def build_strategy(
         config.ft_lr,
     )  # fmt: skip
     return STRATEGIES[config.strategy](context)
+
+
+def check_logical_batch(config: RunConfig, shards: list[list[int]]) -> None:
+    """DP-SGD's logical batch holds each example at most once: it must fit every client's shard."""
+    if not config.dp_sgd or config.dp_batches == 1:
+        return
+    smallest = min(range(len(shards)), key=lambda c: len(shards[c]))
+    examples = config.dp_batches * config.batch_size
+    if examples > len(shards[smallest]):
+        raise UsageError(f"dp_batches {config.dp_batches} x batch_size {config.batch_size} = {examples} examples a "
+                         f"DP-SGD step, more than client {smallest}'s shard of {len(shards[smallest])}; choose "
+                         f"dp_batches of at most {max(len(shards[smallest]) // config.batch_size, 1)}.")  # fmt: skip
 
 
 def dp_note(dp: DPSettings) -> str:

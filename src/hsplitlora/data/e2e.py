@@ -137,9 +137,13 @@ def partition_iid(num_examples: int, clients: int, seed: int) -> list[list[int]]
 class Batcher:
     """Endless padding-aware batches over one client's examples: each epoch is shuffled, then
     cut into pools of `pool` batches whose items are sorted by length (similar lengths share a
-    batch, so little padding), and the batches of a pool are served in shuffled order."""
+    batch, so little padding), and the batches of a pool are served in shuffled order. With
+    `group` g > 1 an epoch serves a multiple of g batches (the last few of its shuffled order wait
+    for the next epoch), so g consecutive batches from the start never hold an example twice
+    (DP-SGD's logical batch)."""
 
-    def __init__(self, items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int | str, pool: int = 16):
+    def __init__(self, items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int | str, pool: int = 16,
+                 group: int = 1):  # fmt: skip
         if not items:
             raise UsageError("a client has no training examples; use fewer clients or more data.")
         self.items = list(items)
@@ -147,17 +151,20 @@ class Batcher:
         self.pad_id = pad_id
         self.rng = random.Random(seed)
         self.pool = pool
+        self.group = group
         self._queue: list[list[int]] = []
 
     def _refill(self) -> None:
         order = list(range(len(self.items)))
         self.rng.shuffle(order)
         size = self.batch_size * self.pool
+        epoch = []
         for start in range(0, len(order), size):
             chunk = sorted(order[start : start + size], key=lambda i: len(self.items[i].input_ids))
             batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
             self.rng.shuffle(batches)
-            self._queue.extend(batches)
+            epoch.extend(batches)
+        self._queue.extend(epoch[: len(epoch) - len(epoch) % self.group])
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -179,12 +186,13 @@ class Batcher:
 
 
 def client_batchers(
-    items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int, client_id: int
+    items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int, client_id: int, group: int = 1
 ) -> tuple[Batcher, Batcher]:
-    """A client's two batch streams over its own shard: training (seeded `seed + client_id`) and
-    the importance warm-up's own (a separate seed), so the warm-up takes no training batch and
-    every strategy with one seed trains on the same batches in the same order."""
-    training = Batcher(items, batch_size, pad_id, seed + client_id)
+    """A client's two batch streams over its own shard: training (seeded `seed + client_id`, epochs
+    of a multiple of `group` batches) and the importance warm-up's own (a separate seed), so the
+    warm-up takes no training batch and every strategy with one seed trains on the same batches in
+    the same order."""
+    training = Batcher(items, batch_size, pad_id, seed + client_id, group=group)
     return training, Batcher(items, batch_size, pad_id, f"warm-up/{seed}/{client_id}")
 
 

@@ -10,8 +10,9 @@ Two mechanisms, each a Gaussian mechanism on one example at a time:
   client's data clipped, summed, N(0, sigma^2 C^2) added, divided by the batch size. The adapters
   of one client live on two hosts (the client's blocks and its adapters on the main server), so
   each host clips its share to C / sqrt(2) (C alone when the client runs the whole model): the
-  joint per-example gradient then has norm at most C, and the noise of both hosts together is
-  N(0, sigma^2 C^2) on every coordinate, the Gaussian mechanism of DP-SGD with group-wise clipping.
+  joint per-example gradient then has norm at most C. Each host adds N(0, sigma^2 C^2), with the
+  whole C, to each of its own coordinates (the hosts' coordinates are disjoint, so their noise does
+  not add up): the joint step is the Gaussian mechanism of DP-SGD with group-wise clipping.
   Per-example gradients of A and B are computed in closed form from what the LoRA layer keeps of
   its forward (its input x, x A^T) and the gradient at its output (lora/layer.py, `per_example`).
   A noisy step may span several batches (`batches`, DP-SGD's logical batch): each batch's
@@ -183,11 +184,13 @@ def drop_records(modules: Iterable[torch.nn.Module | None], adapter: str) -> Non
 
 class DPSGD:
     """DP-SGD for the adapters one host trains for one client (see the module's docstring): a noisy
-    step every `batches` batches."""
+    step every `batches` batches. `clip` is C; with `hosts` hosts training the client's adapters,
+    each clips its share to C / sqrt(hosts) and adds noise of scale sigma C."""
 
-    def __init__(self, sigma: float, clip: float, generator: torch.Generator, batches: int = 1):
-        self.sigma, self.clip, self.generator, self.batches = sigma, clip, generator, batches
+    def __init__(self, sigma: float, clip: float, generator: torch.Generator, batches: int = 1, hosts: int = 1):
+        self.sigma, self.clip, self.generator, self.batches, self.hosts = sigma, clip, generator, batches, hosts
         self.steps = 0
+        self.training = True  # the client trains adapters this round, on either host (not the warm-up)
         self.reset()
 
     def reset(self) -> None:
@@ -199,16 +202,18 @@ class DPSGD:
     @torch.no_grad()
     def privatize(self, modules: Iterable[torch.nn.Module | None], adapter: str, batch_size: int) -> bool:
         """Clip each example's gradient of `adapter`'s factors in `modules` (from the per-example
-        gradients recorded since the last call) to `clip` and add them to the step's sum. Once the
+        gradients recorded since the last call) to this host's share of C and add them to the
+        step's sum. Once the
         step has its `batches` batches, the factors' gradients become the sum plus noise over the
         examples it holds, and this returns True: the optimizer steps. Before that, their gradients
         are cleared and it returns False. (The recorded gradients are of the loss summed per
         example over the batch size, so they are multiplied back by it.)"""
         grads = per_example_gradients(modules, adapter)
-        if not grads:
+        if not self.training:  # no adapter of the client trains (round 1's warm-up): nothing to release
             return True
-        norms_sq = sum((g.reshape(g.shape[0], -1) * batch_size).pow(2).sum(1) for g in grads.values())
-        factors = (self.clip / (norms_sq.sqrt() + 1e-12)).clamp(max=1.0)
+        if grads:  # a host with no adapters for the client still counts the batch: the step is joint
+            norms_sq = sum((g.reshape(g.shape[0], -1) * batch_size).pow(2).sum(1) for g in grads.values())
+            factors = (host_clip(self.clip, self.hosts) / (norms_sq.sqrt() + 1e-12)).clamp(max=1.0)
         for param, grad in grads.items():
             per_example = grad * batch_size
             total = torch.einsum("b,b...->...", factors.to(per_example.dtype), per_example)

@@ -18,7 +18,6 @@ from hsplitlora.privacy.dp import (
     ActivationNoise,
     DPSettings,
     drop_records,
-    host_clip,
     keep_per_example,
     noise_generator,
 )
@@ -129,7 +128,8 @@ class Client:
         self.samples = self.tokens = 0
         self.probe = ImportanceProbe.for_part(part, self.holder.candidates) if self._measuring else None
         if self.dpsgd is not None:  # the client's share of C: all of it when it runs the whole model
-            self.dpsgd.clip = host_clip(self.dp.grad_clip, 1 if head is not None else 2)
+            self.dpsgd.hosts = 1 if head is not None else 2
+            self.dpsgd.training = any(rank > 0 for rank in plan.ranks.values())
             self.dpsgd.reset()  # a logical batch a lost round left half-done was never released
             keep_per_example([part, head], True)
 

@@ -13,7 +13,7 @@ from hsplitlora.lora.attach import Candidate, set_active_adapter
 from hsplitlora.losses import target_token_loss
 from hsplitlora.method.importance import ImportanceProbe
 from hsplitlora.models.split import ServerPart, weights_dtype
-from hsplitlora.privacy.dp import DPSGD, NO_DP, DPSettings, drop_records, host_clip, keep_per_example, noise_generator
+from hsplitlora.privacy.dp import DPSGD, NO_DP, DPSettings, drop_records, keep_per_example, noise_generator
 from hsplitlora.roles.adapters import AdapterHolder, adapter_name
 from hsplitlora.roles.cut import Cut
 from hsplitlora.roles.messages import (
@@ -73,9 +73,10 @@ class MainServer:
         self.samples[cid] = self.tokens[cid] = 0
         if self.dp.sgd:
             if cid not in self.dpsgd:
-                self.dpsgd[cid] = DPSGD(self.dp.sgd_sigma, host_clip(self.dp.grad_clip, 2),
-                                        noise_generator(self.dp.seed, "server", cid), self.dp.sgd_batches)  # fmt: skip
+                generator = noise_generator(self.dp.seed, "server", cid)
+                self.dpsgd[cid] = DPSGD(self.dp.sgd_sigma, self.dp.grad_clip, generator, self.dp.sgd_batches, hosts=2)
             self.dpsgd[cid].reset()  # a logical batch a lost round left half-done was never released
+            self.dpsgd[cid].training = any(rank > 0 for rank in plan.ranks.values())
             keep_per_example([part], True)
         if self._measuring:
             self.probes[cid] = ImportanceProbe.for_part(part, self.holder.candidates)
