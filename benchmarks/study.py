@@ -129,6 +129,10 @@ SVD_EF = {"update_form": "svd-ef", "update_rank": 32}  # NAA's update at about a
 # Regimes v and vi scale every adapter by alpha / sqrt(r): the better choice for hsplitlora and for
 # the best uniform splitlora alike (regime v, seed 0: 3.654 against 3.889 and 3.698 against 3.795).
 RSLORA = {"lora_scaling": "rslora"}
+# Regimes i-iv: hsplitlora sends NAA's update as SVD-EF too (its better choice there: the exact update's
+# download made it 1.43-1.54x slower than the same plan under FedAvg in ii and iv, seed 0), and the exact
+# update runs beside it on every seed (`hsplitlora-exact`; the runs made before, of the older batch stream).
+EXACT_TOO = {"naa_settings": SVD_EF, "labels": MAIN + ("hsplitlora-exact",)}
 SEED_ABLATIONS = SETTING_VARIANTS + ("no-iwi", "no-naa", "no-armsc", "hsplitlora-recreate")  # seed 0 in v and vi
 
 
@@ -152,6 +156,7 @@ FULL = StudySpec(
             **SPEEDS,
             server_flops=20e12,
             goal="not worse",
+            **EXACT_TOO,
         ),
         Regime(
             "ii",
@@ -159,6 +164,7 @@ FULL = StudySpec(
             PAPER_BUDGETS,
             **SPEEDS,
             server_flops=20e12,
+            **EXACT_TOO,
         ),
         # Links of 100-500 Mbit/s, so that the devices' traffic does not bound the round first: the
         # main server, at three times the strongest device, is the bottleneck at shallow cuts.
@@ -169,6 +175,7 @@ FULL = StudySpec(
             SPEEDS["gflops"],
             (100, 200, 300, 400, 500),
             server_flops=2.4e12,
+            **EXACT_TOO,
         ),
         # Regime ii with non-IID shards: each (eatType, food) group of E2E dealt to the clients in
         # Dirichlet(0.5) proportions (drawn per seed), so the clients' adapters drift apart.
@@ -179,6 +186,7 @@ FULL = StudySpec(
             **SPEEDS,
             server_flops=20e12,
             partition="dirichlet",
+            **EXACT_TOO,
         ),
         # 20 clients of four tiers, 10 sampled a round, sharing a main server slow enough (0.3 TFLOP/s)
         # that ten clients at a shallow cut keep it busy longer than a phone's own path, and whose
@@ -314,8 +322,9 @@ def planned_runs(spec: StudySpec) -> list[tuple[str, str, int]]:
     then the ablations, the other seeds, the references), then the other regimes (their main
     strategies, then their ablations on seed 0)."""
     main = spec.main_regime
-    runs = [(main, s, 0) for s in MAIN] + [(main, s, 0) for s in ABLATIONS]
-    runs += [(main, s, seed) for seed in range(1, spec.seeds) for s in MAIN]
+    labels = regime_of(spec, main).labels
+    runs = [(main, s, 0) for s in labels] + [(main, s, 0) for s in ABLATIONS]
+    runs += [(main, s, seed) for seed in range(1, spec.seeds) for s in labels]
     runs += [(main, s, 0) for s in REFERENCES]
     for regime in spec.regimes:
         if regime.name != main:
