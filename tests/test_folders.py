@@ -20,7 +20,8 @@ from hsplitlora.errors import UsageError
 from hsplitlora.reporting import RunFolder, check_run_folder
 from tests.test_trust import TINY, one_sentence, run_cli
 
-STUDY_RUN = Path(__file__).parents[1] / "docs" / "results" / "runs" / "i" / "hsplitlora" / "seed0"
+# A committed study run written before run folders had a manifest (the exact update's, regime i).
+STUDY_RUN = Path(__file__).parents[1] / "docs" / "results" / "runs" / "i" / "hsplitlora-exact" / "seed0"
 QUICK_EVAL = ("--limit", "1", "--beams", "1", "--max-new-tokens", "2")
 
 
