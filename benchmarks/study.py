@@ -277,6 +277,12 @@ def whole_model(label: str) -> bool:
     return strategy_runs_whole(VARIANTS.get(label, (label, {}))[0])
 
 
+def server_share(regime: Regime) -> int:
+    """The main server's memory per client that trains at once: its budget over m (or K)."""
+    budget = parse_bytes(regime.server_budget or RunConfig.server_budget)
+    return budget // (regime.clients_per_round or len(regime.budgets))
+
+
 def regime_of(spec: StudySpec, name: str) -> Regime:
     return next(r for r in spec.regimes if r.name == name)
 
@@ -426,6 +432,12 @@ def _collect(run_dir: Path, regime: str, label: str, seed: int, clients: int) ->
         "peak_client_bytes": summary["peak_client_predicted_bytes"],
         "split_points": [c["split_point"] for c in last],
         "client_predicted_bytes": [c["predicted_bytes"] for c in last],
+        # The main server's memory for each client (runs made before 2026-12-07 did not record it).
+        **(
+            {"server_predicted_bytes": [c["server_predicted_bytes"] for c in last]}
+            if all("server_predicted_bytes" in c for c in last)
+            else {}
+        ),  # fmt: skip
         "client_rank_totals": [c["client_rank_total"] for c in last],
         "curve": [
             {
@@ -487,6 +499,7 @@ def run_study(
     results = {
         "spec": dataclasses.asdict(spec),
         "budgets_bytes": {r.name: [parse_bytes(b) for b in r.budgets] for r in spec.regimes},
+        "server_share_bytes": {r.name: server_share(r) for r in spec.regimes},
         "machine": machine(),
         "command": "python benchmarks/reproduce.py" + (" --quick" if spec.model == QUICK.model else ""),
         "runs": [record for _, record in collected],
@@ -535,25 +548,37 @@ def target_ppl(results: dict, regime: str) -> float | None:
     return max(means) if means else None
 
 
-def over_budget(results: dict, regime: str, label: str) -> list[tuple[int, int, int]]:
+def over_budget(results: dict, regime: str, label: str) -> list[tuple[int | None, int, int]]:
     """(client, predicted bytes, budget) of every client whose budget in this regime is below what a
-    whole-model strategy needs on it (the largest over seeds): such a strategy "does not fit" there.
-    Centralised references run on one trainer, not on the clients: they are never over."""
+    whole-model strategy needs on it, and (None, bytes, share) where a split strategy's plan needs
+    more of the main server for some client than the server's per-client share (the paper's
+    SplitLoRA rule sees only the weakest client's budget); the largest over seeds. Such a strategy
+    "does not fit" there. Centralised references run on one trainer, not on the clients: they are
+    never over."""
     from hsplitlora.strategies import STRATEGIES
 
     strategy = VARIANTS.get(label, (label, {}))[0]
-    if not whole_model(label) or not STRATEGIES[strategy].trains_on_clients():
+    runs = runs_of(results, regime, label)
+    if not whole_model(label):
+        share = results.get("server_share_bytes", {}).get(regime)
+        need = max((b for r in runs for b in r.get("server_predicted_bytes", [])), default=0)
+        return [(None, need, share)] if share is not None and need > share else []
+    if not STRATEGIES[strategy].trains_on_clients():
         return []
     budgets = results["budgets_bytes"][regime]
     needs: dict[int, int] = {}
-    for run in runs_of(results, regime, label):
+    for run in runs:
         for client, need in enumerate(run.get("client_predicted_bytes", [])):
             if client < len(budgets):
                 needs[client] = max(need, needs.get(client, 0))
     return [(client, need, budgets[client]) for client, need in sorted(needs.items()) if need > budgets[client]]
 
 
-def _does_not_fit(over: list[tuple[int, int, int]]) -> str:
+def _does_not_fit(over: list[tuple[int | None, int, int]]) -> str:
+    if over[0][0] is None:
+        _, need, share = over[0]
+        return (f"it does not fit: its plan needs up to {need / 1e6:.0f} MB of the main server for a client, whose "
+                f"share per client training at once is {share / 1e6:.0f} MB")  # fmt: skip
     clients = ", ".join(str(client) for client, _, _ in over)
     needs = sorted(need for _, need, _ in over)
     budgets = sorted(budget for _, _, budget in over)
@@ -764,8 +789,8 @@ def tables_markdown(results: dict) -> str:
         "\\* the whole model on every client (or one central trainer): memory is reported, not limited by the "
         "budgets. † the same runs as in the main regime: this regime gives the strategy the same ranks and device "
         "speeds, and the main server's speed does not enter a run without split. ‡ does not fit: some client's "
-        "budget in this regime is below the memory this strategy needs on it; its numbers are shown, and it is left "
-        "out of every verdict."
+        "budget in this regime (or the main server's share per client) is below the memory this strategy needs on "
+        "it; its numbers are shown, and it is left out of every verdict."
         + (
             " § trained before the importance warm-up drew batches of its own (2026-11-30): the warm-up took one "
             "batch per client from the training stream, so these runs saw batches the other strategies' runs of "

@@ -177,6 +177,24 @@ def test_an_epoch_serves_whole_logical_batches_so_none_holds_an_example_twice():
     assert any(len(x) > len(set(x)) for x in triples(Batcher(items, 3, 0, seed=5)))
 
 
+def test_a_restarted_client_draws_noise_no_earlier_step_used_and_bad_lost_rounds_are_refused():
+    from hsplitlora.errors import MalformedMessage
+    from hsplitlora.privacy.dp import LostRound, noise_generator
+
+    def draws(restart):
+        return torch.randn(64, generator=noise_generator(3, "activations", 1, restart))
+
+    streams = [draws(r) for r in range(4)]  # 0: the client's stream from the start
+    for i, a in enumerate(streams):
+        assert torch.equal(a, draws(i))  # the seed fixes each
+        for b in streams[i + 1 :]:
+            assert not set(a.tolist()) & set(b.tolist())  # no draw shared (not even a shifted copy)
+    assert LostRound.from_dict({"steps": 2, "round": 3}) == LostRound(2, 3)
+    for bad in ({"steps": -1, "round": 3}, {"steps": 2}, {"steps": True, "round": 1}, [2, 3]):
+        with pytest.raises(MalformedMessage, match="lost round"):
+            LostRound.from_dict(bad)
+
+
 def test_each_example_s_activation_is_clipped_and_noised_at_the_configured_scale():
     hidden = torch.randn(6, 9, 16, generator=torch.Generator().manual_seed(0)) * 5
     message = Activations(0, 0, hidden, torch.ones(6, 9, dtype=torch.long), None)

@@ -96,6 +96,18 @@ def test_a_killed_client_does_not_stop_the_run_and_comes_back(tmp_path):
     assert second["val_ppl"] is not None
 
 
+def test_a_restarted_client_s_dp_counts_the_round_it_was_lost_in(tmp_path):
+    # Killed after its first step of round 1 and found lost at step 2, client 1 comes back in
+    # round 2 from its round-1 snapshot (no steps yet): its accountant counts the lost round's two
+    # batches (the one in flight included, an upper bound) and round 2's three.
+    dp = dict(dp_activations_sigma=0.05, dp_clip=20.0, dp_sgd_sigma=0.5, strategy="splitlora")
+    result = run(config(tmp_path, "dp-faults", engine="ray", rounds=2, local_steps=3, **dp), reporter=KillClientOne())
+    assert {"event": "client_lost", "client": 1, "step": 2, "round": 1} in result.metrics[0]["events"]
+    steps = {row["client"]: (row["activations"]["steps"], row["sgd"]["steps"]) for row in
+             result.summary["privacy"]["clients"]}  # fmt: skip
+    assert steps == {0: (6, 6), 1: (5, 5), 2: (6, 6)}
+
+
 class KillServer(Reporter):
     """Kills the main server's actor after the first step of round 2 (once)."""
 

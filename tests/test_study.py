@@ -106,6 +106,17 @@ def test_the_verdict_judges_paired_differences_per_seed_and_the_table_shows_ever
     assert "within the paired spread" in line and "goal not met" in line
 
 
+def test_a_split_plan_over_the_main_server_s_share_does_not_fit_and_is_left_out_of_the_verdict():
+    results = _fake_results([3.0, 4.0, 5.0], [3.05, 4.06, 5.04], [[1, 2]] * 3)
+    results["server_share_bytes"] = {"ii": 800 * 10**6}
+    for run in results["runs"]:
+        run["server_predicted_bytes"] = [937 * 10**6 if run["strategy"] == "splitlora" else 790 * 10**6] * 2
+    (line,) = verdict(results, "ii")
+    assert line == ("- vs splitlora: left out, it does not fit: its plan needs up to 937 MB of the main server for a "
+                    "client, whose share per client training at once is 800 MB")  # fmt: skip
+    assert "| splitlora | 3 |" in tables_markdown(results) and " ‡ |" in tables_markdown(results)
+
+
 def test_only_names_runs_of_the_study(capsys):
     with pytest.raises(SystemExit) as caught:
         main(["--quick", "--only", "v/hsplitlora/0,v/nosuch/0"])

@@ -238,6 +238,18 @@ def test_a_fixed_plan_over_budget_is_said_aloud(tmp_path, capsys):
     assert "warning: the fixed plan needs 14.43 MB on client 0, above its budget of 1.2 MB" in err
 
 
+def test_the_paper_rule_s_plan_over_the_main_server_s_share_is_said_aloud(tmp_path, capsys):
+    # The paper's SplitLoRA sees only the weakest client's budget; 4 MB for two clients is 2 MB each.
+    out = tmp_path / "run"
+    assert run_cli("run", *TINY, "--rounds", "1", "--budgets", "5MB,20MB", "--strategy", "splitlora-paper",
+                   "--server-budget", "4MB", "--output-dir", str(out)) == 0  # fmt: skip
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("warning: the plan needs up to 16.47 MB on the main server for client(s) 0, 1, above the share of 2 MB "
+            "each") in err  # fmt: skip
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [c["server_predicted_bytes"] for c in line["clients"]] == [16_474_020] * 2
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -50,6 +50,7 @@ def round_line(
                 "server_rank_total": sum(c.server_ranks.values()),
                 "predicted_bytes": c.predicted_bytes,
                 "budget_bytes": c.budget_bytes,
+                "server_predicted_bytes": c.server_predicted_bytes,  # the main server's memory for it
                 "samples": counters[c.client]["samples"],
                 "train_loss": mean_present([step[c.client] for step in history]),
                 "sim_time_s": timing["client_s"][c.client],

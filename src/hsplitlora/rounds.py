@@ -277,8 +277,7 @@ class _Loop:
             self.log("measured leakage at each client's cut: " + ", ".join(
                 f"client {c.client} cut {c.split_point}: {leakage_at(curve, c.split_point):.3f}"
                 for c in self.plan.clients))  # fmt: skip
-        if config.split_point is not None or config.rank is not None:
-            warn_over_budget(self.plan, strategy, self.log)
+        warn_over_budget(self.plan, strategy, self.log)
         if config.engine == INPROCESS:
             remedy = "lower batch_size or max_seq_len, use fewer clients, or --engine ray on several machines."
             check_fits(simulation_bytes(setup.memory, self.plan), "simulating every client in this process", remedy)
@@ -434,16 +433,28 @@ class _Loop:
 
 
 def warn_over_budget(plan: Plan, strategy: Strategy, log: Callable[[str], None]) -> None:
-    """A fixed cut or rank runs as given, but a plan a device could not hold is said aloud (budgets
-    limit only a split client's memory)."""
+    """A fixed cut or rank (or the paper's SplitLoRA rule, which sees only the weakest client's
+    budget) runs as given, but a plan a device or the main server could not hold is said aloud
+    (budgets limit only a split client's memory, and the main server's per-client share)."""
     from hsplitlora.units import format_bytes
 
+    if not strategy.crosses_cut():
+        return
+    share = plan.server_budget_bytes // max(plan.sharing or len(plan.clients) + len(plan.left_out), 1)
     for c in plan.clients:
-        if strategy.crosses_cut() and c.predicted_bytes > c.budget_bytes:
+        if c.predicted_bytes > c.budget_bytes:
             log(
                 f"warning: the fixed plan needs {format_bytes(c.predicted_bytes)} on client {c.client}, above its "
                 f"budget of {format_bytes(c.budget_bytes)}; it runs as asked, but that device could not hold it."
             )
+    over = [c for c in plan.clients if c.server_predicted_bytes > share]
+    if over:
+        log(
+            f"warning: the plan needs up to {format_bytes(max(c.server_predicted_bytes for c in over))} on the main "
+            f"server for client(s) {', '.join(str(c.client) for c in over)}, above the share of "
+            f"{format_bytes(share)} each (the server budget over the clients that train at once); it runs as "
+            "asked, but that server could not hold it."
+        )
 
 
 class TrainingDiverged(UsageError):

@@ -40,8 +40,9 @@ def client_role(
 ) -> Client:
     """Client `client_id` on the spec's client device: its examples in its seeded batch order (and
     its warm-up stream), its `Cut` in the run's compression, the run's DP."""
-    batches, warmup = client_batchers(list(items), spec.batch_size, spec.pad_id, spec.seed, client_id,
-                                      spec.dp.sgd_batches if spec.dp.sgd else 1)
+    batches, warmup = client_batchers(
+        list(items), spec.batch_size, spec.pad_id, spec.seed, client_id, spec.dp.sgd_batches if spec.dp.sgd else 1
+    )
     return Client(client_id, batches, candidates, spec.lr, spec.alpha, spec.seed, spec.compression,
                   spec.client_device, warmup, Cut(spec.compression), spec.dp, spec.lora_scaling)  # fmt: skip
 

@@ -21,6 +21,7 @@ import torch
 from hsplitlora.engines.hosts import ClientHost, ServerHost, client_blocks
 from hsplitlora.engines.traffic import TrafficLedger
 from hsplitlora.engines.transport import Transport
+from hsplitlora.privacy.dp import LostRound
 from hsplitlora.roles.adapters import adapter_name
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
@@ -48,6 +49,7 @@ class Engine(TrafficLedger):
         self.importance_on = False
         self.dead: set[int] = set()
         self.snapshots: dict[int, tuple] = {}  # each client's state when the round started
+        self.lost_steps: dict[int, int] = {}  # a lost client's steps since its snapshot (at most)
         self.round_start: tuple | None = None  # every host's state when the round started
         self.last_broadcast: AdapterBroadcast | None = None
         self.sampled: set[int] | None = None  # the clients that train this round (None: every one)
@@ -100,6 +102,8 @@ class Engine(TrafficLedger):
         the next configure. A lost main server is the round's to recover (ServerLost)."""
         if not self.transport.server_alive():
             raise ServerLost()
+        # The batches it may have been sent this round: its DP counts them when it comes back.
+        self.lost_steps[cid] = self.lost_steps.get(cid, 0) + (self.round_steps if self.trains(cid) else 0)
         self.dead.add(cid)
         self.events.append({"event": "client_lost", "client": cid, "step": self.round_steps})
 
@@ -139,7 +143,7 @@ class Engine(TrafficLedger):
         self.transport.check_plans(plans)
         for cid in sorted(self.dead):
             try:
-                self._restart_client(cid)
+                self._restart_client(cid, plans[0].round if plans else 0)
             except self.transport.lost:  # its machine is still gone (a Flower node): out of this round too
                 self.events.append({"event": "client_unavailable", "client": cid})
         self.plans = list(plans)
@@ -386,7 +390,12 @@ class Engine(TrafficLedger):
         states = []
         held = self._each({cid: (lambda cid=cid: self.actors[cid].state_dict(not full_finetune)) for cid in self.live})
         for cid in range(len(self.actors)):
-            state, role = held[cid] if cid in held else self.snapshots[cid]  # a lost client: as its round began
+            if cid in held:
+                state, role = held[cid]
+            else:  # a lost client: as its round began, and what it must catch up on when it comes back
+                state, role = self.snapshots[cid]
+                upcoming = self.plans[0].round + 1 if self.plans else 0
+                state = {**state, "lost": LostRound(self.lost_steps.get(cid, 0), upcoming).to_dict()}
             states.append(state)
             tensors.update({f"client/{cid}/{k}": v for k, v in role.items()})
         if self.server is not None:
@@ -421,13 +430,18 @@ class Engine(TrafficLedger):
         # A client still out keeps the snapshot it was lost with: the state it comes back to.
         self.snapshots.update(self._each({cid: (lambda c=cid: self.actors[c].state_dict(False)) for cid in self.live}))
 
-    def _restart_client(self, cid: int) -> None:
-        """A lost client comes back with the last aggregated weights of its blocks and its state."""
+    def _restart_client(self, cid: int, round_: int) -> None:
+        """A lost client comes back with the last aggregated weights of its blocks and its state
+        at the start of the round it was lost in, told how many steps that round may have taken
+        (its DP counts them and moves to noise of its own for round `round_`)."""
         self.transport.restart_client(cid)
         weights = self._gather(sorted(self.client_names(cid)), exclude=cid)
         self._get(self.actors[cid].set_weights(weights))
         if cid in self.snapshots:
-            self._get(self.actors[cid].load_state_dict(*self.snapshots[cid]))
+            state, tensors = self.snapshots[cid]
+            lost = LostRound(self.lost_steps.get(cid, 0), round_)
+            self._get(self.actors[cid].load_state_dict({**state, "lost": lost.to_dict()}, tensors))
+        self.lost_steps.pop(cid, None)
         self.dead.discard(cid)
         self.events.append({"event": "client_restarted", "client": cid})
 

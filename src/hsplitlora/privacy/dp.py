@@ -29,13 +29,14 @@ sigma (`calibrate`). Each role's noise comes from its own generator, saved with 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from hsplitlora.errors import UsageError
+from hsplitlora.errors import MalformedMessage, UsageError
 
 
 @dataclass(frozen=True)
@@ -116,10 +117,42 @@ def client_epsilons(config, dp: DPSettings, shard_sizes: list[int], counters: li
     return rows
 
 
-def noise_generator(seed: int, role: str, client_id: int) -> torch.Generator:
-    """A role's own noise stream for one client ("activations" or "client" or "server")."""
+def noise_generator(seed: int, role: str, client_id: int, restart: int = 0) -> torch.Generator:
+    """A role's own noise stream for one client ("activations" or "client" or "server"). A client
+    restarted at the start of round `restart` (> 0) draws from a stream of that round's own, which
+    no earlier step used (see `LostRound`)."""
     salt = {"activations": 1, "client": 2, "server": 3}[role]
-    return torch.Generator().manual_seed((seed * 1_000_003 + client_id * 7_919 + salt * 104_729) % 2**63)
+    if restart <= 0:
+        return torch.Generator().manual_seed((seed * 1_000_003 + client_id * 7_919 + salt * 104_729) % 2**63)
+    digest = hashlib.sha256(f"hsplitlora-dp/{seed}/{role}/{client_id}/restart/{restart}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+
+
+@dataclass(frozen=True)
+class LostRound:
+    """What a restarted client's DP must catch up on: it comes back to its state at the start of
+    the round it was lost in, which knows neither the steps it took in that round nor where its
+    noise had got to. `steps` is an upper bound on the batches it was sent in that round (the
+    driver's step count when it was found lost, the one in flight included), `round` the round it
+    is restarted at. Its counters then count those batches (the accountant over-counts by at most
+    the one in flight) and its noise comes from a stream of the restart's own: replaying the lost
+    round's noise on activations of newer weights would release their difference un-noised."""
+
+    steps: int
+    round: int
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "round": self.round}
+
+    @classmethod
+    def from_dict(cls, values) -> LostRound:
+        try:
+            steps, round_ = values["steps"], values["round"]
+        except (TypeError, KeyError):
+            raise MalformedMessage(f"a restart's lost round is not {{steps, round}}: {values!r}.") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (steps, round_)):
+            raise MalformedMessage(f"a restart's lost round needs counts >= 0, not {values!r}.")
+        return cls(steps, round_)
 
 
 def clip_per_example(tensor: torch.Tensor, clip: float) -> torch.Tensor:

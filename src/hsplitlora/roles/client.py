@@ -17,6 +17,7 @@ from hsplitlora.privacy.dp import (
     NO_DP,
     ActivationNoise,
     DPSettings,
+    LostRound,
     drop_records,
     keep_per_example,
     noise_generator,
@@ -202,6 +203,18 @@ class Client:
             self.dpsgd.load_state({k[len("dp/sgd/") :]: v for k, v in tensors.items() if k.startswith("dp/sgd/")})
         self.batches.load_state(state["batcher"])
         self.step = state["step"]
+        if "lost" in state:  # a restart: the round it was lost in is not in the snapshot
+            self._catch_up(LostRound.from_dict(state["lost"]))
+
+    def _catch_up(self, lost: LostRound) -> None:
+        """Count the batches of the round this client was lost in (an upper bound) and draw its
+        noise from the restart's own stream from now on (privacy/dp.py, `LostRound`)."""
+        if self.activation_noise is not None:
+            self.activation_noise.steps += lost.steps
+            self.activation_noise.generator = noise_generator(self.dp.seed, "activations", self.client_id, lost.round)
+        if self.dpsgd is not None:
+            self.dpsgd.steps += lost.steps // self.dpsgd.batches
+            self.dpsgd.generator = noise_generator(self.dp.seed, "client", self.client_id, lost.round)
 
     @property
     def u_shaped(self) -> bool:
