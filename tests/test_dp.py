@@ -179,7 +179,7 @@ def test_an_epoch_serves_whole_logical_batches_so_none_holds_an_example_twice():
 
 def test_a_restarted_client_draws_noise_no_earlier_step_used_and_bad_lost_rounds_are_refused():
     from hsplitlora.errors import MalformedMessage
-    from hsplitlora.privacy.dp import LostRound, noise_generator
+    from hsplitlora.privacy.dp import LostRound, fresh_stream, noise_generator
 
     def draws(restart):
         return torch.randn(64, generator=noise_generator(3, "activations", 1, restart))
@@ -189,8 +189,12 @@ def test_a_restarted_client_draws_noise_no_earlier_step_used_and_bad_lost_rounds
         assert torch.equal(a, draws(i))  # the seed fixes each
         for b in streams[i + 1 :]:
             assert not set(a.tolist()) & set(b.tolist())  # no draw shared (not even a shifted copy)
-    assert LostRound.from_dict({"steps": 2, "round": 3}) == LostRound(2, 3)
-    for bad in ({"steps": -1, "round": 3}, {"steps": 2}, {"steps": True, "round": 1}, [2, 3]):
+    state = noise_generator(3, "server", 1).get_state()  # what the driver moves on without the seed
+    assert not torch.equal(fresh_stream(state, 1), fresh_stream(state, 2))
+    assert torch.equal(fresh_stream(state, 1), fresh_stream(state, 1))
+    assert not torch.equal(fresh_stream(state, 1), state)
+    assert LostRound.from_dict({"steps": 2, "stream": 3}) == LostRound(2, 3)
+    for bad in ({"steps": -1, "stream": 3}, {"steps": 2}, {"steps": True, "stream": 1}, [2, 3]):
         with pytest.raises(MalformedMessage, match="lost round"):
             LostRound.from_dict(bad)
 

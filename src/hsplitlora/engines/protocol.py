@@ -21,7 +21,7 @@ import torch
 from hsplitlora.engines.hosts import ClientHost, ServerHost, client_blocks
 from hsplitlora.engines.traffic import TrafficLedger
 from hsplitlora.engines.transport import Transport
-from hsplitlora.privacy.dp import LostRound
+from hsplitlora.privacy.dp import LostRound, fresh_stream
 from hsplitlora.roles.adapters import adapter_name
 from hsplitlora.roles.fed_server import FedServer
 from hsplitlora.roles.messages import AdapterBroadcast, ModelUpdate, RoundPlan
@@ -49,7 +49,10 @@ class Engine(TrafficLedger):
         self.importance_on = False
         self.dead: set[int] = set()
         self.snapshots: dict[int, tuple] = {}  # each client's state when the round started
-        self.lost_steps: dict[int, int] = {}  # a lost client's steps since its snapshot (at most)
+        # Batches each client was sent since its snapshot (the one in flight included): what a
+        # lost client's DP counts when it comes back; and how many catch-ups each has had.
+        self.since_snapshot: dict[int, int] = {}
+        self.catch_ups: dict[int, int] = {}
         self.round_start: tuple | None = None  # every host's state when the round started
         self.last_broadcast: AdapterBroadcast | None = None
         self.sampled: set[int] | None = None  # the clients that train this round (None: every one)
@@ -102,8 +105,6 @@ class Engine(TrafficLedger):
         the next configure. A lost main server is the round's to recover (ServerLost)."""
         if not self.transport.server_alive():
             raise ServerLost()
-        # The batches it may have been sent this round: its DP counts them when it comes back.
-        self.lost_steps[cid] = self.lost_steps.get(cid, 0) + (self.round_steps if self.trains(cid) else 0)
         self.dead.add(cid)
         self.events.append({"event": "client_lost", "client": cid, "step": self.round_steps})
 
@@ -192,6 +193,7 @@ class Engine(TrafficLedger):
         for cid in range(len(self.actors)):
             loss = None
             if self.trains(cid):
+                self.since_snapshot[cid] = self.since_snapshot.get(cid, 0) + 1
                 try:
                     loss = self._get(self.actors[cid].local_step()) if self.local(cid) else (
                         self.split_step(cid))  # fmt: skip
@@ -394,8 +396,9 @@ class Engine(TrafficLedger):
                 state, role = held[cid]
             else:  # a lost client: as its round began, and what it must catch up on when it comes back
                 state, role = self.snapshots[cid]
-                upcoming = self.plans[0].round + 1 if self.plans else 0
-                state = {**state, "lost": LostRound(self.lost_steps.get(cid, 0), upcoming).to_dict()}
+                upcoming = self.plans[0].round + 1 if self.plans else 0  # the round it would come back at
+                lost = LostRound(self.since_snapshot.get(cid, 0), self._stream(cid, upcoming, advance=False))
+                state = {**state, "lost": lost.to_dict()}
             states.append(state)
             tensors.update({f"client/{cid}/{k}": v for k, v in role.items()})
         if self.server is not None:
@@ -417,6 +420,23 @@ class Engine(TrafficLedger):
             refs.append(self.server.load_state_dict(role_tensors(tensors, "server/")))
         self._get(refs)
         self.fed_server.load_state_dict(role_tensors(tensors, "fed/"))
+        if self.transport.can_lose_hosts:  # configure above kept the hosts as they were before loading
+            self.round_start = (state, dict(tensors), list(plans))
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        """Each living client's state as the one it comes back to if lost (a client still out keeps
+        the snapshot it was lost with); its count of batches sent since starts again."""
+        self.snapshots.update(self._each({cid: (lambda c=cid: self.actors[c].state_dict(False)) for cid in self.live}))
+        self.since_snapshot.update(dict.fromkeys(self.live, 0))
+
+    def _stream(self, cid: int, round_: int, advance: bool = True) -> int:
+        """A restart noise stream for client `cid` no earlier catch-up of this engine used: the round
+        it comes back at and its count of catch-ups so far."""
+        key = 1_000_000 * max(round_, 0) + self.catch_ups.get(cid, 0) + 1
+        if advance:
+            self.catch_ups[cid] = self.catch_ups.get(cid, 0) + 1
+        return key
 
     # -- lost hosts ----------------------------------------------------------------------------------
     def _keep_round_start(self, plans: Sequence[RoundPlan]) -> None:
@@ -427,21 +447,19 @@ class Engine(TrafficLedger):
         if self.last_broadcast is not None:
             restarted = [e["client"] for e in self.events if e["event"] == "client_restarted"]
             self._get([self.actors[cid].apply_adapters(self.last_broadcast) for cid in restarted])
-        # A client still out keeps the snapshot it was lost with: the state it comes back to.
-        self.snapshots.update(self._each({cid: (lambda c=cid: self.actors[c].state_dict(False)) for cid in self.live}))
+        self._snapshot()
 
     def _restart_client(self, cid: int, round_: int) -> None:
         """A lost client comes back with the last aggregated weights of its blocks and its state
-        at the start of the round it was lost in, told how many steps that round may have taken
-        (its DP counts them and moves to noise of its own for round `round_`)."""
+        when its snapshot was taken, told how many batches it was sent since (its DP counts them and
+        moves to a noise stream of its own, `_stream`)."""
         self.transport.restart_client(cid)
         weights = self._gather(sorted(self.client_names(cid)), exclude=cid)
         self._get(self.actors[cid].set_weights(weights))
         if cid in self.snapshots:
             state, tensors = self.snapshots[cid]
-            lost = LostRound(self.lost_steps.get(cid, 0), round_)
+            lost = LostRound(self.since_snapshot.get(cid, 0), self._stream(cid, round_))
             self._get(self.actors[cid].load_state_dict({**state, "lost": lost.to_dict()}, tensors))
-        self.lost_steps.pop(cid, None)
         self.dead.discard(cid)
         self.events.append({"event": "client_restarted", "client": cid})
 
@@ -449,8 +467,23 @@ class Engine(TrafficLedger):
         state, tensors, saved_plans = self.round_start
         plans = self.plans
         events = [*self.events, {"event": "server_restarted", "step": self.round_steps}]
+        # A client restarted this round comes back from its snapshot, not from where its restart
+        # left it (the round start holds no adapters of a client that was out): its replay is not
+        # the aborted attempt's, so its DP counts those batches too and draws fresh noise.
+        restarted = {e["client"] for e in self.events if e["event"] == "client_restarted"} - self.dead
+        aborted = {cid: self.since_snapshot.get(cid, 0) for cid in restarted}
         self.transport.restart_server()
+        round_ = plans[0].round if plans else 0
+        tensors = dict(tensors)  # its adapters' DP-SGD noise on the main server moves on too
+        for cid in sorted(restarted):
+            name = f"server/dp/{cid}/rng"
+            if name in tensors:
+                tensors[name] = fresh_stream(tensors[name], self._stream(cid, round_))
         self.load_state(state, tensors, saved_plans)  # every host as the round started
+        for cid in sorted(restarted - self.dead):
+            held, role = self._get(self.actors[cid].state_dict(not self.trains_every_weight))
+            lost = LostRound(aborted[cid], self._stream(cid, round_))
+            self._get(self.actors[cid].load_state_dict({**held, "lost": lost.to_dict()}, role))
         self.configure(plans)  # then this round's plan, as before
         self.measure_importance(self.importance_on)
         self.reset_traffic()  # the round's counts start again with its steps

@@ -118,9 +118,9 @@ def client_epsilons(config, dp: DPSettings, shard_sizes: list[int], counters: li
 
 
 def noise_generator(seed: int, role: str, client_id: int, restart: int = 0) -> torch.Generator:
-    """A role's own noise stream for one client ("activations" or "client" or "server"). A client
-    restarted at the start of round `restart` (> 0) draws from a stream of that round's own, which
-    no earlier step used (see `LostRound`)."""
+    """A role's own noise stream for one client ("activations" or "client" or "server"). A
+    restarted client draws from the stream of its restart's key (> 0; see `LostRound`), which no
+    earlier step used."""
     salt = {"activations": 1, "client": 2, "server": 3}[role]
     if restart <= 0:
         return torch.Generator().manual_seed((seed * 1_000_003 + client_id * 7_919 + salt * 104_729) % 2**63)
@@ -128,31 +128,38 @@ def noise_generator(seed: int, role: str, client_id: int, restart: int = 0) -> t
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
 
 
+def fresh_stream(state: torch.Tensor, key: int) -> torch.Tensor:
+    """A generator state for a stream no step drew from: seeded from a generator's saved `state`
+    and a `key` (the driver moves a role's noise on without knowing the run's seed)."""
+    digest = hashlib.sha256(state.numpy().tobytes() + f"/{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63).get_state()
+
+
 @dataclass(frozen=True)
 class LostRound:
-    """What a restarted client's DP must catch up on: it comes back to its state at the start of
-    the round it was lost in, which knows neither the steps it took in that round nor where its
-    noise had got to. `steps` is an upper bound on the batches it was sent in that round (the
-    driver's step count when it was found lost, the one in flight included), `round` the round it
-    is restarted at. Its counters then count those batches (the accountant over-counts by at most
-    the one in flight) and its noise comes from a stream of the restart's own: replaying the lost
-    round's noise on activations of newer weights would release their difference un-noised."""
+    """What a restarted client's DP must catch up on: it comes back to its snapshot (taken when its
+    last round was configured), which knows neither the steps it took since nor where its noise had
+    got to. `steps` is an upper bound on the batches the driver sent it since the snapshot (the one
+    in flight included), `stream` the key of the noise stream it draws from now on (the driver's:
+    a round and a count, never used before by that client). Its counters then count those batches
+    (the accountant over-counts by at most the one in flight), and replaying the old noise on
+    activations of newer weights, which would release their difference un-noised, cannot happen."""
 
     steps: int
-    round: int
+    stream: int
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "round": self.round}
+        return {"steps": self.steps, "stream": self.stream}
 
     @classmethod
     def from_dict(cls, values) -> LostRound:
         try:
-            steps, round_ = values["steps"], values["round"]
+            steps, stream = values["steps"], values["stream"]
         except (TypeError, KeyError):
-            raise MalformedMessage(f"a restart's lost round is not {{steps, round}}: {values!r}.") from None
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (steps, round_)):
+            raise MalformedMessage(f"a restart's lost round is not {{steps, stream}}: {values!r}.") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (steps, stream)):
             raise MalformedMessage(f"a restart's lost round needs counts >= 0, not {values!r}.")
-        return cls(steps, round_)
+        return cls(steps, stream)
 
 
 def clip_per_example(tensor: torch.Tensor, clip: float) -> torch.Tensor:

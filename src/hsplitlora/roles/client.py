@@ -207,14 +207,14 @@ class Client:
             self._catch_up(LostRound.from_dict(state["lost"]))
 
     def _catch_up(self, lost: LostRound) -> None:
-        """Count the batches of the round this client was lost in (an upper bound) and draw its
+        """Count the batches sent to this client since its snapshot (an upper bound) and draw its
         noise from the restart's own stream from now on (privacy/dp.py, `LostRound`)."""
         if self.activation_noise is not None:
             self.activation_noise.steps += lost.steps
-            self.activation_noise.generator = noise_generator(self.dp.seed, "activations", self.client_id, lost.round)
+            self.activation_noise.generator = noise_generator(self.dp.seed, "activations", self.client_id, lost.stream)
         if self.dpsgd is not None:
             self.dpsgd.steps += lost.steps // self.dpsgd.batches
-            self.dpsgd.generator = noise_generator(self.dp.seed, "client", self.client_id, lost.round)
+            self.dpsgd.generator = noise_generator(self.dp.seed, "client", self.client_id, lost.stream)
 
     @property
     def u_shaped(self) -> bool:
