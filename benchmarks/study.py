@@ -280,7 +280,7 @@ def whole_model(label: str) -> bool:
 def server_share(regime: Regime) -> int:
     """The main server's memory per client that trains at once: its budget over m (or K)."""
     budget = parse_bytes(regime.server_budget or RunConfig.server_budget)
-    return budget // (regime.clients_per_round or len(regime.budgets))
+    return budget // min(regime.clients_per_round or len(regime.budgets), len(regime.budgets))
 
 
 def regime_of(spec: StudySpec, name: str) -> Regime:
