@@ -440,7 +440,7 @@ def warn_over_budget(plan: Plan, strategy: Strategy, log: Callable[[str], None])
 
     if not strategy.crosses_cut():
         return
-    share = plan.server_budget_bytes // max(plan.sharing or len(plan.clients) + len(plan.left_out), 1)
+    share = plan.server_share_bytes
     for c in plan.clients:
         if c.predicted_bytes > c.budget_bytes:
             log(

@@ -73,8 +73,13 @@ class Plan:
     def client(self, client_id: int) -> ClientPlan:
         return next(c for c in self.clients if c.client == client_id)
 
+    @property
+    def server_share_bytes(self) -> int:
+        """The main server's memory per client that trains at once (its budget over m, or K)."""
+        return self.server_budget_bytes // max(self.sharing or len(self.clients) + len(self.left_out), 1)
+
     def to_dict(self) -> dict:
-        per_client = self.server_budget_bytes // max(self.sharing or len(self.clients) + len(self.left_out), 1)
+        per_client = self.server_share_bytes
         return {
             "clients": [
                 {
