@@ -20,7 +20,8 @@ regimes it runs them in are the study's choices, not hsplitlora's.
 
 Finished runs are reused when their folder holds the same configuration, so an interrupted study
 continues where it stopped. Each run folder keeps config.json, metrics.jsonl, summary.json and
-eval.json, small enough to commit (weights and checkpoints are git-ignored)."""
+eval.json, small enough to commit (weights are git-ignored; a finished run's checkpoint, which only
+served resuming it, is deleted)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -482,6 +484,8 @@ def run_study(
         log(f"[{index}/{len(runs)}] regime {regime_name} {label} seed {seed}{shared}" + (" (reused)" if done else ""))
         if not done:
             _run_one(config, log)
+            # A finished run's checkpoint only served resuming it (1-2 GB each; eval reads model.safetensors).
+            shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         record = _collect(run_dir, regime_name, label, seed, len(regime.budgets))
         record["run_of_regime"] = source.name
         collected.append((run_dir, record))
