@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study import FULL, QUICK, StudySpec, run_config  # noqa: E402  (beside this script)
 
-SPLIT = ("hsplitlora", "splitlora", "splitlora-paper", "no-armsc", "no-iwi")
+SPLIT = ("hsplitlora", "hsplitlora-timed", "splitlora", "splitlora-timed", "splitlora-paper", "no-armsc", "no-iwi")
 WHOLE = ("hetlora", "flora", "flexlora", "fedlora")
 
 
@@ -38,12 +38,10 @@ def regime_plans(spec: StudySpec, names: list[str]) -> list[dict]:
     from hsplitlora.data.e2e import data_file, encode, read_e2e
     from hsplitlora.devices import resolve_devices
     from hsplitlora.lora.attach import attach_lora
-    from hsplitlora.method.aggregation import TruncatedChange
     from hsplitlora.method.memory import measure_memory_model
     from hsplitlora.method.sampling import per_round
     from hsplitlora.models.loading import load_model
-    from hsplitlora.setup import expected_workload
-    from hsplitlora.strategies import STRATEGIES, StrategyContext
+    from hsplitlora.setup import build_strategy, expected_workload
     from hsplitlora.units import parse_bytes
 
     def strategy_of(regime, label: str, folder: str):
@@ -52,14 +50,8 @@ def regime_plans(spec: StudySpec, names: list[str]) -> list[dict]:
         devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
         workload = expected_workload(config, loaded.model, items, loaded.tokenizer.pad_token_id)
         sharing = per_round(config.clients_per_round, config.clients)
-        context = StrategyContext(
-            memory, devices, parse_bytes(config.server_budget), tuple(config.rank_levels), config.rho,
-            config.s_min, config.replan_delta, None, None, config.split_rule, config.adapter_lifecycle, workload,
-            sharing if sharing < config.clients else None,
-        )  # fmt: skip
-        strategy = STRATEGIES[config.strategy](context)
-        if config.update_form == "svd-ef":
-            strategy.aggregation = TruncatedChange(config.update_rank, config.update_energy)
+        strategy = build_strategy(config, memory, devices, parse_bytes(config.server_budget), config.s_min, workload,
+                                  sharing if sharing < config.clients else None)  # fmt: skip
         return strategy, config
 
     torch.set_num_threads(1)

@@ -290,3 +290,89 @@ def test_no_armsc_runs_the_best_uniform_plan_with_naa_memory():
     assert {r for c in plan.clients for r in c.all_ranks().values()} == {rank}
     assert rank == no_armsc.uniform_ranks()[split_point]  # the largest that fits with the anchors counted
     assert all(c.predicted_bytes <= c.budget_bytes for c in plan.clients)
+
+
+# -- ranks that cost time (rank_time_slack) -------------------------------------------------------
+def timed_strategy(devices, slack, name="hsplitlora", server_flops=1e9, server_budget=20_000_000):
+    import dataclasses
+
+    strategy = strategy_for(devices, "fastest", name=name, server_flops=server_flops, server_budget=server_budget)
+    return type(strategy)(dataclasses.replace(strategy.context, rank_time_slack=slack))
+
+
+def reference_time(strategy, clients) -> float:
+    """The same cuts with every rank at the smallest positive level (where memory allows it)."""
+    from hsplitlora.method.planner import _client_plan
+
+    c = strategy.context
+    share = strategy.server_share
+    floor = min(q for q in c.levels if q > 0)
+    at_floor = [_client_plan(p.client, p.budget_bytes, p.split_point, dict.fromkeys(NAMES, 1.0), c.memory, share,
+                             c.levels, (floor, floor)) for p in clients]  # fmt: skip
+    return strategy.round_time(at_floor)
+
+
+@settings(max_examples=40, deadline=None)
+@given(devices=devices_st, server_flops=st.floats(1e8, 1e12), slack=st.sampled_from([0.0, 0.02, 0.1, 0.5]))
+def test_timed_ranks_keep_the_round_within_the_slack_and_every_budget(devices, server_flops, slack):
+    free = strategy_for(devices, "fastest", server_flops=server_flops)
+    timed = timed_strategy(devices, slack, server_flops=server_flops)
+    uniform = dict.fromkeys(NAMES, 1.0)
+    try:
+        untimed_plan = free.armsc(uniform)
+    except UsageError:
+        return
+    plan_ = timed.armsc(uniform)
+    share = timed.server_share
+    for client in plan_.clients:
+        assert client.predicted_bytes <= client.budget_bytes
+        assert client.server_predicted_bytes <= share
+        assert set(client.all_ranks().values()) <= set(DEFAULT_LEVELS)
+    seconds = timed.round_time(plan_.clients)
+    one_cut_one_rank = (
+        len({c.split_point for c in plan_.clients}) == 1
+        and len({r for c in plan_.clients for r in c.all_ranks().values()}) == 1
+    )
+    if not one_cut_one_rank:  # ARMSC's own plan (not the best uniform alternative, which fits its own rank)
+        assert seconds <= (1 + slack) * reference_time(timed, plan_.clients) * (1 + 1e-9)
+    # Never slower than the same planner without the time rule.
+    assert seconds <= free.round_time(untimed_plan.clients) * (1 + 1e-9)
+
+
+def test_timed_ranks_come_down_only_where_they_hold_the_round_up():
+    # A server ten times slower than it needs to be: the server-side ranks cost the round, the
+    # clients' (fast links, fast devices) do not.
+    devices = [(3_000_000, 1e13, 1e10), (3_000_000, 1e13, 1e10)]
+    uniform = dict.fromkeys(NAMES, 1.0)
+    free = strategy_for(devices, "fastest", server_flops=1e8).armsc(uniform, split_points=[2, 2])
+    timed_strategy_ = timed_strategy(devices, 0.0, server_flops=1e8)
+    timed = timed_strategy_.armsc(uniform, split_points=[2, 2])
+    assert [c.ranks for c in timed.clients] == [c.ranks for c in free.clients]  # client sides untouched
+    assert sum(sum(c.server_ranks.values()) for c in timed.clients) < sum(
+        sum(c.server_ranks.values()) for c in free.clients
+    )
+    assert max(max(c.server_ranks.values()) for c in timed.clients) >= 2  # never below the smallest level
+    assert timed_strategy_.round_time(timed.clients) < timed_strategy_.round_time(free.clients)
+
+
+def test_timed_uniform_rank_is_the_largest_within_the_slack():
+    devices = [(3_000_000, 1e9, 1e5), (3_000_000, 1e9, 1e5)]  # slow links: every rank costs time
+    strategy = timed_strategy(devices, 0.05, name="splitlora")
+    cut, rank = strategy.best_uniform_split_and_rank()
+    bound = 1.05 * strategy.round_time(strategy.uniform_plan(cut, 2).clients)
+    assert strategy.round_time(strategy.uniform_plan(cut, rank).clients) <= bound * (1 + 1e-9)
+    larger = [q for q in DEFAULT_LEVELS if q > rank and q <= strategy.uniform_ranks()[cut]]
+    for level in larger:
+        assert strategy.round_time(strategy.uniform_plan(cut, level).clients) > bound
+
+
+def test_rank_time_slack_is_refused_where_nothing_would_follow_it():
+    from hsplitlora.checks import check
+    from hsplitlora.config import RunConfig
+
+    with pytest.raises(UsageError, match="rank_time_slack 0.05 lets the time model lower ranks, and splitlora-paper"):
+        check(RunConfig(strategy="splitlora-paper", rank_time_slack=0.05, model="tiny"))
+    with pytest.raises(UsageError, match="rank fixes the plan"):
+        check(RunConfig(rank=4, rank_time_slack=0.05, model="tiny"))
+    with pytest.raises(UsageError, match="rank_time_slack is the share ranks may add"):
+        check(RunConfig(rank_time_slack=-0.1, model="tiny"))

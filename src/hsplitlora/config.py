@@ -75,6 +75,9 @@ class RunConfig:
     replan_delta: float = 0.1
     # ARMSC's cuts: fastest (the predicted round time, under every memory budget) | deepest (memory only)
     split_rule: str = "fastest"
+    # Ranks that cost time (beyond method.md): ranks may lengthen the predicted round by at most this
+    # share over the same cuts at the smallest positive rank (None: ranks by memory and importance only).
+    rank_time_slack: float | None = None
     # HSplitLoRA's adapters: persist (kept with their optimizer state, measured from an anchor) | recreate
     adapter_lifecycle: str = "persist"
     warmup_batches: int = 1
@@ -160,6 +163,9 @@ class RunConfig:
         for name in ("rho", "gamma_max"):
             if not 0 <= getattr(self, name) < 1:
                 raise UsageError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        if self.rank_time_slack is not None and not 0 <= self.rank_time_slack < math.inf:
+            raise UsageError(f"rank_time_slack is the share ranks may add to the predicted round time, a number "
+                             f"of at least 0 (0.05: 5%); got {self.rank_time_slack}.")  # fmt: skip
         if not 0 <= self.replan_delta <= 1:
             raise UsageError(f"replan_delta must be in [0, 1], got {self.replan_delta}.")
         if not 0 <= self.seed <= 2**32 - 1:
@@ -308,6 +314,8 @@ FLAGS: dict[str, str] = {
     "split_mode": "standard, or u: the client also keeps the last blocks, the head and the loss",
     "tail_blocks": "last blocks a client keeps with --split-mode u",
     "split_rule": "how ARMSC cuts: fastest (least predicted round time within every budget) or deepest",
+    "rank_time_slack": "ranks that cost time: ranks may lengthen the predicted round by at most this share "
+    "(0.05: 5%) over the same cuts at the smallest positive rank (default: by memory and importance only)",
     "adapter_lifecycle": "hsplitlora's adapters across rounds: persist (kept, measured from an anchor) or recreate",
     "engine": "inprocess; ray: clients and the main server as Ray actors; flower: clients as Flower ClientApps",
     "ray_address": "with --engine ray: join this Ray cluster at host:port (default: start a local one on localhost)",

@@ -41,6 +41,7 @@ class PlanRequest:
     seed: int = RUN.seed
     tail_blocks: int | None = None  # plan a U-shaped split keeping the last t blocks on every client
     split_rule: str = RUN.split_rule  # as `hsplitlora run` cuts: fastest (time model) or deepest (memory only)
+    rank_time_slack: float | None = RUN.rank_time_slack  # ranks may lengthen the predicted round this much
     local_steps: int = RUN.local_steps  # E, for the time model
     server_flops: float = RUN.server_flops
     client_quant: str = RUN.client_quant  # clients' blocks held as int8 / nf4: more of them fit a budget
@@ -68,7 +69,8 @@ class PlanRequest:
             levels=tuple(config.rank_levels), rho=config.rho, s_min=config.s_min, r_ref=config.r_ref,
             uniform_importance=uniform_importance, warmup_batches=config.warmup_batches, data_dir=config.data_dir,
             leave_out_infeasible=leave_out_infeasible, seed=config.seed, tail_blocks=config.tail,
-            split_rule=config.split_rule, local_steps=config.local_steps, server_flops=config.server_flops,
+            split_rule=config.split_rule, rank_time_slack=config.rank_time_slack, local_steps=config.local_steps,
+            server_flops=config.server_flops,
             client_quant=config.client_quant, server_quant=config.server_quant,
             clients_per_round=per_round(config.clients_per_round, len(devices)) if config.clients_per_round else None,
             model=config.model, split_mode=config.split_mode, max_leakage=config.max_leakage,
@@ -128,13 +130,14 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
 def planning_strategy(loaded: LoadedModel, memory: MemoryModel, request: PlanRequest) -> Strategy:
     """HSplitLoRA as `run` builds it for these budgets (setup.build_strategy): the default device
     speeds and links (what `run --budgets` gives), anchored adapters, and for the fastest split
-    rule E steps of batches like the training data's to predict round times with."""
+    rule (or a rank_time_slack) E steps of batches like the training data's to predict round times with."""
     from hsplitlora.devices import DEFAULT_BANDWIDTH, DEFAULT_FLOPS, DeviceProfile
 
     settings = RunConfig(strategy="hsplitlora", rank_levels=list(request.levels), rho=request.rho,
-                         split_rule=request.split_rule)  # fmt: skip
+                         split_rule=request.split_rule, rank_time_slack=request.rank_time_slack)  # fmt: skip
     devices = [DeviceProfile(budget, DEFAULT_FLOPS, DEFAULT_BANDWIDTH) for budget in request.budgets]
-    workload = planning_workload(loaded, request) if request.split_rule == "fastest" else None
+    timed = request.split_rule == "fastest" or request.rank_time_slack is not None
+    workload = planning_workload(loaded, request) if timed else None
     return build_strategy(settings, memory, devices, request.server_budget, request.s_min, workload,
                           request.clients_per_round)  # fmt: skip
 

@@ -217,7 +217,7 @@ def build_strategy(
     context = StrategyContext(
         memory, devices, server_budget, tuple(config.rank_levels), config.rho, s_min, config.replan_delta,
         fixed_splits, fixed_ranks, config.split_rule, config.adapter_lifecycle, workload, sharing, truncated,
-        config.ft_lr,
+        config.ft_lr, config.rank_time_slack,
     )  # fmt: skip
     return STRATEGIES[config.strategy](context)
 

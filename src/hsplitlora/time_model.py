@@ -140,7 +140,21 @@ def predicted_round_time(
     anchored: bool = False,
     sharing: int | None = None,
 ) -> float:
-    """The round time `round_time` predicts for a plan before it runs: E steps per client, each
+    """The round time `round_time` predicts for a plan before it runs (`predicted_times`' largest)."""
+    return max(predicted_times(memory, plans, devices, workload, aggregation, anchored, sharing))
+
+
+def predicted_times(
+    memory: MemoryModel,
+    plans: Sequence[ClientPlan],
+    devices: Sequence[DeviceProfile],
+    workload: Workload,
+    aggregation: Aggregation | None = None,
+    anchored: bool = False,
+    sharing: int | None = None,
+) -> list[float]:
+    """Every client's predicted path, then the main server's (expected) busy time, for a plan before
+    it runs (the round is the largest): E steps per client, each
     crossing the cut with h and dL/dh (four tensors in a U-shaped split), then the client-side
     factors up and the update of every candidate it holds down.
 
@@ -165,6 +179,5 @@ def predicted_round_time(
         ))  # fmt: skip
     timing = round_time(memory, plans, devices, work, workload.server_flops, workload.vocab_size,
                         workload.hidden_size)  # fmt: skip
-    if sharing is None or sharing >= len(plans):
-        return timing["round_s"]
-    return max([*timing["client_s"], timing["server_busy_s"] * sharing / len(plans)])
+    share = 1.0 if sharing is None or sharing >= len(plans) else sharing / len(plans)
+    return [*timing["client_s"], timing["server_busy_s"] * share]

@@ -10,6 +10,12 @@ For each client i with budget M_i:
      I(W) (u(r') - u(r)) / (C(W, r') - C(W, r)),  u(r) = log2(1 + r),  r' the next level of Q,
      while the total stays within M_i (an upgrade that does not fit retires that candidate);
   3. server-side ranks for blocks [s_i, L): the same greedy within the main server's M_S / m.
+  4. (rank_time_slack sigma, beyond method.md) ranks that cost round time: ranks may lengthen the
+     predicted round by at most sigma over the same cuts with the smallest positive level of Q as
+     the highest rank. Rank ceilings (a common one on the server side, one per client on its side)
+     come down one level at a time, each time the one whose plan predicts the least times (the
+     slowest first), until the round fits; the greedy of steps 2 and 3 fills each side under its
+     ceiling.
 """
 
 from __future__ import annotations
@@ -164,13 +170,17 @@ SPLIT_RULES = ("fastest", "deepest")
 
 def _client_plan(
     client_id: int, budget: int, split_point: int, importance: Mapping[str, float], memory: MemoryModel,
-    server_share: int, levels: Sequence[int],
+    server_share: int, levels: Sequence[int], ceilings: tuple[int, int] | None = None,
 ) -> ClientPlan:  # fmt: skip
-    """Steps 2 and 3 of ARMSC at a given cut: the importance greedy on both sides of it."""
+    """Steps 2 and 3 of ARMSC at a given cut: the importance greedy on both sides of it, under
+    `ceilings` (the highest rank on the client's side, on the server's; None: no ceiling)."""
+    client_top, server_top = ceilings or (max(levels), max(levels))
+    client_levels = [q for q in levels if q <= client_top]
+    server_levels = [q for q in levels if q <= server_top]
     ranks = allocate_ranks(memory.client_side(split_point), importance, memory.adapter_bytes,
-                           budget - memory.client_bytes(split_point), levels)  # fmt: skip
+                           budget - memory.client_bytes(split_point), client_levels)  # fmt: skip
     server_ranks = allocate_ranks(memory.server_side(split_point), importance, memory.adapter_bytes,
-                                  server_share - memory.server_bytes(split_point), levels)  # fmt: skip
+                                  server_share - memory.server_bytes(split_point), server_levels)  # fmt: skip
     return ClientPlan(client_id, int(budget), split_point, ranks, memory.client_bytes(split_point, ranks),
                       server_ranks, memory.server_bytes(split_point, server_ranks))  # fmt: skip
 
@@ -198,6 +208,42 @@ def fastest_split_points(
     return chosen
 
 
+def fit_ranks_to_time(
+    cuts: Sequence[int], plan_at: Callable[[int, int, tuple[int, int]], ClientPlan],
+    round_times: Callable[[list[ClientPlan]], list[float]], levels: Sequence[int], slack: float,
+) -> list[ClientPlan]:  # fmt: skip
+    """ARMSC's ranks at fixed `cuts`, lowered until they lengthen the predicted round by at most
+    `slack` over the same cuts with the smallest positive level as every ceiling (the cheapest plan
+    that still trains what memory allows; step 4). `round_times` gives every client's path and the
+    main server's busy time; `plan_at(position, cut, (client ceiling, server ceiling))` the greedy's
+    plan under rank ceilings. One ceiling comes down a level at a time, never below the smallest
+    positive level: the server's (common to all clients) or one client's, whichever leaves the
+    smallest times, compared slowest first (so a tie at the top still makes progress)."""
+    levels = sorted(levels)
+    floor, top = min(q for q in levels if q > 0), levels[-1]
+    bound = (1 + slack) * max(round_times([plan_at(i, s, (floor, floor)) for i, s in enumerate(cuts)]))
+    client_tops, server_top = [top] * len(cuts), top
+
+    def build(tops: list[int], server: int) -> list[ClientPlan]:
+        return [plan_at(i, s, (tops[i], server)) for i, s in enumerate(cuts)]
+
+    def lower(ceiling: int) -> int:
+        return levels[levels.index(ceiling) - 1]
+
+    current = build(client_tops, server_top)
+    times = sorted(round_times(current), reverse=True)
+    while times[0] > bound * (1 + 1e-9):
+        moves = [(client_tops, lower(server_top))] if server_top > floor else []
+        moves += [(client_tops[:i] + [lower(ceiling)] + client_tops[i + 1 :], server_top)
+                  for i, ceiling in enumerate(client_tops) if ceiling > floor]  # fmt: skip
+        if not moves:  # every ceiling at the floor: the reference plan itself
+            break
+        times, chosen = min((sorted(round_times(build(*move)), reverse=True), k) for k, move in enumerate(moves))
+        client_tops, server_top = moves[chosen]
+        current = build(client_tops, server_top)
+    return current
+
+
 def plan(
     importance: Mapping[str, float],
     budgets: Sequence[int],
@@ -212,6 +258,8 @@ def plan(
     split_points: Sequence[int] | None = None,
     alternatives: Sequence[Plan] = (),
     sharing: int | None = None,
+    rank_time_slack: float | None = None,
+    round_times: Callable[[list[ClientPlan]], list[float]] | None = None,
 ) -> Plan:
     """Split points and ranks for every client (and the main server's ranks per client).
 
@@ -222,7 +270,12 @@ def plan(
     SplitLoRA's uniform one) are candidates too, so the result never predicts a slower round than
     any of them. `split_points` fixes the cuts (re-planning keeps them). `sharing`: how many clients
     train at once under client sampling (m of K); the main server's budget is split among them,
-    M_S / m each, since only the sampled clients hold activations and adapters there."""
+    M_S / m each, since only the sampled clients hold activations and adapters there.
+    `rank_time_slack` sigma (with `round_times`, every client's predicted path and the server's busy
+    time): the ranks are lowered until they lengthen the predicted round by at most sigma over the
+    chosen cuts at the smallest positive rank (`fit_ranks_to_time`); the fastest rule searches cuts with the
+    greedy's ranks, then fits the ranks of its result and of the deepest-fit cuts before comparing
+    them with the alternatives (which fit their own)."""
     if not 1 <= s_min <= memory.deepest_split_point:
         tail = f" with a tail of {memory.tail_blocks} block(s)" if memory.u_shaped else ""
         raise UsageError(f"s_min {s_min} must be in [1, {memory.deepest_split_point}] for this model{tail}.")
@@ -234,6 +287,8 @@ def plan(
         raise UsageError(f"split_rule {split_rule!r} is unknown; choose {' or '.join(SPLIT_RULES)}.")
     if split_rule == "fastest" and round_time is None and split_points is None:
         raise ValueError("split_rule fastest needs a round_time model")
+    if rank_time_slack is not None and round_times is None:
+        raise ValueError("rank_time_slack needs the round_times model")
     server_share = server_budget_bytes // max(sharing or len(budgets), 1)
     deepest: dict[int, int] = {}
     left_out = []
@@ -248,14 +303,20 @@ def plan(
         warnings.warn(message + " It is left out.", stacklevel=2)
         left_out.append(client_id)
     members = sorted(deepest)
-    cache: dict[tuple[int, int], ClientPlan] = {}
+    cache: dict[tuple[int, int, tuple[int, int] | None], ClientPlan] = {}
 
-    def plan_at(position: int, split_point: int) -> ClientPlan:
-        client_id = members[position]
-        if (client_id, split_point) not in cache:
-            cache[(client_id, split_point)] = _client_plan(client_id, budgets[client_id], split_point, importance,
-                                                           memory, server_share, levels)  # fmt: skip
-        return cache[(client_id, split_point)]
+    def plan_at(position: int, split_point: int, ceilings: tuple[int, int] | None = None) -> ClientPlan:
+        key = (members[position], split_point, ceilings)
+        if key not in cache:
+            cache[key] = _client_plan(members[position], budgets[members[position]], split_point, importance, memory,
+                                      server_share, levels, ceilings)  # fmt: skip
+        return cache[key]
+
+    def plans_at(cuts: Sequence[int]) -> list[ClientPlan]:
+        """The clients' plans at these cuts: the greedy's ranks, fitted to the round time if asked."""
+        if rank_time_slack is None:
+            return [plan_at(i, s) for i, s in enumerate(cuts)]
+        return fit_ranks_to_time(cuts, plan_at, round_times, levels, rank_time_slack)
 
     def finish(clients: list[ClientPlan]) -> Plan:
         shallowest = min((c.split_point for c in clients), default=memory.deepest_split_point)
@@ -271,10 +332,10 @@ def plan(
         options = [[s for s in range(s_min, deepest[c] + 1) if memory.server_bytes(s) <= server_share] or [deepest[c]]
                    for c in members]  # fmt: skip
         found = fastest_split_points(options, plan_at, round_time)
-        contenders = [finish([plan_at(i, s) for i, s in enumerate(cuts)]) for cuts in (found, deepest_cuts)]
+        contenders = [finish(plans_at(cuts)) for cuts in (found, deepest_cuts)]
         contenders += [a for a in alternatives if [c.client for c in a.clients] == members]
         return min(contenders, key=lambda candidate: round_time(candidate.clients))
-    return finish([plan_at(i, s) for i, s in enumerate(cuts)])
+    return finish(plans_at(cuts))
 
 
 def _infeasible(client_id: int, budget: int, memory: MemoryModel, rho: float, s_min: int) -> str:

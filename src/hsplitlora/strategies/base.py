@@ -17,7 +17,7 @@ from hsplitlora.method.memory import MemoryModel
 from hsplitlora.method.planner import ClientPlan, Plan
 from hsplitlora.method.sampling import sample_clients
 from hsplitlora.roles.messages import RoundPlan
-from hsplitlora.time_model import Workload, predicted_round_time
+from hsplitlora.time_model import Workload, predicted_times
 
 
 @dataclass
@@ -37,6 +37,7 @@ class StrategyContext:
     clients_per_round: int | None = None  # m clients train (and share the main server) each round; None: all K
     truncated_update: Aggregation | None = None  # update_form svd-ef: NAA's exact change sent truncated
     full_finetune_lr: float | None = None  # the learning rate of strategies that train every weight
+    rank_time_slack: float | None = None  # ranks may lengthen the predicted round by this share at most
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Strategy:
     full_finetune: bool = False  # every weight trained, no adapters
     splits: bool = True  # cuts the model between client and main server (False: every client runs it whole)
     adapter_lifecycles: bool = False  # follows adapter_lifecycle (persist | recreate); else its own fixed one
+    times_ranks: bool = False  # its ranks follow rank_time_slack (the time model prices them)
 
     def __init__(self, context: StrategyContext):
         aggregation, adapters = self.update_rule(context)
@@ -170,12 +172,17 @@ class Strategy:
     def round_time(self, clients: list[ClientPlan]) -> float:
         """The round time the time model predicts for these client plans under this strategy's
         aggregation (what the update sent down costs)."""
+        return max(self.round_times(clients))
+
+    def round_times(self, clients: list[ClientPlan]) -> list[float]:
+        """Every client's predicted path and then the main server's busy time (`round_time` is the
+        largest)."""
         c = self.context
         if c.workload is None:
             raise ValueError("this strategy was built without a workload to predict round times")
         devices = [c.devices[p.client] for p in clients]
-        return predicted_round_time(c.memory, clients, devices, c.workload, self.aggregation, self.adapters == "anchor",
-                                    c.clients_per_round)  # fmt: skip
+        return predicted_times(c.memory, clients, devices, c.workload, self.aggregation, self.adapters == "anchor",
+                               c.clients_per_round)  # fmt: skip
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         raise NotImplementedError

@@ -49,6 +49,14 @@ def check_strategy_settings(config: RunConfig, given: set[str] | None = None) ->
     if max(config.rank_levels) == 0 and config.rank is None and not strategy.full_finetune:
         raise UsageError(f"rank_levels {config.rank_levels} hold no positive rank, so every adapter gets rank 0 and "
                          "nothing would be trained; add positive levels, like 0,2,4,8,16.")  # fmt: skip
+    if config.rank_time_slack is not None and not strategy.times_ranks:
+        timing = ", ".join(key for key, cls in STRATEGIES.items() if cls.times_ranks)
+        raise UsageError(f"rank_time_slack {config.rank_time_slack} lets the time model lower ranks, and {name} sets "
+                         f"its ranks otherwise; drop rank_time_slack or choose one of {timing}.")  # fmt: skip
+    if config.rank_time_slack is not None and (config.rank is not None or config.split_point is not None):
+        fixed = "rank" if config.rank is not None else "split_point"
+        raise UsageError(f"rank_time_slack {config.rank_time_slack} lets the planner lower ranks, and {fixed} fixes "
+                         f"the plan; drop one of the two.")  # fmt: skip
     if given is not None and "adapter_lifecycle" in given and not strategy.adapter_lifecycles:
         having = ", ".join(key for key, cls in STRATEGIES.items() if cls.adapter_lifecycles)
         raise UsageError(f"adapter_lifecycle sets what HSplitLoRA's adapters do across rounds, and {name} has a "

@@ -20,6 +20,7 @@ class HSplitLoRA(UniformPlanning):
     name = "hsplitlora"
     aggregation = ExactChange()
     adapter_lifecycles = True
+    times_ranks = True
 
     def __init__(self, context: StrategyContext):
         super().__init__(context)
@@ -56,10 +57,12 @@ class HSplitLoRA(UniformPlanning):
         if fastest:
             with suppress(UsageError):  # no uniform plan exists; the planner says why its own cuts fail, if they do
                 alternatives.append(self.best_uniform_plan())
+        timed = fastest or c.rank_time_slack is not None
         return plan(importance, self.budgets, c.memory, c.server_budget, c.levels, c.rho, c.s_min,
-                    split_rule=c.split_rule, round_time=self.round_time if fastest else None,
+                    split_rule=c.split_rule, round_time=self.round_time if timed else None,
                     split_points=split_points, alternatives=alternatives, sharing=c.clients_per_round,
-                    leave_out_infeasible=leave_out_infeasible)  # fmt: skip
+                    leave_out_infeasible=leave_out_infeasible, rank_time_slack=c.rank_time_slack,
+                    round_times=self.round_times if timed else None)  # fmt: skip
 
 
 class NoIWI(HSplitLoRA):
@@ -67,6 +70,7 @@ class NoIWI(HSplitLoRA):
 
     name = "no-iwi"
     uses_importance = False
+    times_ranks = False  # the largest uniform rank per client that fits its memory
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         base = super().plan(None)
@@ -104,6 +108,7 @@ class NoARMSCPaper(NoARMSC):
     uniform rank, with NAA's memory: anchors included, so often a lower rank than splitlora-paper's)."""
 
     name = "no-armsc-paper"
+    times_ranks = False
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         return self.splitlora_plan()

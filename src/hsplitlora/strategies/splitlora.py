@@ -98,10 +98,24 @@ class UniformPlanning(Strategy):
             )
         best: tuple[float, int, int] | None = None
         for split_point, rank in options.items():  # shallow to deep: a tie keeps the shallower cut
+            rank = self.timed_uniform_rank(split_point, rank)
             seconds = self.round_time(self.uniform_plan(split_point, rank).clients)
             if best is None or seconds < best[0] * (1 - 1e-9) or (seconds <= best[0] * (1 + 1e-9) and rank > best[2]):
                 best = (seconds, split_point, rank)
         return best[1], best[2]
+
+    def timed_uniform_rank(self, split_point: int, rank: int) -> int:
+        """`rank`, or under rank_time_slack sigma the largest level up to it whose uniform plan at
+        this cut predicts a round at most (1 + sigma) times the same cut's at the smallest positive
+        level (ARMSC's rule, planner.fit_ranks_to_time, for one rank)."""
+        slack = self.context.rank_time_slack
+        if slack is None:
+            return rank
+        positive = [level for level in sorted(self.context.levels) if 0 < level <= rank]
+        bound = (1 + slack) * self.round_time(self.uniform_plan(split_point, positive[0]).clients)
+        fitting = [level for level in positive if self.round_time(self.uniform_plan(split_point, level).clients)
+                   <= bound * (1 + 1e-9)]  # fmt: skip
+        return max(fitting, default=positive[0])
 
     def best_uniform_plan(self) -> Plan:
         """SplitLoRA's plan (method.md section 7, revised): the best uniform cut and rank for all."""
@@ -117,6 +131,7 @@ class SplitLoRA(UniformPlanning):
     aggregation = FEDAVG
     adapters = "overwrite"
     uses_importance = False
+    times_ranks = True
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         return self.best_uniform_plan()
@@ -126,6 +141,7 @@ class SplitLoRAPaper(SplitLoRA):
     """The paper's SplitLoRA: the deepest cut and largest uniform rank the weakest budget admits."""
 
     name = "splitlora-paper"
+    times_ranks = False  # the paper's rule: memory only
 
     def plan(self, importance: Mapping[str, float] | None) -> Plan:
         return self.splitlora_plan()
