@@ -667,14 +667,15 @@ def paired(ours: list[dict], theirs: list[dict], key) -> list[tuple[int, float, 
             if r["seed"] in by_seed]  # fmt: skip
 
 
-def verdict(results: dict, regime: str) -> list[str]:
-    """hsplitlora against each other main strategy, as the regime's goal is stated: "win", final
-    perplexity lower by more than the spread and the target reached in at most 1/1.3 of the other's
-    simulated time; "not worse", final perplexity not higher by more than the spread. The spread is
-    the sample standard deviation of the paired differences (theirs - ours, seed by seed; the same
-    batches and shards), each listed; with one pair, the larger spread over seeds of either. A
-    strategy that does not fit the regime's budgets is left out."""
-    ours = runs_of(results, regime, "hsplitlora")
+def verdict(results: dict, regime: str, ours_label: str = "hsplitlora") -> list[str]:
+    """`ours_label` (hsplitlora, or a variant of it) against each other main strategy, as the
+    regime's goal is stated: "win", final perplexity lower by more than the spread and the target
+    reached in at most 1/1.3 of the other's simulated time; "not worse", final perplexity not higher
+    by more than the spread. The spread is the sample standard deviation of the paired differences
+    (theirs - ours, seed by seed; the same batches and shards), each listed; with one pair, the
+    larger spread over seeds of either. A strategy that does not fit the regime's budgets is left
+    out."""
+    ours = runs_of(results, regime, ours_label)
     target = results["targets"][regime]
     if not ours or target is None:
         return []
@@ -709,7 +710,7 @@ def verdict(results: dict, regime: str) -> list[str]:
         within = "within" if abs(gap) <= margin else "beyond"
         spread_name = "the paired spread" if len(pairs) > 1 else "the spread"
         if speedup is None:
-            time_text = "not every seed of hsplitlora reaches the target"
+            time_text = f"not every seed of {ours_label} reaches the target"
         elif censored:
             time_text = (f"at least {speedup:.2f}x faster to the target ({censored} of its {len(theirs)} seeds "
                          "never reached it: a whole run counts as the time of such a seed)")  # fmt: skip
@@ -786,6 +787,10 @@ def tables_markdown(results: dict) -> str:
         if found:
             goal = GOAL_TEXT[regime_goal(results, name)]
             lines += ["", f"HSplitLoRA against each main strategy (the goal here: {goal}):", "", *found]
+        timed = verdict(results, name, "hsplitlora-timed")
+        if timed:
+            lines += ["", f"hsplitlora-timed (ranks that cost time, rank_time_slack {TIME_SLACK}) against each main "
+                      "strategy, the same goal:", "", *timed]  # fmt: skip
         evaluated = [r for label in labels_in(results, name) for r in runs_of(results, name, label) if "e2e" in r]
         if evaluated:
             lines += ["", f"E2E metrics of seed 0 on the first {spec['eval_mrs']} test MRs "

@@ -376,3 +376,33 @@ def test_rank_time_slack_is_refused_where_nothing_would_follow_it():
         check(RunConfig(rank=4, rank_time_slack=0.05, model="tiny"))
     with pytest.raises(UsageError, match="rank_time_slack is the share ranks may add"):
         check(RunConfig(rank_time_slack=-0.1, model="tiny"))
+
+
+def test_a_client_that_does_not_bound_the_round_still_moves_where_it_relieves_the_server():
+    from hsplitlora.method.planner import ClientPlan, fastest_split_points
+
+    # Client 0 bounds every round (10 s); client 1's path grows with its cut, the server's shrinks.
+    def plan_at(position: int, split_point: int) -> ClientPlan:
+        return ClientPlan(position, 0, split_point, {}, 0)
+
+    def times(plans: list[ClientPlan]) -> list[float]:
+        return [10.0, float(plans[1].split_point), 9.0 - plans[1].split_point]
+
+    options = [[1], [1, 2, 3, 4, 5]]
+    assert fastest_split_points(options, plan_at, lambda p: max(times(p))) == [1, 1]  # the round alone: no move
+    assert fastest_split_points(options, plan_at, lambda p: max(times(p)), round_times=times) == [1, 4]
+
+
+def test_the_time_model_counts_each_client_s_own_tokens():
+    from hsplitlora.time_model import Workload
+
+    devices = [(3_000_000, 1e9, 1e6), (3_000_000, 1e9, 1e6)]
+    strategy = strategy_for(devices, "fastest")
+    plan_ = strategy.fixed_plan([2, 2], [4, 4])
+    pooled = strategy.round_times(plan_.clients)
+    assert pooled[0] == pytest.approx(pooled[1])
+    strategy.context.workload = Workload(steps=10, tokens_per_step=40.0, padded_tokens_per_step=64.0, hidden_size=64,
+                                         vocab_size=256, server_flops=2e13,
+                                         per_client=((40.0, 64.0), (80.0, 128.0)))  # fmt: skip
+    apart = strategy.round_times(plan_.clients)
+    assert apart[0] == pytest.approx(pooled[0]) and apart[1] > 1.9 * pooled[1]

@@ -108,6 +108,25 @@ def test_a_restarted_client_s_dp_counts_the_round_it_was_lost_in(tmp_path):
     assert steps == {0: (6, 6), 1: (5, 5), 2: (6, 6)}
 
 
+@pytest.mark.parametrize("strategy", ["splitlora", "hsplitlora"])
+def test_a_run_resumed_from_a_checkpoint_written_while_a_client_was_out_equals_the_run_that_went_on(tmp_path, strategy):
+    # Client 1 is lost in round 1 and out when round 1's checkpoint is written. Going on, it comes
+    # back in round 2 with round 1's aggregate (FedAvg's averaged factors, or NAA's merged weights);
+    # a resume from that checkpoint must give it the same, and the same DP catch-up.
+    from hsplitlora.rounds import resume_config
+
+    dp = dict(dp_activations_sigma=0.05, dp_clip=20.0)
+    straight = run(config(tmp_path, "on", engine="ray", rounds=3, local_steps=3, strategy=strategy, **dp),
+                   reporter=KillClientOne()).metrics  # fmt: skip
+    first = config(tmp_path, "stop", engine="ray", rounds=1, local_steps=3, strategy=strategy, **dp)
+    run(first, reporter=KillClientOne())
+    resumed = run(resume_config(first.output_dir, rounds=3), resume=True).metrics
+    assert {"event": "client_lost", "client": 1, "step": 2, "round": 1} in resumed[0]["events"]
+    for a, b in zip(straight, resumed, strict=True):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["round"], key)
+
+
 class KillServer(Reporter):
     """Kills the main server's actor after the first step of round 2 (once)."""
 

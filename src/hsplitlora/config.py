@@ -315,7 +315,7 @@ FLAGS: dict[str, str] = {
     "tail_blocks": "last blocks a client keeps with --split-mode u",
     "split_rule": "how ARMSC cuts: fastest (least predicted round time within every budget) or deepest",
     "rank_time_slack": "ranks that cost time: ranks may lengthen the predicted round by at most this share "
-    "(0.05: 5%) over the same cuts at the smallest positive rank (default: by memory and importance only)",
+    "(0.05: 5 percent) over the same cuts at the smallest positive rank (default: by memory and importance only)",
     "adapter_lifecycle": "hsplitlora's adapters across rounds: persist (kept, measured from an anchor) or recreate",
     "engine": "inprocess; ray: clients and the main server as Ray actors; flower: clients as Flower ClientApps",
     "ray_address": "with --engine ray: join this Ray cluster at host:port (default: start a local one on localhost)",

@@ -94,10 +94,11 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     data = load_training_data(config, tokenizer)
     encoded, shards, validation, notes = data.items, data.shards, data.validation, list(data.notes)
     strategy_class = STRATEGIES[config.strategy]
-    workload = expected_workload(config, model, [encoded[i] for shard in shards for i in shard], tokenizer.pad_token_id)
     arranged = strategy_class.arrange(shards, devices, config.local_steps,
                                       DeviceProfile(server_budget, config.server_flops, CENTRAL_BANDWIDTH))  # fmt: skip
     shards, devices, steps_per_round = arranged.shards, arranged.devices, arranged.steps_per_round
+    workload = expected_workload(config, model, [encoded[i] for shard in shards for i in shard], tokenizer.pad_token_id,
+                                 [[encoded[i] for i in shard] for shard in shards])  # fmt: skip
     check_logical_batch(config, shards)
     if arranged.note:
         notes.append(arranged.note)
@@ -267,20 +268,27 @@ def check_positions(model: torch.nn.Module, max_seq_len: int) -> None:
         )
 
 
-def expected_workload(config: RunConfig, model: torch.nn.Module, items: list, pad_id: int) -> Workload:
+def expected_workload(
+    config: RunConfig, model: torch.nn.Module, items: list, pad_id: int, shards: list[list] | None = None
+) -> Workload:
     """What a round is expected to do, for planning: E steps of batches like the clients' (mean
-    real tokens per step, and mean padded length from 64 sample batches)."""
+    real tokens per step, and mean padded length from 64 sample batches); with `shards` (each
+    trainer's items), each one's own, since the longest examples may all sit on one client."""
     import numpy as np
 
     from hsplitlora.compression import VALUE_BYTES
     from hsplitlora.data.e2e import Batcher
 
-    lengths = [len(item.input_ids) for item in items] or [config.max_seq_len]
-    batcher = Batcher(items, config.batch_size, pad_id, config.seed) if items else None
-    padded = [next(batcher).input_ids.numel() for _ in range(64)] if batcher else [config.batch_size * lengths[0]]
+    def per_step(examples: list) -> tuple[float, float]:
+        lengths = [len(item.input_ids) for item in examples] or [config.max_seq_len]
+        batcher = Batcher(examples, config.batch_size, pad_id, config.seed) if examples else None
+        padded = [next(batcher).input_ids.numel() for _ in range(64)] if batcher else [config.batch_size * lengths[0]]
+        return config.batch_size * float(np.mean(lengths)), float(np.mean(padded))
+
+    tokens, padded = per_step(items)
     return Workload(
-        steps=config.local_steps, tokens_per_step=config.batch_size * float(np.mean(lengths)),
-        padded_tokens_per_step=float(np.mean(padded)), hidden_size=hidden_size(model.config),
-        vocab_size=model.config.vocab_size, server_flops=config.server_flops,
+        steps=config.local_steps, tokens_per_step=tokens, padded_tokens_per_step=padded,
+        hidden_size=hidden_size(model.config), vocab_size=model.config.vocab_size, server_flops=config.server_flops,
         cut_value_bytes=VALUE_BYTES[config.compression], update_value_bytes=VALUE_BYTES[config.compression],
+        per_client=tuple(per_step(shard) for shard in shards) if shards is not None else None,
     )  # fmt: skip

@@ -86,7 +86,8 @@ def round_time(
 @dataclass(frozen=True)
 class Workload:
     """What a round is expected to do, for planning (measured rounds use `ClientRoundWork`):
-    E steps of `tokens_per_step` real tokens in batches padded to `padded_tokens_per_step`."""
+    E steps of `tokens_per_step` real tokens in batches padded to `padded_tokens_per_step`; where
+    the clients' data are known apart (`per_client`, by client id), each client's own means."""
 
     steps: int
     tokens_per_step: float
@@ -96,6 +97,13 @@ class Workload:
     server_flops: float
     cut_value_bytes: float = 4.0  # bytes per activation or gradient value across the cut (compression)
     update_value_bytes: float = 4.0  # bytes per value of the update sent down
+    per_client: tuple[tuple[float, float], ...] | None = None  # (tokens, padded tokens) per step, by client
+
+    def tokens(self, client: int) -> tuple[float, float]:
+        """(real, padded) tokens per step of `client`'s batches."""
+        if self.per_client is not None and 0 <= client < len(self.per_client):
+            return self.per_client[client]
+        return self.tokens_per_step, self.padded_tokens_per_step
 
 
 def update_values(
@@ -168,13 +176,14 @@ def predicted_times(
     work = []
     for plan in plans:
         split = plan.split_point < memory.num_blocks
-        step_bytes = crossings * workload.padded_tokens_per_step * workload.hidden_size * workload.cut_value_bytes
+        tokens, padded = workload.tokens(plan.client)
+        step_bytes = crossings * padded * workload.hidden_size * workload.cut_value_bytes
         held = memory.client_side(plan.split_point) if split else list(memory.candidates)
         down = _values(memory, ranks, aggregation or ExactChange(), anchored, plan, held)
         up = 4 * adapter_params(memory, plan.ranks)
         adapters = up + workload.update_value_bytes * sum(down.values())
         work.append(ClientRoundWork(
-            int(workload.steps * workload.tokens_per_step), int(workload.steps * step_bytes) if split else 0,
+            int(workload.steps * tokens), int(workload.steps * step_bytes) if split else 0,
             int(adapters),
         ))  # fmt: skip
     timing = round_time(memory, plans, devices, work, workload.server_flops, workload.vocab_size,

@@ -405,9 +405,16 @@ class Engine(TrafficLedger):
             server = self._get(self.server.state_dict(not full_finetune))
             tensors.update({f"server/{k}": v for k, v in server.items()})
         tensors.update({f"fed/{k}": v for k, v in self.fed_server.state_dict().items()})
+        found = {"clients": states}
+        if self.last_broadcast is not None and len(held) < len(self.actors):
+            # A client that is out holds factors from before the last averaging: it takes them when it
+            # comes back, from this state too (a resume, a main server's recovery).
+            found["broadcast_round"] = self.last_broadcast.round
+            for name, (a, b) in self.last_broadcast.factors.items():
+                tensors[f"broadcast/{name}/a"], tensors[f"broadcast/{name}/b"] = a, b
         if keep and self.transport.can_lose_hosts and self.plans:
-            self.round_start = ({"clients": states}, dict(tensors), self.plans)
-        return {"clients": states}, tensors
+            self.round_start = (found, dict(tensors), self.plans)
+        return found, tensors
 
     def load_state(self, state: dict, tensors: dict[str, torch.Tensor], plans: Sequence[RoundPlan]) -> None:
         """Undo `state`: the inverse, given the plans the checkpointed round ran with."""
@@ -420,6 +427,15 @@ class Engine(TrafficLedger):
             refs.append(self.server.load_state_dict(role_tensors(tensors, "server/")))
         self._get(refs)
         self.fed_server.load_state_dict(role_tensors(tensors, "fed/"))
+        if "broadcast_round" in state:  # the averaged factors the clients that were out missed
+            held = role_tensors(tensors, "broadcast/")
+            names = sorted({key.rsplit("/", 1)[0] for key in held})
+            if any(f"{n}/a" not in held or f"{n}/b" not in held for n in names):
+                raise ValueError("the checkpoint's last averaged factors (broadcast/NAME/a and /b) are incomplete")
+            self.last_broadcast = AdapterBroadcast(int(state["broadcast_round"]),
+                                                   {n: (held[f"{n}/a"], held[f"{n}/b"]) for n in names})  # fmt: skip
+            out = [cid for cid, client in enumerate(state["clients"]) if "lost" in client]
+            self._get([self.actors[cid].apply_adapters(self.last_broadcast) for cid in out])
         if self.transport.can_lose_hosts:  # configure above kept the hosts as they were before loading
             self.round_start = (state, dict(tensors), list(plans))
             self._snapshot()

@@ -188,12 +188,21 @@ def _client_plan(
 def fastest_split_points(
     cuts: Sequence[Sequence[int]], plan_at: Callable[[int, int], ClientPlan],
     round_time: Callable[[list[ClientPlan]], float], start: Sequence[int] | None = None,
+    round_times: Callable[[list[ClientPlan]], list[float]] | None = None,
 ) -> list[int]:  # fmt: skip
     """Coordinate descent over the clients' cuts (each from its feasible `cuts`), from the
     all-shallowest plan (or `start`), keeping a move only when it lowers the predicted round time;
-    the cuts are chosen jointly because the main server's busy time is shared by all clients."""
+    the cuts are chosen jointly because the main server's busy time is shared by all clients.
+    With `round_times` (every client's path and the server's busy time) a move is kept when it
+    lowers the times compared slowest first: the round, or at an equal round the next slowest, so
+    a client that does not bound the round still moves where it relieves the server (or itself)."""
+    times = round_times or (lambda plans: [round_time(plans)])
+
+    def key(trial: list[int]) -> list[float]:
+        return sorted(times([plan_at(k, s) for k, s in enumerate(trial)]), reverse=True)
+
     chosen = list(start) if start is not None else [options[0] for options in cuts]
-    best = round_time([plan_at(i, s) for i, s in enumerate(chosen)])
+    best = key(chosen)
     improved = True
     while improved:
         improved = False
@@ -202,23 +211,35 @@ def fastest_split_points(
                 if split_point == chosen[i]:
                     continue
                 trial = chosen[:i] + [split_point] + chosen[i + 1 :]
-                seconds = round_time([plan_at(k, s) for k, s in enumerate(trial)])
-                if seconds < best * (1 - 1e-9):
-                    chosen, best, improved = trial, seconds, True
+                found = key(trial)
+                if _lower(found, best):
+                    chosen, best, improved = trial, found, True
     return chosen
+
+
+def _lower(times: Sequence[float], than: Sequence[float]) -> bool:
+    """Whether `times` (sorted, slowest first) are lower than `than`: at the first that differs by
+    more than rounding."""
+    for a, b in zip(times, than, strict=True):
+        if a < b * (1 - 1e-9):
+            return True
+        if a > b * (1 + 1e-9):
+            return False
+    return False
 
 
 def fit_ranks_to_time(
     cuts: Sequence[int], plan_at: Callable[[int, int, tuple[int, int]], ClientPlan],
     round_times: Callable[[list[ClientPlan]], list[float]], levels: Sequence[int], slack: float,
-) -> list[ClientPlan]:  # fmt: skip
+) -> tuple[list[ClientPlan], list[tuple[int, int]]]:  # fmt: skip
     """ARMSC's ranks at fixed `cuts`, lowered until they lengthen the predicted round by at most
     `slack` over the same cuts with the smallest positive level as every ceiling (the cheapest plan
     that still trains what memory allows; step 4). `round_times` gives every client's path and the
     main server's busy time; `plan_at(position, cut, (client ceiling, server ceiling))` the greedy's
     plan under rank ceilings. One ceiling comes down a level at a time, never below the smallest
     positive level: the server's (common to all clients) or one client's, whichever leaves the
-    smallest times, compared slowest first (so a tie at the top still makes progress)."""
+    smallest times, compared slowest first (so a tie at the top still makes progress). Returns the
+    plans and each client's (client, server) ceilings."""
     levels = sorted(levels)
     floor, top = min(q for q in levels if q > 0), levels[-1]
     bound = (1 + slack) * max(round_times([plan_at(i, s, (floor, floor)) for i, s in enumerate(cuts)]))
@@ -241,7 +262,7 @@ def fit_ranks_to_time(
         times, chosen = min((sorted(round_times(build(*move)), reverse=True), k) for k, move in enumerate(moves))
         client_tops, server_top = moves[chosen]
         current = build(client_tops, server_top)
-    return current
+    return current, [(top_, server_top) for top_ in client_tops]
 
 
 def plan(
@@ -273,9 +294,10 @@ def plan(
     M_S / m each, since only the sampled clients hold activations and adapters there.
     `rank_time_slack` sigma (with `round_times`, every client's predicted path and the server's busy
     time): the ranks are lowered until they lengthen the predicted round by at most sigma over the
-    chosen cuts at the smallest positive rank (`fit_ranks_to_time`); the fastest rule searches cuts with the
-    greedy's ranks, then fits the ranks of its result and of the deepest-fit cuts before comparing
-    them with the alternatives (which fit their own)."""
+    chosen cuts at the smallest positive rank (`fit_ranks_to_time`); the fastest rule searches cuts
+    with the greedy's ranks, then again under the fitted ceilings (up to three times, until the
+    cuts stay), and fits the ranks of its result and of the deepest-fit cuts before comparing them
+    with the alternatives (which fit their own)."""
     if not 1 <= s_min <= memory.deepest_split_point:
         tail = f" with a tail of {memory.tail_blocks} block(s)" if memory.u_shaped else ""
         raise UsageError(f"s_min {s_min} must be in [1, {memory.deepest_split_point}] for this model{tail}.")
@@ -316,7 +338,7 @@ def plan(
         """The clients' plans at these cuts: the greedy's ranks, fitted to the round time if asked."""
         if rank_time_slack is None:
             return [plan_at(i, s) for i, s in enumerate(cuts)]
-        return fit_ranks_to_time(cuts, plan_at, round_times, levels, rank_time_slack)
+        return fit_ranks_to_time(cuts, plan_at, round_times, levels, rank_time_slack)[0]
 
     def finish(clients: list[ClientPlan]) -> Plan:
         shallowest = min((c.split_point for c in clients), default=memory.deepest_split_point)
@@ -331,7 +353,16 @@ def plan(
     else:
         options = [[s for s in range(s_min, deepest[c] + 1) if memory.server_bytes(s) <= server_share] or [deepest[c]]
                    for c in members]  # fmt: skip
-        found = fastest_split_points(options, plan_at, round_time)
+        found = fastest_split_points(options, plan_at, round_time, round_times=round_times)
+        for _ in range(3 if rank_time_slack is not None else 0):
+            # Fitted ranks can move the bottleneck (a server relieved of rank FLOPs may now afford a
+            # deeper client): the cuts are searched again under the fitted ceilings, until they stay.
+            ceilings = fit_ranks_to_time(found, plan_at, round_times, levels, rank_time_slack)[1]
+            again = fastest_split_points(options, lambda i, s, tops=ceilings: plan_at(i, s, tops[i]), round_time,
+                                         start=found, round_times=round_times)  # fmt: skip
+            if again == found:
+                break
+            found = again
         contenders = [finish(plans_at(cuts)) for cuts in (found, deepest_cuts)]
         contenders += [a for a in alternatives if [c.client for c in a.clients] == members]
         return min(contenders, key=lambda candidate: round_time(candidate.clients))
