@@ -395,6 +395,12 @@ def _run_one(config: RunConfig, log) -> None:
     run(config, reporter=Progress(), log=lambda message: None, overwrite=True)
 
 
+def _forget_checkpoint(run_dir: Path) -> None:
+    """A finished run's checkpoint only served resuming it (1-2 GB each on SmolLM2; E2E evaluation
+    reads model.safetensors)."""
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+
+
 def _saved_evaluation(run_dir: Path, spec: StudySpec) -> dict | None:
     """The run's eval.json if it holds the study's E2E metrics (same MRs and generation), else None."""
     from hsplitlora.evaluation.generation import GenerationSettings
@@ -491,8 +497,7 @@ def run_study(
         log(f"[{index}/{len(runs)}] regime {regime_name} {label} seed {seed}{shared}" + (" (reused)" if done else ""))
         if not done:
             _run_one(config, log)
-            # A finished run's checkpoint only served resuming it (1-2 GB each; eval reads model.safetensors).
-            shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+            _forget_checkpoint(run_dir)
         record = _collect(run_dir, regime_name, label, seed, len(regime.budgets))
         record["run_of_regime"] = source.name
         collected.append((run_dir, record))

@@ -12,10 +12,12 @@ from study import ABLATIONS, MAIN, QUICK, REFERENCES, main, planned_runs, tables
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_study_runs_every_strategy_and_writes_tables_and_plots(tmp_path, capsys):
+def test_quick_study_runs_every_strategy_and_writes_tables_and_plots(tmp_path, capsys, monkeypatch):
     out = tmp_path / "study"
     assert main(["--quick", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
+    # A finished run keeps no checkpoint (1-2 GB each on SmolLM2; only resuming it read it).
+    assert not list(out.glob("*/*/seed*/checkpoint"))
     runs = results["runs"]
     assert len(runs) == len(planned_runs(QUICK))
     assert {r["strategy"] for r in runs if r["regime"] == QUICK.main_regime} == set(MAIN + ABLATIONS + REFERENCES)
@@ -58,12 +60,22 @@ def test_quick_study_runs_every_strategy_and_writes_tables_and_plots(tmp_path, c
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed*/summary.json")}
     assert main(["--quick", "--out", str(out), "--no-eval"]) == 0
     assert before == {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed*/summary.json")}
-    # A run the study was stopped in continues from its checkpoint, not from the start.
+    # A run the study was stopped in continues from its checkpoint, not from the start: trained
+    # again with its checkpoint kept, then stopped before its summary was written.
+    import study
+
     stopped = out / QUICK.main_regime / "hsplitlora" / "seed1"
+    only = ["--quick", "--out", str(out), "--no-eval", "--only", f"{QUICK.main_regime}/hsplitlora/1"]
+    (stopped / "summary.json").unlink()
+    with monkeypatch.context() as patch:
+        patch.setattr(study, "_forget_checkpoint", lambda run_dir: None)
+        assert main(only) == 0
+    assert (stopped / "checkpoint").is_dir()
     metrics = (stopped / "metrics.jsonl").read_text()
     (stopped / "summary.json").unlink()
-    assert main(["--quick", "--out", str(out), "--no-eval"]) == 0
+    assert main(only) == 0
     assert (stopped / "summary.json").is_file() and (stopped / "metrics.jsonl").read_text() == metrics
+    assert not (stopped / "checkpoint").exists()
 
 
 def test_committed_results_document_matches_the_committed_results_json():
