@@ -139,19 +139,6 @@ def _values(
     return values
 
 
-def predicted_round_time(
-    memory: MemoryModel,
-    plans: Sequence[ClientPlan],
-    devices: Sequence[DeviceProfile],
-    workload: Workload,
-    aggregation: Aggregation | None = None,
-    anchored: bool = False,
-    sharing: int | None = None,
-) -> float:
-    """The round time `round_time` predicts for a plan before it runs (`predicted_times`' largest)."""
-    return max(predicted_times(memory, plans, devices, workload, aggregation, anchored, sharing))
-
-
 def predicted_times(
     memory: MemoryModel,
     plans: Sequence[ClientPlan],

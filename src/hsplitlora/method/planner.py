@@ -334,11 +334,19 @@ def plan(
                                       server_share, levels, ceilings)  # fmt: skip
         return cache[key]
 
+    fits: dict[tuple[int, ...], tuple[list[ClientPlan], list[tuple[int, int]]]] = {}
+
+    def fitted(cuts: Sequence[int]) -> tuple[list[ClientPlan], list[tuple[int, int]]]:
+        """`fit_ranks_to_time` at these cuts, once per cuts."""
+        if tuple(cuts) not in fits:
+            fits[tuple(cuts)] = fit_ranks_to_time(cuts, plan_at, round_times, levels, rank_time_slack)
+        return fits[tuple(cuts)]
+
     def plans_at(cuts: Sequence[int]) -> list[ClientPlan]:
         """The clients' plans at these cuts: the greedy's ranks, fitted to the round time if asked."""
         if rank_time_slack is None:
             return [plan_at(i, s) for i, s in enumerate(cuts)]
-        return fit_ranks_to_time(cuts, plan_at, round_times, levels, rank_time_slack)[0]
+        return fitted(cuts)[0]
 
     def finish(clients: list[ClientPlan]) -> Plan:
         shallowest = min((c.split_point for c in clients), default=memory.deepest_split_point)
@@ -357,7 +365,7 @@ def plan(
         for _ in range(3 if rank_time_slack is not None else 0):
             # Fitted ranks can move the bottleneck (a server relieved of rank FLOPs may now afford a
             # deeper client): the cuts are searched again under the fitted ceilings, until they stay.
-            ceilings = fit_ranks_to_time(found, plan_at, round_times, levels, rank_time_slack)[1]
+            ceilings = fitted(found)[1]
             again = fastest_split_points(options, lambda i, s, tops=ceilings: plan_at(i, s, tops[i]), round_time,
                                          start=found, round_times=round_times)  # fmt: skip
             if again == found:
