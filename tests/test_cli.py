@@ -89,7 +89,8 @@ def test_plan_json_matches_the_schema(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert [c["client"] for c in plan["clients"]] == [0, 1, 2]
     for client, budget in zip(plan["clients"], [5_000_000, 8_000_000, 20_000_000], strict=True):
-        assert set(client) == {"client", "budget_bytes", "split_point", "ranks", "predicted_bytes"}
+        assert set(client) == {"client", "budget_bytes", "split_point", "ranks", "predicted_bytes", "recompute"}
+        assert client["recompute"] is False  # recompute is off unless asked
         assert client["budget_bytes"] == budget and client["predicted_bytes"] <= budget
         assert 1 <= client["split_point"] <= 3
         assert all(name.startswith("model.layers.") and r in (0, 2, 4, 8, 16) for name, r in client["ranks"].items())

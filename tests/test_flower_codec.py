@@ -65,6 +65,7 @@ MESSAGES = {
     "plan": RoundPlan(
         1, 2, 3, {"model.layers.0.self_attn.q_proj": 8, "model.layers.1.self_attn.v_proj": 0}, 1, "anchor"
     ),
+    "plan recomputing": RoundPlan(0, 1, 2, {"q": 4}, recompute=True),
     "upload": AdapterUpload(1, 12, {"q": factors(1), "v": factors(1, "sent"), "k": factors(1, "held")}),
     "update": ModelUpdate(
         2, {"q": StackedDelta(randn(24, 8), randn(8, 16)), "v": randn(24, 16)}, {"q": 320, "v": 1536}

@@ -110,7 +110,7 @@ def _add_run_options(parser: argparse.ArgumentParser, one_run: bool = True) -> N
 PLAN_SETTINGS = ("model", "dtype", "client_quant", "server_quant", "budgets", "server_budget", "batch_size",
                  "max_seq_len", "targets", "rank_levels", "rho", "s_min", "split_mode", "tail_blocks", "split_rule",
                  "rank_time_slack", "local_steps", "server_flops", "warmup_batches", "data_dir", "seed", "max_leakage",
-                 "leakage_curve", "dp_sgd_sigma", "dp_epsilon", "clients_per_round")  # fmt: skip
+                 "leakage_curve", "dp_sgd_sigma", "dp_epsilon", "clients_per_round", "recompute")  # fmt: skip
 
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:

@@ -78,6 +78,9 @@ class RunConfig:
     # Ranks that cost time (beyond method.md): ranks may lengthen the predicted round by at most this
     # share over the same cuts at the smallest positive rank (None: ranks by memory and importance only).
     rank_time_slack: float | None = None
+    # Activation recomputation on the clients' front blocks (beyond method.md): off | on | auto (each
+    # client recomputes exactly where its cut would not fit its budget otherwise; the planner may cut deeper).
+    recompute: str = "off"
     # HSplitLoRA's adapters: persist (kept with their optimizer state, measured from an anchor) | recreate
     adapter_lifecycle: str = "persist"
     warmup_batches: int = 1
@@ -251,6 +254,7 @@ POSITIVE_INTEGERS = ("clients", "rounds", "local_steps", "eval_every", "val_size
 CHOICES: dict[str, tuple[str, ...]] = {
     "split_mode": SPLIT_MODES,
     "split_rule": ("fastest", "deepest"),
+    "recompute": ("off", "on", "auto"),
     "adapter_lifecycle": ("persist", "recreate"),
     "lora_scaling": ("standard", "rslora"),
     "update_form": ("exact", "svd-ef"),
@@ -316,6 +320,8 @@ FLAGS: dict[str, str] = {
     "split_rule": "how ARMSC cuts: fastest (least predicted round time within every budget) or deepest",
     "rank_time_slack": "ranks that cost time: ranks may lengthen the predicted round by at most this share "
     "(0.05: 5 percent) over the same cuts at the smallest positive rank (default: by memory and importance only)",
+    "recompute": "clients recompute their blocks' activations in backward (activation checkpointing): off, on, "
+    "or auto (each client where its budget holds its cut only so; the planner may then cut deeper)",
     "adapter_lifecycle": "hsplitlora's adapters across rounds: persist (kept, measured from an anchor) or recreate",
     "engine": "inprocess; ray: clients and the main server as Ray actors; flower: clients as Flower ClientApps",
     "ray_address": "with --engine ray: join this Ray cluster at host:port (default: start a local one on localhost)",

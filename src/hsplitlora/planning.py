@@ -46,6 +46,7 @@ class PlanRequest:
     server_flops: float = RUN.server_flops
     client_quant: str = RUN.client_quant  # clients' blocks held as int8 / nf4: more of them fit a budget
     server_quant: str = RUN.server_quant
+    recompute: str = RUN.recompute  # clients recompute their blocks' activations: deeper cuts fit a budget
     clients_per_round: int | None = None  # m of K train each round and share the main server (None: all)
     model: str = RUN.model
     split_mode: str = RUN.split_mode
@@ -71,7 +72,7 @@ class PlanRequest:
             leave_out_infeasible=leave_out_infeasible, seed=config.seed, tail_blocks=config.tail,
             split_rule=config.split_rule, rank_time_slack=config.rank_time_slack, local_steps=config.local_steps,
             server_flops=config.server_flops,
-            client_quant=config.client_quant, server_quant=config.server_quant,
+            client_quant=config.client_quant, server_quant=config.server_quant, recompute=config.recompute,
             clients_per_round=per_round(config.clients_per_round, len(devices)) if config.clients_per_round else None,
             model=config.model, split_mode=config.split_mode, max_leakage=config.max_leakage,
             leakage_curve=config.leakage_curve, dp_sgd=config.dp_sgd, dp_batches=config.dp_batches,
@@ -104,7 +105,7 @@ def make_plan(loaded: LoadedModel, request: PlanRequest) -> PlanResult:
     memory = measure_memory_model(loaded.model, candidates, request.batch_size, request.seq_len)
     check_ranks(memory, [], list(request.levels))
     memory = memory.with_tail(request.tail_blocks).with_anchors(True)  # hsplitlora's adapters keep an anchor
-    memory = memory.with_quant(request.client_quant, request.server_quant)
+    memory = memory.with_quant(request.client_quant, request.server_quant).with_recompute(request.recompute)
     memory = memory.with_per_example(request.dp_sgd, request.dp_batches > 1)
     if request.uniform_importance:
         scores = dict.fromkeys(candidates, 1.0)

@@ -51,6 +51,7 @@ def round_line(
                 "predicted_bytes": c.predicted_bytes,
                 "budget_bytes": c.budget_bytes,
                 "server_predicted_bytes": c.server_predicted_bytes,  # the main server's memory for it
+                **({"recompute": True} if c.recompute else {}),  # its front recomputes its activations
                 "samples": counters[c.client]["samples"],
                 "train_loss": mean_present([step[c.client] for step in history]),
                 "sim_time_s": timing["client_s"][c.client],

@@ -86,7 +86,7 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     check_tail_blocks(config.tail, num_blocks)
     check_positions(model, config.max_seq_len)
     memory = measure_memory_model(model, candidates, config.batch_size, config.max_seq_len).with_tail(config.tail)
-    memory = memory.with_quant(config.client_quant, config.server_quant)
+    memory = memory.with_quant(config.client_quant, config.server_quant).with_recompute(config.recompute)
     memory = memory.with_per_example(config.dp_sgd, config.dp_batches > 1)
     devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
     server_budget = parse_bytes(config.server_budget)

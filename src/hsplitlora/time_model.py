@@ -15,7 +15,9 @@ FLOPs per token: 4 P for a frozen matrix of P weights (forward, and backward to 
 r (2 d_in + 4 d_out): every example's gradients of A and B again, from its input, its x A^T and the
 gradient at its output (privacy/dp.py: 2 r (d_in + d_out)), and that gradient through B once more
 (2 r d_out). Clipping and noise cost a few FLOPs per adapter weight per example and step, not per
-token, and the activations' noise a few per value at the cut: both are left out.
+token, and the activations' noise a few per value at the cut: both are left out. A client that
+recomputes its front blocks' activations (memory.py, `recompute`) runs their forward twice: 2 P
+more per frozen matrix and 2 per adapter weight of the front.
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ def client_flops_per_token(memory: MemoryModel, plan: ClientPlan, vocab_size: in
     block_params = memory.block_bytes / memory.dtype_bytes
     blocks = min(memory.client_blocks(plan.split_point), memory.num_blocks)
     head = 4 * hidden_size * vocab_size if memory.u_shaped or plan.split_point >= memory.num_blocks else 0
-    return 4 * blocks * block_params + head + adapter_flops_per_token(memory, plan.ranks)
+    flops = 4 * blocks * block_params + head + adapter_flops_per_token(memory, plan.ranks)
+    if plan.recompute:  # the front's forward again in backward: 2 per frozen weight and adapter weight
+        front = {n: r for n, r in plan.ranks.items() if memory.candidates[n].block < plan.split_point}
+        flops += 2 * plan.split_point * block_params + 2 * adapter_params(memory, front)
+    return flops
 
 
 def server_flops_per_token(memory: MemoryModel, plan: ClientPlan, vocab_size: int, hidden_size: int) -> float:

@@ -235,3 +235,4 @@ def _check(message, where: str) -> None:
              "the factors are not AdapterFactors by candidate")  # fmt: skip
     elif isinstance(message, wire.RoundPlan):
         need(isinstance(message.split_point, int) and message.split_point >= 0, "the split point is not a count")
+        need(isinstance(message.recompute, bool), "recompute is not true or false")

@@ -21,7 +21,7 @@ from hsplitlora.lora.attach import Candidate
 from hsplitlora.method.aggregation import term_rows
 from hsplitlora.models.architectures import Architecture
 from hsplitlora.models.loading import held_parameter_names
-from hsplitlora.models.split import ClientPart, ServerPart, client_part, server_part
+from hsplitlora.models.split import ClientPart, ServerPart, UClientPart, client_part, server_part
 from hsplitlora.roles.adapters import adapter_name
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.cut import Cut
@@ -155,6 +155,7 @@ class ClientHost(Host):
         else:
             part = client_part(self.arch, self.model, plan.split_point, plan.tail_blocks)
             part.quant = self.quant
+            (part.front if isinstance(part, UClientPart) else part).recompute = plan.recompute
             self.client.configure(plan, part)
 
     def forward(self):

@@ -20,6 +20,15 @@ once, that of the log-probabilities and that of the logits). The main
 server's frozen weights (blocks from the shallowest split on, and the head) are shared by all
 clients and reported apart from the per-client memory.
 
+Recomputed client blocks (`recompute`, beyond method.md: activation checkpointing of the client's
+front blocks): a block keeps only its input (b T d in the weights' dtype) and recomputes the rest
+in backward, one block at a time, so the front's activations become
+
+    s * h_block + A_block + max over the front's blocks of that block's adapters' saved inputs
+
+and each front adapter keeps its weights and optimizer state alone; the time model adds the
+recomputed forward. `auto` recomputes exactly where a client's cut does not fit without it.
+
 Quantized frozen blocks (`client_quant`, `server_quant`: int8 or nf4) replace P_block by its
 quantized bytes (every linear weight: int8 d_out d_in + 4 d_out, nf4 d_out d_in / 2 + 4 d_out d_in
 / 64; norms and biases as they are) plus the one weight dequantized at a time while it computes.
@@ -79,6 +88,9 @@ class MemoryModel:
     # and, while the step's gradients are privatised, every example's gradient of A and B.
     per_example: bool = False
     per_example_sums: bool = False  # a DP-SGD step over several batches keeps the clipped sum (one more copy)
+    # Activation recomputation on the clients' front blocks: off, on, or auto (where the cut needs it).
+    recompute: str = "off"
+    boundary_bytes: int = 0  # a block's input, b T d in the weights' dtype: what a recomputed block keeps
 
     @property
     def u_shaped(self) -> bool:
@@ -116,6 +128,17 @@ class MemoryModel:
         several batches, whose clipped sum each adapter keeps."""
         return replace(self, per_example=per_example, per_example_sums=per_example and sums)
 
+    def with_recompute(self, mode: str) -> MemoryModel:
+        """This model for clients that recompute their front blocks' activations: off, on or auto."""
+        return replace(self, recompute=mode)
+
+    def recomputes(self, split_point: int, budget: int, rho: float) -> bool:
+        """Whether a client with this budget recomputes at this cut: always under `on`; under `auto`
+        exactly when its adapter-free memory does not fit (1 - rho) of the budget without it."""
+        if self.recompute == "on":
+            return True
+        return self.recompute == "auto" and self.client_bytes(split_point, recompute=False) > (1 - rho) * budget
+
     def with_anchors(self, anchored: bool) -> MemoryModel:
         """This model for adapters that keep an anchor (B0, A0) beside their factors."""
         return replace(self, anchored=anchored)
@@ -128,15 +151,39 @@ class MemoryModel:
 
     def adapter_bytes(self, name: str, rank: int) -> int:
         """C(W, r): parameters, gradients, AdamW states and saved activations of one adapter."""
+        return self.adapter_state_bytes(name, rank) + self.adapter_saved_bytes(name, rank)
+
+    def adapter_state_bytes(self, name: str, rank: int) -> int:
+        """C(W, r) without what backward needs of a step's activations: the factors, their
+        gradients, AdamW states (and anchors, a DP-SGD step's sum): what a recomputed adapter keeps."""
         if rank == 0:
             return 0
         shape = self.candidates[name]
         copies = 2 + ADAMW_STATES + (1 if self.anchored else 0) + (1 if self.per_example_sums else 0)
-        weights = rank * (shape.d_in + shape.d_out) * copies
+        return ADAPTER_BYTES * rank * (shape.d_in + shape.d_out) * copies  # float32 whatever the weights' dtype
+
+    def adapter_saved_bytes(self, name: str, rank: int) -> int:
+        """What one adapter keeps of a step for backward: its input x and A x (and A0 x when anchored;
+        under DP-SGD the gradient at its output and each example's gradients of A and B)."""
+        if rank == 0:
+            return 0
+        shape = self.candidates[name]
         activations = self.batch_size * self.seq_len * (shape.d_in + rank * (2 if self.anchored else 1))
         if self.per_example:  # dL/d(B A x) kept per step, and each example's gradient of A and B
             activations += self.batch_size * (self.seq_len * shape.d_out + rank * (shape.d_in + shape.d_out))
-        return ADAPTER_BYTES * (weights + activations)  # float32 whatever the frozen weights' dtype
+        return ADAPTER_BYTES * activations
+
+    def recompute_reserve(self, split_point: int, rank: int) -> int:
+        """The most a recomputed front block's adapters hold at once, at `rank` on each of its
+        candidates (what a client's rank greedy keeps aside before filling its budget)."""
+        return self._largest_block_saved(split_point, lambda name: rank)
+
+    def _largest_block_saved(self, split_point: int, rank_of) -> int:
+        per_block: dict[int, int] = {}
+        for name, shape in self.candidates.items():
+            if shape.block < split_point:
+                per_block[shape.block] = per_block.get(shape.block, 0) + self.adapter_saved_bytes(name, rank_of(name))
+        return max(per_block.values(), default=0)
 
     def client_side(self, split_point: int) -> list[str]:
         """Candidates the client runs: blocks [0, s), and [L - t, L) in a U-shaped split."""
@@ -146,17 +193,29 @@ class MemoryModel:
     def server_side(self, split_point: int) -> list[str]:
         return [n for n, shape in self.candidates.items() if split_point <= shape.block < self.middle_end]
 
-    def client_bytes(self, split_point: int, ranks: Mapping[str, int] | None = None) -> int:
+    def client_bytes(self, split_point: int, ranks: Mapping[str, int] | None = None,
+                     recompute: bool | None = None) -> int:  # fmt: skip
         """Peak memory of a client fine-tuning blocks [0, split_point) (and, U-shaped, the last t
-        blocks, the head and the loss) with these ranks."""
+        blocks, the head and the loss) with these ranks; `recompute`: whether its front blocks
+        recompute their activations in backward (None: as the mode `on` says)."""
         ranks = ranks or {}
+        recompute = self.recompute == "on" if recompute is None else recompute
         blocks = self.client_blocks(split_point)
         frozen = self.embedding_bytes + self._frozen_blocks(blocks, self.client_quant)
-        activations = blocks * self.block_activation_bytes
+        if recompute:  # the front keeps each block's input; one block at a time holds the rest
+            activations = (split_point * self.boundary_bytes + self.block_activation_bytes
+                           + (blocks - split_point) * self.block_activation_bytes
+                           + self._largest_block_saved(split_point, lambda name: ranks.get(name, 0)))  # fmt: skip
+        else:
+            activations = blocks * self.block_activation_bytes
         if self.u_shaped:
             frozen += self.norm_bytes if self.head_tied else self.head_bytes
             activations += self.head_activation_bytes
-        adapters = sum(self.adapter_bytes(n, ranks.get(n, 0)) for n in self.client_side(split_point))
+        adapters = sum(
+            self.adapter_state_bytes(n, ranks.get(n, 0)) if recompute and self.candidates[n].block < split_point
+            else self.adapter_bytes(n, ranks.get(n, 0))
+            for n in self.client_side(split_point)
+        )  # fmt: skip
         return frozen + activations + adapters
 
     def server_bytes(self, split_point: int, ranks: Mapping[str, int] | None = None) -> int:
@@ -254,6 +313,7 @@ def measure_memory_model(
         head_tied=tied,
         quant_block_bytes={kind: quantized_block_bytes(blocks[block_index], kind) for kind in ("int8", "nf4")},
         dequantized_bytes=4 * max((d_out * d_in for d_out, d_in in linear_shapes), default=0),  # float32
+        boundary_bytes=batch_size * seq_len * hidden_size(model.config) * dtype_bytes,
     )
 
 

@@ -46,6 +46,7 @@ class ClientPlan:
     predicted_bytes: int
     server_ranks: dict[str, int] = field(default_factory=dict)  # blocks >= split_point
     server_predicted_bytes: int = 0
+    recompute: bool = False  # the client recomputes its front blocks' activations in backward
 
     @property
     def headroom_bytes(self) -> int:
@@ -161,8 +162,26 @@ def choose_split_point(memory: MemoryModel, budget_bytes: int, rho: float, s_min
     """The deepest s in [s_min, L-1] (U-shaped: [s_min, L-1-t]) whose adapter-free client memory
     fits (1 - rho) of the budget."""
     deepest = memory.deepest_split_point
-    fitting = [s for s in range(s_min, deepest + 1) if memory.client_bytes(s) <= (1 - rho) * budget_bytes]
+    fitting = [s for s in range(s_min, deepest + 1)
+               if adapter_free_bytes(memory, s, budget_bytes, rho) <= (1 - rho) * budget_bytes]  # fmt: skip
     return max(fitting) if fitting else None
+
+
+def adapter_free_bytes(memory: MemoryModel, split_point: int, budget_bytes: int, rho: float) -> int:
+    """A client's memory at this cut without adapters, recomputing its front where the memory
+    model's `recompute` mode has it recompute there."""
+    return memory.client_bytes(split_point, recompute=memory.recomputes(split_point, budget_bytes, rho))
+
+
+def client_plan(
+    client_id: int, budget: int, split_point: int, ranks: Mapping[str, int], server_ranks: Mapping[str, int],
+    memory: MemoryModel, rho: float,
+) -> ClientPlan:  # fmt: skip
+    """A client's plan with these ranks, its memory predicted as it will run (recomputing or not)."""
+    recompute = memory.recomputes(split_point, budget, rho)
+    return ClientPlan(client_id, int(budget), split_point, dict(ranks),
+                      memory.client_bytes(split_point, ranks, recompute), dict(server_ranks),
+                      memory.server_bytes(split_point, server_ranks), recompute)  # fmt: skip
 
 
 SPLIT_RULES = ("fastest", "deepest")
@@ -170,19 +189,29 @@ SPLIT_RULES = ("fastest", "deepest")
 
 def _client_plan(
     client_id: int, budget: int, split_point: int, importance: Mapping[str, float], memory: MemoryModel,
-    server_share: int, levels: Sequence[int], ceilings: tuple[int, int] | None = None,
+    server_share: int, levels: Sequence[int], ceilings: tuple[int, int] | None = None, rho: float = 0.0,
 ) -> ClientPlan:  # fmt: skip
     """Steps 2 and 3 of ARMSC at a given cut: the importance greedy on both sides of it, under
-    `ceilings` (the highest rank on the client's side, on the server's; None: no ceiling)."""
+    `ceilings` (the highest rank on the client's side, on the server's; None: no ceiling). A
+    client that recomputes its front keeps aside what one front block's adapters hold at once (at
+    its highest rank) and pays only their weights and states for each."""
     client_top, server_top = ceilings or (max(levels), max(levels))
     client_levels = [q for q in levels if q <= client_top]
     server_levels = [q for q in levels if q <= server_top]
-    ranks = allocate_ranks(memory.client_side(split_point), importance, memory.adapter_bytes,
-                           budget - memory.client_bytes(split_point), client_levels)  # fmt: skip
+    available = budget - memory.client_bytes(split_point, recompute=False)
+    cost = memory.adapter_bytes
+    if memory.recomputes(split_point, budget, rho):
+        available = (budget - memory.client_bytes(split_point, recompute=True)
+                     - memory.recompute_reserve(split_point, max(client_levels)))  # fmt: skip
+
+        def cost(name: str, rank: int) -> int:
+            front = memory.candidates[name].block < split_point
+            return memory.adapter_state_bytes(name, rank) if front else memory.adapter_bytes(name, rank)
+
+    ranks = allocate_ranks(memory.client_side(split_point), importance, cost, available, client_levels)
     server_ranks = allocate_ranks(memory.server_side(split_point), importance, memory.adapter_bytes,
                                   server_share - memory.server_bytes(split_point), server_levels)  # fmt: skip
-    return ClientPlan(client_id, int(budget), split_point, ranks, memory.client_bytes(split_point, ranks),
-                      server_ranks, memory.server_bytes(split_point, server_ranks))  # fmt: skip
+    return client_plan(client_id, budget, split_point, ranks, server_ranks, memory, rho)
 
 
 def fastest_split_points(
@@ -331,7 +360,7 @@ def plan(
         key = (members[position], split_point, ceilings)
         if key not in cache:
             cache[key] = _client_plan(members[position], budgets[members[position]], split_point, importance, memory,
-                                      server_share, levels, ceilings)  # fmt: skip
+                                      server_share, levels, ceilings, rho)  # fmt: skip
         return cache[key]
 
     fits: dict[tuple[int, ...], tuple[list[ClientPlan], list[tuple[int, int]]]] = {}
@@ -378,11 +407,13 @@ def plan(
 
 
 def _infeasible(client_id: int, budget: int, memory: MemoryModel, rho: float, s_min: int) -> str:
-    lacking = math.ceil(memory.client_bytes(s_min) / (1 - rho) - budget)
+    needed = memory.client_bytes(s_min, recompute=memory.recompute != "off")
+    lacking = math.ceil(needed / (1 - rho) - budget)
+    recomputing = " recomputing its activations" if memory.recompute != "off" else ""
     tail = f" and the U-shaped tail ({memory.tail_blocks} block(s), head and loss)" if memory.u_shaped else ""
     return (
         f"client {client_id} cannot take part: its budget of {format_bytes(budget)} lacks "
         f"{format_bytes(lacking)} to hold even {s_min} block(s){tail} (needs "
-        f"{format_bytes(memory.client_bytes(s_min))} for weights and activations, which must "
+        f"{format_bytes(needed)} for weights and activations{recomputing}, which must "
         f"stay within {1 - rho:.0%} of the budget)."
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hsplitlora.errors import UsageError
 from hsplitlora.models.architectures import Architecture, architecture_of
@@ -50,14 +51,21 @@ class ClientPart(nn.Module):
         self.blocks = nn.ModuleList(all_blocks[i] for i in range(split_point))
         self.block_indices = list(range(split_point))
         self.quant = "none"  # how this part's blocks compute W x: none, int8 or nf4 (client_quant)
+        # Recompute each block's activations in backward, keeping only its input (the plan's
+        # `recompute`): the same numbers with less memory and one more forward.
+        self.recompute = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         set_quant(self.blocks, self.quant)  # shared blocks: another holder may compute them otherwise
         position_ids = positions(attention_mask)
         hidden = self.embedding(input_ids, position_ids)
         context = self.context(hidden, attention_mask, position_ids)
+        recompute = self.recompute and torch.is_grad_enabled()
         for block in self.blocks:
-            hidden = self.context.call_block(block, hidden, context)
+            if recompute:
+                hidden = checkpoint(self.context.call_block, block, hidden, context, use_reentrant=False)
+            else:
+                hidden = self.context.call_block(block, hidden, context)
         return hidden
 
 

@@ -91,6 +91,7 @@ class RoundPlan:
     # that moves when W absorbs the update; kept and overwritten by the aggregated factors.
     adapters: str = "recreate"
     full_finetune_lr: float | None = None  # every weight trained at this rate instead of adapters (centralised FT)
+    recompute: bool = False  # the client recomputes its front blocks' activations in backward (memory for time)
 
 
 LIFECYCLES = ("recreate", "anchor", "overwrite")

@@ -14,7 +14,7 @@ from hsplitlora.errors import UsageError
 from hsplitlora.method.aggregation import Aggregation, ExactChange
 from hsplitlora.method.importance import should_replan
 from hsplitlora.method.memory import MemoryModel
-from hsplitlora.method.planner import ClientPlan, Plan
+from hsplitlora.method.planner import ClientPlan, Plan, client_plan
 from hsplitlora.method.sampling import sample_clients
 from hsplitlora.roles.messages import RoundPlan
 from hsplitlora.time_model import Workload, predicted_times
@@ -139,7 +139,7 @@ class Strategy:
         """The messages that start a round: each client's cut and ranks, what its adapters do across
         rounds, and full fine-tuning's learning rate where every weight is trained."""
         lr = self.context.full_finetune_lr if self.full_finetune else None
-        return [RoundPlan(c.client, round_, c.split_point, c.all_ranks(), tail_blocks, self.adapters, lr)
+        return [RoundPlan(c.client, round_, c.split_point, c.all_ranks(), tail_blocks, self.adapters, lr, c.recompute)
                 for c in clients]  # fmt: skip
 
     @classmethod
@@ -232,10 +232,8 @@ class Strategy:
         for cid, (split_point, rank) in enumerate(zip(split_points, ranks, strict=True)):
             client_ranks = dict.fromkeys(memory.client_side(split_point), rank)
             server_ranks = dict.fromkeys(memory.server_side(split_point), rank)
-            clients.append(ClientPlan(
-                cid, self.budgets[cid], split_point, client_ranks, memory.client_bytes(split_point, client_ranks),
-                server_ranks, memory.server_bytes(split_point, server_ranks),
-            ))  # fmt: skip
+            clients.append(client_plan(cid, self.budgets[cid], split_point, client_ranks, server_ranks, memory,
+                                       self.context.rho))  # fmt: skip
         shallowest = min(split_points)
         return Plan(clients, self.context.server_budget, memory.server_frozen_bytes(shallowest), self.context.levels,
                     tail_blocks=memory.tail_blocks, sharing=self.context.clients_per_round)  # fmt: skip

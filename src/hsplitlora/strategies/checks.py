@@ -53,6 +53,13 @@ def check_strategy_settings(config: RunConfig, given: set[str] | None = None) ->
         timing = ", ".join(key for key, cls in STRATEGIES.items() if cls.times_ranks)
         raise UsageError(f"rank_time_slack {config.rank_time_slack} lets the time model lower ranks, and {name} sets "
                          f"its ranks otherwise; drop rank_time_slack or choose one of {timing}.")  # fmt: skip
+    if config.recompute != "off" and not strategy.splits:
+        raise UsageError(f"recompute {config.recompute} recomputes a split client's blocks in backward, and "
+                         f"{name} runs the model whole on every client; drop recompute or choose a strategy that "
+                         "splits.")  # fmt: skip
+    if config.recompute != "off" and config.dp_sgd:
+        raise UsageError(f"recompute {config.recompute} runs the client's blocks twice, and DP-SGD records every "
+                         "example's activations as they run; drop recompute or DP-SGD.")  # fmt: skip
     if config.rank_time_slack is not None and (config.rank is not None or config.split_point is not None):
         fixed = "rank" if config.rank is not None else "split_point"
         raise UsageError(f"rank_time_slack {config.rank_time_slack} lets the planner lower ranks, and {fixed} fixes "

@@ -7,7 +7,7 @@ from contextlib import suppress
 
 from hsplitlora.errors import UsageError
 from hsplitlora.method.aggregation import ZERO_PAD_TRUNCATE, Aggregation, ExactChange, MergedZeroPad
-from hsplitlora.method.planner import ClientPlan, Plan, plan
+from hsplitlora.method.planner import Plan, client_plan, plan
 from hsplitlora.strategies.base import StrategyContext
 from hsplitlora.strategies.splitlora import UniformPlanning
 
@@ -81,11 +81,8 @@ class NoIWI(HSplitLoRA):
             server_rank = self.largest_uniform_rank(client.split_point, client.budget_bytes, server_side=True)
             ranks = dict.fromkeys(client.ranks, rank)
             server_ranks = dict.fromkeys(client.server_ranks, server_rank)
-            clients.append(ClientPlan(
-                client.client, client.budget_bytes, client.split_point, ranks,
-                memory.client_bytes(client.split_point, ranks), server_ranks,
-                memory.server_bytes(client.split_point, server_ranks),
-            ))  # fmt: skip
+            clients.append(client_plan(client.client, client.budget_bytes, client.split_point, ranks, server_ranks,
+                                       memory, self.context.rho))  # fmt: skip
         return Plan(clients, base.server_budget_bytes, base.server_frozen_bytes, base.levels,
                     tail_blocks=base.tail_blocks, sharing=base.sharing)  # fmt: skip
 

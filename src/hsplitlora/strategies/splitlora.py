@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from hsplitlora.errors import UsageError
 from hsplitlora.method.aggregation import FEDAVG
-from hsplitlora.method.planner import Plan, choose_split_point
+from hsplitlora.method.planner import Plan, adapter_free_bytes, choose_split_point
 from hsplitlora.strategies.base import Strategy
 from hsplitlora.units import format_bytes
 
@@ -27,7 +27,9 @@ class UniformPlanning(Strategy):
                 share = self.server_share
                 fits = memory.server_bytes(split_point, dict.fromkeys(memory.server_side(split_point), level)) <= share
             else:
-                fits = memory.client_bytes(split_point, dict.fromkeys(memory.client_side(split_point), level)) <= budget
+                ranks = dict.fromkeys(memory.client_side(split_point), level)
+                recompute = memory.recomputes(split_point, budget, self.context.rho)
+                fits = memory.client_bytes(split_point, ranks, recompute) <= budget
             if fits:
                 best = level
         return best
@@ -73,7 +75,8 @@ class UniformPlanning(Strategy):
         weakest = min(self.budgets)
         ranks = {}
         for split_point in range(c.s_min, memory.deepest_split_point + 1):
-            if memory.client_bytes(split_point) > (1 - c.rho) * weakest or memory.server_bytes(split_point) > share:
+            too_large = adapter_free_bytes(memory, split_point, weakest, c.rho) > (1 - c.rho) * weakest
+            if too_large or memory.server_bytes(split_point) > share:
                 continue
             rank = min(self.largest_uniform_rank(split_point, weakest),
                        self.largest_uniform_rank(split_point, weakest, server_side=True))  # fmt: skip
