@@ -22,6 +22,8 @@ front's backward. Predicted = the same memory model with `with_tail(T)`.
 `--quant int8` (or nf4) holds every linear weight of the client's blocks only quantized (the float
 weights freed after quantizing, before the peak is reset; bitsandbytes is imported and warmed up
 before the baseline); predicted = the memory model `with_quant`.
+`--recompute` has the client's front blocks recompute their activations in backward (activation
+checkpointing, keeping each block's input); predicted = `with_recompute("on")`.
 `--dp-sgd` trains with DP-SGD (each LoRA layer keeps what per-example gradients need; each step's
 gradients are clipped per example and noised, privacy/dp.py); predicted = `with_per_example`.
 
@@ -31,9 +33,11 @@ gradients are clipped per example and noised, privacy/dp.py); predicted = `with_
     .venv/bin/python benchmarks/memory_model.py --anchored
     .venv/bin/python benchmarks/memory_model.py --quant nf4
     .venv/bin/python benchmarks/memory_model.py --dp-sgd
+    .venv/bin/python benchmarks/memory_model.py --recompute --anchored
 
 Last line: RESULT memory_model_max_rel_error=<max |pred - meas| / meas> (target <= 0.15), or
-RESULT memory_model_u_max_rel_error=... with --tail (_bfloat16, _anchored, _int8, _nf4, _dpsgd in the name with those).
+RESULT memory_model_u_max_rel_error=... with --tail (_bfloat16, _anchored, _int8, _nf4, _dpsgd,
+_recompute in the name with those).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def rss_kib(field: str) -> int:
 
 
 def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool, quant: str = "none",
-           dp_sgd: bool = False) -> None:  # fmt: skip
+           dp_sgd: bool = False, recompute: bool = False) -> None:  # fmt: skip
     """One client's training steps in this fresh process; `tail` < 0: the standard split."""
     import torch
 
@@ -100,6 +104,7 @@ def worker(split_point: int, rank: int, tail: int, dtype: str, anchored: bool, q
             layer.set_anchor("c", candidate.slot)
     part = ClientPart(arch, model, split_point) if tail < 0 else UClientPart(arch, model, split_point, tail)
     part.quant = quant
+    (part.front if tail >= 0 else part).recompute = recompute
     set_active_adapter(part, "c")
     params = [p for n, p in part.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -145,9 +150,10 @@ def main() -> None:
     parser.add_argument("--quant", default="none", choices=("none", "int8", "nf4"),
                         help="hold the client's block weights quantized (none)")  # fmt: skip
     parser.add_argument("--dp-sgd", action="store_true", help="train with DP-SGD's per-example gradients")
+    parser.add_argument("--recompute", action="store_true", help="the client's blocks recompute their activations")
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker, args.dtype, args.anchored, args.quant, args.dp_sgd)
+        worker(*args.worker, args.dtype, args.anchored, args.quant, args.dp_sgd, args.recompute)
         return
 
     from hsplitlora.lora.attach import attach_lora
@@ -158,6 +164,7 @@ def main() -> None:
     candidates = attach_lora(model, ["q", "k", "v", "o"])
     memory = measure_memory_model(model, candidates, BATCH, SEQ).with_tail(args.tail).with_anchors(args.anchored)
     memory = memory.with_quant(args.quant, "none").with_per_example(args.dp_sgd)
+    memory = memory.with_recompute("on" if args.recompute else "off")
     del model
     tail = -1 if args.tail is None else args.tail
     splits, ranks_tried = (SPLITS, RANKS) if args.tail is None else ((2, 8, 16), (2, 16))
@@ -166,6 +173,7 @@ def main() -> None:
     anchors = " with anchors" if args.anchored else ""
     anchors += "" if args.quant == "none" else f", blocks held as {args.quant}"
     anchors += ", DP-SGD" if args.dp_sgd else ""
+    anchors += ", blocks recomputed in backward" if args.recompute else ""
     print(f"{MODEL}, batch {BATCH} x {SEQ} tokens, {args.dtype} weights, float32 adapters{anchors} on q,k,v,o of the "
           f"client's blocks{shape}")  # fmt: skip
     print(f"A_block = {memory.block_activation_bytes / 2**20:.2f} MiB, "
@@ -177,7 +185,8 @@ def main() -> None:
         for rank in ranks_tried:
             command = [sys.executable, __file__, "--worker", str(split_point), str(rank), str(tail),
                        "--dtype", args.dtype, "--quant", args.quant,
-                       *(["--anchored"] if args.anchored else []), *(["--dp-sgd"] if args.dp_sgd else [])]  # fmt: skip
+                       *(["--anchored"] if args.anchored else []), *(["--dp-sgd"] if args.dp_sgd else []),
+                       *(["--recompute"] if args.recompute else [])]  # fmt: skip
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
             measured = json.loads(out.strip().splitlines()[-1])["measured_bytes"]
             ranks = {n: rank for n in memory.client_side(split_point)}
@@ -189,6 +198,7 @@ def main() -> None:
     name = "memory_model" + ("" if args.tail is None else "_u") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     name += "" if args.quant == "none" else f"_{args.quant}"
     name += "_dpsgd" if args.dp_sgd else ""
+    name += "_recompute" if args.recompute else ""
     name += "_anchored_max_rel_error" if args.anchored else "_max_rel_error"
     print(f"RESULT {name}={worst:.3f}")
 

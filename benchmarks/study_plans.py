@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study import FULL, QUICK, StudySpec, run_config  # noqa: E402  (beside this script)
 
-SPLIT = ("hsplitlora", "hsplitlora-timed", "splitlora", "splitlora-timed", "splitlora-paper", "no-armsc", "no-iwi")
+SPLIT = ("hsplitlora", "hsplitlora-timed", "hsplitlora-recompute", "splitlora", "splitlora-timed",
+         "splitlora-recompute", "splitlora-paper", "no-armsc", "no-iwi")  # fmt: skip
 WHOLE = ("hetlora", "flora", "flexlora", "fedlora")
 
 
@@ -41,7 +42,7 @@ def regime_plans(spec: StudySpec, names: list[str]) -> list[dict]:
     from hsplitlora.method.memory import measure_memory_model
     from hsplitlora.method.sampling import per_round
     from hsplitlora.models.loading import load_model
-    from hsplitlora.setup import build_strategy, expected_workload
+    from hsplitlora.setup import build_strategy, expected_workload, run_memory
     from hsplitlora.units import parse_bytes
 
     def strategy_of(regime, label: str, folder: str):
@@ -50,8 +51,8 @@ def regime_plans(spec: StudySpec, names: list[str]) -> list[dict]:
         devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
         workload = expected_workload(config, loaded.model, items, loaded.tokenizer.pad_token_id)
         sharing = per_round(config.clients_per_round, config.clients)
-        strategy = build_strategy(config, memory, devices, parse_bytes(config.server_budget), config.s_min, workload,
-                                  sharing if sharing < config.clients else None)  # fmt: skip
+        strategy = build_strategy(config, run_memory(memory, config), devices, parse_bytes(config.server_budget),
+                                  config.s_min, workload, sharing if sharing < config.clients else None)  # fmt: skip
         return strategy, config
 
     torch.set_num_threads(1)

@@ -73,6 +73,13 @@ class Setup:
         return hidden_size(self.model.config)
 
 
+def run_memory(memory: MemoryModel, config: RunConfig) -> MemoryModel:
+    """The measured memory model as this run holds the model: its split mode, quantized blocks,
+    recomputation and DP-SGD's per-example gradients."""
+    memory = memory.with_tail(config.tail).with_quant(config.client_quant, config.server_quant)
+    return memory.with_recompute(config.recompute).with_per_example(config.dp_sgd, config.dp_batches > 1)
+
+
 def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None = None) -> Setup:
     """Load, measure, read and place everything a run needs (every bad value is a sentence here,
     before anything is trained or written)."""
@@ -85,9 +92,7 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     num_blocks = arch.num_blocks(model)
     check_tail_blocks(config.tail, num_blocks)
     check_positions(model, config.max_seq_len)
-    memory = measure_memory_model(model, candidates, config.batch_size, config.max_seq_len).with_tail(config.tail)
-    memory = memory.with_quant(config.client_quant, config.server_quant).with_recompute(config.recompute)
-    memory = memory.with_per_example(config.dp_sgd, config.dp_batches > 1)
+    memory = run_memory(measure_memory_model(model, candidates, config.batch_size, config.max_seq_len), config)
     devices = resolve_devices(config.clients, config.budgets, config.device_preset, config.devices)
     server_budget = parse_bytes(config.server_budget)
 
