@@ -233,8 +233,8 @@ FULL = StudySpec(
             server_budget="6.4GB",
             rounds=8,
             local_steps=5,
-            labels=("hsplitlora", "splitlora", "splitlora-paper", "hsplitlora-timed"),
-            ablations=SEED_ABLATIONS,
+            labels=("hsplitlora", "splitlora", "splitlora-paper", "hsplitlora-timed", "hsplitlora-recompute"),
+            ablations=SEED_ABLATIONS + ("splitlora-recompute",),
             naa_settings=SVD_EF,
             settings=RSLORA,
         ),
@@ -802,6 +802,11 @@ def tables_markdown(results: dict) -> str:
         if timed:
             lines += ["", f"hsplitlora-timed (ranks that cost time, rank_time_slack {TIME_SLACK}) against each main "
                       "strategy, the same goal:", "", *timed]  # fmt: skip
+        recomputing = verdict(results, name, "hsplitlora-recompute")
+        if recomputing:
+            lines += ["", f"hsplitlora-recompute (rank_time_slack {TIME_SLACK}, and recompute auto: a client "
+                      "recomputes its blocks' activations where its budget holds its cut only so) against each "
+                      "main strategy, the same goal:", "", *recomputing]  # fmt: skip
         evaluated = [r for label in labels_in(results, name) for r in runs_of(results, name, label) if "e2e" in r]
         if evaluated:
             lines += ["", f"E2E metrics of seed 0 on the first {spec['eval_mrs']} test MRs "
