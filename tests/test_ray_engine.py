@@ -31,15 +31,18 @@ def config(tmp_path, name, **changes) -> RunConfig:
 KEYS = ("train_loss", "val_loss", "val_ppl", "sim_time_s", "bytes_up", "bytes_down")
 
 
-@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora", "flexlora"])
-def test_ray_and_in_process_engines_agree(tmp_path, strategy):
-    # Different cuts (deepest fit) and a re-plan every round (ranks resize) exercise anchors moving.
-    changes = {"split_rule": "deepest", "replan_delta": 0.0, "rounds": 3} if strategy == "hsplitlora" else {}
-    local = run(config(tmp_path, "local", strategy=strategy, **changes)).metrics
-    remote = run(config(tmp_path, "ray", strategy=strategy, engine="ray", **changes)).metrics
+def test_ray_and_in_process_engines_agree_with_recomputing_clients(tmp_path):
+    # Different cuts (deepest fit, deeper for recomputing clients) and a re-plan every round (ranks
+    # resize) exercise anchors moving; the plan's recompute reaches each client actor. (Agreement of
+    # the engines strategy by strategy: tests/test_golden.py's ray cases; that recomputing changes
+    # no number: tests/test_recompute.py.)
+    changes = {"split_rule": "deepest", "replan_delta": 0.0, "rounds": 3, "recompute": "on"}
+    local = run(config(tmp_path, "local", **changes)).metrics
+    remote = run(config(tmp_path, "ray", engine="ray", **changes)).metrics
     for a, b in zip(local, remote, strict=True):
         for key in KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["round"], key)
+        assert all(c["recompute"] for c in b["clients"])
 
 
 def test_ray_and_in_process_engines_agree_with_both_kinds_of_dp(tmp_path):
@@ -142,7 +145,7 @@ class KillServer(Reporter):
 
 @pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])
 def test_a_killed_main_server_restarts_and_the_run_equals_an_undisturbed_one(tmp_path, strategy):
-    # The undisturbed run in process: the Ray engine equals it (test_ray_and_in_process_engines_agree).
+    # The undisturbed run in process: the Ray engine equals it (tests/test_golden.py, its ray cases).
     undisturbed = run(config(tmp_path, "calm", rounds=3, local_steps=3, strategy=strategy)).metrics
     killer = KillServer()
     disturbed = run(config(tmp_path, "killed", engine="ray", rounds=3, local_steps=3, strategy=strategy),

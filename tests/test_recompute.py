@@ -100,3 +100,14 @@ def test_recompute_is_refused_where_it_would_do_nothing_or_break_dp_sgd():
         check(RunConfig(model="tiny", recompute="on", strategy="hetlora"))
     with pytest.raises(UsageError, match=r"^recompute auto runs the client's blocks twice, and DP-SGD"):
         check(RunConfig(model="tiny", recompute="auto", dp_sgd_sigma=1.0))
+
+
+def test_plan_marks_the_clients_that_recompute_and_names_recomputation_when_none_fits(capsys):
+    from .test_settings import one_sentence, run_cli
+
+    args = ("plan", "--model", "tiny", "--uniform-importance", "--split-rule", "deepest")
+    assert run_cli(*args, "--budgets", "5MB,8MB", "--recompute", "auto") == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "MB │" in line]
+    assert "(recomputed)" not in rows[0] and "(recomputed)" in rows[1]  # client 1's budget holds a cut only so
+    assert run_cli(*args, "--budgets", "1MB", "--recompute", "on") == 2
+    one_sentence(capsys.readouterr().err, "client 0 cannot take part", "recomputing the blocks' activations")

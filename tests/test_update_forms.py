@@ -97,7 +97,9 @@ def tiny(tmp_path, name: str, **changes) -> RunConfig:
 
 @pytest.mark.parametrize(
     ("engine", "changes"),
-    [("inprocess", {}), ("inprocess", {"split_mode": "u", "split_point": [1, 2, 2]}), ("ray", {})],
+    # (Ray holders rebuild the same way: the driver leaves the terms out for both engines, and
+    # tests/test_golden.py's ray cases equal the in-process metrics.)
+    [("inprocess", {}), ("inprocess", {"split_mode": "u", "split_point": [1, 2, 2]})],
 )
 def test_every_merged_weight_is_bit_identical_without_the_own_terms(tmp_path, monkeypatch, engine, changes):
     if engine == "ray":

@@ -369,7 +369,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.add_column(column, justify="right", no_wrap=True)
     rows = {
         client.client: (
-            format_bytes(client.budget_bytes), str(client.split_point),
+            format_bytes(client.budget_bytes), f"{client.split_point}{' (recomputed)' if client.recompute else ''}",
             f"{sum(1 for r in client.ranks.values() if r > 0)}/{len(client.ranks)}", str(sum(client.ranks.values())),
             format_bytes(client.predicted_bytes), format_bytes(client.headroom_bytes),
             *((f"{leakage_at(curve, client.split_point):.3f}",) if curve else ()),

@@ -407,9 +407,11 @@ def plan(
 
 
 def _infeasible(client_id: int, budget: int, memory: MemoryModel, rho: float, s_min: int) -> str:
-    needed = memory.client_bytes(s_min, recompute=memory.recompute != "off")
+    options = {False: memory.client_bytes(s_min, recompute=False), True: memory.client_bytes(s_min, recompute=True)}
+    recompute = memory.recompute == "on" or (memory.recompute == "auto" and options[True] < options[False])
+    needed = options[recompute]
     lacking = math.ceil(needed / (1 - rho) - budget)
-    recomputing = " recomputing its activations" if memory.recompute != "off" else ""
+    recomputing = ", recomputing the blocks' activations in backward" if recompute else ""
     tail = f" and the U-shaped tail ({memory.tail_blocks} block(s), head and loss)" if memory.u_shaped else ""
     return (
         f"client {client_id} cannot take part: its budget of {format_bytes(budget)} lacks "
