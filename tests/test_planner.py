@@ -308,7 +308,7 @@ def reference_time(strategy, clients) -> float:
     share = strategy.server_share
     floor = min(q for q in c.levels if q > 0)
     at_floor = [_client_plan(p.client, p.budget_bytes, p.split_point, dict.fromkeys(NAMES, 1.0), c.memory, share,
-                             c.levels, (floor, floor)) for p in clients]  # fmt: skip
+                             c.levels, (floor, floor), c.rho) for p in clients]  # fmt: skip
     return strategy.round_time(at_floor)
 
 

@@ -111,11 +111,11 @@ def test_a_restarted_client_s_dp_counts_the_round_it_was_lost_in(tmp_path):
     assert steps == {0: (6, 6), 1: (5, 5), 2: (6, 6)}
 
 
-@pytest.mark.parametrize("strategy", ["splitlora"])
+@pytest.mark.parametrize("strategy", ["splitlora", "hsplitlora"])
 def test_a_run_resumed_from_a_checkpoint_written_while_a_client_was_out_equals_the_run_that_went_on(tmp_path, strategy):
     # Client 1 is lost in round 1 and out when round 1's checkpoint is written. Going on, it comes
-    # back in round 2 with round 1's averaged factors; a resume from that checkpoint must give it
-    # the same, and the same DP catch-up.
+    # back in round 2 with its adapters as round 1 began (its snapshot) and, under FedAvg, round 1's
+    # averaged factors; a resume from that checkpoint must give it the same, and the same DP catch-up.
     from hsplitlora.rounds import resume_config
 
     dp = dict(dp_activations_sigma=0.05, dp_clip=20.0)

@@ -53,27 +53,33 @@ def test_the_memory_model_keeps_a_block_input_per_recomputed_block_and_one_block
     # block, one block's activations, and the largest block's adapter inputs; the weights, adapter
     # states and embeddings are the same.
     saved = [sum(memory.adapter_saved_bytes(n, 4) for n in ranks if memory.candidates[n].block == b) for b in range(5)]
+    # (One block's activations twice: its saved tensors and, in its backward, their gradients.)
     assert kept - recomputed == (5 * memory.block_activation_bytes + sum(saved)
-                                 - 5 * memory.boundary_bytes - memory.block_activation_bytes - max(saved))  # fmt: skip
+                                 - 5 * memory.boundary_bytes - 2 * memory.block_activation_bytes - max(saved))  # fmt: skip
     assert memory.client_bytes(5, ranks) == kept  # the mode is off unless asked
     assert memory.with_recompute("on").client_bytes(5, ranks) == recomputed
     # auto: a client recomputes exactly where its adapter-free memory would not fit (1 - rho) of its budget.
     auto = memory.with_recompute("auto")
     budget = int(memory.client_bytes(3, recompute=False) / 0.75) + 1
     assert not auto.recomputes(3, budget, 0.25) and auto.recomputes(4, budget, 0.25)
+    # ... or where ranks a plan fixes (a uniform rank, a user's) would not fit without it.
+    heavy = {n: 16 for n in memory.client_side(3)}
+    assert memory.client_bytes(3, heavy, recompute=False) > budget >= memory.client_bytes(3, heavy, recompute=True)
+    assert auto.recomputes(3, budget, 0.25, heavy) and not memory.recomputes(3, budget, 0.25, heavy)
     assert choose_split_point(memory, budget, 0.25, 1) == 3
     assert choose_split_point(auto, budget, 0.25, 1) > 3
 
 
 def test_the_planner_cuts_deeper_where_recomputing_fits_and_every_plan_stays_within_its_budget(tokenizer):
     memory = memory_of(tokenizer)
-    budgets = [int(memory.client_bytes(s, recompute=False) / 0.75) + 1 for s in (2, 3, 4)]
+    budgets = [int(memory.client_bytes(s, recompute=False) / 0.75) + 1 for s in (3, 4, 5)]
     importance = dict.fromkeys(memory.candidates, 1.0)
     kept = plan(importance, budgets, memory, 10**10, rho=0.25)
     auto = plan(importance, budgets, memory.with_recompute("auto"), 10**10, rho=0.25)
-    assert [c.split_point for c in kept.clients] == [2, 3, 4]
+    assert [c.split_point for c in kept.clients] == [3, 4, 5]
     assert all(not c.recompute for c in kept.clients)
-    # (At one block recomputing saves nothing: the block's input is kept and its activations come back.)
+    # (At one or two blocks recomputing saves nothing: each block keeps its input and one block's
+    # activations come back twice.)
     for before, after in zip(kept.clients, auto.clients, strict=True):
         assert after.split_point > before.split_point and after.recompute
         assert after.predicted_bytes <= after.budget_bytes
@@ -106,7 +112,7 @@ def test_plan_marks_the_clients_that_recompute_and_names_recomputation_when_none
     from .test_settings import one_sentence, run_cli
 
     args = ("plan", "--model", "tiny", "--uniform-importance", "--split-rule", "deepest")
-    assert run_cli(*args, "--budgets", "5MB,8MB", "--recompute", "auto") == 0
+    assert run_cli(*args, "--budgets", "5MB,10MB", "--recompute", "auto") == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "MB │" in line]
     assert "(recomputed)" not in rows[0] and "(recomputed)" in rows[1]  # client 1's budget holds a cut only so
     assert run_cli(*args, "--budgets", "1MB", "--recompute", "on") == 2

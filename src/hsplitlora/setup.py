@@ -140,6 +140,10 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
     if dp.activations or dp.sgd:
         notes.append(dp_note(dp))
     spec = host_spec(config, tokenizer.pad_token_id, num_blocks, where, dp)  # what every role is built from
+    # The importance warm-up runs the first cuts without adapters: a client recomputes there where
+    # its cut fits its budget only so, as its plan will.
+    warmup_recompute = [memory.recomputes(s, device.budget_bytes, config.rho) if s < num_blocks else False
+                        for s, device in zip(cuts, devices, strict=False)]  # fmt: skip
     if config.engine == RAY:
         from hsplitlora.engines.ray_engine import RayEngine
 
@@ -161,6 +165,7 @@ def build_setup(config: RunConfig, where: Placement, loaded: LoadedModel | None 
         model.to(where.client)
         engine = InProcessEngine(model, arch, candidates, clients, server, fed_server, server_model, cuts, config.tail)
         set_quant(engine, config.client_quant, config.server_quant)
+    engine.warmup_recompute = warmup_recompute
     return Setup(config, engine, strategy, memory, devices, server_budget, shards, num_blocks, candidates, model,
                  val_batches, fixed_ranks, steps_per_round, notes, data.description, dp=dp)  # fmt: skip
 
@@ -205,7 +210,15 @@ def fixed_federation(config: RunConfig, loaded: LoadedModel | None = None) -> Fe
     cpu = torch.device("cpu")
     setup = build_setup(config, Placement(cpu, cpu), loaded)
     cuts = config.split_points(num_blocks)
-    setup.engine.configure([RoundPlan(cid, 1, s, dict.fromkeys(setup.candidates, r), config.tail)
+    memory, budgets = setup.memory, [device.budget_bytes for device in setup.devices]
+
+    def recomputes(cid: int, split_point: int, rank: int) -> bool:
+        return memory.recomputes(
+            split_point, budgets[cid], config.rho, dict.fromkeys(memory.client_side(split_point), rank)
+        )
+
+    setup.engine.configure([RoundPlan(cid, 1, s, dict.fromkeys(setup.candidates, r), config.tail,
+                                      recompute=recomputes(cid, s, r))
                             for cid, (s, r) in enumerate(zip(cuts, setup.fixed_ranks, strict=True))])  # fmt: skip
     return Federation(setup, loaded)
 

@@ -14,6 +14,7 @@ back to it, and the round's steps run again."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -44,11 +45,13 @@ class Engine(TrafficLedger):
         self.num_blocks = num_blocks
         self.tail_blocks = tail_blocks
         self.split_points = list(cuts) if cuts is not None else [num_blocks] * len(transport.clients)
+        self.warmup_recompute = [False] * len(self.split_points)  # who recomputes in the warm-up (setup.py)
         self.plans: list[RoundPlan] = []
         self.message_log: list | None = None  # a list here records every message of every split step
         self.importance_on = False
         self.dead: set[int] = set()
         self.snapshots: dict[int, tuple] = {}  # each client's state when the round started
+        self.snapshot_plans: dict[int, RoundPlan] = {}  # ... and the plan it had then (its adapters' shapes)
         # Batches each client was sent since its snapshot (the one in flight included): what a
         # lost client's DP counts when it comes back; and how many catch-ups each has had.
         self.since_snapshot: dict[int, int] = {}
@@ -329,7 +332,8 @@ class Engine(TrafficLedger):
         """Round 1's importance before any training: one split step per client on the frozen model
         (no adapters yet) at the first cuts, client and main server measuring, on a batch of the
         client's warm-up stream (its own shard, not the training stream: one batch order per seed)."""
-        self.configure([RoundPlan(cid, 0, s, {}, self.tail_blocks) for cid, s in enumerate(self.split_points)])
+        self.configure([RoundPlan(cid, 0, s, {}, self.tail_blocks, recompute=self.warmup_recompute[cid])
+                        for cid, s in enumerate(self.split_points)])  # fmt: skip
         self.measure_importance(True)
         self._get([self.actors[cid].warm_up(True) for cid in self.live])
         self.local_steps(1)
@@ -399,6 +403,8 @@ class Engine(TrafficLedger):
                 upcoming = self.plans[0].round + 1 if self.plans else 0  # the round it would come back at
                 lost = LostRound(self.since_snapshot.get(cid, 0), self._stream(cid, upcoming, advance=False))
                 state = {**state, "lost": lost.to_dict()}
+                if cid in self.snapshot_plans:  # its adapters have that plan's shapes
+                    state["plan"] = dataclasses.asdict(self.snapshot_plans[cid])
             states.append(state)
             tensors.update({f"client/{cid}/{k}": v for k, v in role.items()})
         if self.server is not None:
@@ -421,6 +427,14 @@ class Engine(TrafficLedger):
         weights = role_tensors(tensors, "weight/")
         self._get([host.set_weights(weights) for host in self.transport.owners(self.live)])
         self.configure(plans)  # adapters need their parts and shapes
+        for cid, client in enumerate(state["clients"]):
+            if "plan" in client:  # a client that was out: its adapters have the shapes of its snapshot's plan
+                try:
+                    plan = RoundPlan(**client["plan"])
+                except TypeError as error:
+                    raise ValueError(f"the checkpoint's plan of client {cid}, which was out, is malformed") from error
+                self._get(self.actors[cid].configure(plan))
+                self.snapshot_plans[cid] = plan
         refs = [host.load_state_dict(state["clients"][cid], role_tensors(tensors, f"client/{cid}/"))
                 for cid, host in enumerate(self.actors)]  # fmt: skip
         if self.server is not None:
@@ -441,9 +455,13 @@ class Engine(TrafficLedger):
             self._snapshot()
 
     def _snapshot(self) -> None:
-        """Each living client's state as the one it comes back to if lost (a client still out keeps
-        the snapshot it was lost with); its count of batches sent since starts again."""
-        self.snapshots.update(self._each({cid: (lambda c=cid: self.actors[c].state_dict(False)) for cid in self.live}))
+        """Each living client's state as the one it comes back to if lost, adapters included (a
+        client still out keeps the snapshot it was lost with), and its plan then; its count of
+        batches sent since starts again."""
+        adapters = not self.trains_every_weight
+        self.snapshots.update(self._each({cid: (lambda c=cid: self.actors[c].state_dict(adapters))
+                                          for cid in self.live}))  # fmt: skip
+        self.snapshot_plans.update({plan.client_id: plan for plan in self.plans if plan.client_id in self.live})
         self.since_snapshot.update(dict.fromkeys(self.live, 0))
 
     def _stream(self, cid: int, round_: int, advance: bool = True) -> int:
@@ -467,13 +485,16 @@ class Engine(TrafficLedger):
 
     def _restart_client(self, cid: int, round_: int) -> None:
         """A lost client comes back with the last aggregated weights of its blocks and its state
-        when its snapshot was taken, told how many batches it was sent since (its DP counts them and
-        moves to a noise stream of its own, `_stream`)."""
+        when its snapshot was taken (its adapters and their optimizer state as that round began, as
+        a resume from a checkpoint written while it was out gives it), told how many batches it was
+        sent since (its DP counts them and moves to a noise stream of its own, `_stream`)."""
         self.transport.restart_client(cid)
         weights = self._gather(sorted(self.client_names(cid)), exclude=cid)
         self._get(self.actors[cid].set_weights(weights))
         if cid in self.snapshots:
             state, tensors = self.snapshots[cid]
+            if cid in self.snapshot_plans:  # its adapters as the snapshot's round began (their shapes first)
+                self._get(self.actors[cid].configure(self.snapshot_plans[cid]))
             lost = LostRound(self.since_snapshot.get(cid, 0), self._stream(cid, round_))
             self._get(self.actors[cid].load_state_dict({**state, "lost": lost.to_dict()}, tensors))
         self.dead.discard(cid)

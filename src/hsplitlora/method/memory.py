@@ -24,10 +24,12 @@ Recomputed client blocks (`recompute`, beyond method.md: activation checkpointin
 front blocks): a block keeps only its input (b T d in the weights' dtype) and recomputes the rest
 in backward, one block at a time, so the front's activations become
 
-    s * h_block + A_block + max over the front's blocks of that block's adapters' saved inputs
+    s * h_block + 2 A_block + max over the front's blocks of that block's adapters' saved inputs
 
-and each front adapter keeps its weights and optimizer state alone; the time model adds the
-recomputed forward. `auto` recomputes exactly where a client's cut does not fit without it.
+and each front adapter keeps its weights and optimizer state alone (2 A_block: the recomputed
+block's saved tensors and, while it runs backward, their gradients; with one A_block the model
+under-predicted measured peaks by 1.7-6.4%); the time model adds the recomputed forward. `auto`
+recomputes exactly where a client's cut (or its fixed ranks) would not fit without it.
 
 Quantized frozen blocks (`client_quant`, `server_quant`: int8 or nf4) replace P_block by its
 quantized bytes (every linear weight: int8 d_out d_in + 4 d_out, nf4 d_out d_in / 2 + 4 d_out d_in
@@ -132,12 +134,17 @@ class MemoryModel:
         """This model for clients that recompute their front blocks' activations: off, on or auto."""
         return replace(self, recompute=mode)
 
-    def recomputes(self, split_point: int, budget: int, rho: float) -> bool:
+    def recomputes(self, split_point: int, budget: int, rho: float, ranks: Mapping[str, int] | None = None) -> bool:
         """Whether a client with this budget recomputes at this cut: always under `on`; under `auto`
-        exactly when its adapter-free memory does not fit (1 - rho) of the budget without it."""
+        exactly when it would not fit without: its adapter-free memory over (1 - rho) of the budget,
+        or with `ranks` (a plan that fixes them) its memory with them over the budget."""
         if self.recompute == "on":
             return True
-        return self.recompute == "auto" and self.client_bytes(split_point, recompute=False) > (1 - rho) * budget
+        if self.recompute != "auto":
+            return False
+        if self.client_bytes(split_point, recompute=False) > (1 - rho) * budget:
+            return True
+        return ranks is not None and self.client_bytes(split_point, ranks, recompute=False) > budget
 
     def with_anchors(self, anchored: bool) -> MemoryModel:
         """This model for adapters that keep an anchor (B0, A0) beside their factors."""
@@ -202,8 +209,8 @@ class MemoryModel:
         recompute = self.recompute == "on" if recompute is None else recompute
         blocks = self.client_blocks(split_point)
         frozen = self.embedding_bytes + self._frozen_blocks(blocks, self.client_quant)
-        if recompute:  # the front keeps each block's input; one block at a time holds the rest
-            activations = (split_point * self.boundary_bytes + self.block_activation_bytes
+        if recompute:  # the front keeps each block's input; one block at a time holds the rest, twice
+            activations = (split_point * self.boundary_bytes + 2 * self.block_activation_bytes
                            + (blocks - split_point) * self.block_activation_bytes
                            + self._largest_block_saved(split_point, lambda name: ranks.get(name, 0)))  # fmt: skip
         else:

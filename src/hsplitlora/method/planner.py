@@ -177,8 +177,9 @@ def client_plan(
     client_id: int, budget: int, split_point: int, ranks: Mapping[str, int], server_ranks: Mapping[str, int],
     memory: MemoryModel, rho: float,
 ) -> ClientPlan:  # fmt: skip
-    """A client's plan with these ranks, its memory predicted as it will run (recomputing or not)."""
-    recompute = memory.recomputes(split_point, budget, rho)
+    """A client's plan with these ranks, its memory predicted as it will run (recomputing where
+    the cut or these ranks would not fit otherwise, under `recompute auto`)."""
+    recompute = memory.recomputes(split_point, budget, rho, ranks)
     return ClientPlan(client_id, int(budget), split_point, dict(ranks),
                       memory.client_bytes(split_point, ranks, recompute), dict(server_ranks),
                       memory.server_bytes(split_point, server_ranks), recompute)  # fmt: skip
@@ -189,7 +190,7 @@ SPLIT_RULES = ("fastest", "deepest")
 
 def _client_plan(
     client_id: int, budget: int, split_point: int, importance: Mapping[str, float], memory: MemoryModel,
-    server_share: int, levels: Sequence[int], ceilings: tuple[int, int] | None = None, rho: float = 0.0,
+    server_share: int, levels: Sequence[int], ceilings: tuple[int, int] | None, rho: float,
 ) -> ClientPlan:  # fmt: skip
     """Steps 2 and 3 of ARMSC at a given cut: the importance greedy on both sides of it, under
     `ceilings` (the highest rank on the client's side, on the server's; None: no ceiling). A

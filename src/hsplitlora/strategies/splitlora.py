@@ -28,7 +28,7 @@ class UniformPlanning(Strategy):
                 fits = memory.server_bytes(split_point, dict.fromkeys(memory.server_side(split_point), level)) <= share
             else:
                 ranks = dict.fromkeys(memory.client_side(split_point), level)
-                recompute = memory.recomputes(split_point, budget, self.context.rho)
+                recompute = memory.recomputes(split_point, budget, self.context.rho, ranks)
                 fits = memory.client_bytes(split_point, ranks, recompute) <= budget
             if fits:
                 best = level
