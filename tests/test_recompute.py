@@ -54,8 +54,9 @@ def test_the_memory_model_keeps_a_block_input_per_recomputed_block_and_one_block
     # states and embeddings are the same.
     saved = [sum(memory.adapter_saved_bytes(n, 4) for n in ranks if memory.candidates[n].block == b) for b in range(5)]
     # (One block's activations twice: its saved tensors and, in its backward, their gradients.)
-    assert kept - recomputed == (5 * memory.block_activation_bytes + sum(saved)
-                                 - 5 * memory.boundary_bytes - 2 * memory.block_activation_bytes - max(saved))  # fmt: skip
+    dropped = 5 * memory.block_activation_bytes + sum(saved)
+    added = 5 * memory.boundary_bytes + 2 * memory.block_activation_bytes + max(saved)
+    assert kept - recomputed == dropped - added
     assert memory.client_bytes(5, ranks) == kept  # the mode is off unless asked
     assert memory.with_recompute("on").client_bytes(5, ranks) == recomputed
     # auto: a client recomputes exactly where its adapter-free memory would not fit (1 - rho) of its budget.
