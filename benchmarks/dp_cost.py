@@ -6,7 +6,8 @@ activations a run with and without activation noise sends.
 
 Every run is the study's (benchmarks/study.py, FULL spec, regime ii) with only the DP settings
 added, so the batches, shards, plan and schedule are those of the committed study runs' setting.
-A finished run kept in --work is reused, so the script can be stopped and started again.
+A finished run kept in --work is reused, so the script can be stopped and started again; the run
+without DP is the study's own (docs/results/runs/ii/hsplitlora) where its settings are the same.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dp_cost.py --threads 1 --seeds 0 \\
         --kinds none,sgd:8,sgd:1,activations:8 --work /tmp/dp --json docs/privacy/dp_cost.json
@@ -28,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+STUDY_RUNS = Path(__file__).resolve().parents[1] / "docs" / "results" / "runs" / "ii" / "hsplitlora"
 ACTIVATION_CLIP = 450.0  # about each example's activation norm after block 1 of SmolLM2-135M (batch 8 of E2E)
 
 
@@ -63,7 +65,7 @@ def label_of(kind: str, value: float | None, batches: int = 1) -> str:
 def train(work: Path, kind: str, value: float | None, batches: int, seed: int, threads: int | None) -> Path:
     import dataclasses
 
-    from study import FULL, regime_of, run_config
+    from study import FULL, _same_config, regime_of, run_config
 
     from hsplitlora.rounds import run
 
@@ -72,6 +74,11 @@ def train(work: Path, kind: str, value: float | None, batches: int, seed: int, t
         return folder
     config = run_config(FULL, regime_of(FULL, "ii"), "hsplitlora", seed, folder)
     config = dataclasses.replace(config, threads=threads, **dp_settings(kind, value, batches)).validate()
+    study_run = STUDY_RUNS / f"seed{seed}"  # without DP, the study's own run is this run
+    if kind == "none" and (study_run / "summary.json").is_file():
+        threads_then = json.loads((study_run / "config.json").read_text()).get("threads")  # not a result's setting
+        if _same_config(study_run, dataclasses.replace(config, threads=threads_then)):
+            return study_run
     return run(config).run_dir
 
 

@@ -26,6 +26,24 @@ def test_truncation_keeps_the_mask_aligned(tokenizer):
     assert len(item.input_ids) == len(item.labels) == 40
 
 
+def test_a_file_is_encoded_as_one_example_at_a_time_and_once_a_process(tokenizer, tmp_path):
+    import os
+
+    from hsplitlora.data import e2e
+
+    path = tmp_path / "devset.csv"
+    path.write_text('mr,ref\n"name[A], food[Thai]",A serves Thai food.\n"name[B]",B is a pub that stays open late.\n')
+    examples, encoded = e2e.encoded_file(path, tokenizer, 12)
+    assert encoded == [encode(e, tokenizer, 12) for e in read_e2e(path)] and examples == read_e2e(path)
+    assert len(encoded[1].input_ids) == 12  # truncated as encode() truncates
+    assert e2e.encoded_file(path, tokenizer, 12)[1][0] is encoded[0]  # the second read is the first's
+    assert e2e.encoded_file(path, tokenizer, 12, limit=1)[1] == encoded[:1]
+    path.write_text('mr,ref\n"name[C]",C is near the river.\n')
+    os.utime(path, ns=(1, 1))  # a changed file is read again, whatever its time
+    changed = encode(Example("name[C]", "C is near the river."), tokenizer, 12)
+    assert e2e.encoded_file(path, tokenizer, 12)[1] == [changed]
+
+
 def test_batches_are_right_padded_and_padding_never_counts(tokenizer, train_examples):
     items = [encode(e, tokenizer, 200) for e in train_examples[:64]]
     batcher = Batcher(items, batch_size=8, pad_id=tokenizer.pad_token_id, seed=0)

@@ -49,6 +49,20 @@ def test_identical_output_gets_the_maximum():
         assert best[name] > worse[name], name
 
 
+def test_one_meteor_process_serves_every_score_and_a_dead_one_is_replaced():
+    from hsplitlora.evaluation import e2e_metrics
+
+    outputs = [refs[0] for refs in REFS]
+    first = score_e2e(REFS, outputs)
+    process = e2e_metrics.meteor_scorer().meteor_p
+    assert score_e2e(REFS, outputs) == first and e2e_metrics.meteor_scorer().meteor_p is process
+    process.kill()
+    process.wait()
+    assert score_e2e(REFS, outputs) == first and e2e_metrics.meteor_scorer().meteor_p is not process
+    e2e_metrics.close_meteor()
+    assert e2e_metrics._meteor is None
+
+
 def test_output_sharing_no_word_gets_only_mtevals_smoothed_bleu_and_zero_rouge():
     unrelated = ["xylophone quartz", "zebra marmalade", "vortex banjo"]
     scores = score_e2e(REFS, unrelated)

@@ -204,19 +204,4 @@ def test_plan_counts_quantized_blocks_and_refuses_a_bad_kind(capsys):
     one_sentence(capsys.readouterr().err, "client_quant 'int3' is unknown; choose none, int8 or nf4.")
 
 
-def test_ray_and_in_process_engines_agree_with_quantized_blocks(tmp_path):
-    ray = pytest.importorskip("ray")
-    from hsplitlora.rounds import run
-
-    # Cuts 1, 1 and 3: block 1 and 2 are client-side for one client and server-side for two.
-    values = dict(model="tiny", clients=3, rounds=2, local_steps=2, budgets="5MB,8MB,20MB", val_size=16,
-                  batch_size=4, client_quant="nf4", server_quant="int8")  # fmt: skip
-    local = run(RunConfig(output_dir=str(tmp_path / "local"), **values)).metrics
-    ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
-    try:
-        remote = run(RunConfig(output_dir=str(tmp_path / "ray"), engine="ray", **values)).metrics
-    finally:
-        ray.shutdown()
-    for a, b in zip(local, remote, strict=True):
-        for key in ("train_loss", "val_loss", "bytes_up", "bytes_down"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["round"], key)
+# Ray against in-process with quantized blocks: tests/test_sampling.py (with sampling and re-plans).

@@ -176,13 +176,15 @@ def test_a_sampled_run_stopped_and_resumed_equals_an_uninterrupted_one(strategy,
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["round"], key)
 
 
-def test_ray_and_in_process_engines_agree_with_sampling(tmp_path):
+def test_ray_and_in_process_engines_agree_with_sampling_and_quantized_blocks(tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
     try:
-        # Different cuts and a re-plan every round (ranks resize) with anchors moving for some clients only.
+        # Different cuts and a re-plan every round (ranks resize) with anchors moving for some clients only;
+        # frozen blocks quantized (nf4 on the clients, int8 on the main server), so a block is client-side
+        # for one client and server-side for another.
         changes = dict(clients=3, budgets="5MB,8MB,20MB", rounds=3, clients_per_round=2, split_rule="deepest",
-                       replan_delta=0.0)  # fmt: skip
+                       replan_delta=0.0, client_quant="nf4", server_quant="int8")  # fmt: skip
         local = _run(tmp_path, "local", **changes).metrics
         remote = _run(tmp_path, "ray", engine="ray", **changes).metrics
     finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from hsplitlora.config import RunConfig
-from hsplitlora.data.e2e import Batcher, data_file, encode, read_e2e
+from hsplitlora.data.e2e import Batcher, data_file, encode_many, read_e2e
 from hsplitlora.errors import UsageError
 from hsplitlora.lora.attach import Candidate, attach_lora
 from hsplitlora.method.importance import importance, warmup_sums
@@ -92,7 +92,7 @@ def warmup_importance(
 ) -> dict[str, float]:
     """Theta from `warmup_batches` training batches of the default data on the frozen model."""
     examples = read_e2e(data_file(request.data_dir, "train"))
-    items = [encode(e, loaded.tokenizer, request.seq_len) for e in examples[: 64 * request.warmup_batches]]
+    items = encode_many(examples[: 64 * request.warmup_batches], loaded.tokenizer, request.seq_len)
     batcher = Batcher(items, request.batch_size, loaded.tokenizer.pad_token_id, seed=request.seed)
     sums, batches = warmup_sums(loaded.model, candidates, [next(batcher) for _ in range(request.warmup_batches)])
     return importance(sums, batches, memory, request.r_ref)
@@ -146,7 +146,7 @@ def planning_strategy(loaded: LoadedModel, memory: MemoryModel, request: PlanReq
 def planning_workload(loaded: LoadedModel, request: PlanRequest) -> Workload:
     """E steps of batches as long as the first 512 training examples are on average (unpadded)."""
     examples = read_e2e(data_file(request.data_dir, "train"))[:512]
-    lengths = [len(encode(e, loaded.tokenizer, request.seq_len).input_ids) for e in examples]
+    lengths = [len(item.input_ids) for item in encode_many(examples, loaded.tokenizer, request.seq_len)]
     tokens = request.batch_size * sum(lengths) / len(lengths)
     return Workload(
         steps=request.local_steps, tokens_per_step=tokens, padded_tokens_per_step=tokens,

@@ -11,11 +11,10 @@ from hsplitlora.data.e2e import (
     IGNORE_INDEX,
     Encoded,
     data_file,
-    encode,
+    encoded_file,
     partition_dirichlet,
     partition_groups,
     partition_iid,
-    read_e2e,
 )
 from hsplitlora.data.records import (
     PLAIN_CHAT_TEMPLATE,
@@ -99,8 +98,7 @@ def refuse_ignored_data_settings(config, given: set[str]) -> None:
 
 # -- E2E ----------------------------------------------------------------------------------------------
 def _e2e(config, tokenizer) -> TrainingData:
-    examples = read_e2e(data_file(config.data_dir, "train"))
-    encoded = [encode(e, tokenizer, config.max_seq_len) for e in examples]
+    examples, encoded = encoded_file(data_file(config.data_dir, "train"), tokenizer, config.max_seq_len)
     kept = [i for i, item in enumerate(encoded) if _trains(item)]
     notes = []
     if not kept:
@@ -118,8 +116,7 @@ def _e2e(config, tokenizer) -> TrainingData:
         shards = partition_dirichlet(examples, config.clients, config.dirichlet_alpha, config.seed)
     else:
         shards = partition_iid(len(encoded), config.clients, config.seed)
-    validation = [encode(e, tokenizer, config.max_seq_len) for e in read_e2e(data_file(config.data_dir, "test"))]
-    validation = validation[: config.val_size]
+    validation = encoded_file(data_file(config.data_dir, "test"), tokenizer, config.max_seq_len, config.val_size)[1]
     _check_validation_tokens(validation, config, "E2E's validation examples")
     description = "E2E devset.csv for training (split across clients), testset_w_refs.csv for validation"
     return TrainingData(encoded, shards, validation, description, notes)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import math
 from collections import Counter
@@ -186,23 +187,50 @@ def _nist_length_penalty(ratio: float) -> float:
 
 
 # -- METEOR, ROUGE-L, CIDEr (MS-COCO caption evaluation) ------------------------------------------
+_meteor = None  # one METEOR process serves every score of this process (its JVM loads its tables for seconds)
+
+
+def meteor_scorer():
+    """The process's METEOR scorer, started on first use (again if its JVM has exited)."""
+    global _meteor
+    if _meteor is None or _meteor.meteor_p.poll() is not None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        if _meteor is None:
+            atexit.register(close_meteor)
+        _meteor = Meteor()
+    return _meteor
+
+
+def close_meteor() -> None:
+    """Stop the METEOR process, if one runs (at exit, or by a caller that is done scoring)."""
+    global _meteor
+    scorer, _meteor = _meteor, None
+    if scorer is not None and scorer.meteor_p.poll() is None:
+        scorer.meteor_p.stdin.close()
+        scorer.meteor_p.kill()
+        scorer.meteor_p.wait()
+
+
 def coco_metrics(references: Sequence[Sequence[str]], outputs: Sequence[str]) -> dict[str, float]:
     """METEOR, ROUGE_L and CIDEr after pycocoevalcap's PTB tokenizer (needs Java)."""
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
     res = tokenizer.tokenize({i: [{"caption": o}] for i, o in enumerate(outputs)})
-    scores = {}
-    for name, scorer in (("METEOR", Meteor), ("ROUGE_L", Rouge), ("CIDEr", Cider)):
-        instance = scorer()
-        scores[name] = float(instance.compute_score(gts, res)[0])
-        if hasattr(instance, "close"):
-            instance.close()
-    return scores
+    try:
+        meteor = float(meteor_scorer().compute_score(gts, res)[0])
+    except Exception:
+        close_meteor()  # its lock stays held after a failed call: the next score starts a new process
+        raise
+    return {
+        "METEOR": meteor,
+        "ROUGE_L": float(Rouge().compute_score(gts, res)[0]),
+        "CIDEr": float(Cider().compute_score(gts, res)[0]),
+    }
 
 
 def score_e2e(references: Sequence[Sequence[str]], outputs: Sequence[str]) -> dict[str, float]:

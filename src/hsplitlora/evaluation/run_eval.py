@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hsplitlora.data.e2e import collate, data_file, encode, prompt_text, read_e2e
+from hsplitlora.data.e2e import collate, data_file, encode_many, prompt_text, read_e2e
 from hsplitlora.data.records import prompt_of
 from hsplitlora.data.sources import load_training_data
 from hsplitlora.errors import UsageError
@@ -118,7 +118,7 @@ def evaluate_run(
             grouped.setdefault(row.mr, []).append(row.ref)
         mrs = list(grouped)[:limit] if limit else list(grouped)
         kept = set(mrs)
-        items = [encode(row, loaded.tokenizer, config.get("max_seq_len", 128)) for row in rows if row.mr in kept]
+        items = encode_many([row for row in rows if row.mr in kept], loaded.tokenizer, config.get("max_seq_len", 128))
         prompts = [prompt_text(mr) for mr in mrs]
         references = [grouped[mr] for mr in mrs]
         described = "testset_w_refs.csv (the model was trained on devset.csv)"

@@ -21,7 +21,7 @@ from torch import nn
 
 from hsplitlora.compression import pack
 from hsplitlora.config import INPROCESS
-from hsplitlora.data.e2e import IGNORE_INDEX, Batch, Encoded, collate, data_file, encode, read_e2e
+from hsplitlora.data.e2e import IGNORE_INDEX, Batch, Encoded, collate, data_file, encode_many, read_e2e
 from hsplitlora.errors import UsageError, read_text
 from hsplitlora.lora.attach import attach_lora
 from hsplitlora.models.architectures import architecture_of
@@ -120,7 +120,7 @@ def public_items(saved: dict, tokenizer, rows: int, public_text: str | Path | No
     test = read_e2e(path)
     chosen = test[:: max(1, len(test) // rows)][:rows]  # spread over the test set's meaning representations
     described = f"{len(chosen)} records of {path.name} (public, disjoint from the clients' devset.csv)"
-    return [encode(row, tokenizer, max_len) for row in chosen], described
+    return encode_many(chosen, tokenizer, max_len), described
 
 
 def train_decoder(features: torch.Tensor, tokens: torch.Tensor, steps: int, seed: int, width: int = 1024,
