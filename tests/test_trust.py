@@ -174,6 +174,21 @@ def test_a_config_edited_since_the_run_is_refused_on_resume(copy_of, capsys):
     assert snapshot(copy_of) == before
 
 
+@pytest.mark.parametrize("change", [{"split_point": "deep"}, {"ranks": ["q_proj"]}, {"client_id": 0}, {"cut": 1}])
+def test_a_damaged_plan_of_a_client_that_was_out_is_one_sentence(copy_of, capsys, change):
+    # A checkpoint written while a client was out keeps the plan its adapters were shaped by.
+    path = copy_of / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    plan = {"client_id": 1, "round": 2, "split_point": 1, "ranks": {}, "tail_blocks": None, "adapters": "anchor",
+            "full_finetune_lr": None, "recompute": False}  # fmt: skip
+    state["clients"][1]["plan"] = {**plan, **change}
+    path.write_text(json.dumps(state))
+    before = snapshot(copy_of)
+    assert run_cli("run", "--resume", str(copy_of), "--rounds", "3") == 2
+    one_sentence(capsys.readouterr().err, "does not fit the run's config.json")
+    assert snapshot(copy_of) == before
+
+
 def test_damaged_files_for_eval_are_named(copy_of, capsys):
     (copy_of / "model.safetensors").write_bytes(b"\x00" * 10)
     assert run_cli("eval", str(copy_of), "--limit", "1", "--overwrite") == 2

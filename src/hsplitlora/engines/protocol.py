@@ -429,10 +429,7 @@ class Engine(TrafficLedger):
         self.configure(plans)  # adapters need their parts and shapes
         for cid, client in enumerate(state["clients"]):
             if "plan" in client:  # a client that was out: its adapters have the shapes of its snapshot's plan
-                try:
-                    plan = RoundPlan(**client["plan"])
-                except TypeError as error:
-                    raise ValueError(f"the checkpoint's plan of client {cid}, which was out, is malformed") from error
+                plan = _lost_client_plan(cid, client["plan"], plans[cid])
                 self._get(self.actors[cid].configure(plan))
                 self.snapshot_plans[cid] = plan
         refs = [host.load_state_dict(state["clients"][cid], role_tensors(tensors, f"client/{cid}/"))
@@ -530,3 +527,26 @@ class Engine(TrafficLedger):
 def role_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors of one role in a checkpoint, without its prefix."""
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _lost_client_plan(cid: int, fields, current: RoundPlan) -> RoundPlan:
+    """The plan a checkpoint keeps for a client that was out (its adapters' shapes), checked against
+    the plan the checkpointed round gave it: the same client, candidates, tail and adapter lifecycle;
+    a cut and ranks that are counts. A ValueError names what is wrong."""
+    try:
+        plan = RoundPlan(**fields)
+    except TypeError as error:
+        raise ValueError(f"the checkpoint's plan of client {cid}, which was out, is malformed") from error
+    counts = isinstance(plan.ranks, dict) and all(type(r) is int and r >= 0 for r in plan.ranks.values())
+    if not (
+        plan.client_id == cid
+        and type(plan.split_point) is int
+        and plan.split_point >= 0
+        and counts
+        and set(plan.ranks) == set(current.ranks)
+        and (plan.tail_blocks, plan.adapters) == (current.tail_blocks, current.adapters)
+        and (plan.full_finetune_lr is None) == (current.full_finetune_lr is None)
+        and isinstance(plan.recompute, bool)
+    ):  # fmt: skip
+        raise ValueError(f"the checkpoint's plan of client {cid}, which was out, does not fit the run")
+    return plan
