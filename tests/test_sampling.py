@@ -190,6 +190,7 @@ def test_ray_and_in_process_engines_agree_with_sampling_and_quantized_blocks(tmp
     finally:
         ray.shutdown()
     assert len({tuple(m["sampled_clients"]) for m in local}) > 1
+    assert len({c["split_point"] for c in local[0]["clients"]}) > 1  # quantized blocks on both sides of a cut
     for a, b in zip(local, remote, strict=True):
         assert a["sampled_clients"] == b["sampled_clients"]
         for key in ("train_loss", "val_loss", "sim_time_s", "bytes_up", "bytes_down"):

@@ -166,10 +166,9 @@ def test_memory_model_counts_both_client_ends():
 
 
 # In process: the U-shape over Ray equals it in tests/test_golden.py (ray/splitlora-u).
-@pytest.mark.parametrize("engine", ["inprocess"])
-def test_u_shaped_rounds_plan_aggregate_and_evaluate(engine, tmp_path):
+def test_u_shaped_rounds_plan_aggregate_and_evaluate(tmp_path):
     config = RunConfig(model="tiny", rounds=2, local_steps=2, clients=2, budgets="8MB,12MB", val_size=8, batch_size=4,
-                       split_mode="u", tail_blocks=1, engine=engine, output_dir=str(tmp_path / "run"))  # fmt: skip
+                       split_mode="u", tail_blocks=1, output_dir=str(tmp_path / "run"))  # fmt: skip
     result = run(config)
     plan_line = result.metrics[0]["clients"]
     assert all(c["tail_blocks"] == 1 and 1 <= c["split_point"] <= 2 for c in plan_line)
@@ -178,11 +177,6 @@ def test_u_shaped_rounds_plan_aggregate_and_evaluate(engine, tmp_path):
     assert result.metrics[-1]["val_ppl"] < result.metrics[0]["val_ppl"] * 1.5
     saved = json.loads((result.run_dir / "config.json").read_text())
     assert saved["split_mode"] == "u" and saved["resolved"]["memory_model"]["tail_blocks"] == 1
-    if engine == "ray":  # both engines train the same model
-        reference = run(dataclasses.replace(config, engine="inprocess", output_dir=str(tmp_path / "ref")))
-        assert [m["val_loss"] for m in result.metrics] == pytest.approx(
-            [m["val_loss"] for m in reference.metrics], abs=1e-4
-        )
 
 
 def test_u_shape_is_refused_where_it_cannot_apply(tmp_path):

@@ -127,23 +127,24 @@ _ENCODED: dict[tuple, tuple[list[Example], list[Encoded]]] = {}  # a study's run
 
 def encoded_file(path: Path, tokenizer, max_len: int, limit: int | None = None) -> tuple[list[Example], list[Encoded]]:
     """The first `limit` examples of an E2E file (all, if None) and their encodings. A fast
-    tokenizer's are kept for the process (keyed by the file's size and time, the tokenizer's whole
+    tokenizer's are kept for the process (keyed by the file's bytes, the tokenizer's whole
     definition and max_len), so the runs of one study or test session tokenize a file once."""
     try:
         definition = tokenizer.backend_tokenizer.to_str()
-        stat = Path(path).stat()
-    except (AttributeError, OSError):  # a slow tokenizer (nothing to key on), or read_e2e's sentence
+        content = Path(path).read_bytes()
+    except Exception:  # a slow tokenizer or one with Python parts (nothing to key on), or read_e2e's sentence
         examples = read_e2e(path)[:limit]
         return examples, encode_many(examples, tokenizer, max_len)
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, hashlib.sha256(definition.encode()).hexdigest(),
-           tokenizer.eos_token_id, max_len, limit)  # fmt: skip
-    if key not in _ENCODED:
-        if len(_ENCODED) >= 8:
-            del _ENCODED[next(iter(_ENCODED))]
+    key = (hashlib.sha256(content).hexdigest(), hashlib.sha256(definition.encode()).hexdigest(),
+           tokenizer.eos_token_id, getattr(tokenizer, "split_special_tokens", False), max_len, limit)  # fmt: skip
+    found = _ENCODED.get(key)
+    if found is None:
         examples = read_e2e(path)[:limit]
-        _ENCODED[key] = (examples, encode_many(examples, tokenizer, max_len))
-    examples, encoded = _ENCODED[key]
-    return list(examples), list(encoded)
+        found = (examples, encode_many(examples, tokenizer, max_len))
+        if len(_ENCODED) >= 8:
+            _ENCODED.pop(next(iter(_ENCODED)), None)
+        _ENCODED[key] = found
+    return list(found[0]), list(found[1])
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> Batch:

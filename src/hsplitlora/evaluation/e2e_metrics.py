@@ -18,8 +18,10 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import math
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -188,28 +190,36 @@ def _nist_length_penalty(ratio: float) -> float:
 
 # -- METEOR, ROUGE-L, CIDEr (MS-COCO caption evaluation) ------------------------------------------
 _meteor = None  # one METEOR process serves every score of this process (its JVM loads its tables for seconds)
+_closes_at_exit = False
 
 
 def meteor_scorer():
     """The process's METEOR scorer, started on first use (again if its JVM has exited)."""
-    global _meteor
+    global _meteor, _closes_at_exit
     if _meteor is None or _meteor.meteor_p.poll() is not None:
         from pycocoevalcap.meteor.meteor import Meteor
 
-        if _meteor is None:
+        close_meteor()
+        if not _closes_at_exit:
             atexit.register(close_meteor)
+            _closes_at_exit = True
         _meteor = Meteor()
     return _meteor
 
 
 def close_meteor() -> None:
-    """Stop the METEOR process, if one runs (at exit, or by a caller that is done scoring)."""
+    """Stop the METEOR process, if one was started (at exit, after a failed score, or by a caller
+    that is done scoring)."""
     global _meteor
     scorer, _meteor = _meteor, None
-    if scorer is not None and scorer.meteor_p.poll() is None:
+    if scorer is None:
+        return
+    with contextlib.suppress(OSError):
         scorer.meteor_p.stdin.close()
-        scorer.meteor_p.kill()
-        scorer.meteor_p.wait()
+    scorer.meteor_p.kill()
+    scorer.meteor_p.wait()
+    # pycocoevalcap's scorer keeps its lock held when a score fails, and its __del__ takes that lock.
+    scorer.lock = threading.Lock()
 
 
 def coco_metrics(references: Sequence[Sequence[str]], outputs: Sequence[str]) -> dict[str, float]:
@@ -223,8 +233,10 @@ def coco_metrics(references: Sequence[Sequence[str]], outputs: Sequence[str]) ->
     res = tokenizer.tokenize({i: [{"caption": o}] for i, o in enumerate(outputs)})
     try:
         meteor = float(meteor_scorer().compute_score(gts, res)[0])
-    except Exception:
-        close_meteor()  # its lock stays held after a failed call: the next score starts a new process
+    except BaseException as error:
+        close_meteor()  # the next score starts a new process
+        if isinstance(error, (OSError, ValueError)):  # the JVM went away or answered nonsense
+            raise RuntimeError(f"METEOR's Java process failed while scoring ({error!r})") from error
         raise
     return {
         "METEOR": meteor,
