@@ -233,7 +233,7 @@ def test_an_interrupted_run_says_how_to_resume_and_resumes_to_the_same_numbers(s
     import signal
     import time
 
-    common = ["--model", "tiny", "--clients", "2", "--rounds", "5", "--steps", "2", "--val-size", "8",
+    common = ["--model", "tiny", "--clients", "2", "--rounds", "6", "--steps", "6", "--val-size", "8",
               "--budgets", "5MB", "--engine", engine, "--threads", "1"]  # fmt: skip
     out = tmp_path / "run"
     child = subprocess.Popen([sys.executable, "-m", "hsplitlora", "run", *common, "--output-dir", str(out)],
