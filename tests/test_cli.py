@@ -233,11 +233,14 @@ def test_an_interrupted_run_says_how_to_resume_and_resumes_to_the_same_numbers(s
     import signal
     import time
 
-    common = ["--model", "tiny", "--clients", "2", "--rounds", "6", "--steps", "6", "--val-size", "8",
+    common = ["--model", "tiny", "--clients", "2", "--rounds", "5", "--steps", "2", "--val-size", "8",
               "--budgets", "5MB", "--engine", engine, "--threads", "1"]  # fmt: skip
     out = tmp_path / "run"
+    # A job started in the background (`cmd &` in a script, as CI may run the suite) inherits SIGINT
+    # ignored, and Python then keeps it ignored, as a program should: the run is given the default.
     child = subprocess.Popen([sys.executable, "-m", "hsplitlora", "run", *common, "--output-dir", str(out)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 180
     while not (out / "checkpoint" / "state.json").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
