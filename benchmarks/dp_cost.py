@@ -75,11 +75,11 @@ def train(work: Path, kind: str, value: float | None, batches: int, seed: int, t
     config = run_config(FULL, regime_of(FULL, "ii"), "hsplitlora", seed, folder)
     config = dataclasses.replace(config, threads=threads, **dp_settings(kind, value, batches)).validate()
     study_run = STUDY_RUNS / f"seed{seed}"  # without DP, the study's own run is this run
-    if kind == "none" and (study_run / "summary.json").is_file() and (study_run / "config.json").is_file():
-        try:
-            threads_then = json.loads((study_run / "config.json").read_text()).get("threads")  # not a result's setting
+    if kind == "none" and (study_run / "summary.json").is_file():
+        try:  # threads are not a result's setting; an unreadable config.json is no match (_same_config)
+            threads_then = json.loads((study_run / "config.json").read_text()).get("threads")
         except (OSError, json.JSONDecodeError):
-            threads_then = "unreadable"
+            threads_then = None
         if _same_config(study_run, dataclasses.replace(config, threads=threads_then)):
             return study_run
     return run(config).run_dir
